@@ -327,3 +327,77 @@ class PrecisionMap(Mapping[str, BitOption]):
         new = dict(self._data)
         new.update(updates)
         return PrecisionMap(new)
+
+
+def space_to_dict(space: SearchSpace) -> dict[str, Any]:
+    """JSON form of a search space (enough to cost maps and re-allocate without the model)."""
+    return {
+        "granularity": space.granularity,
+        "other_params": space.other_params,
+        "other_bits": space.other_bits,
+        "other_macs_per_token": space.other_macs_per_token,
+        "n_blocks": space.n_blocks,
+        "prune_limits": {
+            "max_head_fraction": space.prune_limits.max_head_fraction,
+            "max_ffn_fraction": space.prune_limits.max_ffn_fraction,
+            "keep_one_head": space.prune_limits.keep_one_head,
+        },
+        "groups": [
+            {
+                "name": g.name,
+                "kind": g.kind,
+                "block": g.block,
+                "parent": g.parent,
+                "index": g.index,
+                "macs_per_token": g.macs_per_token,
+                "bias_params": g.bias_params,
+                "members": [
+                    {"module": m.module, "shape": list(m.shape), "axis": m.axis, "start": m.start, "stop": m.stop}
+                    for m in g.members
+                ],
+                "options": [o.key() for o in opts],
+            }
+            for g, opts in zip(space.groups, space.options, strict=True)
+        ],
+    }
+
+
+def space_from_dict(data: Mapping[str, Any]) -> SearchSpace:
+    try:
+        groups = []
+        options = []
+        for g in data["groups"]:
+            members = tuple(
+                Member(m["module"], (int(m["shape"][0]), int(m["shape"][1])), m["axis"], int(m["start"]), m["stop"])
+                for m in g["members"]
+            )
+            groups.append(
+                Group(
+                    name=g["name"],
+                    kind=g["kind"],
+                    members=members,
+                    block=int(g["block"]),
+                    parent=g["parent"],
+                    index=g.get("index"),
+                    macs_per_token=int(g.get("macs_per_token", 0)),
+                    bias_params=int(g.get("bias_params", 0)),
+                )
+            )
+            options.append(tuple(BitOption.parse(o) for o in g["options"]))
+        pl = data.get("prune_limits") or {}
+        return SearchSpace(
+            groups=tuple(groups),
+            options=tuple(options),
+            granularity=data.get("granularity", "layer"),
+            other_params=int(data.get("other_params", 0)),
+            other_bits=int(data.get("other_bits", 32)),
+            other_macs_per_token=int(data.get("other_macs_per_token", 0)),
+            n_blocks=int(data.get("n_blocks", 0)),
+            prune_limits=PruneLimits(
+                max_head_fraction=pl.get("max_head_fraction"),
+                max_ffn_fraction=pl.get("max_ffn_fraction"),
+                keep_one_head=bool(pl.get("keep_one_head", True)),
+            ),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidInputError(f"not a serialised search space: {exc}", field="space") from exc

@@ -1,0 +1,454 @@
+"""The model adapter: from any transformers model to a search space, and precision maps back onto it.
+
+The adapter finds, without any architecture's module paths written in:
+
+* the *transformer blocks*: the children of the largest ``nn.ModuleList`` whose children share one
+  class and hold linear layers (``encoder.layer``, ``model.layers``, ``transformer.h``...);
+* the *quantizable matrices*: ``nn.Linear`` and GPT-2's ``Conv1D`` (seen transposed, so every matrix is
+  ``[out_features, in_features]``), and ``nn.Embedding`` when embeddings are included;
+* the *head*: linear layers outside every block (pooler, classifier, ``lm_head``), excluded by default.
+
+Granularity ``layer`` gives one group per matrix. Granularity ``group`` recognises, in every block,
+the attention projections (by shape against the config's head counts, and by the usual projection
+names for q/k/v) and the feed-forward projections (by the intermediate size), and makes one group per
+attention head (per key/value head under grouped-query attention) spanning the head's rows of q, k, v
+and its columns of the output projection, and one group per block of FFN neurons spanning the rows of
+the up (and gate) projection and the columns of the down projection. Where the structure is not
+recognised the block falls back to ``layer`` groups with a warning.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from search import quant
+from search.errors import InvalidInputError, UnsupportedModelError
+from search.space import (
+    FULL_PRECISION,
+    BitOption,
+    Granularity,
+    Group,
+    Member,
+    PrecisionMap,
+    PruneLimits,
+    SearchSpace,
+)
+
+log = logging.getLogger(__name__)
+
+Role = Literal["block", "head", "embedding"]
+
+_Q_NAMES = {"query", "q_proj", "q_lin", "q", "wq", "query_proj"}
+_K_NAMES = {"key", "k_proj", "k_lin", "k", "wk", "key_proj"}
+_V_NAMES = {"value", "v_proj", "v_lin", "v", "wv", "value_proj"}
+_FUSED_QKV_NAMES = {"c_attn", "qkv_proj", "qkv", "in_proj"}
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers.pytorch_utils.Conv1D: weight [in, out], y = x @ W + b
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+@dataclass(frozen=True)
+class MatrixInfo:
+    """One quantizable matrix: its module name, ``(out, in)`` shape, kind and where it lives."""
+
+    name: str
+    shape: tuple[int, int]
+    kind: Literal["linear", "conv1d", "embedding"]
+    role: Role
+    block: int
+    has_bias: bool
+
+    @property
+    def n_params(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def macs_per_token(self) -> int:
+        return 0 if self.kind == "embedding" else self.n_params
+
+
+class ModelAdapter:
+    """Wraps a transformers ``PreTrainedModel`` (or any ``nn.Module`` built of transformer blocks).
+
+    ``include`` / ``exclude`` are glob patterns on module names (``*`` matches dots too); a matrix is
+    selected when it matches some ``include`` pattern (all match when None) and no ``exclude``
+    pattern. The head and the embeddings are excluded unless ``include_head`` /
+    ``include_embeddings``. Weights tied to a matrix already selected are skipped.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        include_head: bool = False,
+        include_embeddings: bool = False,
+    ) -> None:
+        self.model = model
+        self.config = getattr(model, "config", None)
+        self._modules = dict(model.named_modules())
+        self.block_list_name, self.blocks = self._find_blocks()
+        self.matrices: dict[str, MatrixInfo] = {}
+        seen: set[int] = set()
+        for name, module in model.named_modules():
+            info = self._matrix_info(name, module)
+            if info is None:
+                continue
+            if info.role == "head" and not include_head:
+                continue
+            if info.role == "embedding" and not include_embeddings:
+                continue
+            if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
+                continue
+            if exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude):
+                continue
+            ptr = module.weight.data_ptr()
+            if ptr in seen:
+                log.info("skipping %s: its weight is tied to a matrix already selected", name)
+                continue
+            seen.add(ptr)
+            self.matrices[name] = info
+        if not self.matrices:
+            raise InvalidInputError(
+                "no quantizable matrix matches the selection (check include/exclude patterns)", field="include"
+            )
+
+    # ------------------------------------------------------------------ structure
+    def _find_blocks(self) -> tuple[str, list[str]]:
+        best: tuple[int, str, list[str]] | None = None
+        for name, module in self.model.named_modules():
+            if not isinstance(module, nn.ModuleList) or len(module) == 0:
+                continue
+            classes = {type(child) for child in module}
+            if len(classes) != 1:
+                continue
+            if not any(isinstance(m, nn.Linear) or _is_conv1d(m) for m in module[0].modules()):
+                continue
+            n_params = sum(p.numel() for p in module.parameters())
+            if best is None or n_params > best[0]:
+                best = (n_params, name, [f"{name}.{i}" for i in range(len(module))])
+        if best is None:
+            raise UnsupportedModelError(
+                "no transformer blocks found (no list of identical modules holding linear layers)", field="model"
+            )
+        return best[1], best[2]
+
+    def block_of(self, name: str) -> int | None:
+        for i, b in enumerate(self.blocks):
+            if name == b or name.startswith(b + "."):
+                return i
+        return None
+
+    def _matrix_info(self, name: str, module: nn.Module) -> MatrixInfo | None:
+        if isinstance(module, nn.Linear):
+            kind: Literal["linear", "conv1d", "embedding"] = "linear"
+            shape = (module.out_features, module.in_features)
+        elif _is_conv1d(module):
+            kind = "conv1d"
+            shape = (int(module.weight.shape[1]), int(module.weight.shape[0]))
+        elif isinstance(module, nn.Embedding):
+            kind = "embedding"
+            shape = (module.num_embeddings, module.embedding_dim)
+        else:
+            return None
+        block = self.block_of(name)
+        if kind == "embedding":
+            role: Role = "embedding"
+            block_idx = -1
+        elif block is None:
+            role = "head"
+            block_idx = len(self.blocks)
+        else:
+            role = "block"
+            block_idx = block
+        has_bias = getattr(module, "bias", None) is not None
+        return MatrixInfo(name, shape, kind, role, block_idx, has_bias)
+
+    # ------------------------------------------------------------------ tensors
+    def module(self, name: str) -> nn.Module:
+        return self._modules[name]
+
+    def weight(self, name: str) -> torch.Tensor:
+        """The matrix as an ``[out, in]`` view of the parameter (writes go to the model)."""
+        module = self._modules[name]
+        w = module.weight
+        return w.t() if _is_conv1d(module) else w
+
+    def bias(self, name: str) -> torch.Tensor | None:
+        b = getattr(self._modules[name], "bias", None)
+        return b if isinstance(b, torch.Tensor) else None
+
+    def member_slice(self, m: Member) -> torch.Tensor:
+        w = self.weight(m.module)
+        if m.axis == "out":
+            return w[m.start : m.stop]
+        if m.axis == "in":
+            return w[:, m.start : m.stop]
+        return w
+
+    def group_params(self, group: Group) -> list[tuple[torch.nn.Parameter, Any]]:
+        """``(parameter, index)`` pairs addressing the group's weights in each parameter's own layout
+        (``param[index]`` is the block), used by methods that need gradients per group."""
+        out = []
+        for m in group.members:
+            module = self._modules[m.module]
+            p = module.weight
+            conv = _is_conv1d(module)
+            if m.axis == "all":
+                idx: Any = (slice(None), slice(None))
+            elif m.axis == "out":
+                idx = (slice(None), slice(m.start, m.stop)) if conv else (slice(m.start, m.stop), slice(None))
+            else:
+                idx = (slice(m.start, m.stop), slice(None)) if conv else (slice(None), slice(m.start, m.stop))
+            out.append((p, idx))
+        return out
+
+    # ------------------------------------------------------------------ space
+    def _config_int(self, *names: str) -> int | None:
+        cfg = self.config
+        for n in names:
+            v = getattr(cfg, n, None) if cfg is not None else None
+            if isinstance(v, int) and v > 0:
+                return v
+        return None
+
+    def _block_groups(self, block: int, names: list[str], ffn_block_size: int) -> list[Group] | None:
+        """Sub-layer groups of one block, or None when its structure is not recognised."""
+        hidden = self._config_int("hidden_size", "d_model", "n_embd", "dim")
+        n_heads = self._config_int("num_attention_heads", "n_head", "n_heads")
+        if hidden is None or n_heads is None:
+            return None
+        head_dim = self._config_int("head_dim") or hidden // n_heads
+        n_kv = self._config_int("num_key_value_heads") or n_heads
+        if n_heads % n_kv:
+            return None
+        q_out, kv_out = n_heads * head_dim, n_kv * head_dim
+        infos = [self.matrices[n] for n in names]
+        leaf = {i.name: i.name.rsplit(".", 1)[-1] for i in infos}
+        q = [i for i in infos if leaf[i.name] in _Q_NAMES and i.shape == (q_out, hidden)]
+        k = [i for i in infos if leaf[i.name] in _K_NAMES and i.shape == (kv_out, hidden)]
+        v = [i for i in infos if leaf[i.name] in _V_NAMES and i.shape == (kv_out, hidden)]
+        fused = [
+            i for i in infos if leaf[i.name] in _FUSED_QKV_NAMES and i.shape == (q_out + 2 * kv_out, hidden)
+        ]
+        used: set[str] = set()
+        groups: list[Group] = []
+        attn_members: list[tuple[str, int, int]]  # (module, row offset, rows per kv head) built below
+        if len(q) == 1 and len(k) == 1 and len(v) == 1:
+            qkv = [q[0], k[0], v[0]]
+        elif len(fused) == 1:
+            qkv = [fused[0]]
+        else:
+            qkv = []
+        o = None
+        if qkv:
+            after = names.index(qkv[-1].name)
+            for n in names[after + 1 :]:
+                i = self.matrices[n]
+                if i.shape == (hidden, q_out):
+                    o = i
+                    break
+        rep = n_heads // n_kv
+        if qkv and o is not None:
+            prefix = _common_prefix([i.name for i in qkv] + [o.name])
+            for h in range(n_kv):
+                members: list[Member] = []
+                if len(qkv) == 3:
+                    members.append(Member(qkv[0].name, qkv[0].shape, "out", h * rep * head_dim, (h + 1) * rep * head_dim))
+                    members.append(Member(qkv[1].name, qkv[1].shape, "out", h * head_dim, (h + 1) * head_dim))
+                    members.append(Member(qkv[2].name, qkv[2].shape, "out", h * head_dim, (h + 1) * head_dim))
+                else:
+                    f = qkv[0]
+                    members.append(Member(f.name, f.shape, "out", h * rep * head_dim, (h + 1) * rep * head_dim))
+                    members.append(Member(f.name, f.shape, "out", q_out + h * head_dim, q_out + (h + 1) * head_dim))
+                    members.append(
+                        Member(f.name, f.shape, "out", q_out + kv_out + h * head_dim, q_out + kv_out + (h + 1) * head_dim)
+                    )
+                members.append(Member(o.name, o.shape, "in", h * rep * head_dim, (h + 1) * rep * head_dim))
+                groups.append(self._make_group(f"{prefix}/head{h}", "head", members, block, prefix, h))
+            used.update(i.name for i in qkv)
+            used.add(o.name)
+        else:
+            return None
+        # Feed-forward: up (and gate) [I, hidden], down [hidden, I].
+        inter = self._config_int("intermediate_size", "n_inner", "hidden_dim", "ffn_dim") or 4 * hidden
+        ups = [i for i in infos if i.name not in used and i.shape == (inter, hidden)]
+        downs = [i for i in infos if i.name not in used and i.shape == (hidden, inter)]
+        if ups and len(downs) == 1 and len(ups) <= 2:
+            down = downs[0]
+            prefix = _common_prefix([u.name for u in ups] + [down.name])
+            size = max(1, min(ffn_block_size, inter))
+            for j, start in enumerate(range(0, inter, size)):
+                stop = min(inter, start + size)
+                members = [Member(u.name, u.shape, "out", start, stop) for u in ups]
+                members.append(Member(down.name, down.shape, "in", start, stop))
+                groups.append(self._make_group(f"{prefix}/ffn{j}", "ffn", members, block, prefix, j))
+            used.update(u.name for u in ups)
+            used.add(down.name)
+        for n in names:
+            if n not in used:
+                groups.append(self._layer_group(self.matrices[n]))
+        return groups
+
+    def _make_group(
+        self, name: str, kind: Literal["head", "ffn"], members: list[Member], block: int, parent: str, index: int
+    ) -> Group:
+        bias = sum(
+            (m.out_channels if m.axis == "out" else 0) for m in members if self.matrices[m.module].has_bias
+        )
+        macs = sum(m.n_params for m in members)
+        return Group(name, kind, tuple(members), block, parent, index, macs, bias)
+
+    def _layer_group(self, info: MatrixInfo) -> Group:
+        member = Member(info.name, info.shape, "all")
+        bias = info.shape[0] if info.has_bias else 0
+        return Group(info.name, "layer", (member,), info.block, info.name, None, info.macs_per_token, bias)
+
+    def build_space(
+        self,
+        *,
+        granularity: Granularity = "layer",
+        bits: Iterable[int | str | BitOption] = (2, 3, 4, 8, 32),
+        symmetric: bool = True,
+        ffn_block_size: int = 64,
+        prune_limits: PruneLimits | None = None,
+    ) -> SearchSpace:
+        """The groups at ``granularity`` and the options each may take.
+
+        ``bits`` lists the options (ints, ``"4a"`` strings or BitOptions); ints take ``symmetric``.
+        Pruning (0) applies to sub-layer groups only: ``layer`` groups never take it.
+        Full precision (32) is always allowed so that every budget sweep can reach the unquantized model.
+        """
+        if granularity not in ("layer", "group"):
+            raise InvalidInputError(f"granularity must be 'layer' or 'group', got {granularity!r}", field="granularity")
+        if isinstance(ffn_block_size, bool) or not isinstance(ffn_block_size, int) or ffn_block_size < 1:
+            raise InvalidInputError("ffn_block_size must be a positive integer", field="ffn_block_size")
+        options: list[BitOption] = []
+        for b in bits:
+            opt = BitOption.parse(b)
+            if isinstance(b, int) and opt.is_integer:
+                opt = BitOption(opt.bits, symmetric)
+            options.append(opt)
+        if not options:
+            raise InvalidInputError("at least one bit-width is required", field="bits")
+        options.append(FULL_PRECISION)
+        opts_all = tuple(sorted(set(options)))
+        opts_layer = tuple(o for o in opts_all if not o.pruned)
+        by_block: dict[int, list[str]] = {}
+        for name, info in self.matrices.items():
+            by_block.setdefault(info.block, []).append(name)
+        groups: list[Group] = []
+        fell_back: list[int] = []
+        for block in sorted(by_block):
+            names = by_block[block]
+            sub = None
+            if granularity == "group" and 0 <= block < len(self.blocks):
+                sub = self._block_groups(block, names, ffn_block_size)
+                if sub is None:
+                    fell_back.append(block)
+            groups.extend(sub if sub is not None else [self._layer_group(self.matrices[n]) for n in names])
+        if fell_back:
+            log.warning(
+                "sub-layer structure not recognised in blocks %s: they use one group per matrix (granularity 'layer')",
+                fell_back,
+            )
+        group_options = tuple(opts_all if g.kind != "layer" else opts_layer for g in groups)
+        if any(not o for o in group_options):
+            raise InvalidInputError("no allowed bit-width besides pruning for whole-matrix groups", field="bits")
+        total = sum(p.numel() for p in self.model.parameters())
+        in_groups = sum(g.n_params for g in groups)
+        other_macs = 0
+        for name, module in self.model.named_modules():
+            info = self._matrix_info(name, module)
+            if info is not None and name not in self.matrices and info.kind != "embedding":
+                other_macs += info.macs_per_token
+        return SearchSpace(
+            groups=tuple(groups),
+            options=group_options,
+            granularity=granularity,
+            other_params=total - in_groups,
+            other_bits=32,
+            other_macs_per_token=other_macs,
+            n_blocks=len(self.blocks),
+            prune_limits=prune_limits or PruneLimits(),
+        )
+
+    # ------------------------------------------------------------------ applying maps
+    def _write_group(self, group: Group, option: BitOption, clip: str) -> None:
+        for m in group.members:
+            block = self.member_slice(m)
+            if option.pruned:
+                block.zero_()
+                b = self.bias(m.module)
+                if b is not None and m.axis in ("out", "all"):
+                    (b[m.start : m.stop] if m.axis == "out" else b).zero_()
+            elif option.bits != 32:
+                block.copy_(quant.fake_quantize(block, option.bits, symmetric=option.symmetric, clip=clip))
+
+    def _touched(self, pmap: PrecisionMap, space: SearchSpace) -> list[str]:
+        mods: dict[str, None] = {}
+        for g in space.groups:
+            opt = pmap.get(g.name, FULL_PRECISION)
+            if opt.bits != 32:
+                mods.update(dict.fromkeys(g.modules))
+        return list(mods)
+
+    @torch.no_grad()
+    def apply(self, pmap: PrecisionMap, space: SearchSpace, *, clip: str = "mse") -> None:
+        """Fake-quantize the model in place under ``pmap`` (groups missing from the map stay in full precision)."""
+        unknown = [k for k in pmap if k not in space._index]
+        if unknown:
+            raise InvalidInputError(f"precision map names unknown groups: {unknown[:3]}", field="precision_map")
+        for g in space.groups:
+            opt = pmap.get(g.name, FULL_PRECISION)
+            if opt.bits != 32:
+                self._write_group(g, opt, clip)
+
+    @contextmanager
+    def quantized(self, pmap: PrecisionMap, space: SearchSpace, *, clip: str = "mse") -> Iterator[nn.Module]:
+        """Context manager: the model fake-quantized under ``pmap``, restored exactly on exit."""
+        saved = self.snapshot(self._touched(pmap, space))
+        try:
+            self.apply(pmap, space, clip=clip)
+            yield self.model
+        finally:
+            self.restore(saved)
+
+    @torch.no_grad()
+    def snapshot(self, modules: Iterable[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        out = {}
+        for name in modules:
+            module = self._modules[name]
+            b = getattr(module, "bias", None)
+            out[name] = (module.weight.detach().clone(), b.detach().clone() if isinstance(b, torch.Tensor) else None)
+        return out
+
+    @torch.no_grad()
+    def restore(self, saved: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+        for name, (w, b) in saved.items():
+            module = self._modules[name]
+            module.weight.copy_(w)
+            if b is not None:
+                module.bias.copy_(b)
+
+
+def _common_prefix(names: Sequence[str]) -> str:
+    parts = [n.split(".") for n in names]
+    out: list[str] = []
+    for seg in zip(*parts, strict=False):
+        if len(set(seg)) != 1:
+            break
+        out.append(seg[0])
+    return ".".join(out) if out else re.sub(r"\.[^.]*$", "", names[0])

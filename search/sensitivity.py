@@ -1,0 +1,249 @@
+"""Sensitivity methods: a score per (group, option) saying how much quantizing that group alone hurts.
+
+Every method implements :class:`SensitivityMethod`; the pipeline finds them by name in
+:data:`METHODS` (``kl`` here, ``hessian`` in :mod:`search.hessian`). A method
+
+* reads the model, the adapter, the search space and the calibration batches from a
+  :class:`SensitivityContext`, and leaves the model exactly as it found it;
+* reports progress through ``on_progress(stage, fraction, message)`` and calls
+  ``should_stop()`` between probes, raising :class:`~search.errors.CanceledError` when it says so;
+* returns a :class:`~search.result.SensitivityTable` whose scores are non-negative and whose
+  full-precision option (32) scores 0.
+
+KL sensitivity (this module): for every (group, option), the mean discrepancy (KL of the output
+distribution, or ``1 - cosine`` for embeddings; :func:`search.tasks.discrepancy`) between the
+full-precision model and the model with only that group quantized. The inputs of every transformer
+block are computed once per calibration batch; a probe of a group in block ``i`` replays only the
+blocks from ``i`` on (the blocks before it are swapped for stubs that return their cached outputs),
+so its cost is about ``(n_blocks - i) / n_blocks`` of a forward pass.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from search.adapter import ModelAdapter
+from search.data import TokenizedBatch
+from search.errors import CanceledError, InvalidInputError
+from search.result import SensitivityTable
+from search.space import SearchSpace
+from search.tasks import Task, discrepancy, model_output
+
+ProgressFn = Callable[[str, float, str], None]
+StopFn = Callable[[], bool]
+
+
+@dataclass
+class SensitivityContext:
+    """What a sensitivity method reads. ``batches`` are calibration batches already on ``device``."""
+
+    model: nn.Module
+    adapter: ModelAdapter
+    space: SearchSpace
+    task: Task
+    batches: Sequence[TokenizedBatch]
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0
+    clip: str = "mse"
+
+    @property
+    def n_samples(self) -> int:
+        return sum(int(b.input_ids.shape[0]) for b in self.batches)
+
+
+class SensitivityMethod(abc.ABC):
+    """Base of every sensitivity method (see the module docstring for the contract)."""
+
+    #: the method's name in job specs and results
+    name: str = ""
+
+    @abc.abstractmethod
+    def compute(
+        self,
+        ctx: SensitivityContext,
+        *,
+        on_progress: ProgressFn | None = None,
+        should_stop: StopFn | None = None,
+    ) -> SensitivityTable:
+        """Score every (group, option) of ``ctx.space``; see the module docstring."""
+
+
+METHODS: dict[str, Callable[..., SensitivityMethod]] = {}
+
+
+def register(cls: type[SensitivityMethod]) -> type[SensitivityMethod]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str, **options: Any) -> SensitivityMethod:
+    if name not in METHODS:
+        # methods in other modules register on import
+        import search.hessian  # noqa: F401
+    if name not in METHODS:
+        raise InvalidInputError(f"unknown sensitivity method {name!r}; known: {', '.join(sorted(METHODS))}", field="methods")
+    return METHODS[name](**options)
+
+
+def _check_stop(should_stop: StopFn | None) -> None:
+    if should_stop is not None and should_stop():
+        raise CanceledError("sensitivity computation canceled")
+
+
+class _Replay(nn.Module):
+    """Stands in for a transformer block and returns its cached output for the current batch."""
+
+    def __init__(self, state: _ReplayState, index: int) -> None:
+        super().__init__()
+        self.state = state
+        self.index = index
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.state.outputs[self.state.batch][self.index]
+        if self.index == self.state.start - 1:
+            return _clone(out)
+        return out
+
+
+def _clone(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if isinstance(obj, tuple):
+        return type(obj)(_clone(o) for o in obj) if not hasattr(obj, "_fields") else type(obj)(*map(_clone, obj))
+    return obj
+
+
+@dataclass
+class _ReplayState:
+    outputs: list[list[Any]]
+    batch: int = 0
+    start: int = 0
+
+
+class _BlockCounter:
+    """Counts calls of the real blocks (forward-pass accounting)."""
+
+    def __init__(self, blocks: nn.ModuleList) -> None:
+        self.count = 0
+        self._handles = [b.register_forward_pre_hook(self._hook) for b in blocks]
+
+    def _hook(self, module: nn.Module, args: Any) -> None:
+        self.count += 1
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+@register
+class KLSensitivity(SensitivityMethod):
+    """KL (or 1 - cosine) sensitivity with block replay; ``replay=False`` reruns the whole model per
+    probe (the naive reference the tests compare against)."""
+
+    name = "kl"
+
+    def __init__(self, *, replay: bool = True) -> None:
+        self.replay = replay
+
+    @torch.no_grad()
+    def compute(
+        self,
+        ctx: SensitivityContext,
+        *,
+        on_progress: ProgressFn | None = None,
+        should_stop: StopFn | None = None,
+    ) -> SensitivityTable:
+        t0 = time.perf_counter()
+        adapter, space, model = ctx.adapter, ctx.space, ctx.model
+        block_list = adapter.module(adapter.block_list_name)
+        if not isinstance(block_list, nn.ModuleList):  # pragma: no cover - guaranteed by the adapter
+            raise InvalidInputError("transformer blocks are not a ModuleList", field="model")
+        n_blocks = len(block_list)
+        counter = _BlockCounter(block_list)
+        caches: list[list[Any]] = []
+        refs: list[torch.Tensor] = []
+        try:
+            # Reference pass: full-precision outputs and every block's output, per batch.
+            for b in ctx.batches:
+                _check_stop(should_stop)
+                outs: list[Any] = [None] * n_blocks
+                hooks = [
+                    blk.register_forward_hook(lambda m, a, o, j=j: outs.__setitem__(j, o))
+                    for j, blk in enumerate(block_list)
+                ]
+                try:
+                    refs.append(model_output(model, b, ctx.task))
+                finally:
+                    for h in hooks:
+                        h.remove()
+                caches.append(outs if self.replay else [])
+            ref_forwards = counter.count
+            probes = [
+                (gi, opt)
+                for gi, (g, opts) in enumerate(zip(space.groups, space.options, strict=True))
+                for opt in opts
+                if opt.bits != 32
+            ]
+            total = max(1, len(probes))
+            scores: dict[str, dict[str, float]] = {g.name: {} for g in space.groups}
+            for g, opts in zip(space.groups, space.options, strict=True):
+                for opt in opts:
+                    if opt.bits == 32:
+                        scores[g.name][opt.key()] = 0.0
+            state = _ReplayState(outputs=caches)
+            n_examples = ctx.n_samples
+            last_report = 0.0
+            for done, (gi, opt) in enumerate(probes):
+                _check_stop(should_stop)
+                group = space.groups[gi]
+                start = min(max(group.block, 0), n_blocks) if self.replay else 0
+                saved = adapter.snapshot(group.modules)
+                originals = list(block_list)
+                try:
+                    adapter._write_group(group, opt, ctx.clip)
+                    if start > 0:
+                        for j in range(start):
+                            block_list[j] = _Replay(state, j)
+                    state.start = start
+                    total_disc = 0.0
+                    for bi, b in enumerate(ctx.batches):
+                        state.batch = bi
+                        out = model_output(model, b, ctx.task)
+                        total_disc += float(discrepancy(refs[bi], out, b, ctx.task).sum())
+                finally:
+                    for j in range(start):
+                        block_list[j] = originals[j]
+                    adapter.restore(saved)
+                scores[group.name][opt.key()] = max(0.0, total_disc / max(1, n_examples))
+                now = time.perf_counter()
+                if on_progress is not None and (now - last_report > 0.5 or done + 1 == total):
+                    last_report = now
+                    on_progress("sensitivity:kl", (done + 1) / total, f"probe {done + 1}/{total}: {group.name} @ {opt.key()}")
+            block_forwards = counter.count
+        finally:
+            counter.remove()
+        n_batches = len(ctx.batches)
+        naive_units = n_batches * (1 + len(probes))
+        measured_units = block_forwards / max(1, n_blocks)
+        return SensitivityTable(
+            method=self.name,
+            scores=scores,
+            samples=n_examples,
+            extra={
+                "replay": self.replay,
+                "probes": len(probes),
+                "batches": n_batches,
+                "block_forwards": block_forwards,
+                "reference_block_forwards": ref_forwards,
+                "forward_units": measured_units,
+                "naive_forward_units": naive_units,
+                "seconds": time.perf_counter() - t0,
+            },
+        )

@@ -1,0 +1,243 @@
+"""Tasks: loading a model for a task, reading its outputs, and the quality metrics.
+
+Three tasks are supported:
+
+==========================  ==========================================  =========================
+task                        output read from the model                  metrics
+==========================  ==========================================  =========================
+``sequence_classification``  ``logits`` ``[B, C]``                       accuracy (labels), kl
+``embeddings``               mean of ``last_hidden_state`` over tokens   cosine (to full precision)
+``causal_lm``                ``logits`` ``[B, T, V]``                    perplexity, kl
+==========================  ==========================================  =========================
+
+The *discrepancy* of a perturbed model is what sensitivity probes measure: the KL divergence of the
+full-precision output distribution to the perturbed one (per token, over real tokens, for causal LMs),
+or ``1 - cosine`` for embeddings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from search.data import TokenizedBatch
+from search.errors import InvalidInputError, ModelLoadError
+
+Task = Literal["sequence_classification", "embeddings", "causal_lm"]
+TASKS: tuple[str, ...] = ("sequence_classification", "embeddings", "causal_lm")
+
+#: metric name -> (tasks it applies to, higher is better)
+METRICS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "accuracy": (("sequence_classification",), True),
+    "kl": (("sequence_classification", "causal_lm"), False),
+    "cosine": (("embeddings",), True),
+    "perplexity": (("causal_lm",), False),
+}
+DEFAULT_METRIC: dict[str, str] = {
+    "sequence_classification": "accuracy",
+    "embeddings": "cosine",
+    "causal_lm": "perplexity",
+}
+
+
+def check_task(task: str) -> Task:
+    if task not in TASKS:
+        raise InvalidInputError(f"unknown task {task!r}; known: {', '.join(TASKS)}", field="task")
+    return task  # type: ignore[return-value]
+
+
+def check_metric(metric: str | None, task: str, *, has_labels: bool) -> str:
+    """The metric to report for ``task`` (its default when None), validated."""
+    metric = metric or DEFAULT_METRIC[task]
+    if metric not in METRICS:
+        raise InvalidInputError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}", field="metric")
+    if task not in METRICS[metric][0]:
+        raise InvalidInputError(f"metric {metric!r} does not apply to task {task!r}", field="metric")
+    if metric == "accuracy" and not has_labels:
+        raise InvalidInputError("metric 'accuracy' needs a label field in the data", field="label_field")
+    return metric
+
+
+def higher_is_better(metric: str) -> bool:
+    return METRICS[metric][1]
+
+
+def detect_task(model: nn.Module) -> Task:
+    """Guess the task from the model class (``...ForSequenceClassification``, ``...ForCausalLM``...)."""
+    name = type(model).__name__
+    if name.endswith("ForSequenceClassification"):
+        return "sequence_classification"
+    if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
+        return "causal_lm"
+    return "embeddings"
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    task: Task
+    path: str
+
+
+def load_model(
+    path: str | Path,
+    task: str,
+    *,
+    num_labels: int | None = None,
+    label_names: Sequence[str] | None = None,
+    device: str | torch.device = "cpu",
+    attn_implementation: str | None = "eager",
+) -> LoadedModel:
+    """Load a transformers model directory for ``task`` (never with remote code).
+
+    ``num_labels`` sizes a classification head when the checkpoint has none (a head that is
+    newly initialised must be fine-tuned before its accuracy means anything). Raises
+    :class:`ModelLoadError` naming what is wrong.
+    """
+    import transformers
+
+    task = check_task(task)
+    p = Path(path)
+    if not p.exists():
+        raise ModelLoadError(f"model directory {str(p)!r} does not exist", field="model")
+    if not p.is_dir():
+        raise ModelLoadError(f"{str(p)!r} is not a directory", field="model")
+    cfg_file = p / "config.json"
+    if not cfg_file.is_file():
+        raise ModelLoadError(f"{str(p)!r} is not a transformers model: it has no config.json", field="model")
+    try:
+        json.loads(cfg_file.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"config.json in {str(p)!r} is not valid JSON: {exc}", field="model") from exc
+    if not any(p.glob("*.safetensors")):
+        raise ModelLoadError(
+            f"{str(p)!r} has no *.safetensors weights (pickled weights are never loaded)", field="model"
+        )
+    kwargs: dict[str, object] = {"trust_remote_code": False, "use_safetensors": True}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(p), trust_remote_code=False)
+        if task == "sequence_classification":
+            if num_labels is not None and getattr(config, "num_labels", None) != num_labels:
+                kwargs["num_labels"] = num_labels
+            if label_names is not None:
+                kwargs["id2label"] = dict(enumerate(label_names))
+                kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
+            cls = transformers.AutoModelForSequenceClassification
+        elif task == "causal_lm":
+            cls = transformers.AutoModelForCausalLM
+        else:
+            cls = transformers.AutoModel
+        model = cls.from_pretrained(str(p), **kwargs)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(p), trust_remote_code=False)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # transformers raises many types; name the cause in one line
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot load {str(p)!r} as a {task} model: {msg}", field="model") from exc
+    model.eval()
+    model.to(device)
+    return LoadedModel(model=model, tokenizer=tokenizer, task=task, path=str(p))
+
+
+def _forward(model: nn.Module, batch: TokenizedBatch) -> object:
+    kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    return model(**kwargs, use_cache=False) if _accepts_use_cache(model) else model(**kwargs)
+
+
+def _accepts_use_cache(model: nn.Module) -> bool:
+    cfg = getattr(model, "config", None)
+    return cfg is not None and hasattr(cfg, "use_cache")
+
+
+def model_output(model: nn.Module, batch: TokenizedBatch, task: Task) -> torch.Tensor:
+    """The task's output tensor for one batch, in float32 (see the module table)."""
+    out = _forward(model, batch)
+    if task == "embeddings":
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        mask = batch.attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return ((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)).float()
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    return logits.float()
+
+
+def discrepancy(ref: torch.Tensor, out: torch.Tensor, batch: TokenizedBatch, task: Task) -> torch.Tensor:
+    """Per-example discrepancy of ``out`` to the full-precision ``ref`` (see the module docstring)."""
+    if task == "embeddings":
+        return 1.0 - F.cosine_similarity(ref, out, dim=-1)
+    logp_ref = F.log_softmax(ref, dim=-1)
+    logp = F.log_softmax(out, dim=-1)
+    kl = (logp_ref.exp() * (logp_ref - logp)).sum(-1)
+    if task == "causal_lm":
+        mask = batch.attention_mask.to(kl.dtype)
+        return (kl * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+    return kl
+
+
+@dataclass
+class Reference:
+    """Full-precision outputs of the evaluation batches, computed once."""
+
+    outputs: list[torch.Tensor]
+
+
+@torch.no_grad()
+def reference_outputs(model: nn.Module, batches: Sequence[TokenizedBatch], task: Task) -> Reference:
+    return Reference([model_output(model, b, task) for b in batches])
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Sequence[TokenizedBatch],
+    task: Task,
+    *,
+    reference: Reference | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict[str, float]:
+    """Every metric that applies to ``task`` on ``batches`` (KL / cosine need ``reference``)."""
+    correct = n_cls = 0
+    disc_sum = 0.0
+    n_ex = 0
+    nll_sum = 0.0
+    n_tok = 0
+    for i, b in enumerate(batches):
+        if should_stop is not None and should_stop():
+            from search.errors import CanceledError
+
+            raise CanceledError("evaluation canceled")
+        out = model_output(model, b, task)
+        if reference is not None:
+            disc_sum += float(discrepancy(reference.outputs[i], out, b, task).sum())
+        n_ex += out.shape[0]
+        if task == "sequence_classification" and b.labels is not None:
+            correct += int((out.argmax(-1) == b.labels).sum())
+            n_cls += int(b.labels.numel())
+        if task == "causal_lm":
+            logits = out[:, :-1]
+            target = b.input_ids[:, 1:]
+            mask = b.attention_mask[:, 1:].bool()
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
+            nll_sum += float(nll[mask.reshape(-1)].sum())
+            n_tok += int(mask.sum())
+    metrics: dict[str, float] = {}
+    if n_cls:
+        metrics["accuracy"] = correct / n_cls
+    if reference is not None and n_ex:
+        if task == "embeddings":
+            metrics["cosine"] = 1.0 - disc_sum / n_ex
+        else:
+            metrics["kl"] = disc_sum / n_ex
+    if task == "causal_lm" and n_tok:
+        metrics["perplexity"] = math.exp(min(nll_sum / n_tok, 50.0))
+    return metrics
