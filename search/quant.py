@@ -1,0 +1,363 @@
+"""Quantization primitives: pure tensor functions, no modules, no state.
+
+Weights are in the ``[out_features, in_features]`` layout of ``torch.nn.Linear`` and are quantized
+*per output channel*: each row has its own scale (and its own zero point when asymmetric).
+Every function keeps the device of its input and makes no device assumption (CPU and CUDA alike);
+float16 / bfloat16 inputs are computed in float32 and results handed back in the input's dtype.
+Everything is deterministic: no randomness, ties broken by a fixed order.
+
+Bit-widths
+==========
+
+======  =====================================================================================
+bits    meaning
+======  =====================================================================================
+0       pruned: the weight becomes zeros; its error is ``||w||^2``
+2..8    integer grid per row (2, 3, 4, 5, 6 and 8 are the widths a search offers)
+16      rounded through float16: ``w.half().to(w.dtype)`` (no scales)
+32      unchanged
+======  =====================================================================================
+
+Integer grids
+=============
+
+=============  =======================  ==============================  ==========================
+grid           codes ``q``              scale / zero point              real range covered
+=============  =======================  ==============================  ==========================
+symmetric      ``[-(2^(b-1)-1),         ``s = r * max|w| / (2^(b-1)-1)``  ``[-r max|w|, r max|w|]``
+               2^(b-1)-1]`` (int8)      ``z = 0``
+asymmetric     ``[0, 2^b - 1]``         ``lo = r * min(min w, 0)``        ``[lo, hi]``
+               (uint8)                  ``hi = r * max(max w, 0)``
+                                        ``s = (hi - lo) / (2^b - 1)``
+                                        ``z = clamp(round(-lo / s), 0, 2^b - 1)``
+=============  =======================  ==============================  ==========================
+
+* The symmetric grid is the *restricted* one: ``-2^(b-1)`` is never used, so the grid is
+  symmetric around an exact zero (at 2 bits this leaves the three levels ``{-s, 0, s}``).
+* The asymmetric range always contains 0 (as in GPTQ), so zero (pruned or padded weights) is
+  exactly representable; the clip ratio ``r`` shrinks both ends *toward zero*, and the zero point
+  is an integer.
+* ``quantize``: ``q = clamp(round(w / s) + z, qmin, qmax)`` (``round`` is half-to-even);
+  ``dequantize``: ``(q - z) * s``.
+* Scales are kept in float32 here; a row whose range is 0 (an all-zero row) gets the scale
+  ``SCALE_EPS`` instead, so nothing divides by zero and the row dequantizes to exact zeros.
+  (``search.cost`` counts scales as stored in float16: rounding them is a storage concern.)
+
+Clipping
+========
+
+``clip="minmax"`` uses ``r = 1`` (the row's full range). ``clip="mse"`` tries ``grid`` ratios
+``r`` in ``linspace(1.0, MSE_MIN_RATIO, grid)`` and keeps, *for every row separately*, the ratio
+with the smallest squared error of that row (vectorised over rows; the loop runs over the
+ratios only; on ties the larger ratio wins). Since ``r = 1`` is in the grid, MSE clipping is
+never worse than min-max, row by row.
+
+Packing
+=======
+
+``pack`` stores codes densely, ``bits`` bits each, in a little-endian bit stream: code ``i``
+occupies stream bits ``[i*bits, (i+1)*bits)``, least significant bit first, and stream bit ``k``
+is bit ``k % 8`` of byte ``k // 8``. ``n`` codes take ``ceil(n * bits / 8)`` bytes, the figure
+``search.cost`` counts per member slice.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from search.errors import InvalidInputError
+
+__all__ = [
+    "Clip",
+    "MSE_MIN_RATIO",
+    "QParams",
+    "SCALE_EPS",
+    "choose_qparams",
+    "code_range",
+    "dequantize",
+    "fake_quantize",
+    "pack",
+    "quant_error",
+    "quantize",
+    "unpack",
+]
+
+Clip = Literal["mse", "minmax"]
+
+#: Smallest clip ratio of the MSE search: ratios run from 1.0 down to this.
+MSE_MIN_RATIO = 0.3
+#: Scale used for rows whose range is zero (and the floor of every scale).
+SCALE_EPS = torch.finfo(torch.float32).tiny
+#: Integer bit-widths the primitives accept (the search offers 2, 3, 4, 5, 6, 8).
+_INT_BITS = range(2, 9)
+#: Elements processed at once by the MSE search (bounds its temporaries).
+_CHUNK_ELEMENTS = 1 << 24
+
+
+@dataclass(frozen=True)
+class QParams:
+    """Per-row quantization parameters of one weight matrix.
+
+    ``scale``: float32 ``[rows]``; ``zero_point``: int32 ``[rows]`` (all 0 when symmetric);
+    both on the weight's device. ``bits`` and ``symmetric`` fix the code range (see
+    :func:`code_range`).
+    """
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    bits: int
+    symmetric: bool
+
+    @property
+    def qmin(self) -> int:
+        return code_range(self.bits, self.symmetric)[0]
+
+    @property
+    def qmax(self) -> int:
+        return code_range(self.bits, self.symmetric)[1]
+
+
+def code_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    """The smallest and largest integer code: ``(-(2^(b-1)-1), 2^(b-1)-1)`` when symmetric,
+    ``(0, 2^b - 1)`` when asymmetric."""
+    _check_int_bits(bits)
+    if symmetric:
+        m = 2 ** (bits - 1) - 1
+        return -m, m
+    return 0, 2**bits - 1
+
+
+def _check_int_bits(bits: int) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in _INT_BITS:
+        raise InvalidInputError(f"integer quantization needs 2 to 8 bits, got {bits!r}", field="bits")
+
+
+def _check_bits(bits: int) -> None:
+    if (
+        isinstance(bits, bool)
+        or not isinstance(bits, int)
+        or (bits not in _INT_BITS and bits not in (0, 16, 32))
+    ):
+        raise InvalidInputError(f"unknown bit-width {bits!r}; allowed: 0, 2 to 8, 16, 32", field="bits")
+
+
+def _check_matrix(w: torch.Tensor) -> None:
+    if not isinstance(w, torch.Tensor) or w.ndim != 2 or not w.is_floating_point():
+        what = f"a {w.ndim}-d {w.dtype} tensor" if isinstance(w, torch.Tensor) else type(w).__name__
+        raise InvalidInputError(f"expected a 2-d floating-point [out, in] weight, got {what}", field="weight")
+
+
+def _params_at_ratio(
+    w_min: torch.Tensor, w_max: torch.Tensor, ratio: float, bits: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (float32) and zero point (float32 holding integers) per row for one clip ratio.
+
+    ``w_min`` / ``w_max`` are the rows' minimum and maximum in float32.
+    """
+    qmin, qmax = code_range(bits, symmetric)
+    if symmetric:
+        scale = (torch.maximum(w_max, -w_min) * ratio / qmax).clamp_min(SCALE_EPS)
+        return scale, torch.zeros_like(scale)
+    lo = w_min.clamp_max(0.0) * ratio
+    hi = w_max.clamp_min(0.0) * ratio
+    scale = ((hi - lo) / (qmax - qmin)).clamp_min(SCALE_EPS)
+    zero_point = torch.round(-lo / scale).clamp(qmin, qmax)
+    return scale, zero_point
+
+
+def _codes(
+    w32: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
+) -> torch.Tensor:
+    """Integer codes as float32: ``clamp(round(w / s) + z, qmin, qmax)`` (one formula for all paths)."""
+    return (torch.round(w32 / scale[:, None]) + zero_point[:, None]).clamp_(qmin, qmax)
+
+
+def _row_sq_error(
+    w32: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
+) -> torch.Tensor:
+    """Squared error of every row (float64 sums of float32 squares) under the given parameters."""
+    deq = (_codes(w32, scale, zero_point, qmin, qmax) - zero_point[:, None]) * scale[:, None]
+    return (w32 - deq).square_().sum(dim=1, dtype=torch.float64)
+
+
+def choose_qparams(
+    w: torch.Tensor,
+    bits: int,
+    *,
+    symmetric: bool = True,
+    clip: Clip = "mse",
+    grid: int = 20,
+) -> QParams:
+    """Per-row scales (and zero points) for quantizing ``w`` to ``bits`` integer bits.
+
+    ``clip="minmax"`` covers each row's full range; ``clip="mse"`` searches ``grid`` clip ratios
+    in ``linspace(1.0, MSE_MIN_RATIO, grid)`` and keeps each row's best (see the module
+    docstring). Raises :class:`InvalidInputError` for a non-2-d or non-float ``w`` (``weight``),
+    a bit-width outside 2..8 (``bits``), an unknown ``clip`` or a ``grid`` below 1.
+    """
+    _check_matrix(w)
+    _check_int_bits(bits)
+    if clip not in ("mse", "minmax"):
+        raise InvalidInputError(f"clip must be 'mse' or 'minmax', got {clip!r}", field="clip")
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
+        raise InvalidInputError(f"grid must be a positive integer, got {grid!r}", field="grid")
+    symmetric = bool(symmetric)
+    qmin, qmax = code_range(bits, symmetric)
+
+    w32 = w.detach().to(torch.float32)
+    if w32.shape[1] == 0:
+        w_min = w_max = torch.zeros(w32.shape[0], dtype=torch.float32, device=w32.device)
+    else:
+        w_min, w_max = w32.amin(dim=1), w32.amax(dim=1)
+    scale, zero_point = _params_at_ratio(w_min, w_max, 1.0, bits, symmetric)
+
+    if clip == "mse" and grid > 1 and w32.numel() > 0:
+        ratios = torch.linspace(1.0, MSE_MIN_RATIO, grid, dtype=torch.float64).tolist()
+        rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, w32.shape[1]))
+        scales, zero_points = [], []
+        for start in range(0, w32.shape[0], rows_per_chunk):
+            rows = slice(start, start + rows_per_chunk)
+            wc, lo_c, hi_c = w32[rows], w_min[rows], w_max[rows]
+            best_s, best_z = scale[rows], zero_point[rows]
+            best_err = _row_sq_error(wc, best_s, best_z, qmin, qmax)
+            for r in ratios[1:]:
+                s, z = _params_at_ratio(lo_c, hi_c, r, bits, symmetric)
+                err = _row_sq_error(wc, s, z, qmin, qmax)
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best_s = torch.where(better, s, best_s)
+                best_z = torch.where(better, z, best_z)
+            scales.append(best_s)
+            zero_points.append(best_z)
+        scale, zero_point = torch.cat(scales), torch.cat(zero_points)
+
+    return QParams(scale=scale, zero_point=zero_point.to(torch.int32), bits=bits, symmetric=symmetric)
+
+
+def quantize(w: torch.Tensor, qp: QParams) -> torch.Tensor:
+    """Integer codes of ``w`` under ``qp``: int8 when symmetric, uint8 when asymmetric,
+    same shape and device as ``w``; every code lies in :func:`code_range`."""
+    _check_matrix(w)
+    if qp.scale.shape != (w.shape[0],) or qp.zero_point.shape != (w.shape[0],):
+        raise InvalidInputError(
+            f"qparams for {tuple(qp.scale.shape)} rows do not fit a weight of shape {tuple(w.shape)}",
+            field="qparams",
+        )
+    codes = _codes(w.detach().to(torch.float32), qp.scale, qp.zero_point.to(torch.float32), qp.qmin, qp.qmax)
+    return codes.to(torch.int8 if qp.symmetric else torch.uint8)
+
+
+def dequantize(q: torch.Tensor, qp: QParams, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Real values of the codes ``q``: ``(q - zero_point) * scale`` per row, as ``dtype``."""
+    if q.ndim != 2 or q.shape[0] != qp.scale.shape[0]:
+        raise InvalidInputError(
+            f"codes of shape {tuple(q.shape)} do not fit qparams for {qp.scale.shape[0]} rows",
+            field="qparams",
+        )
+    zp = qp.zero_point.to(torch.float32)[:, None]
+    return ((q.to(torch.float32) - zp) * qp.scale[:, None]).to(dtype)
+
+
+def fake_quantize(
+    w: torch.Tensor, bits: int, *, symmetric: bool = True, clip: Clip = "mse", grid: int = 20
+) -> torch.Tensor:
+    """``w`` as the quantized model sees it, in ``w``'s dtype and on its device.
+
+    0 bits: zeros; 16: rounded through float16; 32: an unchanged copy; 2..8: per-row integer
+    quantization (:func:`choose_qparams`, :func:`quantize`, :func:`dequantize`). Float and pruned
+    widths accept any shape; integer widths need a 2-d ``[out, in]`` matrix.
+    """
+    _check_bits(bits)
+    if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+        raise InvalidInputError("expected a floating-point weight tensor", field="weight")
+    w = w.detach()
+    if bits == 0:
+        return torch.zeros_like(w)
+    if bits == 16:
+        return w.half().to(w.dtype)
+    if bits == 32:
+        return w.clone()
+    qp = choose_qparams(w, bits, symmetric=symmetric, clip=clip, grid=grid)
+    return dequantize(quantize(w, qp), qp, dtype=w.dtype)
+
+
+def quant_error(
+    w: torch.Tensor, bits: int, *, symmetric: bool = True, clip: Clip = "mse", grid: int = 20
+) -> float:
+    """Sum of squared errors ``||w - fake_quantize(w)||^2`` (float64 accumulation).
+
+    0 bits gives ``||w||^2``, 32 bits gives 0.
+    """
+    fq = fake_quantize(w, bits, symmetric=symmetric, clip=clip, grid=grid)
+    diff = w.detach().to(torch.float32) - fq.to(torch.float32)
+    if diff.ndim == 2:
+        # Row sums first, as the MSE search compares them, so that "never worse than min-max"
+        # holds for the total too.
+        return float(diff.square_().sum(dim=1, dtype=torch.float64).sum())
+    return float(diff.square_().sum(dtype=torch.float64))
+
+
+def _check_pack_bits(bits: int) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise InvalidInputError(f"pack needs 1 to 8 bits per code, got {bits!r}", field="bits")
+
+
+def pack(q_codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes densely, ``bits`` bits each, into a flat uint8 tensor of
+    ``ceil(numel * bits / 8)`` bytes (layout in the module docstring).
+
+    Codes are read flattened in row-major order. Unsigned codes must lie in ``[0, 2^bits - 1]``;
+    signed codes in ``[-2^(bits-1), 2^(bits-1) - 1]`` are stored in two's complement (unpack them
+    with ``signed=True``). Anything else raises :class:`InvalidInputError` (``codes``).
+    """
+    _check_pack_bits(bits)
+    if q_codes.is_floating_point() or q_codes.is_complex() or q_codes.dtype == torch.bool:
+        raise InvalidInputError(f"pack needs integer codes, got {q_codes.dtype}", field="codes")
+    flat = q_codes.reshape(-1)
+    if flat.numel():
+        lo, hi = int(flat.min()), int(flat.max())
+        if lo < -(2 ** (bits - 1)) or hi > 2**bits - 1 or (lo < 0 and hi > 2 ** (bits - 1) - 1):
+            raise InvalidInputError(f"codes in [{lo}, {hi}] do not fit in {bits} bits", field="codes")
+    n_bytes = math.ceil(flat.numel() * bits / 8)
+    low = (flat.to(torch.int32) & (2**bits - 1)).to(torch.uint8)
+    stream = torch.zeros(n_bytes * 8, dtype=torch.uint8, device=flat.device)
+    code_bits = stream[: flat.numel() * bits].view(flat.numel(), bits)
+    for j in range(bits):
+        code_bits[:, j] = (low >> j) & 1
+    byte_bits = stream.view(n_bytes, 8)
+    out = torch.zeros(n_bytes, dtype=torch.uint8, device=flat.device)
+    for k in range(8):
+        out |= byte_bits[:, k] << k
+    return out
+
+
+def unpack(packed: torch.Tensor, bits: int, numel: int, *, signed: bool = False) -> torch.Tensor:
+    """Inverse of :func:`pack`: the first ``numel`` codes as a flat tensor (uint8, or int8
+    sign-extended when ``signed``). Reshape it to the codes' original shape."""
+    _check_pack_bits(bits)
+    if packed.dtype != torch.uint8 or packed.ndim != 1:
+        raise InvalidInputError("unpack needs the flat uint8 tensor that pack returns", field="packed")
+    if (
+        isinstance(numel, bool)
+        or not isinstance(numel, int)
+        or numel < 0
+        or math.ceil(numel * bits / 8) > packed.numel()
+    ):
+        raise InvalidInputError(
+            f"{packed.numel()} bytes cannot hold {numel!r} codes of {bits} bits", field="numel"
+        )
+    stream = torch.empty(packed.numel(), 8, dtype=torch.uint8, device=packed.device)
+    for k in range(8):
+        stream[:, k] = (packed >> k) & 1
+    code_bits = stream.view(-1)[: numel * bits].view(numel, bits)
+    codes = torch.zeros(numel, dtype=torch.uint8, device=packed.device)
+    for j in range(bits):
+        codes |= code_bits[:, j] << j
+    if signed:
+        wide = codes.to(torch.int16)
+        return torch.where(wide >= 2 ** (bits - 1), wide - 2**bits, wide).to(torch.int8)
+    return codes
