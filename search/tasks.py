@@ -173,6 +173,8 @@ def model_output(model: nn.Module, batch: TokenizedBatch, task: Task) -> torch.T
 
 def discrepancy(ref: torch.Tensor, out: torch.Tensor, batch: TokenizedBatch, task: Task) -> torch.Tensor:
     """Per-example discrepancy of ``out`` to the full-precision ``ref`` (see the module docstring)."""
+    # float64: confident classifiers saturate the softmax, and float32 KL then rounds to 0
+    ref, out = ref.double(), out.double()
     if task == "embeddings":
         return 1.0 - F.cosine_similarity(ref, out, dim=-1)
     logp_ref = F.log_softmax(ref, dim=-1)
