@@ -540,7 +540,9 @@ class ParetoPointRead(_Read):
     label: str = Field(default="", description="A short name, e.g. 'uniform 4-bit'.")
     precision_map: dict[str, BitOptionRead] = Field(description="Group name -> chosen option.")
     cost: CostRead = Field(description="What the map costs.")
-    metrics: dict[str, float] = Field(description="Measured metrics, e.g. {'accuracy': 0.95, 'kl': 0.01}.")
+    metrics: dict[str, float | None] = Field(
+        description="Measured metrics, e.g. {'accuracy': 0.95, 'kl': 0.01}; null where not finite (e.g. perplexity overflow)."
+    )
     refined: bool = Field(default=False, description="Fine-tuned after the search.")
     refined_from: int | None = Field(default=None, description="Id of the point it was refined from.")
     on_front: bool = Field(default=True, description="On the combined Pareto front.")
@@ -558,7 +560,7 @@ class ParetoRead(_Read):
     job_id: str = Field(description="The job.")
     metric: str | None = Field(default=None, description="The quality metric.")
     higher_is_better: bool = Field(default=True, description="Direction of the metric.")
-    baseline_metrics: dict[str, float] = Field(
+    baseline_metrics: dict[str, float | None] = Field(
         default_factory=dict, description="Metrics of the unquantized model."
     )
     budget: BudgetSpec | None = Field(default=None, description="The job's budget.")
@@ -571,10 +573,10 @@ class SensitivityRead(_Read):
 
     method: str = Field(description="kl or hessian.")
     samples: int = Field(default=0, ge=0, description="Calibration sequences (or probes) used.")
-    scores: dict[str, dict[str, float]] = Field(
+    scores: dict[str, dict[str, float | None]] = Field(
         description="scores[group][option key] (option keys: '4', '4a', '0')."
     )
-    errors: dict[str, float] = Field(
+    errors: dict[str, float | None] = Field(
         default_factory=dict, description="Standard error per group, where known."
     )
     extra: dict[str, Any] = Field(

@@ -1,0 +1,50 @@
+"""The web status page: the job list at ``/`` and a job's page at ``/jobs/{id}``.
+
+Plain HTML, CSS and vanilla JavaScript served from ``service/static`` (no CDN, no build step).
+The pages hold no data: their script calls the REST API with the bearer token the user typed
+into the login form (kept in ``localStorage``) or passed once as ``?token=``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.responses import FileResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+_NO_STORE = {
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+)
+
+
+def _page(name: str) -> FileResponse:
+    headers = dict(_NO_STORE)
+    headers["Content-Security-Policy"] = _CSP
+    return FileResponse(STATIC_DIR / name, media_type="text/html; charset=utf-8", headers=headers)
+
+
+def install_web(app: FastAPI) -> None:
+    """Mount the pages and their static files on ``app``."""
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return _page("index.html")
+
+    @app.get("/jobs", include_in_schema=False)
+    def jobs_redirect() -> RedirectResponse:
+        return RedirectResponse("/")
+
+    @app.get("/jobs/{job_id}", include_in_schema=False)
+    def job_page(job_id: str) -> FileResponse:
+        return _page("job.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
