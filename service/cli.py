@@ -16,10 +16,13 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bitscout.errors import BitscoutError
 from service.settings import Settings, default_config_path
+
+if TYPE_CHECKING:
+    from service.store import Store
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -102,7 +105,7 @@ def db_main(argv: list[str]) -> int:
 # --------------------------------------------------------------------------- tokens
 
 
-def _open_store(settings: Settings) -> Any:
+def _open_store(settings: Settings) -> Store:
     from service import db
     from service.store import Store
 
