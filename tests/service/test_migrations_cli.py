@@ -1,0 +1,131 @@
+"""Migrations agree with the models on both databases; the db and token commands; the admin token."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from service import db
+from service.cli import db_main, ensure_admin_token, read_config, token_main
+from service.settings import Settings
+from service.store import Store
+from tests.conftest import require_or_skip
+from tests.service.conftest import PgDatabases, pg_reachable
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def empty_url(request: pytest.FixtureRequest, tmp_path: Path, pg_databases: PgDatabases | None) -> str:
+    """A brand-new empty database of each backend."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'fresh.db'}"
+    if pg_databases is None:
+        require_or_skip(False, pg_reachable()[1])
+    assert pg_databases is not None
+    return pg_databases.create()
+
+
+def test_upgrade_from_empty_and_models_agree(empty_url: str) -> None:
+    engine = db.make_engine(empty_url)
+    try:
+        assert db.current_revision(engine) is None
+        with pytest.raises(db.SchemaOutOfDate, match="bitscout db upgrade"):
+            db.check_schema(engine)
+        db.upgrade(engine)
+        db.check_schema(engine)
+        assert db.current_revision(engine) == db.head_revision()
+        assert db.schema_diff(engine) == []
+        names = set(sa.inspect(engine).get_table_names())
+        assert {
+            "jobs",
+            "job_events",
+            "points",
+            "sensitivities",
+            "job_spaces",
+            "uploads",
+            "api_tokens",
+        } <= names
+        assert "bitscout_alembic_version" in names and "alembic_version" not in names
+        db.downgrade(engine, "base")
+        assert set(sa.inspect(engine).get_table_names()) <= {"bitscout_alembic_version"}
+        db.upgrade(engine)
+        assert db.schema_diff(engine) == []
+    finally:
+        engine.dispose()
+
+
+def test_single_head_and_scripts_import() -> None:
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(db.alembic_config())
+    assert len(script.get_heads()) == 1
+
+
+def test_db_cli(empty_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert db_main(["--database-url", empty_url, "current"]) == 0
+    assert "out of date" in capsys.readouterr().out
+    assert db_main(["--database-url", empty_url, "check"]) == 1
+    assert "bitscout db upgrade" in capsys.readouterr().err
+    assert db_main(["--database-url", empty_url, "upgrade"]) == 0
+    assert "-> 0001" in capsys.readouterr().out
+    assert db_main(["--database-url", empty_url, "check"]) == 0
+    assert db_main(["--database-url", empty_url, "upgrade"]) == 0  # idempotent
+    assert db_main(["--help"]) == 0
+    assert db_main(["nonsense"]) == 2
+
+
+def test_token_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    assert token_main(["--database-url", url, "list"]) == 2
+    assert "bitscout db upgrade" in capsys.readouterr().err
+    db_main(["--database-url", url, "upgrade"])
+    capsys.readouterr()
+    assert token_main(["--database-url", url, "create", "--name", "alice"]) == 0
+    secret = capsys.readouterr().out.strip()
+    assert secret.startswith("bst_")
+    assert token_main(["--database-url", url, "create", "--name", "ops", "--admin", "--json"]) == 0
+    created = json.loads(capsys.readouterr().out)
+    assert created["admin"] is True and created["token"].startswith("bst_")
+    assert token_main(["--database-url", url, "list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [t["name"] for t in listed] == ["alice", "ops"] and all("token" not in t for t in listed)
+    assert secret not in json.dumps(listed)
+    assert token_main(["--database-url", url, "revoke", "--name", "alice"]) == 0
+    capsys.readouterr()
+    store = Store(db.make_engine(url), blob_dir=tmp_path / "b")
+    assert store.verify_token(secret=secret) is None
+    assert store.verify_token(secret=created["token"]) is not None
+    store.close()
+    assert token_main(["--database-url", url, "revoke", "nope"]) == 2
+    assert token_main(["--database-url", url, "revoke"]) == 2
+
+
+def test_entry_points_registered() -> None:
+    from importlib.metadata import entry_points
+
+    eps = {ep.name: ep.value for ep in entry_points(group="bitscout.commands")}
+    assert eps.get("db") == "service.cli:db_main" and eps.get("token") == "service.cli:token_main"
+
+
+def test_ensure_admin_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "conf" / "config.json"
+    monkeypatch.setenv("BITSCOUT_CONFIG", str(cfg))
+    settings = Settings(data_dir=tmp_path / "data")
+    engine = db.make_engine(settings.url)
+    db.upgrade(engine)
+    engine.dispose()
+    tok = ensure_admin_token(settings, url="http://127.0.0.1:8123")
+    assert stat.S_IMODE(cfg.stat().st_mode) == 0o600
+    assert read_config() == {"token": tok, "url": "http://127.0.0.1:8123"}
+    assert ensure_admin_token(settings, url="http://127.0.0.1:9000") == tok  # kept on later starts
+    assert read_config()["url"] == "http://127.0.0.1:9000"
+    store = Store.from_settings(settings)
+    principal = store.verify_token(secret=tok)
+    assert principal is not None and principal.admin
+    store.revoke_token(token_id=principal.token_id)
+    store.close()
+    new = ensure_admin_token(settings)
+    assert new != tok and read_config()["token"] == new
