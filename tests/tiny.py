@@ -113,7 +113,7 @@ def write_jsonl(path: Path, rows: list[dict[str, object]]) -> Path:
     return path
 
 
-def train_classifier(folder: Path, rows: list[dict[str, object]], *, steps: int = 60, lr: float = 3e-3, seed: int = 0) -> Path:
+def train_classifier(folder: Path, rows: list[dict[str, object]], *, steps: int = 40, lr: float = 1e-3, seed: int = 0) -> Path:
     """Fine-tune the saved tiny classifier on ``rows`` for a few steps so accuracy means something; save it back."""
     import torch
 

@@ -30,4 +30,4 @@ def sentiment_file(tiny_root) -> Path:
 def trained_bert(tiny_root) -> Path:
     """A tiny BERT classifier trained for a few steps on the synthetic sentiment task."""
     folder = build_model(tiny_root / "bert-trained", "bert", layers=2, hidden=32, heads=4, intermediate=64)
-    return train_classifier(folder, sentiment_rows(400, seed=7), steps=80)
+    return train_classifier(folder, sentiment_rows(400, seed=7))
