@@ -39,6 +39,10 @@ def install_web(app: FastAPI) -> None:
     def index() -> FileResponse:
         return _page("index.html")
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> FileResponse:
+        return FileResponse(STATIC_DIR / "favicon.svg", media_type="image/svg+xml")
+
     @app.get("/jobs", include_in_schema=False)
     def jobs_redirect() -> RedirectResponse:
         return RedirectResponse("/")
