@@ -166,7 +166,10 @@ def _install_error_handlers(app: FastAPI) -> None:
             message = "no such resource"
         elif exc.status_code == 405:
             message = "method not allowed on this resource"
-        resp = _error_response(BitscoutError(code, message, status=exc.status_code))
+        # Every invalid request answers 422 (the one status of invalid_request), also when the
+        # framework itself refuses a body (e.g. multipart without a boundary: Starlette's 400).
+        status = HTTP_STATUS[ErrorCode.invalid_request] if exc.status_code == 400 else exc.status_code
+        resp = _error_response(BitscoutError(code, message, status=status))
         if exc.headers:
             resp.headers.update(exc.headers)
         return resp

@@ -582,6 +582,8 @@ def test_other_bad_requests(api: Api) -> None:
     assert_error(api.client.delete(f"{API}/jobs", headers=h), 405, "invalid_request")
     assert_error(api.client.get(f"{API}/nothing", headers=h), 404, "not_found")
     assert_error(api.client.post(f"{API}/uploads", headers=h), 422, "invalid_request", "file")
+    r = api.client.post(f"{API}/uploads", content=b"x", headers={**h, "Content-Type": "multipart/form-data"})
+    assert_error(r, 422, "invalid_request")
     big = {"x": "y" * 2_000_000}
     assert_error(api.client.post(f"{API}/jobs", json=big, headers=h), 413, "payload_too_large")
     assert snapshot(api.store) == before
