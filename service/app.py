@@ -10,6 +10,7 @@ validation gets 422 with code ``invalid_request`` and ``field`` set to the dotte
 offending input. No stack trace ever reaches a client.
 """
 
+import inspect
 import logging
 import math
 import os
@@ -21,7 +22,7 @@ from typing import Annotated, Any, Protocol, runtime_checkable
 from fastapi import Depends, FastAPI, File, Form, Path, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -380,7 +381,12 @@ def create_app(
         if own_store:
             st.close()
 
+    extra: dict[str, Any] = {}
+    if "telemetry" in inspect.signature(FastAPI.__init__).parameters and not settings.otel:
+        # FastAPI's native OpenTelemetry spans cost ~10% of a status poll; Prometheus metrics stay on.
+        extra["telemetry"] = {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}
     app = FastAPI(
+        **extra,
         title="bitscout",
         version=getattr(bitscout, "__version__", "0.1.0"),
         summary="Mixed-precision quantization and group-pruning search, as a service.",
@@ -417,12 +423,12 @@ def create_app(
 
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.allowed_hosts)
 
-    bearer = HTTPBearer(auto_error=False, description="An API token from `bitscout token create`.")
-
-    def principal(
-        request: Request, _creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
-    ) -> Principal:
-        return verifier.verify(request.headers.get("authorization"))
+    async def principal(request: Request) -> Principal:
+        header = request.headers.get("authorization")
+        hit = verifier.cached(header)
+        if hit is not None:
+            return hit
+        return await run_in_threadpool(verifier.verify, header)
 
     User = Annotated[Principal, Depends(principal)]
     JobId = Annotated[str, Path(min_length=1, max_length=64, description="The job's id.")]
@@ -435,7 +441,7 @@ def create_app(
     # ------------------------------------------------------------------ health, metrics
 
     @app.get("/healthz", tags=["health"], summary="The process is up.")
-    def healthz() -> dict[str, str]:
+    async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get(
@@ -518,7 +524,7 @@ def create_app(
         summary="List jobs, newest first.",
         responses=ERROR_RESPONSES,
     )
-    def list_jobs(
+    async def list_jobs(
         user: User,
         status: Annotated[JobStatus | None, Query(description="Only jobs in this status.")] = None,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="Page size.")] = 50,
@@ -533,7 +539,7 @@ def create_app(
         summary="A job's status and progress.",
         responses=ERROR_RESPONSES,
     )
-    def get_job(job_id: JobId, user: User) -> Response:
+    async def get_job(job_id: JobId, user: User) -> Response:
         return _json(st.get_job(job_id=job_id, owner=owner_of(user)))
 
     @app.post(
@@ -555,7 +561,7 @@ def create_app(
         summary="Every stored point of a job (front and uniform baselines).",
         responses=ERROR_RESPONSES,
     )
-    def get_pareto(job_id: JobId, user: User) -> Response:
+    async def get_pareto(job_id: JobId, user: User) -> Response:
         return _json(st.get_pareto(job_id=job_id, owner=owner_of(user)))
 
     @app.get(
@@ -565,7 +571,7 @@ def create_app(
         summary="One point with its precision map.",
         responses=ERROR_RESPONSES,
     )
-    def get_point(job_id: JobId, point_id: PointId, user: User) -> Response:
+    async def get_point(job_id: JobId, point_id: PointId, user: User) -> Response:
         return _json(st.get_point(job_id=job_id, point_id=point_id, owner=owner_of(user)))
 
     @app.get(
@@ -589,7 +595,7 @@ def create_app(
         summary="The job's sensitivity tables.",
         responses=ERROR_RESPONSES,
     )
-    def get_sensitivity(job_id: JobId, user: User) -> Response:
+    async def get_sensitivity(job_id: JobId, user: User) -> Response:
         return _json_list(st.get_sensitivities(job_id=job_id, owner=owner_of(user)))
 
     @app.get(
@@ -599,7 +605,7 @@ def create_app(
         summary="The job's event log, oldest first.",
         responses=ERROR_RESPONSES,
     )
-    def get_events(
+    async def get_events(
         job_id: JobId,
         user: User,
         after: Annotated[
@@ -721,20 +727,51 @@ def create_app(
         summary="An upload's record.",
         responses=ERROR_RESPONSES,
     )
-    def get_upload(
+    async def get_upload(
         upload_id: Annotated[str, Path(min_length=1, max_length=64, description="The upload's id.")],
         user: User,
     ) -> Response:
         return _json(st.get_upload(upload_id=upload_id, owner=owner_of(user)))
 
     @app.get(f"{API_PREFIX}/version", tags=["health"], summary="Server and wire-schema versions.")
-    def version() -> dict[str, str]:
+    async def version() -> dict[str, str]:
         return {"version": app.version, "schema_version": SCHEMA_VERSION, "db_revision": str(head)}
 
     from service.web import install_web
 
     install_web(app)
+    _document_security(app, public={f"{API_PREFIX}/openapi.json", f"{API_PREFIX}/version"})
     return app
+
+
+def _document_security(app: FastAPI, *, public: set[str]) -> None:
+    """Declare the bearer scheme in the OpenAPI document for every API operation but ``public``.
+
+    Authentication itself runs in the ``principal`` dependency (a plain function: FastAPI's
+    security classes cost a noticeable share of a status poll).
+    """
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        doc = build()
+        comps = doc.setdefault("components", {})
+        comps.setdefault("securitySchemes", {})["bearer"] = {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "An API token from `bitscout token create` (or the config file `bitscout serve` writes).",
+        }
+        for path, ops in doc.get("paths", {}).items():
+            if not path.startswith(API_PREFIX) or path in public:
+                continue
+            for op in ops.values():
+                if isinstance(op, dict):
+                    op["security"] = [{"bearer": []}]
+        app.openapi_schema = doc
+        return doc
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _coded_error(exc: Exception) -> BitscoutError:
@@ -762,3 +799,8 @@ def principal_from_headers(app: FastAPI, headers: Mapping[str, str]) -> Principa
     """Authenticate outside a route (e.g. a websocket): raises ``Unauthorized``."""
     verifier: TokenVerifier = app.state.verifier
     return verifier.verify(headers.get("authorization"))
+
+
+def app_from_env() -> FastAPI:
+    """The app configured from the environment, for ``uvicorn --factory service.app:app_from_env``."""
+    return create_app(Settings())

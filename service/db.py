@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 #: Execution option that makes a SQLite transaction start with BEGIN IMMEDIATE.
 SQLITE_IMMEDIATE = "bitscout_sqlite_immediate"
+#: Execution option for single-statement reads on SQLite: no BEGIN (the statement is its own transaction).
+SQLITE_NO_BEGIN = "bitscout_sqlite_no_begin"
 
 UPGRADE_HINT = "run `bitscout db upgrade` (with the same database URL) to bring it to the current version"
 
@@ -90,8 +92,10 @@ def _setup_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: sa.Connection) -> None:
-        immediate = conn.get_execution_options().get(SQLITE_IMMEDIATE, False)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        opts = conn.get_execution_options()
+        if opts.get(SQLITE_NO_BEGIN, False):
+            return
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if opts.get(SQLITE_IMMEDIATE, False) else "BEGIN")
 
 
 # --------------------------------------------------------------------------- alembic

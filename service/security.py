@@ -24,6 +24,20 @@ class TokenVerifier:
         self._touched: dict[str, float] = {}
         self._lock = threading.Lock()
 
+    def cached(self, authorization: str | None) -> Principal | None:
+        """The principal if this header's token was verified less than ``ttl_s`` ago, else None
+        (no database access: safe on the event loop)."""
+        if not authorization or self.ttl_s <= 0:
+            return None
+        scheme, _, secret = authorization.partition(" ")
+        if scheme.lower() != "bearer":
+            return None
+        key = hashlib.sha256(secret.strip().encode("utf-8", "surrogateescape")).hexdigest()
+        hit = self._cache.get(key)
+        if hit is not None and hit[1] > time.monotonic():
+            return hit[0]
+        return None
+
     def verify(self, authorization: str | None) -> Principal:
         """The principal for an ``Authorization`` header value; raises ``Unauthorized``."""
         if not authorization:

@@ -86,6 +86,7 @@ class Settings(BaseSettings):
     check_schema: bool = Field(default=True, description="Refuse to start when the schema is not at head.")
     auto_upgrade: bool = Field(default=False, description="Apply migrations at start instead of refusing.")
     metrics: bool = Field(default=True, description="Serve Prometheus metrics at /metrics.")
+    otel: bool = Field(default=False, description="Keep FastAPI's native OpenTelemetry instrumentation on.")
     pool_size: int = Field(default=10, ge=1, description="Database connections per process (PostgreSQL).")
 
     @field_validator("allowed_hosts", mode="before")

@@ -62,7 +62,7 @@ from bitscout.schemas import (
     UploadRead,
 )
 from service.blobs import BlobStore
-from service.db import SQLITE_IMMEDIATE, make_engine
+from service.db import SQLITE_IMMEDIATE, SQLITE_NO_BEGIN, make_engine
 from service.models import (
     JobEventRow,
     JobRow,
@@ -178,7 +178,11 @@ class Store:
         self.engine = engine
         self.dialect = engine.dialect.name
         self._write_engine = engine.execution_options(**{SQLITE_IMMEDIATE: True})
+        self._single_read_engine = engine.execution_options(**{SQLITE_NO_BEGIN: True})
         self.blobs = BlobStore(blob_dir)
+        self._spec_cache: dict[str, JobSpec] = {}
+        jobs = JobRow.__table__
+        self._select_job = select(jobs).where(jobs.c.id == sa.bindparam("job_id"))
 
     @classmethod
     def from_settings(cls, settings: Any) -> Store:
@@ -214,12 +218,22 @@ class Store:
 
     # ------------------------------------------------------------------ conversion
 
-    @staticmethod
-    def _job_read(row: JobRow, cls: type[JobRead] = JobRead) -> Any:
+    def _spec(self, job_id: str, raw: Any) -> JobSpec:
+        """The parsed spec of a job (cached: a job's spec never changes)."""
+        spec = self._spec_cache.get(job_id)
+        if spec is None:
+            spec = JobSpec.model_validate(raw)
+            if len(self._spec_cache) >= 10_000:
+                self._spec_cache.clear()
+            self._spec_cache[job_id] = spec
+        return spec
+
+    def _job_read(self, row: Any, cls: type[JobRead] = JobRead) -> Any:
+        """A JobRead (or JobRecord) from an ORM row or a Core row of the jobs table."""
         data: dict[str, Any] = {
             "id": row.id,
             "status": row.status,
-            "spec": row.spec,
+            "spec": self._spec(row.id, row.spec),
             "progress": min(max(float(row.progress or 0.0), 0.0), 1.0),
             "stage": row.stage,
             "message": row.message,
@@ -374,12 +388,13 @@ class Store:
 
     def get_job(self, *, job_id: str, owner: str | None = None) -> JobRead:
         """The job ``job_id``; with ``owner``, only if that user owns it. Raises ``NotFound``."""
-        with self._read() as s:
-            row = s.get(JobRow, job_id)
-            if row is None or (owner is not None and row.owner != owner):
-                raise NotFound(f"no job {job_id!r}", field="job_id")
-            result: JobRead = self._job_read(row)
-            return result
+        # The status poll is the hottest path: a Core select, no ORM session.
+        with self._single_read_engine.connect() as conn:
+            row = conn.execute(self._select_job, {"job_id": job_id}).first()
+        if row is None or (owner is not None and row.owner != owner):
+            raise NotFound(f"no job {job_id!r}", field="job_id")
+        result: JobRead = self._job_read(row)
+        return result
 
     def get_job_record(self, *, job_id: str) -> JobRecord:
         """The job with its worker-side fields (``claimed_by``). Raises ``NotFound``."""
