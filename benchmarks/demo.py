@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", default=".cache", help="where the fine-tuned model and data files are kept")
     p.add_argument("--local", action="store_true", help="run the search in this process")
     p.add_argument("--methods", default="kl", help="comma-separated methods")
-    p.add_argument("--max-size-mb", type=float, default=45.0, help="size budget of the whole model (fp32: 90.9 MB)")
+    p.add_argument("--max-size-mb", type=float, default=20.0, help="size budget of the whole model (fp32: 90.9 MB)")
     p.add_argument("--calibration", type=int, default=64)
     p.add_argument("--evaluation", type=int, default=400)
     p.add_argument("--max-length", type=int, default=64)
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     print("== 2/3 MiniLM fine-tuned on BBC topics (cached after the first run) ==", flush=True)
     model_dir = bbc_classifier(cache)
     metrics = read_metrics(model_dir)
-    print(f"model: {model_dir}  held-out accuracy at fp32: {metrics.get('accuracy', float('nan')):.3f}", flush=True)
+    print(f"model: {model_dir}  held-out accuracy at fp32: {metrics.get('heldout_accuracy', float('nan')):.3f}", flush=True)
     data = cache / "bbc_heldout.jsonl"
     out = Path(a.out) if a.out else cache / "demo-result.json"
     print("== 3/3 search ==", flush=True)
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         "--model", str(model_dir), "--data", str(data), "--label-field", "label",
         "--max-size-mb", str(a.max_size_mb), "--calibration", str(a.calibration),
         "--evaluation", str(a.evaluation), "--max-length", str(a.max_length),
-        "--granularity", a.granularity, "--bits", "2,3,4,6,8", "--out", str(out),
+        "--granularity", a.granularity, "--bits", "2,3,4,6,8", "--out", str(out), "--include-embeddings",
     ]
     for m in a.methods.split(","):
         argv2 += ["--method", m.strip()]
