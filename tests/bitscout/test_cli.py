@@ -1,0 +1,322 @@
+"""The command line against the real service over a real socket (uvicorn): every command, job
+files, exit codes (0 success, 1 a failed job, 2 bad usage or an error), one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bitscout import cli
+from bitscout.commands import COMMANDS
+from tests.bitscout.conftest import Service
+from tests.bitscout.support import live_server, run_job
+
+TINY_FLAGS = [
+    "--task", "sequence_classification", "--method", "kl", "--max-avg-bits", "5", "--bits", "2,4,8",
+    "--front-points", "4", "--label-field", "label", "--calibration-size", "16", "--evaluation-size", "32",
+    "--max-length", "16", "--no-progress",
+]  # fmt: skip
+SERVER_SPEC = [
+    "--model",
+    "hf:org/model@" + "a" * 40,
+    "--data",
+    "dataset:ag_news",
+    "--task",
+    "sequence_classification",
+    "--max-size-mb",
+    "10",
+]
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    rc = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def one_line_error(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.fixture
+def env(service: Service, monkeypatch: pytest.MonkeyPatch) -> Any:
+    with live_server(service.app) as url:
+        monkeypatch.setenv("BITSCOUT_URL", url)
+        monkeypatch.setenv("BITSCOUT_TOKEN", service.tokens["alice"])
+        yield url
+
+
+def test_help_of_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, usage, _ = run(capsys, "--help")
+    assert rc == 0
+    for name in COMMANDS:
+        assert f"  {name} " in usage
+        rc, out, err = run(capsys, name, "--help")
+        assert rc == 0 and err == ""
+        assert "example:" in out and f"bitscout {name}" in out and "exit codes" in out
+    rc, out, _ = run(capsys)
+    assert rc == 2 and "usage: bitscout" in out
+    rc, out, _ = run(capsys, "--version")
+    assert rc == 0 and out.startswith("bitscout ")
+
+
+def test_plugins_come_from_entry_points(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from importlib.metadata import EntryPoint
+
+    calls: list[list[str]] = []
+    fake = [
+        EntryPoint("serve", "tests.bitscout.test_cli:_fake_plugin", "bitscout.commands"),
+        EntryPoint("broken", "no_such_module_xyz:main", "bitscout.commands"),
+        EntryPoint("status", "no_such_module_xyz:main", "bitscout.commands"),  # a built-in wins
+    ]
+    monkeypatch.setattr(cli, "entry_points", lambda group: fake)
+    monkeypatch.setattr(sys.modules[__name__], "_CALLS", calls, raising=False)
+    rc, out, _ = run(capsys, "--help")
+    assert "serve" in out and "broken" in out
+    assert run(capsys, "serve", "--port", "1")[0] == 7 and calls == [["--port", "1"]]
+    rc, _, err = run(capsys, "broken")
+    assert rc == 2 and "pip install 'bitscout[workers]'" in one_line_error(err)
+    rc, _, err = run(capsys, "nope")
+    assert rc == 2 and "unknown command 'nope'" in err
+    rc, _, err = run(capsys, "status", "--url", "http://127.0.0.1:9", "--retries", "0", "x")
+    assert rc == 2 and "cannot reach" in one_line_error(err)
+
+
+_CALLS: list[list[str]] = []
+
+
+def _fake_plugin(argv: list[str]) -> int:
+    _CALLS.append(argv)
+    return 7
+
+
+def test_usage_errors_are_one_line_exit_2(
+    env: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    for argv, needle in (
+        (["submit", "--data", "dataset:x", "--max-size-mb", "1"], "--model is required"),
+        (["submit", "--model", "server:m", "--data", "dataset:x"], "a budget is required"),
+        (["submit", *SERVER_SPEC, "--bits", "two"], "comma-separated integers"),
+        (["submit", *SERVER_SPEC, "--max-size-mb", "-3"], "budget.max_size_mb"),
+        (["submit", str(tmp_path / "missing.yaml")], "cannot read the job file"),
+        (["status", "--bogus"], "unrecognized arguments"),
+        (["resolve", "abc"], "give at least one limit"),
+        (["download", "abc", "first", str(tmp_path)], "POINT must be"),
+        (["wait"], "required"),
+    ):
+        rc, out, err = run(capsys, *argv)
+        assert rc == 2, (argv, err)
+        assert needle in one_line_error(err), (argv, err)
+
+
+def test_service_errors_are_one_line(
+    env: str, service: Service, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rc, out, _ = run(capsys, "submit", *SERVER_SPEC)
+    assert rc == 0
+    job_id = out.strip()
+    rc, _, err = run(capsys, "status", "0" * 32)
+    assert rc == 2 and "no job" in one_line_error(err) and "not_found" in err
+    rc, _, err = run(capsys, "submit", *SERVER_SPEC[2:], "--model", "server:nope")
+    assert rc == 2 and "model.path" in one_line_error(err)
+    rc, _, err = run(capsys, "resolve", job_id, "--max-size-mb", "3", "--retries", "0")
+    assert rc == 2 and "unavailable" in one_line_error(err)
+    monkeypatch.setenv("BITSCOUT_TOKEN", service.tokens["bob"])
+    rc, _, err = run(capsys, "cancel", job_id)
+    assert rc == 2 and "no job" in one_line_error(err)
+    monkeypatch.setenv("BITSCOUT_TOKEN", "bst_wrong")
+    rc, _, err = run(capsys, "status")
+    assert rc == 2 and "unknown or revoked token" in one_line_error(err)
+    monkeypatch.setenv("BITSCOUT_TOKEN", service.tokens["alice"])
+    # a failed job: wait exits 1 with the job's error on one line
+    service.store.fail_job(job_id=job_id, worker_id=None, code="out_of_memory", message="ran out of memory")
+    rc, out, err = run(capsys, "wait", job_id, "--no-progress")
+    assert rc == 1 and "out_of_memory" in one_line_error(err) and "ran out of memory" in err
+    rc, out, err = run(capsys, "cancel", job_id)
+    assert rc == 2 and "already failed" in one_line_error(err)
+    rc, out, _ = run(capsys, "submit", *SERVER_SPEC, "--seed", "4")
+    other = out.strip()
+    rc, out, _ = run(capsys, "cancel", other)
+    assert rc == 0 and "canceled" in out
+    rc, out, err = run(capsys, "wait", other, "--no-progress")
+    assert rc == 1 and "canceled" in one_line_error(err)
+    rc, out, err = run(capsys, "status", other, "--json")
+    assert rc == 0 and json.loads(out)["status"] == "canceled"
+
+
+def test_every_command_end_to_end(
+    resolving_service: Service,
+    tiny: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    service = resolving_service
+    with live_server(service.app) as url:
+        monkeypatch.setenv("BITSCOUT_URL", url)
+        monkeypatch.setenv("BITSCOUT_TOKEN", service.tokens["alice"])
+        rc, out, err = run(capsys, "submit", "--model", tiny["model"], "--data", tiny["data"], *TINY_FLAGS)
+        assert rc == 0, err
+        job_id = out.strip()
+        assert len(job_id) == 32 and f"submitted job {job_id}" in err
+        done: dict[str, Any] = {}
+        worker = threading.Thread(
+            target=lambda: done.setdefault(
+                "run", run_job(service.store, job_id, service.work / "a", stage_delay=0.01)
+            )
+        )
+        worker.start()
+        rc, out, err = run(capsys, "wait", job_id, "--poll", "0.05", "--progress")
+        worker.join(120)
+        assert rc == 0, err
+        assert f"job {job_id} succeeded" in out and "recommended point" in out
+        assert f"job {job_id[:8]}" in err  # the progress bar
+
+        rc, out, _ = run(capsys, "status", job_id)
+        assert rc == 0 and "succeeded" in out and "max_avg_bits=5" in out and "upload:" in out
+        rc, out, _ = run(capsys, "status")
+        assert rc == 0 and job_id in out and "succeeded" in out
+        rc, out, _ = run(capsys, "status", "--json", "--status", "succeeded")
+        assert rc == 0 and json.loads(out)["items"][0]["id"] == job_id
+
+        rc, out, _ = run(capsys, "pareto", job_id)
+        assert rc == 0 and "metric: accuracy (higher is better)" in out and "*FBA" in out and "uniform" in out
+        rc, out, _ = run(capsys, "pareto", job_id, "--json")
+        data = json.loads(out)
+        rec = data["recommended"]
+        assert (
+            data["metric"] == "accuracy"
+            and data["points"][rec]["recommended"]
+            and data["points"][rec]["precision_map"]
+        )
+        rc, out, _ = run(capsys, "pareto", job_id, "--front", "--json")
+        assert all(p["on_front"] for p in json.loads(out)["points"])
+
+        rc, out, err = run(capsys, "resolve", job_id, "--max-avg-bits", "4", "-o", tmp_path / "map.json")
+        assert rc == 0, err
+        assert "avg bits:" in out and "groups:" in out
+        pmap = json.loads((tmp_path / "map.json").read_text())
+        assert pmap and all(set(v) == {"bits", "symmetric"} for v in pmap.values())
+        rc, out, _ = run(capsys, "resolve", job_id, "--max-avg-bits", "4", "--method", "kl", "--json")
+        assert json.loads(out)["cost"]["avg_bits"] <= 4 + 1e-9
+        rc, out, err = run(capsys, "resolve", job_id, "--max-avg-bits", "0.01")
+        assert rc == 2 and "budget" in one_line_error(err)
+
+        rc, out, err = run(capsys, "download", job_id, "recommended", tmp_path / "dl")
+        assert rc == 0, err
+        assert (
+            Path(out.strip()) == tmp_path / "dl" and (tmp_path / "dl" / "model.quant.safetensors").is_file()
+        )
+        rc, out, _ = run(capsys, "download", job_id, str(rec), tmp_path / "raw", "--no-extract")
+        assert rc == 0 and out.strip().endswith(".tar.gz") and Path(out.strip()).is_file()
+        other = next(p["id"] for p in data["points"] if not p["artifact_available"])
+        rc, _, err = run(capsys, "download", job_id, str(other), tmp_path / "none")
+        assert rc == 2 and "not been exported" in one_line_error(err)
+
+        rc, out, _ = run(capsys, "events", job_id)
+        assert rc == 0 and "created" in out.splitlines()[0] and "succeeded" in out
+        rc, out, _ = run(capsys, "events", job_id, "--json", "--follow", "--poll", "0.01")
+        kinds = [json.loads(line)["kind"] for line in out.splitlines()]
+        assert kinds[0] == "created" and "succeeded" in kinds
+        last = json.loads(out.splitlines()[-2])["id"]
+        rc, out, _ = run(capsys, "events", job_id, "--after", str(last), "--json")
+        assert len(out.splitlines()) == 1
+
+        # a YAML job file with paths relative to it, and flags that override it; --wait and --json
+        folder = tmp_path / "jobs"
+        folder.mkdir()
+        (folder / "model").symlink_to(tiny["model"], target_is_directory=True)
+        (folder / "rows.jsonl").write_text(tiny["data"].read_text())
+        (folder / "job.yaml").write_text(
+            "model: model\ndata: rows.jsonl\ntask: sequence_classification\nmethods: [kl]\n"
+            "budget: {max_avg_bits: 5}\nspace: {bits: [2, 4, 8]}\nfront_points: 4\nseed: 1\n"
+            "data_options: {label_field: label, calibration_size: 16, evaluation_size: 32, max_length: 16}\n"
+        )
+        worker2 = threading.Thread(target=lambda: _run_next(service, tmp_path / "b"))
+        worker2.start()
+        rc, out, err = run(
+            capsys,
+            "submit",
+            folder / "job.yaml",
+            "--seed",
+            "3",
+            "--wait",
+            "--poll",
+            "0.05",
+            "--json",
+            "--no-progress",
+        )
+        worker2.join(120)
+        assert rc == 0, err
+        job2 = json.loads(out)
+        assert (
+            job2["status"] == "succeeded" and job2["spec"]["seed"] == 3 and job2["spec"]["model"]["upload_id"]
+        )
+        assert "succeeded" in err
+
+
+def _run_next(service: Service, work: Path) -> None:
+    import time
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        page = service.store.list_jobs(status="queued")
+        if page.items:
+            run_job(service.store, page.items[0].id, work)
+            return
+        time.sleep(0.02)
+
+
+def test_json_job_file_and_unknown_keys(env: str, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    f = tmp_path / "job.json"
+    f.write_text(
+        json.dumps(
+            {
+                "model": "hf:org/m@" + "b" * 40,
+                "data": "dataset:ag_news",
+                "task": "embeddings",
+                "budget": {"max_avg_bits": 4},
+                "methods": ["kl", "hessian"],
+            }
+        )
+    )
+    rc, out, err = run(capsys, "submit", f, "--json")
+    assert rc == 0, err
+    spec = json.loads(out)["spec"]
+    assert (
+        spec["methods"] == ["kl", "hessian"]
+        and spec["metric"] == "cosine"
+        and spec["model"]["hf_id"] == "org/m"
+    )
+    f.write_text(json.dumps({"model": "x", "data": "y", "budgets": {}}))
+    rc, _, err = run(capsys, "submit", f)
+    assert rc == 2 and "unknown key(s) budgets" in one_line_error(err)
+    f.write_text("{not json")
+    rc, _, err = run(capsys, "submit", f)
+    assert rc == 2 and "not valid JSON" in one_line_error(err)
+
+
+def test_the_installed_command_never_shows_a_traceback(env: str, tmp_path: Path) -> None:
+    environ = {**os.environ, "BITSCOUT_URL": env}
+    for argv, rc in ((["status", "0" * 32], 2), (["submit", "--bits"], 2), (["wait", "--help"], 0)):
+        p = subprocess.run(
+            [sys.executable, "-m", "bitscout.cli", *argv],
+            capture_output=True,
+            text=True,
+            env=environ,
+            timeout=60,
+        )
+        assert p.returncode == rc, p.stderr
+        assert "Traceback" not in p.stderr
