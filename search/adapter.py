@@ -245,7 +245,6 @@ class ModelAdapter:
         ]
         used: set[str] = set()
         groups: list[Group] = []
-        attn_members: list[tuple[str, int, int]]  # (module, row offset, rows per kv head) built below
         if len(q) == 1 and len(k) == 1 and len(v) == 1:
             qkv = [q[0], k[0], v[0]]
         elif len(fused) == 1:

@@ -39,7 +39,15 @@ from search.space import (
     space_from_dict,
     space_to_dict,
 )
-from search.tasks import Reference, Task, check_metric, check_task, evaluate, higher_is_better, reference_outputs
+from search.tasks import (
+    Reference,
+    Task,
+    check_metric,
+    check_task,
+    evaluate,
+    higher_is_better,
+    reference_outputs,
+)
 
 #: methods whose candidates come from a sensitivity table + the allocator
 SENSITIVITY_METHODS = ("kl", "hessian")

@@ -175,7 +175,7 @@ class KLSensitivity(SensitivityMethod):
                 _check_stop(should_stop)
                 outs: list[Any] = [None] * n_blocks
                 hooks = [
-                    blk.register_forward_hook(lambda m, a, o, j=j: outs.__setitem__(j, o))
+                    blk.register_forward_hook(lambda m, a, o, j=j, outs=outs: outs.__setitem__(j, o))
                     for j, blk in enumerate(block_list)
                 ]
                 try:

@@ -115,7 +115,7 @@ def test_quantized_context_restores_exactly(loaded):
     ad = ModelAdapter(lm.model)
     space = ad.build_space(granularity="group", bits=(0, 2, 3, 4))
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
-    pmap = PrecisionMap({g.name: opts[i % len(opts)] for i, (g, opts) in enumerate(zip(space.groups, space.options))})
+    pmap = PrecisionMap({g.name: opts[i % len(opts)] for i, (g, opts) in enumerate(zip(space.groups, space.options, strict=True))})
     with ad.quantized(pmap, space):
         changed = any(not torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
         assert changed
