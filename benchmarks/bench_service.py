@@ -127,6 +127,30 @@ class Server:
             time.sleep(0.2)
         raise RuntimeError("the server did not become ready in 60 s")
 
+    def pids(self) -> list[int]:
+        """The server's processes (the uvicorn master and its workers)."""
+        out = [self.proc.pid]
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == self.proc.pid:
+                out.append(int(stat.parent.name))
+        return out
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) used so far by the server's processes (Linux)."""
+        tick = os.sysconf("SC_CLK_TCK")
+        total = 0.0
+        for pid in self.pids():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / tick
+        return total
+
     def stop(self) -> None:
         self.proc.terminate()
         try:
@@ -216,9 +240,8 @@ def _poll_proc(
     out.put((lat, errors))
 
 
-def bench_poll(
-    port: int, job_id: str, token: str, clients: int, procs: int, duration: float
-) -> dict[str, float]:
+def bench_poll(server: Server, clients: int, procs: int, duration: float) -> dict[str, float]:
+    port, job_id, token = server.port, server.job_id, server.token
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     per = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
@@ -232,6 +255,10 @@ def bench_poll(
         p.start()
     lat: list[float] = []
     errors: list[str] = []
+    time.sleep(warmup + 0.5)  # the clients start polling; measure the server's CPU over the window
+    cpu0, t0 = server.cpu_seconds(), time.monotonic()
+    time.sleep(max(0.0, duration - 1.0))
+    cpu1, t1 = server.cpu_seconds(), time.monotonic()
     for _ in ps:
         got_lat, got_err = q.get(timeout=duration + 120)
         lat += got_lat
@@ -247,6 +274,10 @@ def bench_poll(
         "p95_ms": _pct(lat, 95),
         "p99_ms": _pct(lat, 99),
         "max_ms": max(lat) if lat else float("nan"),
+        # CPU the server spent per poll, and the poll rate that would fill two cores at that cost:
+        # robust to other load on a shared machine, unlike the measured rate.
+        "server_cpu_ms_per_poll": 1000 * (cpu1 - cpu0) / max(1.0, len(lat) / duration * (t1 - t0)),
+        "server_cpu_cores_busy": (cpu1 - cpu0) / (t1 - t0),
     }
 
 
@@ -288,9 +319,7 @@ def run_one(backend: str, args: argparse.Namespace) -> dict[str, Any] | None:
     server = Server(url, tmp / "data", args.workers)
     try:
         submit = bench_submit(server.port, server.token, args.submits)
-        poll = bench_poll(
-            server.port, server.job_id, server.token, args.clients, args.client_procs, args.duration
-        )
+        poll = bench_poll(server, args.clients, args.client_procs, args.duration)
     finally:
         server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -325,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(
             f"{'':10s} poll:   {p['per_s']:7.0f} req/s  p50 {p['p50_ms']:6.2f} ms  p95 {p['p95_ms']:6.2f} ms  "
-            f"p99 {p['p99_ms']:6.2f} ms  ({p['clients']} clients, {p['errors']} errors)"
+            f"p99 {p['p99_ms']:6.2f} ms  ({p['clients']} clients, {p['errors']} errors; "
+            f"server CPU {p['server_cpu_ms_per_poll']:.2f} ms/poll, {p['server_cpu_cores_busy']:.2f} cores busy)"
             f"  [{'ok' if ok_poll else 'MISSED'} target >= {TARGETS['polls_per_s']:.0f}/s, p99 <= {TARGETS['poll_p99_ms']:.0f} ms]"
         )
     report = {

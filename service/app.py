@@ -22,6 +22,7 @@ from typing import Annotated, Any, Protocol, runtime_checkable
 from fastapi import Depends, FastAPI, File, Form, Path, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
+from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -174,6 +175,16 @@ def _install_error_handlers(app: FastAPI) -> None:
         if exc.headers:
             resp.headers.update(exc.headers)
         return resp
+
+    @app.exception_handler(DBAPIError)
+    async def _database(request: Request, exc: DBAPIError) -> JSONResponse:
+        if exc.connection_invalidated or isinstance(exc, OperationalError):
+            log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc.orig)
+            return _error_response(ServiceUnavailable("the database is unavailable; try again shortly"))
+        log.exception("database error on %s %s", request.method, request.url.path)
+        return _error_response(
+            BitscoutError(ErrorCode.internal, "internal error; the server log has the details")
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

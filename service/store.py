@@ -178,7 +178,11 @@ class Store:
         self.engine = engine
         self.dialect = engine.dialect.name
         self._write_engine = engine.execution_options(**{SQLITE_IMMEDIATE: True})
-        self._single_read_engine = engine.execution_options(**{SQLITE_NO_BEGIN: True})
+        # Single-statement reads need no transaction: no BEGIN / ROLLBACK round trips.
+        if self.dialect == "sqlite":
+            self._single_read_engine = engine.execution_options(**{SQLITE_NO_BEGIN: True})
+        else:
+            self._single_read_engine = engine.execution_options(isolation_level="AUTOCOMMIT")
         self.blobs = BlobStore(blob_dir)
         self._spec_cache: dict[str, JobSpec] = {}
         jobs = JobRow.__table__
