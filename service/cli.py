@@ -232,15 +232,23 @@ def server_url(settings: Settings, host: str = "127.0.0.1", port: int = 8000) ->
 
 
 def ensure_admin_token(
-    settings: Settings, *, url: str | None = None, name: str = "admin", config_path: Path | None = None
+    settings: Settings,
+    *,
+    url: str | None = None,
+    name: str = "admin",
+    config_path: Path | None = None,
+    upgrade: bool = False,
 ) -> str:
     """The admin token the local SDK and CLI use; created on first start.
 
     If the config file holds a token that is still valid in this database, it is kept (and the
     ``url`` updated); otherwise a new admin token named ``name`` is created and written with
-    ``url`` into the config file (mode 0600). Returns the token. The schema must be at head.
+    ``url`` into the config file (mode 0600). Returns the token. The schema must be at head,
+    or pass ``upgrade=True`` to apply the migrations first (the embedded first start).
     """
     path = config_path or default_config_path()
+    if upgrade:
+        prepare_database(settings, upgrade=True)
     store = _open_store(settings)
     try:
         cfg = read_config(path)
@@ -256,6 +264,24 @@ def ensure_admin_token(
         return secret
     finally:
         store.close()
+
+
+def prepare_database(settings: Settings, *, upgrade: bool) -> str | None:
+    """Bring the database to head (``upgrade=True``) or check that it is there; returns the revision.
+
+    Raises ``service.db.SchemaOutOfDate`` (whose message says to run ``bitscout db upgrade``)
+    when the schema is behind and ``upgrade`` is False.
+    """
+    from service import db
+
+    engine = db.make_engine(settings.url)
+    try:
+        if upgrade:
+            db.upgrade(engine)
+        db.check_schema(engine)
+        return db.current_revision(engine)
+    finally:
+        engine.dispose()
 
 
 def serve_api(

@@ -114,10 +114,10 @@ def test_ensure_admin_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     cfg = tmp_path / "conf" / "config.json"
     monkeypatch.setenv("BITSCOUT_CONFIG", str(cfg))
     settings = Settings(data_dir=tmp_path / "data")
-    engine = db.make_engine(settings.url)
-    db.upgrade(engine)
-    engine.dispose()
-    tok = ensure_admin_token(settings, url="http://127.0.0.1:8123")
+    with pytest.raises(db.SchemaOutOfDate):
+        ensure_admin_token(settings)
+    assert not cfg.exists()
+    tok = ensure_admin_token(settings, url="http://127.0.0.1:8123", upgrade=True)
     assert stat.S_IMODE(cfg.stat().st_mode) == 0o600
     assert read_config() == {"token": tok, "url": "http://127.0.0.1:8123"}
     assert ensure_admin_token(settings, url="http://127.0.0.1:9000") == tok  # kept on later starts
