@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     )
     database_url: str | None = Field(
         default=None,
-        validation_alias=AliasChoices("database_url", "BITSCOUT_DATABASE_URL", "DATABASE_URL"),
+        validation_alias=AliasChoices("BITSCOUT_DATABASE_URL", "DATABASE_URL"),
         description="SQLAlchemy URL; default: SQLite in data_dir. postgresql:// uses psycopg 3.",
     )
     model_root: Path | None = Field(default=None, description="Server-side model paths must lie under this.")

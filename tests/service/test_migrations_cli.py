@@ -129,3 +129,19 @@ def test_ensure_admin_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     store.close()
     new = ensure_admin_token(settings)
     assert new != tok and read_config()["token"] == new
+
+
+def test_settings_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BITSCOUT_DATA_DIR", str(tmp_path / "d"))
+    s = Settings()
+    assert s.url == f"sqlite:///{tmp_path / 'd' / 'bitscout.db'}" and s.blob_dir == tmp_path / "d" / "blobs"
+    monkeypatch.setenv("DATABASE_URL", "postgresql://u@db.example:5432/bs")
+    assert Settings().url == "postgresql+psycopg://u@db.example:5432/bs"
+    monkeypatch.setenv("BITSCOUT_DATABASE_URL", "postgres://v@h/x")
+    assert Settings().url == "postgresql+psycopg://v@h/x"
+    monkeypatch.setenv("BITSCOUT_ALLOWED_HOSTS", "a.example, b.example")
+    monkeypatch.setenv("BITSCOUT_MAX_UPLOAD_MB", "12.5")
+    s = Settings()
+    assert s.allowed_hosts == ["a.example", "b.example"] and s.max_upload_mb == 12.5
+    monkeypatch.setenv("BITSCOUT_ALLOWED_HOSTS", '["c.example"]')
+    assert Settings().allowed_hosts == ["c.example"]
