@@ -299,11 +299,16 @@ def resolve_under(root: Path | None, value: str, *, what: str, field: str) -> Pa
         raise InvalidRequest(
             f"this server accepts no server-side {what} paths (no {what} root is set)", field=field
         )
-    base = root.expanduser().resolve()
-    candidate = Path(value)
-    full = (candidate if candidate.is_absolute() else base / candidate).resolve()
-    if full != base and base not in full.parents:
+    try:
+        base = root.expanduser().resolve()
+        candidate = Path(value)
+        full = (candidate if candidate.is_absolute() else base / candidate).resolve()
+        inside = full == base or base in full.parents
+        exists = inside and full.exists()
+    except (OSError, ValueError, RuntimeError):  # too long, bad characters, symlink loops
+        raise InvalidRequest(f"the {what} path {value[:200]!r} cannot be used", field=field) from None
+    if not inside:
         raise InvalidRequest(f"the {what} path must lie under the server's {what} root", field=field)
-    if not full.exists():
+    if not exists:
         raise InvalidRequest(f"no {what} at {value!r} under the server's {what} root", field=field)
     return full

@@ -390,6 +390,7 @@ def test_server_side_paths(api: Api, settings: Settings, tmp_path: Path) -> None
     outside = tmp_path / "secret"
     outside.mkdir()
     os.symlink(outside, settings.model_root / "escape")
+    os.symlink(settings.model_root / "loop", settings.model_root / "loop")
     ok = api.client.post(
         f"{API}/jobs", json=job_spec(model={"path": "minilm"}, data={"path": "bbc.jsonl"}), headers=api.h()
     )
@@ -400,6 +401,9 @@ def test_server_side_paths(api: Api, settings: Settings, tmp_path: Path) -> None
         ({"path": str(outside)}, "model.path"),
         ({"path": "missing"}, "model.path"),
         ({"path": "../secret"}, "model.path"),
+        ({"path": "x" * 1000}, "model.path"),
+        ({"path": "/".join(["a" * 250] * 4)}, "model.path"),
+        ({"path": "loop"}, "model.path"),
     ]:
         r = api.client.post(
             f"{API}/jobs", json=job_spec(model=model, data={"path": "bbc.jsonl"}), headers=api.h()
