@@ -87,9 +87,14 @@ def page() -> Iterator[Any]:
         pg = browser.new_page(viewport={"width": 1280, "height": 900})
         errors: list[str] = []
         pg.on("pageerror", lambda e: errors.append(str(e)))
-        # A refused token is a 401 the login test provokes on purpose; anything else is a bug.
+        # A refused token is a 401 the login test provokes on purpose, and requests cut short by a
+        # navigation are not errors either; anything else is a bug.
+        benign = ("401", "ERR_ABORTED", "Failed to fetch")
         pg.on(
-            "console", lambda m: errors.append(m.text) if m.type == "error" and "401" not in m.text else None
+            "console",
+            lambda m: (
+                errors.append(m.text) if m.type == "error" and not any(b in m.text for b in benign) else None
+            ),
         )
         try:
             yield pg
