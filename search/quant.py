@@ -39,9 +39,13 @@ asymmetric     ``[0, 2^b - 1]``         ``lo = r * min(min w, 0)``        ``[lo,
   is an integer.
 * ``quantize``: ``q = clamp(round(w / s) + z, qmin, qmax)`` (``round`` is half-to-even);
   ``dequantize``: ``(q - z) * s``.
-* Scales are kept in float32 here; a row whose range is 0 (an all-zero row) gets the scale
-  ``SCALE_EPS`` instead, so nothing divides by zero and the row dequantizes to exact zeros.
-  (``search.cost`` counts scales as stored in float16: rounding them is a storage concern.)
+* Scales are float32 tensors whose values are *float16 numbers*: every candidate scale is
+  rounded to the nearest float16 (clamped to ``[SCALE_EPS, SCALE_MAX]``) before codes are
+  chosen, so the search evaluates exactly what an artifact stores with float16 scales
+  (``search.export``; ``search.cost`` counts 2 bytes a scale). A row whose range is 0 (an
+  all-zero row) gets the scale ``SCALE_EPS`` (the smallest positive float16, ``2^-24``), so
+  nothing divides by zero and the row dequantizes to exact zeros; rows whose values all lie
+  below ``2^-25`` in magnitude (beyond float16's range) quantize to zeros.
 
 Clipping
 ========
@@ -76,6 +80,7 @@ __all__ = [
     "MSE_MIN_RATIO",
     "QParams",
     "SCALE_EPS",
+    "SCALE_MAX",
     "choose_qparams",
     "code_range",
     "dequantize",
@@ -90,8 +95,11 @@ Clip = Literal["mse", "minmax"]
 
 #: Smallest clip ratio of the MSE search: ratios run from 1.0 down to this.
 MSE_MIN_RATIO = 0.3
-#: Scale used for rows whose range is zero (and the floor of every scale).
-SCALE_EPS = torch.finfo(torch.float32).tiny
+#: Scale used for rows whose range is zero (and the floor of every scale): the smallest positive
+#: float16 (a subnormal), so that every scale is exactly representable in float16.
+SCALE_EPS = 2.0**-24
+#: Largest scale: the largest finite float16.
+SCALE_MAX = float(torch.finfo(torch.float16).max)
 #: Integer bit-widths the primitives accept (the search offers 2, 3, 4, 5, 6, 8).
 _INT_BITS = range(2, 9)
 #: Elements processed at once by the MSE search (bounds its temporaries).
@@ -102,9 +110,9 @@ _CHUNK_ELEMENTS = 1 << 24
 class QParams:
     """Per-row quantization parameters of one weight matrix.
 
-    ``scale``: float32 ``[rows]``; ``zero_point``: int32 ``[rows]`` (all 0 when symmetric);
-    both on the weight's device. ``bits`` and ``symmetric`` fix the code range (see
-    :func:`code_range`).
+    ``scale``: float32 ``[rows]`` holding float16 values (exact as ``scale.half()``);
+    ``zero_point``: int32 ``[rows]`` (all 0 when symmetric); both on the weight's device.
+    ``bits`` and ``symmetric`` fix the code range (see :func:`code_range`).
     """
 
     scale: torch.Tensor
@@ -151,6 +159,12 @@ def _check_matrix(w: torch.Tensor) -> None:
         raise InvalidInputError(f"expected a 2-d floating-point [out, in] weight, got {what}", field="weight")
 
 
+def _float16_scale(scale: torch.Tensor) -> torch.Tensor:
+    """``scale`` (float32) clamped to ``[SCALE_EPS, SCALE_MAX]`` and rounded to the nearest float16
+    (half to even), kept as float32: the value an artifact stores with a float16 scale."""
+    return scale.clamp(SCALE_EPS, SCALE_MAX).to(torch.float16).to(torch.float32)
+
+
 def _params_at_ratio(
     w_min: torch.Tensor, w_max: torch.Tensor, ratio: float, bits: int, symmetric: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,11 +174,11 @@ def _params_at_ratio(
     """
     qmin, qmax = code_range(bits, symmetric)
     if symmetric:
-        scale = (torch.maximum(w_max, -w_min) * ratio / qmax).clamp_min(SCALE_EPS)
+        scale = _float16_scale(torch.maximum(w_max, -w_min) * ratio / qmax)
         return scale, torch.zeros_like(scale)
     lo = w_min.clamp_max(0.0) * ratio
     hi = w_max.clamp_min(0.0) * ratio
-    scale = ((hi - lo) / (qmax - qmin)).clamp_min(SCALE_EPS)
+    scale = _float16_scale((hi - lo) / (qmax - qmin))
     zero_point = torch.round(-lo / scale).clamp(qmin, qmax)
     return scale, zero_point
 

@@ -76,11 +76,12 @@ def test_code_ranges_are_documented_ones(bits: int) -> None:
 def test_minmax_scales_follow_the_formulas() -> None:
     w = torch.tensor([[-2.0, 0.5, 1.0], [0.5, 1.0, 3.0], [-4.0, -1.0, -0.5]])
     qp = choose_qparams(w, 4, symmetric=True, clip="minmax")
-    assert torch.allclose(qp.scale, torch.tensor([2.0, 3.0, 4.0]) / 7)
+    # Scales are the formulas' values rounded to float16 (what an artifact stores).
+    assert torch.equal(qp.scale, (torch.tensor([2.0, 3.0, 4.0]) / 7).half().float())
     assert torch.equal(qp.zero_point, torch.zeros(3, dtype=torch.int32))
     qa = choose_qparams(w, 4, symmetric=False, clip="minmax")
     # The asymmetric range always contains zero: [min(w, 0), max(w, 0)].
-    assert torch.allclose(qa.scale, torch.tensor([3.0, 3.0, 4.0]) / 15)
+    assert torch.equal(qa.scale, (torch.tensor([3.0, 3.0, 4.0]) / 15).half().float())
     assert qa.zero_point.tolist() == [10, 0, 15]
     assert qa.zero_point.dtype == torch.int32
 
@@ -97,6 +98,19 @@ def test_asymmetric_beats_symmetric_on_shifted_rows() -> None:
     w = gaussian().abs()  # one-signed rows: half of the symmetric grid is wasted
     for bits in (2, 3, 4):
         assert quant_error(w, bits, symmetric=False) < quant_error(w, bits, symmetric=True)
+
+
+@pytest.mark.parametrize("bits", INT_BITS)
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("clip", ["mse", "minmax"])
+def test_scales_are_float16_values_so_storing_them_in_half_is_exact(bits: int, symmetric: bool, clip: str) -> None:
+    # Rows from 1e-9 to 1e5 in magnitude: subnormal, normal and (clamped) huge float16 scales.
+    w = student_t(12, 64) * torch.logspace(-7, 7, 12)[:, None]
+    qp = choose_qparams(w, bits, symmetric=symmetric, clip=clip)
+    assert torch.equal(qp.scale.half().float(), qp.scale)
+    assert torch.all(qp.scale >= SCALE_EPS) and torch.all(qp.scale <= quant.SCALE_MAX)
+    stored = quant.QParams(qp.scale.half().float(), qp.zero_point.to(torch.uint8).to(torch.int32), bits, symmetric)
+    assert torch.equal(dequantize(quantize(w, qp), stored), fake_quantize(w, bits, symmetric=symmetric, clip=clip))
 
 
 # --------------------------------------------------------------------------- clipping
@@ -132,13 +146,14 @@ def test_mse_picks_each_rows_best_ratio_from_the_grid() -> None:
     qp = choose_qparams(w, 3, clip="mse", grid=20)
     ratios = torch.linspace(1.0, quant.MSE_MIN_RATIO, 20, dtype=torch.float64).tolist()
     maxabs = w.abs().amax(dim=1)
-    chosen = qp.scale * 3 / maxabs  # qmax = 3 at 3 bits
-    for r in chosen.tolist():
-        assert min(abs(r - g) for g in ratios) < 1e-5
+    # Every row's scale is the float16 rounding of one grid ratio's scale (qmax = 3 at 3 bits).
+    candidates = torch.stack([(maxabs * r / 3).half().float() for r in ratios], dim=1)
+    assert torch.all((candidates == qp.scale[:, None]).any(dim=1))
     # No ratio of the grid does better on any row.
     best = row_errors(w, fake_quantize(w, 3, clip="mse"))
     for r in ratios:
-        fq = (torch.round(w / (maxabs * r / 3)[:, None]).clamp(-3, 3)) * (maxabs * r / 3)[:, None]
+        s = (maxabs * r / 3).half().float()
+        fq = (torch.round(w / s[:, None]).clamp(-3, 3)) * s[:, None]
         assert torch.all(best <= row_errors(w, fq) * (1 + 1e-6))
 
 
@@ -200,14 +215,17 @@ def test_zero_and_constant_rows(bits: int, symmetric: bool, clip: Clip) -> None:
     w[1] = 0.37
     w[2] = -1.5
     w[3, 4] = 2.0  # a single spike in a zero row
-    w[4] = 1e-30  # tiny but not zero
+    w[4] = 1e-30  # tiny but not zero: below float16's range
     qp = choose_qparams(w, bits, symmetric=symmetric, clip=clip)
     assert torch.all(torch.isfinite(qp.scale)) and torch.all(qp.scale >= SCALE_EPS)
+    assert torch.equal(qp.scale.half().float(), qp.scale)  # float16 values
     fq = fake_quantize(w, bits, symmetric=symmetric, clip=clip)
     assert torch.all(torch.isfinite(fq))
     assert torch.equal(fq[0], torch.zeros(9))
-    assert torch.allclose(fq[1:4], w[1:4], rtol=1e-6, atol=0)
-    assert torch.allclose(fq[4], w[4], rtol=1e-3, atol=0)
+    # Constant rows and lone spikes come back within a float16 scale's rounding (2^-11 relative).
+    assert torch.allclose(fq[1:4], w[1:4], rtol=2**-11 * 1.01, atol=0)
+    assert torch.equal(fq[3][w[3] == 0], torch.zeros(8))
+    assert torch.equal(fq[4], torch.zeros(9))
 
 
 def test_empty_matrices() -> None:
