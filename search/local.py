@@ -115,6 +115,7 @@ def prepare(
     ev_b = tokenize(evald, lm.tokenizer, max_length=data.max_length, batch_size=data.batch_size)
     search = Search(lm.model, task, cal_b, ev_b, options, device=dev)
     search.model_path = str(model_dir)  # type: ignore[attr-defined]
+    search.label_names = list(text.label_names) if text.label_names else None  # type: ignore[attr-defined]
     return search
 
 
@@ -131,5 +132,14 @@ def run_local(
     """The whole search in-process; the result's ``info`` names the model path and the task."""
     search = prepare(model_dir, data, options, task=task, device=device)
     result = search.run(on_progress=on_progress, should_stop=should_stop)
-    result.info.update({"model_path": str(Path(model_dir).resolve()), "task": search.task, "data": data.source})
+    result.info.update(
+        {
+            "model_path": str(Path(model_dir).resolve()),
+            "task": search.task,
+            "data": data.source,
+            "clip": options.clip,
+            "device": str(search.device),
+            "label_names": search.label_names,
+        }
+    )
     return result
