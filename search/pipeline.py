@@ -107,6 +107,9 @@ class Candidate:
     label: str = ""
     exact: bool = True
     gap: float = 0.0
+    #: metrics measured already (methods that evaluate maps themselves, e.g. NSGA-II); such a
+    #: candidate is not evaluated again
+    metrics: dict[str, float] | None = None
 
 
 def sweep_metric(budget: Budget) -> str:
@@ -252,7 +255,11 @@ class Search:
         if not evaluation:
             raise InvalidInputError("no evaluation data", field="evaluation_size")
         self.options = options
+        if "dnas" in options.methods:
+            import search.dnas  # noqa: F401  (registers EXTRA_METHODS["dnas"])
         for m in options.methods:
+            if m not in SENSITIVITY_METHODS and m not in EXTRA_METHODS:
+                load_method(m)
             if m not in SENSITIVITY_METHODS and m not in EXTRA_METHODS:
                 known = ", ".join(sorted(set(SENSITIVITY_METHODS) | set(EXTRA_METHODS)))
                 raise InvalidInputError(f"unknown method {m!r}; known: {known}", field="methods")
@@ -414,7 +421,10 @@ class Search:
             if should_stop is not None and should_stop():
                 raise CanceledError("search canceled")
             if c.precision_map not in evaluated:
-                evaluated[c.precision_map] = self.evaluate(c.precision_map, should_stop=should_stop)
+                if c.metrics is not None:
+                    evaluated[c.precision_map] = dict(c.metrics)
+                else:
+                    evaluated[c.precision_map] = self.evaluate(c.precision_map, should_stop=should_stop)
             points.append(
                 ParetoPoint(
                     precision_map=c.precision_map,
@@ -434,6 +444,18 @@ class Search:
 
 #: methods that propose candidates themselves (DNAS, NSGA-II): name -> fn(search, on_progress=, should_stop=) -> candidates
 EXTRA_METHODS: dict[str, Callable[..., list[Candidate]]] = {}
+#: the modules that register the built-in extra methods (imported when a search first asks for one)
+METHOD_MODULES: dict[str, str] = {"nsga2": "search.nsga2"}
+
+
+def load_method(name: str) -> None:
+    """Import the module that registers the built-in method ``name`` in :data:`EXTRA_METHODS`
+    (nothing for unknown names; the caller reports those)."""
+    module = METHOD_MODULES.get(name)
+    if module is not None and name not in EXTRA_METHODS:
+        import importlib
+
+        importlib.import_module(module)
 
 
 def recommended_index(

@@ -1,0 +1,772 @@
+"""DNAS: differentiable search of per-group bit-widths with group pruning (method ``dnas``).
+
+After "Automatic Mixed-Precision Quantization Search of BERT" (Zhao et al., IJCAI 2021): every group
+``g`` of the search space carries architecture logits ``a_g`` over its allowed options (bit-widths,
+``0`` = pruned, ``16``/``32`` = float). One step of the search:
+
+1. **Mixture.** Draw Gumbel noise ``e`` (a seeded :class:`torch.Generator`) and form, per group,
+   ``y_g = softmax((a_g + e_g) / tau)``; the group's weight is the mixture
+   ``W_g = sum_k y_gk Q_k(w_g)`` of its quantized versions (``Q_0 = 0`` when pruned, ``Q_32 = w``).
+   ``Q_k`` is exactly what the pipeline evaluates (:func:`search.quant.fake_quantize` of each member
+   slice, MSE clipping, float16 scales). The biases of ``out`` members follow ``(1 - y_pruned) * b``.
+   The mixed matrices are handed to *one* forward pass through :func:`torch.func.functional_call`:
+   no copy of the network per choice and nothing written into the model. The K quantized versions
+   of a group's weights are constants computed once (weights are small next to activations), so a
+   step costs about one forward-backward pass however many options there are.
+2. **Loss.** ``L = L_task + L_res``. ``L_task`` is the task loss when the calibration batches carry
+   labels (cross-entropy for classification), else knowledge distillation from the full-precision
+   outputs computed once at the start (:func:`search.tasks.discrepancy`: KL of the output
+   distribution, per token for causal LMs, ``1 - cosine`` for embeddings); ``loss="task"``/``"kd"``/
+   ``"task+kd"`` choose explicitly. The resource term is a hinge on the *expected* cost under
+   ``p_g = softmax(a_g)`` (the distribution the maps are derived from, no noise):
+   ``L_res = resource_weight * relu(E[cost] / target - 1)``, with ``E[cost] = offset + sum_g p_g . c_g``
+   and ``c_g`` the group's additive costs of the swept metric (:meth:`search.cost.CostModel.group_costs`
+   of :func:`search.pipeline.sweep_metric`). While the expected cost is above the target every logit
+   is pushed toward cheaper options, least hard where the task loss resists; below the target only
+   the task loss acts and gives bits back where they help most, so ``E[cost]`` settles at the target.
+   A hinge (rather than a log-barrier) never rewards going below the target and stays finite when
+   the search starts far above it.
+3. **Updates.** Adam on the logits. With ``train_weights`` the steps alternate: even steps update
+   shadow copies of the group weights (small learning rate, straight-through rounding), odd steps the
+   logits; with ``lsq`` the per-row quantizer step sizes are learned too (LSQ, in log space). The model
+   itself is never written: the shadows are private copies, so the derived maps are evaluated by the
+   pipeline on the original weights like every other method's.
+
+**A front.** The search runs for several targets of the swept metric, from the largest to the
+smallest, each warm-started from the previous one's logits (the temperature is annealed from
+``tau_start`` to ``tau_end`` within each target, the Adam state restarts). Largest first: the
+first target is the mildest perturbation of the full-precision model, so its gradients are measured
+near a good model and its long warm-up learns which groups are sensitive; every later target then
+only has to move further down the same path, which is what a warm start can do in a few steps (going
+up from the cheapest target would start from a badly damaged model whose gradients mislead). Each
+target's map is derived from its final probabilities: the allocation values ``-log p_gk`` (the map
+of largest joint probability) are handed to :func:`search.allocate.allocate` under the target (plus
+the other limits of the budget and the structural pruning limits), so every map meets its target
+exactly (the *repair* of the argmax). When the budget limits the swept metric, one more map is
+allocated at the budget with the probabilities of the run whose target is nearest to it.
+
+Options (``SearchOptions.method_options["dnas"]``, see :class:`DNASOptions`).
+Progress goes to ``on_progress("dnas", fraction, message)``; ``should_stop()`` is checked between
+steps and raises :class:`~search.errors.CanceledError`. The model is left exactly as found: weights
+untouched, ``requires_grad`` flags and the training flag restored, no parametrization installed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from search import allocate as alloc
+from search import quant
+from search.adapter import ModelAdapter, _is_conv1d
+from search.cost import CostModel
+from search.data import TokenizedBatch
+from search.errors import CanceledError, InfeasibleBudgetError, InvalidInputError
+from search.result import Budget
+from search.sensitivity import ProgressFn, StopFn
+from search.space import BitOption, Member, PrecisionMap, SearchSpace
+from search.tasks import Task, discrepancy, model_output
+
+if TYPE_CHECKING:  # pragma: no cover
+    from search.pipeline import Candidate, Search
+
+__all__ = [
+    "DNAS",
+    "DNASOptions",
+    "DNASResult",
+    "TargetRun",
+    "default_targets",
+    "dnas_candidates",
+    "run_dnas",
+]
+
+LossKind = Literal["auto", "task", "kd", "task+kd"]
+#: allocation values are capped here (a probability of e^-50 is as good as impossible)
+_MAX_VALUE = 50.0
+#: added to the task loss before its log (a loss of exactly 0 has no direction)
+_LOSS_EPS = 1e-12
+#: the largest exchange rate the dual ascent may reach
+_MAX_LAMBDA = 1e4
+
+
+@dataclass(frozen=True)
+class DNASOptions:
+    """How the DNAS search runs (``SearchOptions.method_options["dnas"]``).
+
+    * ``targets``: absolute targets of the swept metric (``size_bytes``, ``avg_bits``, ``bops`` or
+      ``latency_ms``, in the :class:`~search.result.Cost` units); None: ``target_fractions`` of the
+      range from the smallest achievable cost to the cost of every group at its widest integer
+      option (see :func:`default_targets`).
+    * ``steps``: steps of the first (largest) target; ``steps_next``: of each later, warm-started
+      target. None: derived from ``epochs`` (total passes over the calibration micro-batches, all
+      targets together; the first target gets twice the share of a later one), at least
+      ``min_steps`` each.
+    * ``batch_size``: calibration batches are split into micro-batches of at most this many
+      sequences (None: kept as they are).
+    * ``arch_lr``: Adam step of the logits; ``tau_start`` / ``tau_end``: Gumbel-softmax temperature,
+      annealed geometrically within each target; ``resource_weight``: lambda of the hinge.
+    * ``loss``: ``auto`` (task loss when the batches carry labels, else distillation), ``task``,
+      ``kd``, ``task+kd``.
+    * ``train_weights``: alternate weight steps (``weight_lr``, straight-through rounding) with
+      logit steps; ``lsq``: learn the per-row quantizer step sizes too (``scale_lr``, log space).
+    """
+
+    targets: tuple[float, ...] | None = None
+    target_fractions: tuple[float, ...] = (0.6, 0.4, 0.25, 0.15, 0.08, 0.02)
+    steps: int | None = None
+    steps_next: int | None = None
+    epochs: float = 2.5
+    min_steps: int = 6
+    batch_size: int | None = 8
+    arch_lr: float = 0.2
+    tau_start: float = 1.0
+    tau_end: float = 0.2
+    resource_weight: float = 2.0
+    dual_lr: float = 0.5
+    resource_floor: float = 0.05
+    loss: LossKind = "auto"
+    train_weights: bool = False
+    weight_lr: float = 1e-5
+    lsq: bool = False
+    scale_lr: float = 1e-3
+
+    def __post_init__(self) -> None:
+        f = "method_options.dnas"
+        if self.targets is not None:
+            try:
+                targets = tuple(float(t) for t in self.targets)
+            except (TypeError, ValueError):
+                raise InvalidInputError("targets must be a list of numbers", field=f"{f}.targets") from None
+            if not targets or any(not math.isfinite(t) or t <= 0 for t in targets):
+                raise InvalidInputError("targets must be positive numbers", field=f"{f}.targets")
+            object.__setattr__(self, "targets", targets)
+        try:
+            fracs = tuple(float(t) for t in self.target_fractions)
+        except (TypeError, ValueError):
+            raise InvalidInputError("target_fractions must be numbers", field=f"{f}.target_fractions") from None
+        if not fracs or any(not 0 < t <= 1 for t in fracs):
+            raise InvalidInputError("target_fractions must lie in (0, 1]", field=f"{f}.target_fractions")
+        object.__setattr__(self, "target_fractions", fracs)
+        for name in ("steps", "steps_next", "batch_size"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise InvalidInputError(f"{name} must be a positive integer", field=f"{f}.{name}")
+        if isinstance(self.min_steps, bool) or not isinstance(self.min_steps, int) or self.min_steps < 1:
+            raise InvalidInputError("min_steps must be a positive integer", field=f"{f}.min_steps")
+        for name in ("epochs", "arch_lr", "tau_start", "tau_end", "weight_lr", "scale_lr"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
+                raise InvalidInputError(f"{name} must be a positive number", field=f"{f}.{name}")
+        for name in ("resource_weight", "dual_lr", "resource_floor"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+                raise InvalidInputError(f"{name} must be a non-negative number", field=f"{f}.{name}")
+        if self.loss not in ("auto", "task", "kd", "task+kd"):
+            raise InvalidInputError("loss must be 'auto', 'task', 'kd' or 'task+kd'", field=f"{f}.loss")
+        for name in ("train_weights", "lsq"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidInputError(f"{name} must be true or false", field=f"{f}.{name}")
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any] | None) -> DNASOptions:
+        data = dict(data or {})
+        known = {x.name for x in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InvalidInputError(
+                f"unknown dnas option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}",
+                field="method_options.dnas",
+            )
+        for k in ("targets", "target_fractions"):
+            if data.get(k) is not None and not isinstance(data[k], str | bytes):
+                try:
+                    data[k] = tuple(data[k])
+                except TypeError:
+                    pass
+        return cls(**data)
+
+
+@dataclass
+class TargetRun:
+    """One target of the front: its steps, how the expected cost moved, and the map derived."""
+
+    target: float
+    steps: int
+    expected_cost_start: float
+    expected_cost_end: float
+    task_loss_start: float
+    task_loss_end: float
+    probabilities: list[np.ndarray]
+    precision_map: PrecisionMap | None = None
+    allocation: alloc.Allocation | None = None
+
+
+@dataclass
+class DNASResult:
+    """Every target's run, the candidate maps (deduplicated), the swept metric and the time taken."""
+
+    metric: str
+    runs: list[TargetRun]
+    candidates: list[Candidate]
+    seconds: float
+    steps: int
+    micro_batches: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _split(batches: Sequence[TokenizedBatch], size: int | None) -> list[TokenizedBatch]:
+    if size is None:
+        return list(batches)
+    out = []
+    for b in batches:
+        n = len(b)
+        for s in range(0, n, size):
+            out.append(
+                TokenizedBatch(
+                    b.input_ids[s : s + size],
+                    b.attention_mask[s : s + size],
+                    None if b.labels is None else b.labels[s : s + size],
+                )
+            )
+    return out
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+class _Forward(nn.Module):
+    """``model_output`` of the wrapped model, so that :func:`torch.func.functional_call` can swap its
+    matrices (parameter names ``inner.<module>.weight``) for one call without touching the model."""
+
+    def __init__(self, model: nn.Module, task: Task) -> None:
+        super().__init__()
+        self.inner = model
+        self.task = task
+
+    def forward(self, batch: TokenizedBatch) -> torch.Tensor:
+        return model_output(self.inner, batch, self.task)
+
+
+@dataclass
+class _MemberState:
+    group: int
+    member: Member
+    base: torch.Tensor  # [r, c] float32 original slice (constant)
+    int_idx: list[int]  # option indices of quantized versions (integer or float16), in stack order
+    stack: torch.Tensor | None  # [Kq, r, c] quantized versions (constant; None when recomputed)
+    full_idx: int | None  # option index of 32 bits
+    pruned_idx: int | None
+    shadow: torch.Tensor | None = None  # trainable copy of ``base``
+    qparams: list[tuple[BitOption, torch.Tensor, torch.Tensor, int, int]] = field(default_factory=list)
+    log_scales: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class _ModulePlan:
+    name: str
+    param_name: str
+    conv: bool
+    weight: torch.Tensor  # [out, in] view of the original weight (detached)
+    bias: torch.Tensor | None
+    bias_name: str | None
+    pieces: list[tuple[str, int, int, int]]  # (axis, start, stop, member index)
+
+
+# ------------------------------------------------------------------------------------------------
+# The search
+
+
+class DNAS:
+    """A differentiable search over ``space`` on ``model`` (see the module docstring).
+
+    Construct, call :meth:`run_target` for each target (warm-started from the previous), read
+    :meth:`probabilities`, and :meth:`close` (or use as a context manager) to restore the model's
+    ``requires_grad`` flags and training mode.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: ModelAdapter,
+        space: SearchSpace,
+        cost_model: CostModel,
+        task: Task,
+        batches: Sequence[TokenizedBatch],
+        *,
+        metric: str,
+        options: DNASOptions | None = None,
+        seed: int = 0,
+        clip: str = "mse",
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.model = model
+        self.adapter = adapter
+        self.space = space
+        self.cost_model = cost_model
+        self.task = task
+        self.options = options or DNASOptions()
+        self.metric = metric
+        self.clip = clip
+        self.device = torch.device(device)
+        self.batches = _split(batches, self.options.batch_size)
+        if not self.batches:
+            raise InvalidInputError("no calibration data", field="calibration_size")
+        costs = cost_model.group_costs()
+        if metric not in costs:
+            raise InvalidInputError(f"unknown cost metric {metric!r}", field="metric")
+        self.costs = [torch.tensor(np.asarray(c), dtype=torch.float64, device=self.device) for c in costs[metric]]
+        self.offset = float(cost_model.offsets()[metric])
+        self.generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        self.logits = [torch.zeros(len(o), dtype=torch.float32, device=self.device) for o in space.options]
+        for lg in self.logits:
+            lg.requires_grad_(True)
+        has_labels = all(b.labels is not None for b in self.batches)
+        kind = self.options.loss
+        if kind == "auto":
+            kind = "task" if (task == "sequence_classification" and has_labels) else "kd"
+        if "task" in kind and task == "sequence_classification" and not has_labels:
+            raise InvalidInputError("the task loss needs labels in the calibration data", field="method_options.dnas.loss")
+        if "task" in kind and task == "embeddings":
+            raise InvalidInputError("embeddings have no task loss: use loss 'kd'", field="method_options.dnas.loss")
+        self.loss_kind = kind
+        self._flags = [(p, p.requires_grad) for p in model.parameters()]
+        self._training = model.training
+        self._closed = False
+        model.eval()
+        for p, _ in self._flags:
+            p.requires_grad_(False)
+        try:
+            self._forward = _Forward(model, task)
+            self.refs: list[torch.Tensor | None] = [None] * len(self.batches)
+            if "kd" in kind:
+                with torch.no_grad():
+                    self.refs = [model_output(model, b, task) for b in self.batches]
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        self._batch_pos = 0
+        self.lam = float(self.options.resource_weight)
+
+    # -- setup --------------------------------------------------------------------------------
+    def _build(self) -> None:
+        learn = self.options.train_weights or self.options.lsq
+        self.members: list[_MemberState] = []
+        by_module: dict[str, list[int]] = {}
+        for gi, (g, opts) in enumerate(zip(self.space.groups, self.space.options, strict=True)):
+            for m in g.members:
+                base = self.adapter.member_slice(m).detach().to(torch.float32)
+                int_idx = [k for k, o in enumerate(opts) if 0 < o.bits < 32]
+                full = next((k for k, o in enumerate(opts) if o.bits == 32), None)
+                pruned = next((k for k, o in enumerate(opts) if o.pruned), None)
+                st = _MemberState(gi, m, base, int_idx, None, full, pruned)
+                if learn:
+                    st.shadow = base.clone().requires_grad_(self.options.train_weights)
+                    for k in int_idx:
+                        o = opts[k]
+                        if o.bits == 16:
+                            st.qparams.append((o, torch.empty(0), torch.empty(0), 0, 0))
+                            st.log_scales.append(torch.empty(0))
+                            continue
+                        qp = quant.choose_qparams(base, o.bits, symmetric=o.symmetric, clip=self.clip)  # type: ignore[arg-type]
+                        st.qparams.append((o, qp.scale, qp.zero_point.to(torch.float32), qp.qmin, qp.qmax))
+                        st.log_scales.append(qp.scale.log().clone().requires_grad_(self.options.lsq))
+                elif int_idx:
+                    st.stack = torch.stack(
+                        [
+                            quant.fake_quantize(base, opts[k].bits, symmetric=opts[k].symmetric, clip=self.clip)  # type: ignore[arg-type]
+                            for k in int_idx
+                        ]
+                    )
+                by_module.setdefault(m.module, []).append(len(self.members))
+                self.members.append(st)
+        self.plans: list[_ModulePlan] = []
+        for name, idxs in by_module.items():
+            module = self.adapter.module(name)
+            conv = _is_conv1d(module)
+            b = getattr(module, "bias", None)
+            pieces = [(self.members[i].member.axis, self.members[i].member.start,
+                       int(self.members[i].member.stop or 0), i) for i in idxs]
+            self.plans.append(
+                _ModulePlan(
+                    name=name,
+                    param_name=f"inner.{name}.weight",
+                    conv=conv,
+                    weight=self.adapter.weight(name).detach(),
+                    bias=b.detach() if isinstance(b, torch.Tensor) else None,
+                    bias_name=f"inner.{name}.bias" if isinstance(b, torch.Tensor) else None,
+                    pieces=pieces,
+                )
+            )
+
+    def trainable(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The shadow weights and the log step sizes that are trained (empty unless asked for)."""
+        ws = [m.shadow for m in self.members if m.shadow is not None and m.shadow.requires_grad]
+        ss = [s for m in self.members for s in m.log_scales if s.requires_grad]
+        return ws, ss
+
+    # -- the mixture --------------------------------------------------------------------------
+    def _versions(self, st: _MemberState) -> torch.Tensor | None:
+        if st.stack is not None or not st.int_idx:
+            return st.stack
+        w = st.shadow if st.shadow is not None else st.base
+        outs = []
+        for (o, _s0, zp, qmin, qmax), ls in zip(st.qparams, st.log_scales, strict=True):
+            if o.bits == 16:
+                outs.append(w + (w.half().to(w.dtype) - w).detach())
+                continue
+            s = ls.exp()[:, None]
+            q = torch.clamp(_round_ste(w / s) + zp[:, None], qmin, qmax)
+            outs.append((q - zp[:, None]) * s)
+        return torch.stack(outs)
+
+    def _member_weight(self, st: _MemberState, y: torch.Tensor) -> torch.Tensor:
+        w = st.shadow if st.shadow is not None else st.base
+        out: torch.Tensor | None = None
+        versions = self._versions(st)
+        if versions is not None:
+            coef = y[st.int_idx]
+            out = torch.tensordot(coef, versions, dims=1)
+        if st.full_idx is not None:
+            term = y[st.full_idx] * w
+            out = term if out is None else out + term
+        if out is None:  # only pruning allowed
+            out = torch.zeros_like(w) * y.sum()
+        return out
+
+    def _overrides(self, ys: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        mixed = [self._member_weight(st, ys[st.group]) for st in self.members]
+        out: dict[str, torch.Tensor] = {}
+        for plan in self.plans:
+            w = self._assemble(plan.weight, [(a, s, e, mixed[i]) for a, s, e, i in plan.pieces])
+            out[plan.param_name] = w.t() if plan.conv else w
+            if plan.bias is not None and plan.bias_name is not None:
+                bias_pieces = []
+                for a, s, e, i in plan.pieces:
+                    st = self.members[i]
+                    if a == "out" and st.pruned_idx is not None:
+                        bias_pieces.append(("out", s, e, plan.bias[s:e] * (1 - ys[st.group][st.pruned_idx])))
+                if bias_pieces:
+                    out[plan.bias_name] = self._assemble_1d(plan.bias, bias_pieces)
+        return out
+
+    @staticmethod
+    def _assemble(base: torch.Tensor, pieces: list[tuple[str, int, int, torch.Tensor]]) -> torch.Tensor:
+        """The ``[out, in]`` matrix with each piece in place: concatenation along the pieces' axis
+        (gaps from ``base``) when they share one, else out-of-place slice scatters."""
+        axes = {a for a, *_ in pieces}
+        if axes == {"all"} and len(pieces) == 1:
+            return pieces[0][3]
+        if len(axes) == 1 and axes <= {"out", "in"}:
+            dim = 0 if axes == {"out"} else 1
+            parts: list[torch.Tensor] = []
+            pos = 0
+            for _, s, e, t in sorted(pieces, key=lambda p: p[1]):
+                if s < pos:
+                    break
+                if s > pos:
+                    parts.append(base.narrow(dim, pos, s - pos))
+                parts.append(t)
+                pos = e
+            else:
+                if pos < base.shape[dim]:
+                    parts.append(base.narrow(dim, pos, base.shape[dim] - pos))
+                return torch.cat(parts, dim=dim)
+        out = base
+        for a, s, e, t in pieces:
+            if a == "all":
+                out = t
+            else:
+                out = torch.slice_scatter(out, t, dim=0 if a == "out" else 1, start=s, end=e)
+        return out
+
+    @staticmethod
+    def _assemble_1d(base: torch.Tensor, pieces: list[tuple[str, int, int, torch.Tensor]]) -> torch.Tensor:
+        out = base
+        for _, s, e, t in pieces:
+            out = torch.slice_scatter(out, t, dim=0, start=s, end=e)
+        return out
+
+    # -- quantities -----------------------------------------------------------------------------
+    def probabilities(self) -> list[np.ndarray]:
+        """``softmax(a_g)`` of every group, in ``space.options`` order."""
+        with torch.no_grad():
+            return [torch.softmax(lg.double(), 0).cpu().numpy() for lg in self.logits]
+
+    def _expected_cost(self) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for lg, c in zip(self.logits, self.costs, strict=True):
+            total = total + (torch.softmax(lg.double(), 0) * c).sum()
+        return total + self.offset
+
+    def expected_cost(self) -> float:
+        """``E[cost]`` of the swept metric under the current probabilities (offsets included)."""
+        with torch.no_grad():
+            return float(self._expected_cost())
+
+    def _sample(self, tau: float) -> list[torch.Tensor]:
+        ys = []
+        for lg in self.logits:
+            u = torch.rand(lg.shape, generator=self.generator, dtype=torch.float32).clamp_(1e-10, 1 - 1e-7)
+            gumbel = (-torch.log(-torch.log(u))).to(lg.device)
+            ys.append(torch.softmax((lg + gumbel) / tau, 0))
+        return ys
+
+    def _task_loss(self, out: torch.Tensor, i: int) -> torch.Tensor:
+        b = self.batches[i]
+        terms = []
+        if "task" in self.loss_kind:
+            if self.task == "sequence_classification":
+                terms.append(F.cross_entropy(out, b.labels))  # type: ignore[arg-type]
+            else:  # causal_lm: next-token cross-entropy over real tokens
+                logits = out[:, :-1]
+                target = b.input_ids[:, 1:]
+                mask = b.attention_mask[:, 1:].reshape(-1).bool()
+                nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
+                terms.append(nll[mask].mean())
+        if "kd" in self.loss_kind:
+            ref = self.refs[i]
+            assert ref is not None  # noqa: S101 - built in __init__ whenever kd is used
+            terms.append(discrepancy(ref, out, b, self.task).mean().float())
+        return terms[0] if len(terms) == 1 else terms[0] + terms[1]
+
+    def step(self, *, tau: float, target: float, update: Literal["arch", "weights"], optimizer: torch.optim.Optimizer
+             ) -> tuple[float, float]:
+        """One step on the next micro-batch; returns (task loss, expected cost before the step)."""
+        i = self._batch_pos % len(self.batches)
+        self._batch_pos += 1
+        ys = self._sample(tau)
+        out = torch.func.functional_call(self._forward, self._overrides(ys), (self.batches[i],), strict=False)
+        task_loss = self._task_loss(out, i)
+        e_cost = self._expected_cost()
+        loss = task_loss
+        if update == "arch":
+            # log form: the exchange rate between relative loss and relative cost is resource_weight
+            loss = torch.log(task_loss + _LOSS_EPS)
+            log_ratio = torch.log(e_cost / target).float()
+            if self.options.resource_weight > 0:
+                loss = loss + self.lam * torch.relu(log_ratio)
+            if self.options.resource_floor > 0:
+                loss = loss + self.options.resource_floor * log_ratio
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if update == "arch" and self.options.dual_lr > 0:
+            # dual ascent on the exchange rate: it grows while E[cost] stays above the target
+            ratio = math.log(float(e_cost.detach()) / target)
+            self.lam = min(_MAX_LAMBDA, max(self.options.resource_weight, self.lam * math.exp(self.options.dual_lr * ratio)))
+        return float(task_loss.detach()), float(e_cost.detach())
+
+    def run_target(
+        self,
+        target: float,
+        steps: int,
+        *,
+        on_step: Any = None,
+        should_stop: StopFn | None = None,
+    ) -> TargetRun:
+        """``steps`` steps toward ``target`` from the current logits (warm start)."""
+        if self._closed:
+            raise InvalidInputError("this DNAS search is closed", field="dnas")
+        o = self.options
+        arch_opt = torch.optim.Adam(self.logits, lr=o.arch_lr, betas=(0.9, 0.95))
+        ws, ss = self.trainable()
+        groups = []
+        if ws:
+            groups.append({"params": ws, "lr": o.weight_lr})
+        if ss:
+            groups.append({"params": ss, "lr": o.scale_lr})
+        weight_opt = torch.optim.Adam(groups) if groups else None
+        e_start = self.expected_cost()
+        first_loss = last_loss = float("nan")
+        for s in range(steps):
+            if should_stop is not None and should_stop():
+                raise CanceledError("dnas search canceled")
+            tau = o.tau_start * (o.tau_end / o.tau_start) ** (s / max(1, steps - 1))
+            update: Literal["arch", "weights"] = "weights" if (weight_opt is not None and s % 2 == 0) else "arch"
+            loss, _ = self.step(tau=tau, target=target, update=update,
+                                optimizer=weight_opt if update == "weights" else arch_opt)  # type: ignore[arg-type]
+            if s == 0:
+                first_loss = loss
+            last_loss = loss
+            if on_step is not None:
+                on_step(s + 1, steps, loss)
+        return TargetRun(
+            target=float(target),
+            steps=steps,
+            expected_cost_start=e_start,
+            expected_cost_end=self.expected_cost(),
+            task_loss_start=first_loss,
+            task_loss_end=last_loss,
+            probabilities=self.probabilities(),
+        )
+
+    def close(self) -> None:
+        """Restore the model's ``requires_grad`` flags and training mode (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        for p, flag in self._flags:
+            p.requires_grad_(flag)
+        self.model.train(self._training)
+
+    def __enter__(self) -> DNAS:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# The front
+
+
+def _values(probs: list[np.ndarray], space: SearchSpace) -> list[np.ndarray]:
+    """Allocation values ``-log P_g(bits <= b_k)``: minus the log of the probability mass at or below
+    each option's precision (options in order of bits, as the space sorts them)."""
+    out = []
+    for p, opts in zip(probs, space.options, strict=True):
+        order = np.argsort([o.bits for o in opts], kind="stable")
+        cdf = np.empty(len(p))
+        cdf[order] = np.cumsum(p[order])
+        out.append(np.minimum(-np.log(np.clip(cdf, 1e-300, 1.0)), _MAX_VALUE).clip(min=0.0))
+    return out
+
+
+def default_targets(problem: alloc.Problem, space: SearchSpace, metric: str, fractions: Sequence[float]) -> list[float]:
+    """Targets of ``metric`` at ``fractions`` of the quantization range, largest first: from every
+    group at its narrowest integer option (the 2-bit end; pruning then trades against bits inside
+    the range) to every group at its widest integer option (groups without an integer option: at
+    their cheapest and dearest options)."""
+
+    def at(pick: Any) -> float:
+        idx = []
+        for opts in space.options:
+            ints = [k for k, o in enumerate(opts) if o.is_integer] or list(range(len(opts)))
+            idx.append(pick(ints, key=lambda k, opts=opts: opts[k].bits))
+        return problem.cost_of(np.array(idx, dtype=np.int64))[metric]
+
+    lo = max(at(min), problem.smallest(metric))
+    hi = at(max)
+    if hi <= lo:
+        hi = problem.cost_of(np.array([len(o) - 1 for o in space.options], dtype=np.int64))[metric]
+    ts = sorted({lo + (hi - lo) * f for f in fractions}, reverse=True)
+    return [t for t in ts if t > lo] or [hi]
+
+
+def _steps_plan(o: DNASOptions, n_targets: int, n_batches: int) -> list[int]:
+    total = o.epochs * n_batches
+    share = total / (n_targets + 1)  # the first target counts twice
+    first = o.steps if o.steps is not None else max(o.min_steps, round(2 * share))
+    nxt = o.steps_next if o.steps_next is not None else max(o.min_steps, round(share))
+    if o.steps is not None and o.steps_next is None:
+        nxt = max(1, o.steps // 2)
+    return [first] + [nxt] * (n_targets - 1)
+
+
+def run_dnas(
+    search: Search,
+    *,
+    options: DNASOptions | None = None,
+    on_progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+) -> DNASResult:
+    """The DNAS front of a live :class:`~search.pipeline.Search` (see the module docstring)."""
+    from search.pipeline import Candidate, _in_budget_units, build_problem, sweep_metric
+
+    t0 = time.perf_counter()
+    o = options or DNASOptions.from_mapping(search.options.method_options.get("dnas"))
+    report = on_progress or (lambda stage, frac, msg: None)
+    budget: Budget = search.options.budget
+    metric = sweep_metric(budget)
+    limits = budget.limits()
+    problem0, plimits = build_problem(search.space, search.cost_model, None)
+    extra = {k: v for k, v in limits.items() if k != metric}
+    extra.update(plimits)
+    targets = list(o.targets) if o.targets is not None else default_targets(
+        problem0, search.space, metric, o.target_fractions
+    )
+    targets = sorted(targets, reverse=True)
+    report("dnas", 0.0, f"dnas: {len(targets)} targets of {metric}")
+    dn = DNAS(
+        search.model, search.adapter, search.space, search.cost_model, search.task, search.calibration,
+        metric=metric, options=o, seed=search.options.seed, clip=search.options.clip, device=search.device,
+    )
+    runs: list[TargetRun] = []
+    try:
+        plan = _steps_plan(o, len(targets), len(dn.batches))
+        total = sum(plan)
+        done = 0
+        for ti, (target, steps) in enumerate(zip(targets, plan, strict=True)):
+            def on_step(s: int, n: int, loss: float, ti: int = ti, base: int = done) -> None:
+                report("dnas", (base + s) / total,
+                       f"dnas target {ti + 1}/{len(targets)} ({metric} {targets[ti]:.4g}): step {s}/{n}, loss {loss:.4g}")
+
+            runs.append(dn.run_target(target, steps, on_step=on_step, should_stop=should_stop))
+            done += steps
+    finally:
+        dn.close()
+
+    cands: list[Candidate] = []
+    seen: set[PrecisionMap] = set()
+
+    def derive(probs: list[np.ndarray], lims: dict[str, float], label: str) -> alloc.Allocation | None:
+        problem = alloc.Problem(values=_values(probs, search.space), weights=problem0.weights, offsets=problem0.offsets,
+                                names=problem0.names)
+        try:
+            a = alloc.allocate(problem, {**lims, **plimits})
+        except InfeasibleBudgetError:
+            return None
+        pmap = search.space.from_choices(a.choices)
+        if pmap not in seen:
+            seen.add(pmap)
+            cands.append(Candidate(pmap, "dnas", float(a.objective), dict(a.limits), label, bool(a.exact), float(a.gap)))
+        return a
+
+    if metric in limits and runs:
+        nearest = min(runs, key=lambda r: abs(math.log(r.target / limits[metric])))
+        try:
+            if derive(nearest.probabilities, limits, "budget") is None:
+                alloc.allocate(problem0, {**limits, **plimits})
+        except InfeasibleBudgetError as exc:
+            raise _in_budget_units(exc) from None
+    for r in runs:
+        a = derive(r.probabilities, {**extra, metric: r.target}, f"target {r.target:.4g}")
+        if a is not None:
+            r.allocation = a
+            r.precision_map = search.space.from_choices(a.choices)
+    seconds = time.perf_counter() - t0
+    search.timings["search:dnas"] = seconds
+    return DNASResult(
+        metric=metric, runs=runs, candidates=cands, seconds=seconds, steps=sum(r.steps for r in runs),
+        micro_batches=len(dn.batches), info={"loss": dn.loss_kind, "targets": targets},
+    )
+
+
+def dnas_candidates(
+    search: Search, *, on_progress: ProgressFn | None = None, should_stop: StopFn | None = None
+) -> list[Candidate]:
+    """``EXTRA_METHODS["dnas"]``: the DNAS front's maps, for the pipeline to evaluate."""
+    return run_dnas(search, on_progress=on_progress, should_stop=should_stop).candidates
+
+
+def _register() -> None:
+    from search.pipeline import EXTRA_METHODS
+
+    EXTRA_METHODS.setdefault("dnas", dnas_candidates)
+
+
+_register()

@@ -1,0 +1,218 @@
+"""DNAS on real tiny models: the mixture against the pipeline's own quantized model, a planted redundant
+and a planted critical group, budgets met exactly, the resource term, determinism, the model left as
+found, cancellation, options, and the whole pipeline with KL and DNAS together."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.utils import parametrize
+
+from search.dnas import DNAS, DNASOptions, run_dnas
+from search.errors import CanceledError, InvalidInputError
+from search.local import DataOptions, prepare
+from search.pipeline import SearchOptions
+from search.result import Budget
+from search.tasks import model_output
+from tests.tiny import build_model
+
+SPACE = dict(granularity="group", bits=(0, 2, 4, 8), ffn_block_size=32)
+
+
+def _data(sentiment_file, **kw):
+    base = dict(source=str(sentiment_file), label_field="label", calibration=32, evaluation=32, max_length=16,
+                batch_size=16)
+    base.update(kw)
+    return DataOptions(**base)
+
+
+def _search(model_dir, sentiment_file, *, budget=None, dnas=None, methods=("dnas",), seed=0, task=None, label="label"):
+    opts = SearchOptions(methods=methods, budget=budget or Budget(), seed=seed, front_points=4,
+                         method_options={"dnas": dnas or {}}, **SPACE)
+    return prepare(model_dir, _data(sentiment_file, label_field=label), opts, task=task, device="cpu")
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same_state(model, saved) -> bool:
+    now = model.state_dict()
+    return now.keys() == saved.keys() and all(torch.equal(now[k], saved[k]) for k in saved)
+
+
+def _plant(model):
+    """Head 0 of block 0 made redundant (its output-projection columns are zero, so nothing it
+    computes reaches the output); head 2 of block 1 made critical (its output scaled by 10, so it
+    dominates the residual stream after it)."""
+    hd = model.config.hidden_size // model.config.num_attention_heads
+    with torch.no_grad():
+        model.bert.encoder.layer[0].attention.output.dense.weight[:, 0:hd] = 0.0
+        model.bert.encoder.layer[1].attention.output.dense.weight[:, 2 * hd : 3 * hd] *= 10.0
+
+
+@pytest.mark.parametrize("arch,task", [("bert", "sequence_classification"), ("gpt2", "causal_lm")])
+def test_one_hot_mixture_is_the_quantized_model_the_pipeline_evaluates(tmp_path, sentiment_file, arch, task):
+    folder = build_model(tmp_path / arch, arch, task=task, layers=1, hidden=16, heads=2, intermediate=32)
+    label = "label" if task == "sequence_classification" else None
+    search = _search(folder, sentiment_file, task=task, label=label)
+    space = search.space
+    rng = np.random.default_rng(0)
+    choices = [int(rng.integers(len(o))) for o in space.options]
+    choices[0] = space.options[0].index(next(o for o in space.options[0] if o.pruned))  # one pruned group at least
+    pmap = space.from_choices(choices)
+    batch = search.calibration[0]
+    with DNAS(search.model, search.adapter, space, search.cost_model, search.task, search.calibration,
+              metric="size_bytes", options=DNASOptions(batch_size=None, loss="kd")) as dn:
+        ys = [torch.nn.functional.one_hot(torch.tensor(c), len(o)).float() for c, o in zip(choices, space.options, strict=True)]
+        with torch.no_grad():
+            mixed = torch.func.functional_call(dn._forward, dn._overrides(ys), (batch,))
+    with search.adapter.quantized(pmap, space):
+        with torch.no_grad():
+            expected = model_output(search.model, batch, search.task)
+    with torch.no_grad():
+        full = model_output(search.model, batch, search.task)
+    changed = float((full - expected).abs().max())
+    assert changed > 0  # the map does change the output ...
+    assert float((mixed - expected).abs().max()) <= 1e-3 * changed  # ... and the mixture changes it the same way
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_prunes_the_redundant_group_and_gives_the_critical_group_the_most_bits(trained_bert, sentiment_file, seed):
+    search = _search(trained_bert, sentiment_file, budget=Budget(max_avg_bits=4.0), seed=seed,
+                     dnas={"targets": (4.0,), "steps": 80, "loss": "kd", "batch_size": None})
+    _plant(search.model)
+    result = run_dnas(search)
+    (run,) = result.runs
+    names = [g.name for g in search.space.groups]
+    redundant = next(n for n in names if n.endswith("layer.0.attention/head0"))
+    critical = next(n for n in names if n.endswith("layer.1.attention/head2"))
+    pmap = run.precision_map
+    assert pmap[redundant].pruned
+    assert pmap[critical].bits == max(o.bits for o in pmap.values())
+    assert pmap[critical].bits >= 8
+    # the probabilities say so too: the redundant group is the surest to be pruned
+    probs = dict(zip(names, run.probabilities, strict=True))
+    assert probs[redundant][0] == max(p[0] for p in probs.values())
+    assert search.cost_model.cost(pmap).avg_bits <= 4.0 + 1e-9
+
+
+def test_maps_meet_their_budgets_and_the_resource_term_moves_the_expected_cost(trained_bert, sentiment_file):
+    search = _search(trained_bert, sentiment_file, budget=Budget(max_size_mb=0.09))
+    result = run_dnas(search)
+    assert result.metric == "size_bytes"
+    targets = [r.target for r in result.runs]
+    assert targets == sorted(targets, reverse=True) and len(targets) >= 4
+    for r in result.runs:
+        assert r.precision_map is not None
+        assert search.cost_model.cost(r.precision_map).size_bytes <= r.target * (1 + 1e-9)
+    first = result.runs[0]
+    assert first.expected_cost_start > first.target
+    assert abs(first.expected_cost_end - first.target) < abs(first.expected_cost_start - first.target)
+    # warm start: each run starts where the previous ended, and the expected cost ends lower for lower targets
+    for a, b in zip(result.runs, result.runs[1:], strict=False):
+        assert b.expected_cost_start == pytest.approx(a.expected_cost_end)
+    assert result.runs[-1].expected_cost_end < first.expected_cost_end
+    assert result.candidates and all(c.method == "dnas" for c in result.candidates)
+    budget_cands = [c for c in result.candidates if c.label == "budget"]
+    assert budget_cands and search.cost_model.cost(budget_cands[0].precision_map).size_bytes <= 0.09e6 * (1 + 1e-9)
+    for c in result.candidates:
+        cost = search.cost_model.cost(c.precision_map)
+        assert all(cost.get(k) <= v * (1 + 1e-9) for k, v in c.budget.items() if not k.startswith("pruned_"))
+
+
+def test_without_resource_pressure_nothing_moves_down(trained_bert, sentiment_file):
+    # the control of the test above: with resource_weight 0 the expected cost does not fall to the target
+    search = _search(trained_bert, sentiment_file,
+                     dnas={"targets": (60_000.0,), "steps": 12, "resource_weight": 0.0, "dual_lr": 0.0, "resource_floor": 0.0})
+    (run,) = run_dnas(search).runs
+    assert run.expected_cost_end > 0.9 * run.expected_cost_start
+
+
+def test_deterministic_and_the_model_is_left_exactly_as_found(trained_bert, sentiment_file):
+    runs = []
+    for _ in range(2):
+        search = _search(trained_bert, sentiment_file, dnas={"steps": 6, "steps_next": 3, "train_weights": True, "lsq": True})
+        model = search.model
+        model.classifier.weight.requires_grad_(False)  # a mix of flags, restored as found
+        model.train()
+        flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        saved = _state(model)
+        result = run_dnas(search)
+        assert _same_state(model, saved)
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+        assert model.training
+        assert all(p.grad is None for p in model.parameters())
+        assert not any(parametrize.is_parametrized(m) for m in model.modules())
+        runs.append(result)
+    a, b = runs
+    assert [c.precision_map for c in a.candidates] == [c.precision_map for c in b.candidates]
+    for ra, rb in zip(a.runs, b.runs, strict=True):
+        for pa, pb in zip(ra.probabilities, rb.probabilities, strict=True):
+            np.testing.assert_array_equal(pa, pb)
+
+
+def test_cancellation_between_steps_leaves_the_model_as_found(trained_bert, sentiment_file):
+    search = _search(trained_bert, sentiment_file, dnas={"steps": 20})
+    saved = _state(search.model)
+    flags = [p.requires_grad for p in search.model.parameters()]
+    calls = {"n": 0}
+    progress = []
+
+    def stop() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 5
+
+    with pytest.raises(CanceledError):
+        run_dnas(search, should_stop=stop, on_progress=lambda s, f, m: progress.append((s, f)))
+    assert calls["n"] == 6
+    assert _same_state(search.model, saved)
+    assert [p.requires_grad for p in search.model.parameters()] == flags
+    assert progress and all(s == "dnas" for s, _ in progress)
+    fracs = [f for _, f in progress]
+    assert fracs == sorted(fracs) and 0 <= fracs[0] and fracs[-1] < 1
+
+
+@pytest.mark.parametrize(
+    "bad,field",
+    [
+        ({"bogus": 1}, "method_options.dnas"),
+        ({"steps": 0}, "method_options.dnas.steps"),
+        ({"targets": (-1.0,)}, "method_options.dnas.targets"),
+        ({"target_fractions": (1.5,)}, "method_options.dnas.target_fractions"),
+        ({"loss": "mse"}, "method_options.dnas.loss"),
+        ({"arch_lr": float("nan")}, "method_options.dnas.arch_lr"),
+        ({"train_weights": "yes"}, "method_options.dnas.train_weights"),
+    ],
+)
+def test_bad_options_name_the_field(bad, field):
+    with pytest.raises(InvalidInputError) as err:
+        DNASOptions.from_mapping(bad)
+    assert err.value.field == field
+
+
+def test_task_loss_needs_labels(tmp_path, sentiment_file):
+    folder = build_model(tmp_path / "emb", "bert", task="embeddings", layers=1, hidden=16, heads=2, intermediate=32)
+    search = _search(folder, sentiment_file, task="embeddings", label=None, dnas={"loss": "task"})
+    with pytest.raises(InvalidInputError) as err:
+        run_dnas(search)
+    assert err.value.field == "method_options.dnas.loss"
+    ok = _search(folder, sentiment_file, task="embeddings", label=None, dnas={"steps": 4, "steps_next": 2})
+    result = run_dnas(ok)
+    assert result.info["loss"] == "kd" and result.candidates
+
+
+def test_search_run_with_kl_and_dnas_gives_one_front_of_both(trained_bert, sentiment_file):
+    search = _search(trained_bert, sentiment_file, methods=("kl", "dnas"), budget=Budget(max_avg_bits=4.0),
+                     dnas={"steps": 8, "steps_next": 4})
+    stages = set()
+    result = search.run(on_progress=lambda s, f, m: stages.add(s))
+    methods = {p.method for p in result.points}
+    assert {"kl", "dnas", "uniform"} <= methods
+    assert "dnas" in stages and "search:dnas" in result.timings
+    assert result.front and all(p in result.points for p in result.front)
+    for p in result.points:
+        if p.method == "dnas":
+            assert "accuracy" in p.metrics and p.cost.avg_bits <= max(4.0, p.budget.get("avg_bits", 4.0)) + 1e-9
+    assert any(p.method == "dnas" and p.label == "budget" and p.cost.avg_bits <= 4.0 + 1e-9 for p in result.points)
