@@ -255,8 +255,6 @@ class Search:
         if not evaluation:
             raise InvalidInputError("no evaluation data", field="evaluation_size")
         self.options = options
-        if "dnas" in options.methods:
-            import search.dnas  # noqa: F401  (registers EXTRA_METHODS["dnas"])
         for m in options.methods:
             if m not in SENSITIVITY_METHODS and m not in EXTRA_METHODS:
                 load_method(m)
@@ -445,7 +443,7 @@ class Search:
 #: methods that propose candidates themselves (DNAS, NSGA-II): name -> fn(search, on_progress=, should_stop=) -> candidates
 EXTRA_METHODS: dict[str, Callable[..., list[Candidate]]] = {}
 #: the modules that register the built-in extra methods (imported when a search first asks for one)
-METHOD_MODULES: dict[str, str] = {"nsga2": "search.nsga2"}
+METHOD_MODULES: dict[str, str] = {"nsga2": "search.nsga2", "dnas": "search.dnas"}
 
 
 def load_method(name: str) -> None:
