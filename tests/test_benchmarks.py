@@ -1,0 +1,213 @@
+"""The benchmark harness: the report's helpers against brute force, the report on a synthetic results
+file, and the orchestrator's handling of failing and missing parts."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import report, run
+from search.pareto import hypervolume_2d, pareto_mask
+
+
+def _points(n: int, seed: int) -> list[dict[str, float]]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        bits = rng.choice([2.0, 2.5, 3.0, 4.0, 6.0, 8.0]) + rng.random()
+        out.append({"method": "kl", "size_bytes": 1e6 * bits, "avg_bits": bits,
+                    "metric": round(rng.uniform(0.2, 0.95), 2)})
+    return out
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("hib", [True, False])
+def test_front_and_hypervolume_match_brute_force(seed: int, hib: bool) -> None:
+    pts = _points(30, seed)
+    xy = np.array([[p["size_bytes"], p["metric"]] for p in pts])
+    mask = pareto_mask(xy, (True, not hib))
+    fr = report.front_rows(pts, higher_is_better=hib)
+    assert sorted((p["size_bytes"], p["metric"]) for p in fr) == sorted(map(tuple, xy[mask].tolist()))
+    ref = (xy[:, 0].max() * 1.1, 0.1 if hib else 1.0)
+    expected = hypervolume_2d(xy, ref, (True, not hib))
+    assert report.hypervolume_rows(pts, ref, higher_is_better=hib) == pytest.approx(expected, rel=1e-12)
+
+    # brute force on a grid of unit cells: the dominated area, counted cell by cell
+    small = [{"size_bytes": float(s), "metric": float(m), "avg_bits": 1.0}
+             for s, m in random.Random(seed).sample(list(itertools.product(range(10), range(10))), 6)]
+    area = sum(
+        1
+        for x, y in itertools.product(range(12), range(12))
+        if any(p["size_bytes"] <= x and (p["metric"] >= y + 1 if hib else p["metric"] <= y) for p in small)
+    )
+    ref2 = (12.0, 0.0 if hib else 12.0)
+    assert report.hypervolume_rows(small, ref2, higher_is_better=hib) == pytest.approx(area)
+
+
+def test_metric_at_bits_takes_the_best_point_small_enough() -> None:
+    pts = [
+        {"size_bytes": 8, "avg_bits": 8.0, "metric": 0.95},
+        {"size_bytes": 4, "avg_bits": 4.0, "metric": 0.93},
+        {"size_bytes": 3.5, "avg_bits": 3.5, "metric": 0.94},
+        {"size_bytes": 3, "avg_bits": 3.0, "metric": 0.80},
+        {"size_bytes": 2, "avg_bits": 2.0, "metric": float("nan")},
+    ]
+    assert report.metric_at_bits(pts, 8.0) == 0.95
+    assert report.metric_at_bits(pts, 4.0) == 0.94
+    assert report.metric_at_bits(pts, 3.0) == 0.80
+    assert report.metric_at_bits(pts, 2.5) is None  # the only 2-bit point has no finite metric
+    assert report.metric_at_bits(pts, 4.0, higher_is_better=False) == 0.80
+
+
+def test_compression_within_one_point() -> None:
+    pts = [
+        {"size_bytes": 50e6, "avg_bits": 8.0, "metric": 0.951},
+        {"size_bytes": 40e6, "avg_bits": 4.0, "metric": 0.941},
+        {"size_bytes": 35e6, "avg_bits": 3.0, "metric": 0.939},
+    ]
+    got = report.compression_within(pts, fp32_metric=0.95, fp32_size=90e6)
+    assert got is not None
+    assert got["whole_model"] == pytest.approx(90 / 40)
+    assert got["quantized_weights"] == pytest.approx(8.0)
+    assert got["avg_bits"] == 4.0
+    assert report.compression_within(pts, fp32_metric=0.99, fp32_size=90e6) is None
+    # lower is better: within 0.01 above
+    low = report.compression_within(pts, fp32_metric=0.93, fp32_size=90e6, higher_is_better=False)
+    assert low is not None and low["avg_bits"] == 3.0
+
+
+def test_method_series_adds_refined_points_to_their_method() -> None:
+    pts = [{"method": m, "size_bytes": 1.0, "metric": 0.5} for m in ("uniform", "kl", "kl+refine", "nsga2", "hessian")]
+    series = report.method_series(pts)
+    assert list(series) == ["kl", "kl+refine", "hessian", "nsga2", "uniform"]
+    assert [p["method"] for p in series["kl+refine"]] == ["kl", "kl+refine"]
+
+
+def _synthetic_results() -> dict:
+    def cfg(name: str, include_embeddings: bool) -> dict:
+        pts = []
+        for m, shift in (("kl", 0.0), ("hessian", -0.01), ("nsga2", -0.03)):
+            for bits in (2.0, 2.5, 3.0, 4.0, 6.0, 8.0):
+                pts.append({"method": m, "refined": False, "label": "sweep", "size_bytes": 30e6 + 5e6 * bits,
+                            "avg_bits": bits, "bops": 1.0, "metric": min(0.96, 0.5 + 0.12 * bits) + shift})
+        pts.append({"method": "kl+refine", "refined": True, "label": "refined", "size_bytes": 30e6 + 5e6 * 2.5,
+                    "avg_bits": 2.5, "bops": 1.0, "metric": 0.93})
+        for b in (8, 6, 4, 3, 2):
+            pts.append({"method": "uniform", "refined": False, "label": f"uniform {b}-bit",
+                        "size_bytes": 30e6 + 5e6 * b, "avg_bits": float(b), "bops": 1.0,
+                        "metric": 0.96 if b >= 6 else 0.3 + 0.1 * b})
+        return {
+            "name": name, "model": "bbc", "model_label": "synthetic model", "task": "sequence_classification",
+            "metric": "accuracy", "higher_is_better": True, "granularity": "layer",
+            "include_embeddings": include_embeddings, "groups": 36, "options": ["2s", "3s", "fp32"],
+            "device": "cpu", "calibration_rows": 8, "evaluation_rows": 16, "max_length": 32,
+            "fp32": {"metric": 0.96, "metrics": {"accuracy": 0.96}, "size_bytes": 90e6, "avg_bits": 32.0},
+            "eval_unit_seconds": 1.0,
+            "methods": {"kl": {"units": 12.0, "distinct_maps": 6, "evaluations": 6}},
+            "skipped": {"dnas": "search.dnas is not available"},
+            "refine": {"kl@2.5": {"avg_bits": 2.5, "before": 0.8, "after": 0.93, "steps": 10, "units": 30.0}},
+            "points": pts,
+        }
+
+    return {
+        "schema": 1,
+        "meta": {
+            "started": "2026-01-01T00:00:00+00:00", "mode": "quick", "seed": 0, "git_commit": "abc",
+            "machine": {"cpu_model": "Test CPU", "cores": 2, "platform": "linux", "python": "3.11",
+                        "load_average_start": [7.0, 6.0, 5.0], "load_average_end": [6.5, 6.0, 5.0]},
+            "versions": {"torch": "2.x"}, "device": {"device": "cpu"},
+            "unit_seconds_start": 0.1, "unit_seconds_end": 0.12,
+        },
+        "parts": {
+            "quality": {"status": "ok", "kind": "quality", "seconds": 10.0, "seconds_in_units": 90.0,
+                        "data": {"part": "quality", "device": "cpu",
+                                 "configs": [cfg("bbc-layer", False), cfg("bbc-layer-embeddings", True)]}},
+            "oracle": {"status": "ok", "kind": "oracle", "seconds": 5.0, "data": {
+                "part": "oracle", "device": "cpu", "model": "tiny", "groups": 6, "options_per_group": 4,
+                "bits": [2, 4, 8], "maps": 4096, "evaluation_rows": 64,
+                "methods": {"kl": {"distinct_maps": 9, "hv_fraction_accuracy": 0.97, "hv_fraction_kl": 0.99},
+                            "uniform": {"distinct_maps": 3, "hv_fraction_accuracy": 0.8, "hv_fraction_kl": 0.7}}}},
+            "kl": {"status": "ok", "kind": "cost", "seconds": 3.0, "data": {
+                "groups": 36, "calibration_sequences": 32, "kl_cost": {"seconds_over_one_forward_pass": 40.0,
+                                                                         "naive_units": 181, "ratio_to_naive_time": 0.22,
+                                                                         "ratio_to_naive_blocks": 0.4}}},
+            "allocate": {"status": "ok", "kind": "cost", "seconds": 3.0, "data": {
+                "rows": [{"groups": g, "method": "dp", "seconds": 1e-4 * g} for g in (10, 100, 1000, 10000)]}},
+            "hessian": {"status": "failed", "kind": "cost", "error": "exit status 1", "data": None},
+            "dnas": {"status": "skipped", "kind": "cost", "reason": "benchmarks.bench_dnas does not exist"},
+            "service": {"status": "ok", "kind": "service", "seconds": 20.0, "data": {
+                "targets": {"poll_p99_ms": 50.0}, "args": {"workers": 2},
+                "results": [{"backend": "sqlite", "submit": {"p50_ms": 3.0, "p99_ms": 9.0},
+                             "poll": [{"clients": 8, "per_s": 2000.0, "p50_ms": 3.0, "p99_ms": 11.0, "errors": 0},
+                                      {"clients": 32, "per_s": 1500.0, "p50_ms": 16.0, "p99_ms": 60.0, "errors": 0}]}]}},
+        },
+    }
+
+
+def test_report_renders_every_section_and_plot(tmp_path: Path) -> None:
+    results_file = tmp_path / "results.json"
+    results_file.write_text(json.dumps(_synthetic_results()))
+    docs = tmp_path / "docs"
+    assert report.main(["--results", str(results_file), "--docs", str(docs)]) == 0
+    page = (docs / "benchmarks.md").read_text()
+    for heading in ("# Benchmarks", "## Headline", "## Quality on real models", "## Against the oracle", "## Cost",
+                    "## Service", "## Literature"):
+        assert heading in page
+    for quote in ("2.3%", "13x", "14.9x", "MiniLM", "BERT-base", "GLUE", "post-training"):
+        assert quote in page
+    assert "Quick mode" in page and "Loaded machine" in page
+    assert "Part `hessian` failed: exit status 1" in page
+    assert "benchmarks.bench_dnas does not exist" in page
+    # the kl series: best at <= 2.5 bits is 0.5 + 0.12 * 2.5 = 0.8; with refinement 0.93
+    assert "| bbc-layer | `kl` | 0.960 | 0.960 | 0.960 | 0.860 | 0.800 |" in page
+    assert "| bbc-layer | `kl+refine` | 0.960 | 0.960 | 0.960 | 0.930 | 0.930 |" in page
+    for png in ("quality_bbc-layer.png", "quality_bbc-layer-embeddings.png", "oracle.png", "allocation.png",
+                "service.png"):
+        data = (docs / "img" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
+    # generated from the results only: a second run gives the same page
+    assert report.render(json.loads(results_file.read_text()), docs) == page
+
+
+def test_config_summary_hypervolume_fractions() -> None:
+    rec = _synthetic_results()["parts"]["quality"]["data"]["configs"][0]
+    summ = report.config_summary(rec)
+    fracs = {k: v["hv_fraction"] for k, v in summ["series"].items()}
+    assert all(0 <= f <= 1 + 1e-12 for f in fracs.values())
+    assert fracs["kl+refine"] >= fracs["kl"] > fracs["nsga2"]
+    assert math.isclose(max(fracs.values()), 1.0)  # some series makes the best-known front here
+    assert summ["series"]["uniform"]["within_1pt"]["avg_bits"] == 6.0
+
+
+def test_run_part_records_failures_and_missing_modules(tmp_path: Path) -> None:
+    missing = run.Part("nope", "benchmarks.bench_does_not_exist")
+    rec = run.run_part(missing, quick=True, cache=tmp_path, parts_dir=tmp_path, timeout_s=30)
+    assert rec["status"] == "skipped" and "does not exist" in rec["reason"]
+
+    failing = run.Part("report", "benchmarks.report", args=("--results", str(tmp_path / "absent.json")))
+    rec = run.run_part(failing, quick=False, cache=tmp_path, parts_dir=tmp_path, timeout_s=120)
+    assert rec["status"] == "failed"
+    assert rec["returncode"] not in (0, None)
+    assert "error" in rec["log_tail"]  # the part's own output is kept
+
+
+def test_part_command_passes_quick_cache_and_out(tmp_path: Path) -> None:
+    quality = next(p for p in run.PARTS if p.name == "quality")
+    cmd = run.part_command(quality, quick=True, cache=tmp_path, out=tmp_path / "q.json")
+    assert cmd[1:4] == ["-m", "benchmarks.bench_quality", "--quick"]
+    assert cmd[-4:] == ["--cache", str(tmp_path), "--out", str(tmp_path / "q.json")]
+    service = next(p for p in run.PARTS if p.name == "service")
+    cmd = run.part_command(service, quick=True, cache=tmp_path, out=tmp_path / "s.json")
+    assert "--quick" not in cmd and "--duration" in cmd and "--cache" not in cmd
+
+
+def test_machine_info_and_unit() -> None:
+    info = run.machine_info()
+    assert info["cores"] >= 1 and len(info["load_average_start"]) == 3
+    assert run.work_unit_seconds(repeats=1) > 0
