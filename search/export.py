@@ -254,6 +254,7 @@ def export_artifact(
     metadata: Mapping[str, Any] | None = None,
     model_dir: str | Path | None = None,
     verify: bool = False,
+    qparams: Mapping[str, quant.QParams] | None = None,
 ) -> Path:
     """Write the artifact of ``pmap`` over ``space`` for ``model`` into ``out_dir`` (layout in the
     module docstring) and return the path of ``model.quant.safetensors``.
@@ -265,6 +266,11 @@ def export_artifact(
     ``verify`` quantizes the model a second time with :meth:`ModelAdapter.quantized` and checks every
     stored member against it (twice the time; the exporter uses the very primitives
     :func:`search.quant.fake_quantize` uses, so this guards against the two drifting apart).
+    ``qparams`` overrides the scales (and zero points) of integer members, keyed ``"<group>::<i>"``
+    (the learned step sizes of :func:`search.refine.refine`, whose ``RefineResult.model`` is then the
+    ``model``): those members are quantized with the given parameters instead of the post-training ones;
+    each must match its member's rows, bits and symmetry and hold float16 scales. ``verify`` checks
+    against the post-training quantizer, so it cannot be combined with ``qparams``.
     Raises :class:`InvalidInputError` when the map or the space does not fit the model.
     """
     space = _as_space(space)
@@ -272,6 +278,9 @@ def export_artifact(
     unknown = [k for k in pmap if k not in space._index]
     if unknown:
         raise InvalidInputError(f"the precision map names groups not in the space: {unknown[:3]}", field="precision_map")
+    overrides = _check_qparams(qparams, space, pmap)
+    if overrides and verify:
+        raise InvalidInputError("verify checks the post-training quantizer: it cannot be used with qparams", field="verify")
     if clip not in ("mse", "minmax"):
         raise InvalidInputError(f"clip must be 'mse' or 'minmax', got {clip!r}", field="clip")
     try:
@@ -298,7 +307,11 @@ def export_artifact(
                 continue
             for i, m in enumerate(g.members):
                 block = adapter.member_slice(m).detach()
-                qp = quant.choose_qparams(block, opt.bits, symmetric=opt.symmetric, clip=clip)  # type: ignore[arg-type]
+                qp = overrides.get(_member_key(g.name, i)) or quant.choose_qparams(
+                    block, opt.bits, symmetric=opt.symmetric, clip=clip  # type: ignore[arg-type]
+                )
+                if qp.scale.device != block.device:
+                    qp = quant.QParams(qp.scale.to(block.device), qp.zero_point.to(block.device), qp.bits, qp.symmetric)
                 codes = quant.quantize(block, qp)
                 stored.tensors[_qkey(g.name, i, "codes")] = quant.pack(codes, opt.bits).cpu()
                 scale = qp.scale.detach().cpu()
@@ -379,6 +392,38 @@ def export_artifact(
     shutil.copymode(out / PRECISION_MAP_FILE, target)  # safetensors creates files owner-only
     _write_model_files(model, model_dir, out)
     return target
+
+
+def _member_key(group: str, i: int) -> str:
+    return f"{group}::{i}"
+
+
+def _check_qparams(
+    qparams: Mapping[str, quant.QParams] | None, space: SearchSpace, pmap: PrecisionMap
+) -> dict[str, quant.QParams]:
+    """The ``qparams`` overrides of :func:`export_artifact`, checked against the integer members of ``pmap``."""
+    if not qparams:
+        return {}
+    members = {
+        _member_key(g.name, i): (m, pmap.get(g.name, FULL_PRECISION)) for g in space.groups for i, m in enumerate(g.members)
+    }
+    out: dict[str, quant.QParams] = {}
+    for key, qp in qparams.items():
+        if key not in members:
+            raise InvalidInputError(f"qparams names no member of the space: {key!r}", field="qparams")
+        m, opt = members[key]
+        if not opt.is_integer:
+            raise InvalidInputError(f"qparams given for {key!r}, which the map does not quantize to integers", field="qparams")
+        if not isinstance(qp, quant.QParams) or qp.bits != opt.bits or qp.symmetric != opt.symmetric:
+            raise InvalidInputError(f"qparams of {key!r} do not match its option {opt.key()}", field="qparams")
+        rows = m.out_channels
+        if qp.scale.shape != (rows,) or qp.zero_point.shape != (rows,):
+            raise InvalidInputError(f"qparams of {key!r} have {tuple(qp.scale.shape)} rows, expected {rows}", field="qparams")
+        scale = qp.scale.detach().to(torch.float32)
+        if not bool((scale > 0).all()) or not torch.equal(scale.to(torch.float16).to(torch.float32), scale):
+            raise InvalidInputError(f"qparams of {key!r} must hold positive float16 scales", field="qparams")
+        out[key] = quant.QParams(scale, qp.zero_point.detach().to(torch.int32), qp.bits, qp.symmetric)
+    return out
 
 
 def _verify_against_adapter(

@@ -334,3 +334,42 @@ def test_export_of_a_refined_point_reloads_to_the_same_metric(search, tmp_path):
     assert got == res.metrics
     for k, v in res.state_dict.items():
         assert torch.equal(loaded.state_dict()[k], v), k
+
+
+def test_export_qparams_override_is_checked_and_post_training_qparams_change_nothing(search, tmp_path):
+    export = pytest.importorskip("search.export")
+    if "qparams" not in inspect.signature(export.export_artifact).parameters:
+        pytest.skip("search.export.export_artifact takes no learned qparams yet")
+    from safetensors.torch import load_file
+
+    space, model = search.space, search.model
+    pmap = _hurting_map(search)
+    ptq = {}
+    for g in space.groups:
+        if pmap[g.name].is_integer:
+            for i, m in enumerate(g.members):
+                ptq[f"{g.name}::{i}"] = quant.choose_qparams(search.adapter.member_slice(m).detach(), 2, symmetric=True)
+    plain = load_file(str(export.export_artifact(model, space, pmap, tmp_path / "plain")))
+    same = load_file(str(export.export_artifact(model, space, pmap, tmp_path / "same", qparams=ptq)))
+    assert plain.keys() == same.keys() and all(torch.equal(plain[k], same[k]) for k in plain)
+
+    key = next(iter(ptq))
+    qp = ptq[key]
+    bad = {
+        "no.such/group::0": qp,
+        key: quant.QParams(qp.scale, qp.zero_point, 3, True),
+    }
+    for k, v in bad.items():
+        with pytest.raises(InvalidInputError) as err:
+            export.export_artifact(model, space, pmap, tmp_path / "bad", qparams={k: v})
+        assert err.value.field == "qparams"
+    with pytest.raises(InvalidInputError) as err:
+        export.export_artifact(model, space, pmap, tmp_path / "bad", qparams={key: quant.QParams(qp.scale + 1e-4, qp.zero_point, 2, True)})
+    assert err.value.field == "qparams"
+    pruned = next(g.name for g in space.groups if pmap[g.name].pruned)
+    with pytest.raises(InvalidInputError) as err:
+        export.export_artifact(model, space, pmap, tmp_path / "bad", qparams={f"{pruned}::0": qp})
+    assert err.value.field == "qparams"
+    with pytest.raises(InvalidInputError) as err:
+        export.export_artifact(model, space, pmap, tmp_path / "bad", qparams=ptq, verify=True)
+    assert err.value.field == "verify"
