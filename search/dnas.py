@@ -13,19 +13,26 @@ After "Automatic Mixed-Precision Quantization Search of BERT" (Zhao et al., IJCA
    no copy of the network per choice and nothing written into the model. The K quantized versions
    of a group's weights are constants computed once (weights are small next to activations), so a
    step costs about one forward-backward pass however many options there are.
-2. **Loss.** ``L = L_task + L_res``. ``L_task`` is the task loss when the calibration batches carry
-   labels (cross-entropy for classification), else knowledge distillation from the full-precision
-   outputs computed once at the start (:func:`search.tasks.discrepancy`: KL of the output
-   distribution, per token for causal LMs, ``1 - cosine`` for embeddings); ``loss="task"``/``"kd"``/
-   ``"task+kd"`` choose explicitly. The resource term is a hinge on the *expected* cost under
-   ``p_g = softmax(a_g)`` (the distribution the maps are derived from, no noise):
-   ``L_res = resource_weight * relu(E[cost] / target - 1)``, with ``E[cost] = offset + sum_g p_g . c_g``
-   and ``c_g`` the group's additive costs of the swept metric (:meth:`search.cost.CostModel.group_costs`
-   of :func:`search.pipeline.sweep_metric`). While the expected cost is above the target every logit
-   is pushed toward cheaper options, least hard where the task loss resists; below the target only
-   the task loss acts and gives bits back where they help most, so ``E[cost]`` settles at the target.
-   A hinge (rather than a log-barrier) never rewards going below the target and stays finite when
-   the search starts far above it.
+2. **Loss.** ``L_task`` is the task loss when the calibration batches carry labels (cross-entropy
+   for classification), else knowledge distillation from the full-precision outputs computed once at
+   the start (:func:`search.tasks.discrepancy`: KL of the output distribution, per token for causal
+   LMs, ``1 - cosine`` for embeddings); ``loss="task"``/``"kd"``/``"task+kd"`` choose explicitly. The
+   resource term is a hinge on the *expected* cost under ``p_g = softmax(a_g)`` (the distribution the
+   maps are derived from, no noise), ``E[cost] = offset + sum_g p_g . c_g`` with ``c_g`` the group's
+   additive costs of the swept metric (:meth:`search.cost.CostModel.group_costs` of
+   :func:`search.pipeline.sweep_metric`). The logits minimise
+   ``log(L_task) + lambda * relu(log(E[cost] / target)) + floor * log(E[cost] / target)``
+   (the multiplicative form ``L_task * max(1, E/target)^lambda`` of FBNet, in logs): ``lambda`` is the
+   exchange rate between a relative loss increase and a relative cost decrease whatever the scale of
+   the loss (a KL near 0 or a cross-entropy near 1), so one default fits every task. While the
+   expected cost stays above the target every logit is pushed toward cheaper options, least where the
+   task loss resists, and ``lambda`` grows by dual ascent (``lambda *= exp(dual_lr * log(E/target))``,
+   never below ``resource_weight``) until the target is reached; below it only the task loss (and the
+   weak ``floor``) acts and gives bits back where they help most, so ``E[cost]`` settles near the
+   target. A hinge (rather than a log-barrier) never rewards going below the target and stays finite
+   when the search starts far above it; the weak floor keeps moving the groups the task loss is
+   indifferent to (Adam's steps are full-size even for a tiny gradient when it is the only one) to
+   their cheapest option, which is how redundant groups get pruned.
 3. **Updates.** Adam on the logits. With ``train_weights`` the steps alternate: even steps update
    shadow copies of the group weights (small learning rate, straight-through rounding), odd steps the
    logits; with ``lsq`` the per-row quantizer step sizes are learned too (LSQ, in log space). The model
@@ -39,11 +46,16 @@ first target is the mildest perturbation of the full-precision model, so its gra
 near a good model and its long warm-up learns which groups are sensitive; every later target then
 only has to move further down the same path, which is what a warm start can do in a few steps (going
 up from the cheapest target would start from a badly damaged model whose gradients mislead). Each
-target's map is derived from its final probabilities: the allocation values ``-log p_gk`` (the map
-of largest joint probability) are handed to :func:`search.allocate.allocate` under the target (plus
-the other limits of the budget and the structural pruning limits), so every map meets its target
-exactly (the *repair* of the argmax). When the budget limits the swept metric, one more map is
-allocated at the budget with the probabilities of the run whose target is nearest to it.
+target's map is derived from its final probabilities and repaired to meet the target exactly: the
+allocation values ``-log P_g(bits <= b_k)`` (minus the log of the probability mass at or below each
+option's precision: the chance that option ``k`` suffices, reading ``p_g`` as the belief about the
+cheapest sufficient option) go to :func:`search.allocate.allocate` under the target (plus the other
+limits of the budget and the structural pruning limits). The values never grow with the bits, so a
+map whose argmax falls below the target spends the rest where the search put mass on more bits, and
+one above it gives bits up where the search was least sure they are needed; a one-hot ``p`` gives the
+argmax itself. With ``sweep``, more maps are allocated at no search cost at budgets between the
+targets, each from the run with the nearest target. When the budget limits the swept metric, one more
+map is allocated at the budget with the probabilities of the run whose target is nearest to it.
 
 Options (``SearchOptions.method_options["dnas"]``, see :class:`DNASOptions`).
 Progress goes to ``on_progress("dnas", fraction, message)``; ``should_stop()`` is checked between
@@ -112,19 +124,25 @@ class DNASOptions:
     * ``batch_size``: calibration batches are split into micro-batches of at most this many
       sequences (None: kept as they are).
     * ``arch_lr``: Adam step of the logits; ``tau_start`` / ``tau_end``: Gumbel-softmax temperature,
-      annealed geometrically within each target; ``resource_weight``: lambda of the hinge.
+      annealed geometrically within each target.
     * ``loss``: ``auto`` (task loss when the batches carry labels, else distillation), ``task``,
       ``kd``, ``task+kd``.
     * ``train_weights``: alternate weight steps (``weight_lr``, straight-through rounding) with
       logit steps; ``lsq``: learn the per-row quantizer step sizes too (``scale_lr``, log space).
+    * ``resource_weight``: the exchange rate of the hinge at the start of the search; ``dual_lr``:
+      how fast it grows (multiplicatively) while ``E[cost]`` stays above the target, back down to
+      ``resource_weight`` below it; ``resource_floor``: a weak pressure that acts below the target
+      too, so that groups the task loss is indifferent to still move to their cheapest option.
+    * ``sweep``: also derive ``SearchOptions.front_points`` maps at budgets spread between the
+      smallest and the largest target, each from the probabilities of the run with the nearest target.
     """
 
     targets: tuple[float, ...] | None = None
-    target_fractions: tuple[float, ...] = (0.6, 0.4, 0.25, 0.15, 0.08, 0.02)
+    target_fractions: tuple[float, ...] = (0.5, 0.3, 0.15, 0.05)
     steps: int | None = None
     steps_next: int | None = None
     epochs: float = 2.5
-    min_steps: int = 6
+    min_steps: int = 3
     batch_size: int | None = 8
     arch_lr: float = 0.2
     tau_start: float = 1.0
@@ -137,6 +155,7 @@ class DNASOptions:
     weight_lr: float = 1e-5
     lsq: bool = False
     scale_lr: float = 1e-3
+    sweep: bool = True
 
     def __post_init__(self) -> None:
         f = "method_options.dnas"
@@ -171,7 +190,7 @@ class DNASOptions:
                 raise InvalidInputError(f"{name} must be a non-negative number", field=f"{f}.{name}")
         if self.loss not in ("auto", "task", "kd", "task+kd"):
             raise InvalidInputError("loss must be 'auto', 'task', 'kd' or 'task+kd'", field=f"{f}.loss")
-        for name in ("train_weights", "lsq"):
+        for name in ("train_weights", "lsq", "sweep"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidInputError(f"{name} must be true or false", field=f"{f}.{name}")
 
@@ -748,6 +767,12 @@ def run_dnas(
         if a is not None:
             r.allocation = a
             r.precision_map = search.space.from_choices(a.choices)
+    if o.sweep and len(runs) > 1:
+        # more maps at no search cost: budgets between the targets, from the nearest run's probabilities
+        lo_t, hi_t = min(targets), max(targets)
+        for lim in np.linspace(lo_t, hi_t, search.options.front_points):
+            nearest = min(runs, key=lambda r, lim=lim: abs(math.log(r.target / lim)))
+            derive(nearest.probabilities, {**extra, metric: float(lim)}, "sweep")
     seconds = time.perf_counter() - t0
     search.timings["search:dnas"] = seconds
     return DNASResult(
