@@ -51,6 +51,11 @@ class QualityConfig:
     refine_bits: tuple[float, ...] = (4.0, 3.0, 2.5)
     bits: tuple[int, ...] = (2, 3, 4, 6, 8)
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: another model and data file (tests: a tiny model); ``model`` then only names it
+    model_dir: str | None = None
+    data_file: str | None = None
+    label_field: str | None = "label"
+    task: str = "sequence_classification"
 
 
 MODEL_LABELS = {
@@ -61,13 +66,13 @@ MODEL_LABELS = {
 
 
 def configs_for(quick: bool) -> list[QualityConfig]:
-    """The configurations of a run: fewer methods and no Rotten Tomatoes model in quick mode."""
+    """The configurations of a run. Quick mode: fewer methods, layer granularity only (a group-granularity
+    KL table probes about 250 groups), no Rotten Tomatoes model (its fine-tuning takes minutes)."""
     if quick:
         fast = {"hessian": {"tolerance": 0.25, "min_probes": 2, "max_probes": 6},
                 "dnas": {"epochs": 1.0, "min_steps": 3, "target_fractions": (0.4, 0.2, 0.08)}}
         return [
             QualityConfig("bbc-layer", "bbc", "layer", method_options=fast, refine_bits=(3.0,)),
-            QualityConfig("bbc-group", "bbc", "group", methods=("kl",), refine_methods=()),
             QualityConfig("bbc-layer-embeddings", "bbc", "layer", include_embeddings=True, methods=("kl",),
                           refine_methods=()),
             QualityConfig("embeddings-layer", "embeddings", "layer", methods=("kl",), refine_methods=()),
@@ -114,6 +119,8 @@ def _model(cfg: QualityConfig, cache: Path) -> tuple[Path, Any, str]:
     from benchmarks.assets import bbc_classifier, minilm_dir, rt_classifier
     from search.local import DataOptions
 
+    if cfg.model_dir is not None and cfg.data_file is not None:
+        return Path(cfg.model_dir), DataOptions(source=cfg.data_file, label_field=cfg.label_field), cfg.task
     if cfg.model == "bbc":
         return bbc_classifier(cache), DataOptions(source=str(cache / "bbc_heldout.jsonl"), label_field="label"), \
             "sequence_classification"
@@ -152,8 +159,10 @@ def _progress(prefix: str) -> Any:
     return report
 
 
-def run_config(cfg: QualityConfig, *, cache: Path, quick: bool, seed: int, device: str) -> dict[str, Any]:
-    """Measure one configuration; returns its JSON record."""
+def run_config(cfg: QualityConfig, *, cache: Path, quick: bool, seed: int, device: str,
+               rows: tuple[int, int, int] | None = None) -> dict[str, Any]:
+    """Measure one configuration; returns its JSON record. ``rows``: (calibration, evaluation, max
+    length) instead of the mode's."""
     import torch
 
     from search import pipeline
@@ -162,13 +171,8 @@ def run_config(cfg: QualityConfig, *, cache: Path, quick: bool, seed: int, devic
     from search.space import BitOption
 
     model_dir, data, task = _model(cfg, cache)
-    data = replace(
-        data,
-        calibration=16 if quick else 128,
-        evaluation=128 if quick else 500,
-        max_length=64,
-        batch_size=32,
-    )
+    cal_rows, eval_rows, max_length = rows or ((16, 128, 64) if quick else (128, 500, 64))
+    data = replace(data, calibration=cal_rows, evaluation=eval_rows, max_length=max_length, batch_size=32)
     methods: list[str] = []
     skipped: dict[str, str] = {}
     for m in cfg.methods:
@@ -183,7 +187,7 @@ def run_config(cfg: QualityConfig, *, cache: Path, quick: bool, seed: int, devic
         bits=cfg.bits,
         include_embeddings=cfg.include_embeddings,
         front_points=8 if quick else 16,
-        seq_len=64,
+        seq_len=max_length,
         seed=seed,
         method_options=cfg.method_options,
     )
@@ -302,7 +306,7 @@ def run_config(cfg: QualityConfig, *, cache: Path, quick: bool, seed: int, devic
     return {
         "name": cfg.name,
         "model": cfg.model,
-        "model_label": MODEL_LABELS[cfg.model],
+        "model_label": MODEL_LABELS.get(cfg.model, cfg.model),
         "task": task,
         "metric": metric,
         "higher_is_better": search.higher_is_better,

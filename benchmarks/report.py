@@ -251,10 +251,13 @@ def plot_oracle(data: Mapping[str, Any], path: Path) -> None:
     plt = _plt()
     methods = list(data.get("methods", {}))
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    width = 0.38
-    for j, (metric, label) in enumerate((("accuracy", "accuracy vs size"), ("kl", "KL vs size"))):
+    shown = [(k, label) for k, label in (("accuracy", "accuracy vs size"), ("kl", "KL vs size"),
+                                         ("log_kl", "log KL vs size"))
+             if any(data["methods"][m].get(f"hv_fraction_{k}") is not None for m in methods)]
+    width = 0.8 / max(1, len(shown))
+    for j, (metric, label) in enumerate(shown):
         vals = [data["methods"][m].get(f"hv_fraction_{metric}") or 0.0 for m in methods]
-        ax.bar([i + (j - 0.5) * width for i in range(len(methods))], vals, width, label=label)
+        ax.bar([i + (j - (len(shown) - 1) / 2) * width for i in range(len(methods))], vals, width, label=label)
     ax.axhline(1.0, color="grey", lw=0.8, ls=":")
     ax.set_xticks(range(len(methods)), methods)
     ax.set_ylabel("hypervolume / exhaustive front")
@@ -429,9 +432,15 @@ def _oracle_section(results: Mapping[str, Any], img: Path, img_rel: str) -> list
         "budget of the KL sweep (as many distinct maps as KL proposed).",
         "",
     ]
-    rows = [[f"`{m}`", v.get("distinct_maps"), _f(v.get("hv_fraction_accuracy"), ".3f"), _f(v.get("hv_fraction_kl"), ".3f")]
+    rows = [[f"`{m}`", v.get("distinct_maps"), _f(v.get("hv_fraction_kl"), ".3f"), _f(v.get("hv_fraction_log_kl"), ".3f"),
+             _f(v.get("hv_fraction_accuracy"), ".3f")]
             for m, v in data["methods"].items()]
-    lines += _table(["method", "distinct maps", "HV fraction (accuracy)", "HV fraction (KL)"], rows)
+    lines += _table(["method", "distinct maps", "HV fraction (KL)", "HV fraction (log10 KL)", "HV fraction (accuracy)"],
+                    rows)
+    if not (data.get("exhaustive_hv") or {}).get("accuracy"):
+        lines += [f"Accuracy is saturated on this model (every map scores {_f((data.get('fp32') or {}).get('accuracy'), '.3f')} "
+                  "or the same value), so the accuracy front is a single point and no fraction is given: the search "
+                  "metric here is the KL divergence to full precision.", ""]
     if data.get("skipped"):
         lines += ["Not measured: " + "; ".join(f"`{k}`: {v}" for k, v in data["skipped"].items()), ""]
     plot_oracle(data, img / "oracle.png")
@@ -535,11 +544,11 @@ def _literature_section(headline: Mapping[str, Any]) -> list[str]:
         "on a CPU. Q-BERT, KDLSQ-BERT and TernaryBERT fine-tune the whole network with quantization in the loop "
         "(quantization-aware training, hours on GPUs) and quantize activations to 8 bits. bitscout's refinement "
         "(`+refine`) is a short KDLSQ-style run on a few hundred sequences, far shorter than the papers' training.",
-        "- **Compression.** The papers' 13× and 14.9× are on the encoder's weights (embeddings quantized too in "
-        "Q-BERT's 13× count: 8-bit embeddings); bitscout's \"quantized weights\" column is the same kind of figure "
-        "(32 / average bits over the quantized matrices, scales counted in the size but not in the bits), and the "
-        "\"whole model\" column counts everything that stays in float32 (embeddings unless quantized, norms, "
-        "biases, the head).",
+        "- **Compression.** The papers' 13× and 14.9× are ratios of weight storage against 32-bit weights "
+        "(how embeddings are counted differs between the papers). bitscout's \"quantized weights\" column is the "
+        "closest figure: 32 / average bits over the quantized matrices (scales are counted in the size, not in the "
+        "bits). The \"whole model\" column divides the float32 model's bytes by the quantized model's bytes, "
+        "counting everything that stays in float32 (embeddings unless quantized, norms, biases, the head).",
         "- **Evaluation.** A few hundred held-out rows per model, so one point of accuracy is a few rows: "
         "differences under a point are noise.",
         "",
@@ -587,6 +596,8 @@ def render(results: Mapping[str, Any], docs: Path, *, img_rel: str = "img") -> s
         ["work unit (matmul workload) start / end",
          f"{_f(meta.get('unit_seconds_start'), '.3f')} s / {_f(meta.get('unit_seconds_end'), '.3f')} s"],
         ["seed", meta.get("seed", 0)],
+        ["time limits", f"× {meta.get('time_scale', 1.0):g} (whole run {_f(meta.get('total_limit_s'), '.0f')} s, "
+                        f"took {_f(meta.get('seconds'), '.0f')} s)"],
         ["platform", f"{machine.get('platform', '?')}, Python {machine.get('python', '?')}"],
         ["versions", ", ".join(f"{k} {v}" for k, v in (meta.get("versions") or {}).items() if v)],
     ]
@@ -623,15 +634,17 @@ def _headline(headline: Mapping[str, Any]) -> list[str]:
             w = s["within_1pt"]
             rows.append([name, f"`{s_name}`", _f(h["fp32"], ".3f"), *[_f(s["at_bits"][str(b)], ".3f") for b in BITS_TABLE],
                          (_f(w["quantized_weights"], ".1f") + "×") if w else "–",
+                         (_f(w["whole_model"], ".2f") + "×") if w else "–",
                          _f(100 * s["hv_fraction"] if s["hv_fraction"] is not None else None, ".0f")])
         u = series.get("uniform")
         if u:
             w = u["within_1pt"]
             rows.append([name, "uniform", _f(h["fp32"], ".3f"), *[_f(u["at_bits"][str(b)], ".3f") for b in BITS_TABLE],
                          (_f(w["quantized_weights"], ".1f") + "×") if w else "–",
+                         (_f(w["whole_model"], ".2f") + "×") if w else "–",
                          _f(100 * u["hv_fraction"] if u["hv_fraction"] is not None else None, ".0f")])
     lines += _table(["configuration", "series", "full precision", *[f"@{b:g} bits" for b in BITS_TABLE],
-                     "compression within 1 pt (quantized weights)", "HV %"], rows)
+                     "within 1 pt: quantized weights", "within 1 pt: whole model", "HV %"], rows)
     return lines
 
 

@@ -164,7 +164,8 @@ def part_command(part: Part, *, quick: bool, cache: Path, out: Path) -> list[str
     return [sys.executable, "-m", part.module, *args, "--out", str(out)]
 
 
-def run_part(part: Part, *, quick: bool, cache: Path, parts_dir: Path, timeout_s: float) -> dict[str, Any]:
+def run_part(part: Part, *, quick: bool, cache: Path, parts_dir: Path, timeout_s: float,
+             threads: int | None = None) -> dict[str, Any]:
     """Run one part in a subprocess; its record (status, seconds, the figures or the error)."""
     if importlib.util.find_spec(part.module) is None:
         return {"status": "skipped", "reason": f"{part.module} does not exist", "kind": part.kind}
@@ -175,6 +176,8 @@ def run_part(part: Part, *, quick: bool, cache: Path, parts_dir: Path, timeout_s
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     t0 = time.perf_counter()
     log_file = parts_dir / f"{part.name}.log"
@@ -224,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--total-limit", type=float, default=None,
                    help="seconds for the whole run (default: 600 with --quick, none otherwise)")
+    p.add_argument("--time-scale", type=float, default=1.0,
+                   help="multiply every time limit (e.g. 4 on a machine loaded four-fold); recorded in the results")
+    p.add_argument("--threads", type=int, default=None,
+                   help="OMP_NUM_THREADS for the parts (default: the libraries' own choice)")
     p.add_argument("--no-report", action="store_true", help="do not regenerate docs/benchmarks.md")
     p.add_argument("--note", default=None, help="a note stored in the results (e.g. the machine's state)")
     a = p.parse_args(argv)
@@ -232,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         if name not in known:
             p.error(f"unknown part {name!r}; known: {', '.join(sorted(known))}")
     chosen = [x for x in PARTS if (x.name in a.only if a.only else (x.in_quick or not a.quick)) and x.name not in a.skip]
-    total_limit = a.total_limit if a.total_limit is not None else (600.0 if a.quick else None)
+    if not a.time_scale > 0:
+        p.error("--time-scale must be positive")
+    total_limit = a.total_limit if a.total_limit is not None else (600.0 * a.time_scale if a.quick else None)
 
     out = a.out if a.out.is_absolute() else ROOT / a.out
     cache = a.cache if a.cache.is_absolute() else ROOT / a.cache
@@ -250,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
         "device": device_info(),
         "unit_seconds_start": work_unit_seconds(),
         "note": a.note,
+        "time_scale": a.time_scale,
+        "threads": a.threads,
+        "total_limit_s": total_limit,
     }
     parts: dict[str, dict[str, Any]] = {}
     if a.quick:
@@ -257,14 +269,15 @@ def main(argv: list[str] | None = None) -> int:
             if x not in chosen and not a.only and x.name not in a.skip:
                 parts[x.name] = {"status": "skipped", "reason": "full mode only", "kind": x.kind}
     for part in chosen:
-        limit = part.quick_timeout_s if a.quick else part.timeout_s
+        limit = (part.quick_timeout_s if a.quick else part.timeout_s) * a.time_scale
         if total_limit is not None:
             left = total_limit - (time.perf_counter() - started)
             if left < 20:
                 parts[part.name] = {"status": "skipped", "reason": "the run's time limit was spent", "kind": part.kind}
                 continue
             limit = min(limit, left)
-        parts[part.name] = run_part(part, quick=a.quick, cache=cache, parts_dir=parts_dir, timeout_s=limit)
+        parts[part.name] = run_part(part, quick=a.quick, cache=cache, parts_dir=parts_dir, timeout_s=limit,
+                                   threads=a.threads)
         partial = merge(meta, parts)
         out.write_text(json.dumps(partial, indent=1))
     meta["unit_seconds_end"] = work_unit_seconds()

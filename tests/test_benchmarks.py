@@ -130,7 +130,8 @@ def _synthetic_results() -> dict:
                                  "configs": [cfg("bbc-layer", False), cfg("bbc-layer-embeddings", True)]}},
             "oracle": {"status": "ok", "kind": "oracle", "seconds": 5.0, "data": {
                 "part": "oracle", "device": "cpu", "model": "tiny", "groups": 6, "options_per_group": 4,
-                "bits": [2, 4, 8], "maps": 4096, "evaluation_rows": 64,
+                "bits": [2, 4, 8], "maps": 4096, "evaluation_rows": 64, "fp32": {"accuracy": 1.0, "kl": 0.0},
+                "exhaustive_hv": {"accuracy": 0.0, "kl": 1e-4, "log_kl": 2.0},
                 "methods": {"kl": {"distinct_maps": 9, "hv_fraction_accuracy": 0.97, "hv_fraction_kl": 0.99},
                             "uniform": {"distinct_maps": 3, "hv_fraction_accuracy": 0.8, "hv_fraction_kl": 0.7}}}},
             "kl": {"status": "ok", "kind": "cost", "seconds": 3.0, "data": {
@@ -162,6 +163,7 @@ def test_report_renders_every_section_and_plot(tmp_path: Path) -> None:
     for quote in ("2.3%", "13x", "14.9x", "MiniLM", "BERT-base", "GLUE", "post-training"):
         assert quote in page
     assert "Quick mode" in page and "Loaded machine" in page
+    assert "Accuracy is saturated" in page
     assert "Part `hessian` failed: exit status 1" in page
     assert "benchmarks.bench_dnas does not exist" in page
     # the kl series: best at <= 2.5 bits is 0.5 + 0.12 * 2.5 = 0.8; with refinement 0.93
@@ -211,3 +213,33 @@ def test_machine_info_and_unit() -> None:
     info = run.machine_info()
     assert info["cores"] >= 1 and len(info["load_average_start"]) == 3
     assert run.work_unit_seconds(repeats=1) > 0
+
+
+@pytest.mark.slow
+def test_quality_config_on_a_tiny_model_end_to_end(tmp_path: Path) -> None:
+    """The quality part's real code path (the one CUDA takes too, on ``device``) on a tiny BERT: every
+    method's points, the uniform baselines, a refined point, and a report built from the record."""
+    from benchmarks.bench_quality import QualityConfig, run_config
+    from tests.tiny import build_model, sentiment_rows, train_classifier, write_jsonl
+
+    model_dir = build_model(tmp_path / "m", "bert", layers=1, hidden=32, heads=4, intermediate=64)
+    rows = sentiment_rows(160)
+    train_classifier(model_dir, rows[:80], steps=30)
+    data = write_jsonl(tmp_path / "d.jsonl", rows[80:])
+    cfg = QualityConfig("tiny-layer", "tiny", "layer", methods=("kl", "nsga2", "no-such-method"),
+                        refine_methods=("kl",), refine_bits=(3.0,), model_dir=str(model_dir), data_file=str(data))
+    rec = run_config(cfg, cache=tmp_path, quick=True, seed=0, device="cpu", rows=(16, 48, 16))
+    methods = {p["method"] for p in rec["points"]}
+    assert {"kl", "nsga2", "uniform"} <= methods
+    assert "no-such-method" in rec["skipped"]
+    assert rec["fp32"]["size_bytes"] > max(p["size_bytes"] for p in rec["points"] if p["method"] == "uniform")
+    uniform_bits = sorted(round(p["avg_bits"]) for p in rec["points"] if p["method"] == "uniform")
+    assert uniform_bits == [2, 3, 4, 6, 8]
+    # equal evaluation budget: nsga2 evaluated as many maps as kl proposed
+    assert rec["methods"]["nsga2"]["n_evaluations"] == rec["methods"]["kl"]["distinct_maps"]
+    if "refine" not in rec["skipped"]:
+        assert any(p["method"] == "kl+refine" and p["refined"] for p in rec["points"])
+    results = _synthetic_results()
+    results["parts"]["quality"]["data"]["configs"] = [rec]
+    page = report.render(results, tmp_path / "docs")
+    assert "### tiny-layer" in page and (tmp_path / "docs" / "img" / "quality_tiny-layer.png").is_file()
