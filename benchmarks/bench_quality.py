@@ -31,6 +31,7 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -160,9 +161,11 @@ def _progress(prefix: str) -> Any:
 
 
 def run_config(cfg: QualityConfig, *, cache: Path, quick: bool, seed: int, device: str,
-               rows: tuple[int, int, int] | None = None) -> dict[str, Any]:
+               rows: tuple[int, int, int] | None = None,
+               save: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Measure one configuration; returns its JSON record. ``rows``: (calibration, evaluation, max
-    length) instead of the mode's."""
+    length) instead of the mode's. ``save(record)`` is called with the record so far after every
+    method (a run stopped by its time limit keeps what it measured)."""
     import torch
 
     from search import pipeline
@@ -171,7 +174,7 @@ def run_config(cfg: QualityConfig, *, cache: Path, quick: bool, seed: int, devic
     from search.space import BitOption
 
     model_dir, data, task = _model(cfg, cache)
-    cal_rows, eval_rows, max_length = rows or ((16, 128, 64) if quick else (128, 500, 64))
+    cal_rows, eval_rows, max_length = rows or ((8, 128, 32) if quick else (128, 500, 64))
     data = replace(data, calibration=cal_rows, evaluation=eval_rows, max_length=max_length, batch_size=32)
     methods: list[str] = []
     skipped: dict[str, str] = {}
@@ -218,6 +221,37 @@ def run_config(cfg: QualityConfig, *, cache: Path, quick: bool, seed: int, devic
 
     points: list[Any] = []
     method_info: dict[str, Any] = {}
+    refine_info: dict[str, Any] = {}
+
+    def record() -> dict[str, Any]:
+        return {
+            "name": cfg.name,
+            "model": cfg.model,
+            "model_label": MODEL_LABELS.get(cfg.model, cfg.model),
+            "task": task,
+            "metric": metric,
+            "higher_is_better": search.higher_is_better,
+            "granularity": cfg.granularity,
+            "include_embeddings": cfg.include_embeddings,
+            "groups": len(search.space.groups),
+            "options": [o.key() for o in sorted({o for opts in search.space.options for o in opts}, key=lambda o: o.bits)],
+            "device": str(search.device),
+            "calibration_rows": data.calibration,
+            "evaluation_rows": data.evaluation,
+            "max_length": data.max_length,
+            "fp32": {"metric": baseline.get(metric), "metrics": dict(baseline), "size_bytes": fp32_cost.size_bytes,
+                     "avg_bits": fp32_cost.avg_bits, "option": BitOption(32).key()},
+            "eval_unit_seconds": eval_unit,
+            "methods": method_info,
+            "skipped": skipped,
+            "refine": refine_info,
+            "points": [_row(p, metric) for p in points],
+        }
+
+    def checkpoint() -> None:
+        if save is not None:
+            save(record())
+
     kl_distinct: int | None = None
     for m in methods:
         t_m = time.perf_counter()
@@ -250,13 +284,14 @@ def run_config(cfg: QualityConfig, *, cache: Path, quick: bool, seed: int, devic
                 **extra,
             }
             log(f"{cfg.name}: {m} -> {distinct} maps in {time.perf_counter() - t_m:.0f}s")
+            checkpoint()
         except Exception as exc:  # noqa: BLE001 - one failing method must not lose the others
             skipped[m] = f"failed: {type(exc).__name__}: {exc}"
             log(f"{cfg.name}: {m} failed\n{traceback.format_exc()}")
     for c in search.uniform_candidates():
         points.append(evaluate(c))
+    checkpoint()
 
-    refine_info: dict[str, Any] = {}
     refine_methods = [m for m in cfg.refine_methods if m in method_info]
     if refine_methods and importlib.util.find_spec("search.refine") is None:
         skipped["refine"] = "search.refine is not available"
@@ -300,32 +335,10 @@ def run_config(cfg: QualityConfig, *, cache: Path, quick: bool, seed: int, devic
                 log(f"{cfg.name}: refined {m} at {origin.cost.avg_bits:.2f} bits: "
                     f"{origin.metrics.get(metric):.4f} -> {pt.metrics.get(metric):.4f}")
                 del res
+                checkpoint()
     if device == "cuda":
         torch.cuda.empty_cache()
-    fp_opt = BitOption(32)
-    return {
-        "name": cfg.name,
-        "model": cfg.model,
-        "model_label": MODEL_LABELS.get(cfg.model, cfg.model),
-        "task": task,
-        "metric": metric,
-        "higher_is_better": search.higher_is_better,
-        "granularity": cfg.granularity,
-        "include_embeddings": cfg.include_embeddings,
-        "groups": len(search.space.groups),
-        "options": [o.key() for o in sorted({o for opts in search.space.options for o in opts}, key=lambda o: o.bits)],
-        "device": str(search.device),
-        "calibration_rows": data.calibration,
-        "evaluation_rows": data.evaluation,
-        "max_length": data.max_length,
-        "fp32": {"metric": baseline.get(metric), "metrics": dict(baseline), "size_bytes": fp32_cost.size_bytes,
-                 "avg_bits": fp32_cost.avg_bits, "option": fp_opt.key()},
-        "eval_unit_seconds": eval_unit,
-        "methods": method_info,
-        "skipped": skipped,
-        "refine": refine_info,
-        "points": [_row(p, metric) for p in points],
-    }
+    return record()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -356,8 +369,16 @@ def main(argv: list[str] | None = None) -> int:
                            "errors": {}}
     for cfg in configs:
         t0 = time.perf_counter()
+        done = list(out["configs"])
+
+        def save(partial: dict[str, Any], done: list[dict[str, Any]] = done) -> None:
+            if a.out:
+                partial = {**partial, "incomplete": True}
+                a.out.parent.mkdir(parents=True, exist_ok=True)
+                a.out.write_text(json.dumps({**out, "configs": [*done, partial]}, indent=1))
+
         try:
-            rec = run_config(cfg, cache=a.cache, quick=a.quick, seed=a.seed, device=device)
+            rec = run_config(cfg, cache=a.cache, quick=a.quick, seed=a.seed, device=device, save=save)
             rec["seconds"] = time.perf_counter() - t0
             out["configs"].append(rec)
         except Exception as exc:  # noqa: BLE001 - keep the other configurations

@@ -385,6 +385,8 @@ def _quality_section(results: Mapping[str, Any], img: Path, img_rel: str) -> tup
             f"{rec['metric']} {fp32['metric']:.4f}, {fp32['size_bytes'] / 1e6:.1f} MB.",
             "",
         ]
+        if rec.get("incomplete"):
+            lines += ["*This configuration was stopped by its time limit: the methods below are the ones it finished.*", ""]
         rows = []
         for s_name, s in summ["series"].items():
             w = s["within_1pt"]
