@@ -428,6 +428,20 @@ def _build_student(
     for g in space.groups:
         for i, m in enumerate(g.members):
             per_module.setdefault(m.module, []).append((g, i, m))
+    owners: dict[int, list[str]] = {}
+    for mname, mod in modules.items():
+        w = getattr(mod, "weight", None)
+        if isinstance(w, nn.Parameter):
+            owners.setdefault(id(w), []).append(mname)
+    for name in per_module:
+        w = getattr(modules.get(name), "weight", None)
+        tied = [o for o in owners.get(id(w), []) if o != name]
+        if tied:
+            raise InvalidInputError(
+                f"{name} shares its weight with {tied[0]} (tied weights): refinement cannot train a tied matrix "
+                "under one quantizer only; leave it out of the space",
+                field="include_embeddings",
+            )
     int_slots: dict[str, tuple[str, _QuantWeight, _Slot]] = {}
     pruned: list[str] = []
     masked_bias: list[str] = []

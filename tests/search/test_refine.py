@@ -373,3 +373,18 @@ def test_export_qparams_override_is_checked_and_post_training_qparams_change_not
     with pytest.raises(InvalidInputError) as err:
         export.export_artifact(model, space, pmap, tmp_path / "bad", qparams=ptq, verify=True)
     assert err.value.field == "verify"
+
+
+def test_tied_weights_in_the_space_are_refused(tmp_path, sentiment_file):
+    from tests.tiny import build_model
+
+    folder = build_model(tmp_path / "gpt2", "gpt2", task="causal_lm")
+    data = DataOptions(source=str(sentiment_file), calibration=8, evaluation=8, max_length=12, batch_size=8)
+    s = prepare(folder, data, SearchOptions(bits=(2, 4), include_embeddings=True), task="causal_lm", device="cpu")
+    with pytest.raises(InvalidInputError) as err:
+        refine(s, s.space.uniform(4), config=RefineConfig(steps=1))
+    assert err.value.field == "include_embeddings"
+    # without the tied embedding the causal LM refines (its perplexity is the metric)
+    s = prepare(folder, data, SearchOptions(bits=(2, 4)), task="causal_lm", device="cpu")
+    res = refine(s, s.space.uniform(2), config=RefineConfig(steps=2, eval_every=1, lr_weights=1e-3, lr_scales=1e-3))
+    assert res.metric == "perplexity" and res.steps == 2 and "perplexity" in res.metrics
