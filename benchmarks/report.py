@@ -353,12 +353,24 @@ def _scalars(obj: Any, prefix: str = "", depth: int = 0) -> list[tuple[str, Any]
 
 def _quality_section(results: Mapping[str, Any], img: Path, img_rel: str) -> tuple[list[str], dict[str, Any]]:
     lines = ["## Quality on real models", ""]
-    st = _status_line(results, "quality")
-    if st:
-        lines += [st, ""]
-    data = _part(results, "quality")
+    names = [k for k, v in results.get("parts", {}).items() if v.get("kind") == "quality"] or ["quality"]
+    configs: list[Mapping[str, Any]] = []
+    errors: dict[str, str] = {}
+    for name in names:
+        st = _status_line(results, name)
+        if st:
+            lines += [st, ""]
+        part = _part(results, name)
+        if part:
+            for rec in part.get("configs", []):  # one record per configuration: a complete one wins
+                same = [i for i, c in enumerate(configs) if c.get("name") == rec.get("name")]
+                if not same:
+                    configs.append(rec)
+                elif configs[same[0]].get("incomplete") and not rec.get("incomplete"):
+                    configs[same[0]] = rec
+            errors.update(part.get("errors") or {})
     headline: dict[str, Any] = {}
-    if not data:
+    if not configs:
         return lines, headline
     lines += [
         "Each configuration is one search over the same held-out rows (never used for calibration). "
@@ -372,7 +384,7 @@ def _quality_section(results: Mapping[str, Any], img: Path, img_rel: str) -> tup
         "Times are in units of one full-precision evaluation pass over the same rows.",
         "",
     ]
-    for rec in data.get("configs", []):
+    for rec in configs:
         summ = config_summary(rec)
         name = rec["name"]
         fp32 = rec["fp32"]
@@ -413,7 +425,7 @@ def _quality_section(results: Mapping[str, Any], img: Path, img_rel: str) -> tup
         plot_fronts(rec, img / png)
         lines += [f"![{name}]({img_rel}/{png})", ""]
         headline[name] = {"fp32": fp32["metric"], "metric": rec["metric"], "summary": summ}
-    for name, err in (data.get("errors") or {}).items():
+    for name, err in errors.items():
         lines += [f"*Configuration `{name}` failed: {err}*", ""]
     return lines, headline
 

@@ -54,9 +54,18 @@ class Part:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
+#: quality configurations of the classifier; of embeddings (the classifier's quantized, the embedding model)
+QUALITY_BBC = ("bbc-layer", "bbc-group")
+QUALITY_EMBEDDINGS = ("bbc-layer-embeddings", "embeddings-layer", "embeddings-group")
 #: The parts in the order they run. Cost parts belong to other modules; missing ones are skipped.
 PARTS: tuple[Part, ...] = (
-    Part("quality", "benchmarks.bench_quality", timeout_s=3600, quick_timeout_s=330, kind="quality"),
+    Part("quality", "benchmarks.bench_quality", args=("--configs", *QUALITY_BBC),
+         quick_args=("--quick", "--configs", *QUALITY_BBC), timeout_s=3600, quick_timeout_s=330, kind="quality"),
+    Part("quality-rt", "benchmarks.bench_quality", args=("--configs", "rt-layer", "rt-group"), timeout_s=3600,
+         in_quick=False, kind="quality"),
+    Part("quality-embeddings", "benchmarks.bench_quality", args=("--configs", *QUALITY_EMBEDDINGS),
+         quick_args=("--quick", "--configs", "bbc-layer-embeddings", "embeddings-layer"), timeout_s=3600,
+         quick_timeout_s=240, kind="quality"),
     Part("oracle", "benchmarks.bench_oracle", timeout_s=1800, quick_timeout_s=120, kind="oracle"),
     Part("kl", "benchmarks.bench_kl", quick_timeout_s=90),
     Part("hessian", "benchmarks.bench_hessian", quick_timeout_s=90),
@@ -231,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="multiply every time limit (e.g. 4 on a machine loaded four-fold); recorded in the results")
     p.add_argument("--threads", type=int, default=None,
                    help="OMP_NUM_THREADS for the parts (default: the libraries' own choice)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the parts of an existing results file that this run does not run")
     p.add_argument("--no-report", action="store_true", help="do not regenerate docs/benchmarks.md")
     p.add_argument("--note", default=None, help="a note stored in the results (e.g. the machine's state)")
     a = p.parse_args(argv)
@@ -264,9 +275,13 @@ def main(argv: list[str] | None = None) -> int:
         "total_limit_s": total_limit,
     }
     parts: dict[str, dict[str, Any]] = {}
+    if a.merge and out.is_file():
+        previous = json.loads(out.read_text(encoding="utf-8"))
+        parts.update({k: v for k, v in previous.get("parts", {}).items() if k not in {x.name for x in chosen}})
+        meta["merged_from"] = previous.get("meta", {}).get("started")
     if a.quick:
         for x in PARTS:
-            if x not in chosen and not a.only and x.name not in a.skip:
+            if x not in chosen and not a.only and x.name not in a.skip and x.name not in parts:
                 parts[x.name] = {"status": "skipped", "reason": "full mode only", "kind": x.kind}
     for part in chosen:
         limit = (part.quick_timeout_s if a.quick else part.timeout_s) * a.time_scale
