@@ -81,9 +81,9 @@ def configs_for(quick: bool) -> list[QualityConfig]:
     full = {"hessian": {"tolerance": 0.1, "max_probes": 64}}
     return [
         QualityConfig("bbc-layer", "bbc", "layer", method_options=full, refine_methods=("kl", "hessian")),
-        QualityConfig("bbc-group", "bbc", "group", method_options=full),
+        QualityConfig("bbc-group", "bbc", "group", method_options=full, refine_bits=(3.0,)),
         QualityConfig("bbc-layer-embeddings", "bbc", "layer", include_embeddings=True, methods=("kl", "hessian")),
-        QualityConfig("rt-layer", "rt", "layer", method_options=full),
+        QualityConfig("rt-layer", "rt", "layer", method_options=full, refine_bits=(3.0, 2.5)),
         QualityConfig("rt-group", "rt", "group", methods=("kl", "hessian"), method_options=full),
         QualityConfig("embeddings-layer", "embeddings", "layer", methods=("kl", "hessian", "nsga2"),
                       method_options=full),
@@ -299,7 +299,7 @@ def run_config(cfg: QualityConfig, *, cache: Path, quick: bool, seed: int, devic
         from search.pareto import front as pareto_front
         from search.refine import RefineConfig, refine
 
-        steps = 12 if quick else 150
+        steps = 12 if quick else 80
         rcfg = RefineConfig(steps=steps, eval_every=max(4, steps // 6), patience=3, seed=seed)
         cal = list(search.calibration)
         train, val = (cal[:-1], cal[-1:]) if len(cal) > 1 else (cal, cal)

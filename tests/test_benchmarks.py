@@ -243,3 +243,33 @@ def test_quality_config_on_a_tiny_model_end_to_end(tmp_path: Path) -> None:
     results["parts"]["quality"]["data"]["configs"] = [rec]
     page = report.render(results, tmp_path / "docs")
     assert "### tiny-layer" in page and (tmp_path / "docs" / "img" / "quality_tiny-layer.png").is_file()
+
+
+def test_report_takes_configs_from_every_quality_part_complete_first(tmp_path: Path) -> None:
+    results = _synthetic_results()
+    main_cfgs = results["parts"]["quality"]["data"]["configs"]
+    partial = {**main_cfgs[1], "incomplete": True, "points": main_cfgs[1]["points"][:3]}
+    results["parts"]["quality"]["data"]["configs"] = [main_cfgs[0], partial]
+    results["parts"]["quality-embeddings"] = {"status": "ok", "kind": "quality",
+                                              "data": {"configs": [main_cfgs[1]], "device": "cpu"}}
+    page = report.render(results, tmp_path / "docs")
+    assert page.count("### bbc-layer-embeddings") == 1
+    assert "stopped by its time limit" not in page  # the complete record replaced the partial one
+
+
+def test_run_merge_keeps_parts_not_rerun(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    out.write_text(json.dumps({"schema": 1, "meta": {"started": "earlier"},
+                               "parts": {"oracle": {"status": "ok", "kind": "oracle", "data": {"x": 1}}}}))
+    # a run of a part that does not exist: recorded as skipped, the earlier part kept
+    with pytest.raises(SystemExit):
+        run.main(["--only", "no-such-part", "--out", str(out)])
+    run.PARTS, saved = (*run.PARTS, run.Part("ghost", "benchmarks.bench_ghost_missing")), run.PARTS
+    try:
+        assert run.main(["--only", "ghost", "--merge", "--out", str(out), "--no-report"]) == 0
+    finally:
+        run.PARTS = saved
+    merged = json.loads(out.read_text())
+    assert merged["parts"]["oracle"]["data"] == {"x": 1}
+    assert merged["parts"]["ghost"]["status"] == "skipped"
+    assert merged["meta"]["merged_from"] == "earlier"
