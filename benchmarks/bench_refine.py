@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     maps = a.maps or ("weight" if quick else "kl")
     table = search.sensitivity("kl") if maps == "kl" else weight_error_table(search)
     t_kl = time.perf_counter() - t0
-    steps = a.steps or (10 if quick else 150)
+    steps = a.steps or (8 if quick else 150)
     cfg = RefineConfig(
         steps=steps, lr_weights=a.lr_weights or 1e-4, lr_scales=a.lr_scales or 5e-4,
         eval_every=max(1, steps // (2 if quick else 6)), patience=None if quick else 3, seed=0,
