@@ -600,6 +600,12 @@ def render(results: Mapping[str, Any], docs: Path, *, img_rel: str = "img") -> s
                   f"{_f(load1[0], '.1f')} at the end on {machine.get('cores')} cores (other work was running): "
                   "absolute times are inflated several-fold, which is why every timing below is a ratio "
                   "measured in the same run.", ""]
+    if dev.get("device", "cpu") == "cpu":
+        lines += ["> **Device.** Every figure on this page was measured on the CPU: no GPU was present. On a machine "
+                  "with CUDA the same suite runs there (the quality part picks CUDA when `torch.cuda.is_available()`), "
+                  "and the parts table below says which figures came from which device.", ""]
+    if meta.get("note"):
+        lines += [f"> **Note.** {meta['note']}", ""]
     lines += ["## Machine and versions", ""]
     parts = results.get("parts", {})
     part_devices = {k: (v.get("data") or {}).get("device") for k, v in parts.items() if isinstance(v.get("data"), dict)}
