@@ -185,7 +185,7 @@ def run_config(cfg: QualityConfig, *, cache: Path, quick: bool, seed: int, devic
         else:
             skipped[m] = why
     opts = SearchOptions(
-        methods=tuple(methods) or ("kl",),
+        methods=tuple(methods) or ("kl",),  # the search needs one; only ``methods`` are run below
         granularity=cfg.granularity,  # type: ignore[arg-type]
         bits=cfg.bits,
         include_embeddings=cfg.include_embeddings,
@@ -252,6 +252,10 @@ def run_config(cfg: QualityConfig, *, cache: Path, quick: bool, seed: int, devic
         if save is not None:
             save(record())
 
+    # the uniform baselines first: cheap, and every comparison needs them
+    for c in search.uniform_candidates():
+        points.append(evaluate(c))
+    checkpoint()
     kl_distinct: int | None = None
     for m in methods:
         t_m = time.perf_counter()
@@ -288,9 +292,6 @@ def run_config(cfg: QualityConfig, *, cache: Path, quick: bool, seed: int, devic
         except Exception as exc:  # noqa: BLE001 - one failing method must not lose the others
             skipped[m] = f"failed: {type(exc).__name__}: {exc}"
             log(f"{cfg.name}: {m} failed\n{traceback.format_exc()}")
-    for c in search.uniform_candidates():
-        points.append(evaluate(c))
-    checkpoint()
 
     refine_methods = [m for m in cfg.refine_methods if m in method_info]
     if refine_methods and importlib.util.find_spec("search.refine") is None:
@@ -349,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     p.add_argument("--configs", nargs="*", default=None, help="names of the configurations to run (default: all)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated methods instead of each configuration's ('' or 'none': the uniform baselines only)")
+    p.add_argument("--no-refine", action="store_true", help="skip refinement")
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -365,6 +369,11 @@ def main(argv: list[str] | None = None) -> int:
     configs = configs_for(a.quick)
     if a.configs:
         configs = [c for c in configs if c.name in a.configs]
+    if a.methods is not None:
+        chosen = tuple(m for m in a.methods.split(",") if m and m != "none")
+        configs = [replace(c, methods=chosen) for c in configs]
+    if a.no_refine:
+        configs = [replace(c, refine_methods=()) for c in configs]
     out: dict[str, Any] = {"part": "quality", "quick": a.quick, "seed": a.seed, "device": device, "configs": [],
                            "errors": {}}
     for cfg in configs:
