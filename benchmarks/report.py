@@ -397,6 +397,8 @@ def _quality_section(results: Mapping[str, Any], img: Path, img_rel: str) -> tup
             f"{rec['metric']} {fp32['metric']:.4f}, {fp32['size_bytes'] / 1e6:.1f} MB.",
             "",
         ]
+        for note in rec.get("notes", []):
+            lines += [f"*Note: {note}.*", ""]
         if rec.get("incomplete"):
             lines += ["*This configuration was stopped by its time limit: the methods below are the ones it finished.*", ""]
         rows = []
