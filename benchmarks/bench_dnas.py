@@ -19,7 +19,7 @@ Measured in one run (the machine is shared and noisy, so costs are reported as r
   as the whole process's peak; target <= 1.5x. On a GPU the same comparison uses
   ``torch.cuda.max_memory_allocated``.
 
-``--quick`` searches the last three blocks only, on short sequences, without the Hessian front
+``--quick`` searches the last two blocks only, on short sequences, without the Hessian front
 (``--hessian`` adds it); the full run searches every block.
 
 ``python -m benchmarks.bench_dnas [--quick] [--out F.json] [--hessian | --no-hessian]``
@@ -54,11 +54,11 @@ def _quiet() -> None:
 
 
 def _settings(quick: bool) -> dict[str, Any]:
-    if quick:  # the last three blocks, short sequences: minutes on a loaded 2-core machine
+    if quick:  # the last two blocks, short sequences: minutes on a loaded 2-core machine
         return {
-            "calibration": 64, "evaluation": 96, "max_length": 32, "batch_size": 32, "micro_batch": 8,
-            "bits": (0, 2, 3, 4, 8), "ffn_block_size": 768, "front_points": 6,
-            "include": ("*.layer.3.*", "*.layer.4.*", "*.layer.5.*"),
+            "calibration": 32, "evaluation": 64, "max_length": 32, "batch_size": 32, "micro_batch": 4,
+            "bits": (0, 2, 3, 4), "ffn_block_size": 768, "front_points": 6,
+            "include": ("*.layer.4.*", "*.layer.5.*"),
         }
     return {
         "calibration": 128, "evaluation": 300, "max_length": 64, "batch_size": 32, "micro_batch": 8,
@@ -181,6 +181,8 @@ def summarise(rows: list[dict[str, Any]], methods: list[str], lo: float, hi: flo
         pts = [r for r in rows if r["method"] == m]
         out[m] = {
             "points": len(pts),
+            "best_kl_at_avg_bits_le_3": min((r["kl"] for r in pts if r["avg_bits"] <= 3.0 + 1e-9), default=None),
+            "best_kl_at_avg_bits_le_2.5": min((r["kl"] for r in pts if r["avg_bits"] <= 2.5 + 1e-9), default=None),
             "best_accuracy_at_avg_bits_le_3": max((r["accuracy"] for r in pts if r["avg_bits"] <= 3.0 + 1e-9), default=None),
             "best_accuracy_at_avg_bits_le_2.5": max((r["accuracy"] for r in pts if r["avg_bits"] <= 2.5 + 1e-9), default=None),
             "low_bit_area": low_bit_area(pts, lo, hi),
@@ -202,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     _quiet()
     ensure_packages()
+    from search import allocate as alloc
+    from search.pipeline import Candidate, build_problem
+
     want = (not a.quick) if a.hessian is None else a.hessian
     has_hessian = want and Path(__file__).resolve().parents[1].joinpath("search", "hessian.py").exists()
     methods = ("kl", "hessian", "dnas") if has_hessian else ("kl", "dnas")
@@ -211,17 +216,35 @@ def main(argv: list[str] | None = None) -> int:
     epochs = [finetune_epoch_seconds(search, micro)]
     log(f"fine-tuning epoch: {epochs[0]:.1f} s")
     t0 = time.perf_counter()
-    result = search.run(on_progress=lambda s, f, m: None)
+    seen: set[str] = set()
+
+    def progress(stage: str, frac: float, msg: str) -> None:
+        if stage not in seen:
+            seen.add(stage)
+            log(f"stage {stage} ({time.perf_counter() - t0:.0f} s)")
+
+    result = search.run(on_progress=progress)
     total = time.perf_counter() - t0
     epochs.append(finetune_epoch_seconds(search, micro))
     epoch = statistics.median(epochs)
     t_dnas = result.timings["search:dnas"]
+    # the sensitivity methods' allocations at exactly the sizes of the DNAS maps (same-size comparison)
+    points = list(result.points)
+    dnas_sizes = sorted({p.cost.size_bytes for p in points if p.method == "dnas"})
+    for table in result.sensitivities:
+        problem, plimits = build_problem(search.space, search.cost_model, table)
+        for size in dnas_sizes:
+            a_ = alloc.allocate(problem, {"size_bytes": size, **plimits})
+            cand = Candidate(search.space.from_choices(a_.choices), table.method, float(a_.objective),
+                             dict(a_.limits), "at dnas size")
+            if all(cand.precision_map != p.precision_map or p.method != table.method for p in points):
+                points.append(search.evaluate_candidate(cand))
     log(f"search done in {total:.1f} s (dnas {t_dnas:.1f} s); epochs {epochs}")
     mem = {k: _run_probe(a.cache, k, a.quick) for k in ("dnas", "finetune")}
     rows = sorted(
         ({"method": pt.method, "label": pt.label, "size_mb": pt.cost.size_mb, "avg_bits": pt.cost.avg_bits,
           "accuracy": pt.metrics["accuracy"], "kl": pt.metrics.get("kl"), "on_front": pt in result.front}
-         for pt in result.points),
+         for pt in points),
         key=lambda r: (r["size_mb"], r["method"]),
     )
     uni3 = [r for r in rows if r["method"] == "uniform" and r["label"] == "uniform 3-bit"]
@@ -229,6 +252,17 @@ def main(argv: list[str] | None = None) -> int:
     hi = uni3[0]["size_mb"] if uni3 else max(r["size_mb"] for r in rows if r["avg_bits"] <= 3.0)
     summary = summarise(rows, [*methods, "uniform"], lo, hi)
     sens = [m for m in methods if m != "dnas"]
+    same_size = []
+    for r in rows:
+        if r["method"] != "dnas" or r["avg_bits"] > 3.0 + 1e-9:
+            continue
+        pair = {"size_mb": r["size_mb"], "avg_bits": r["avg_bits"], "dnas": {"accuracy": r["accuracy"], "kl": r["kl"]}}
+        for m in sens:
+            cands = [x for x in rows if x["method"] == m and x["size_mb"] <= r["size_mb"] + 1e-9]
+            if cands:
+                best = min(cands, key=lambda x: x["kl"])
+                pair[m] = {"accuracy": best["accuracy"], "kl": best["kl"], "size_mb": best["size_mb"]}
+        same_size.append(pair)
     best_sens_area = max(summary[m]["low_bit_area"] for m in sens)
     best_sens_acc3 = max((summary[m]["best_accuracy_at_avg_bits_le_3"] or 0.0) for m in sens)
     report = {
@@ -257,8 +291,13 @@ def main(argv: list[str] | None = None) -> int:
         },
         "low_bit_end": {
             "size_range_mb": [lo, hi],
+            "same_size_pairs": same_size,
             "per_method": summary,
             "dnas_at_least_as_good_as_best_sensitivity": {
+                "same_size_kl_wins": sum(
+                    all(p["dnas"]["kl"] <= p[m]["kl"] + 1e-12 for m in sens if m in p) for p in same_size
+                ),
+                "same_size_pairs": len(same_size),
                 "low_bit_area": summary["dnas"]["low_bit_area"] >= best_sens_area - 1e-12,
                 "best_accuracy_at_avg_bits_le_3": (summary["dnas"]["best_accuracy_at_avg_bits_le_3"] or 0.0)
                 >= best_sens_acc3,

@@ -133,6 +133,9 @@ class DNASOptions:
       how fast it grows (multiplicatively) while ``E[cost]`` stays above the target, back down to
       ``resource_weight`` below it; ``resource_floor``: a weak pressure that acts below the target
       too, so that groups the task loss is indifferent to still move to their cheapest option.
+    * ``init``: ``budget`` starts from the prior ``p_gk ∝ exp(-beta * cost per weight)`` whose
+      expected cost is the first target (the most even distribution that meets it, so the steps go
+      to the trade-off rather than to the descent); ``uniform`` from equal logits.
     * ``sweep``: also derive ``SearchOptions.front_points`` maps at budgets spread between the
       smallest and the largest target, each from the probabilities of the run with the nearest target.
     """
@@ -156,6 +159,7 @@ class DNASOptions:
     lsq: bool = False
     scale_lr: float = 1e-3
     sweep: bool = True
+    init: Literal["budget", "uniform"] = "budget"
 
     def __post_init__(self) -> None:
         f = "method_options.dnas"
@@ -190,6 +194,8 @@ class DNASOptions:
                 raise InvalidInputError(f"{name} must be a non-negative number", field=f"{f}.{name}")
         if self.loss not in ("auto", "task", "kd", "task+kd"):
             raise InvalidInputError("loss must be 'auto', 'task', 'kd' or 'task+kd'", field=f"{f}.loss")
+        if self.init not in ("budget", "uniform"):
+            raise InvalidInputError("init must be 'budget' or 'uniform'", field=f"{f}.init")
         for name in ("train_weights", "lsq", "sweep"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidInputError(f"{name} must be true or false", field=f"{f}.{name}")
@@ -355,7 +361,7 @@ class DNAS:
         has_labels = all(b.labels is not None for b in self.batches)
         kind = self.options.loss
         if kind == "auto":
-            kind = "task" if (task == "sequence_classification" and has_labels) else "kd"
+            kind = "task+kd" if (task == "sequence_classification" and has_labels) else "kd"
         if "task" in kind and task == "sequence_classification" and not has_labels:
             raise InvalidInputError("the task loss needs labels in the calibration data", field="method_options.dnas.loss")
         if "task" in kind and task == "embeddings":
@@ -530,6 +536,30 @@ class DNAS:
         for lg, c in zip(self.logits, self.costs, strict=True):
             total = total + (torch.softmax(lg.double(), 0) * c).sum()
         return total + self.offset
+
+    def init_at(self, target: float) -> None:
+        """Set the logits to the prior ``p_gk ∝ exp(-beta * cost per weight of option k)`` (the same
+        ``beta`` for every group) whose expected cost is ``target`` (bisection on ``beta``; uniform
+        when the target is above the uniform distribution's expected cost)."""
+        per_weight = [(c - c.min()) / max(1, g.n_params) for g, c in zip(self.space.groups, self.costs, strict=True)]
+        norm = max(max(float(r.max()) for r in per_weight), 1e-30)
+        per_weight = [r / norm for r in per_weight]
+
+        def expected(beta: float) -> float:
+            return self.offset + float(sum((torch.softmax(-beta * r, 0) * c).sum()
+                                           for r, c in zip(per_weight, self.costs, strict=True)))
+
+        lo, hi = 0.0, 0.0
+        if expected(0.0) > target:
+            hi = 1.0
+            while expected(hi) > target and hi < 1e6:
+                hi *= 2
+            for _ in range(60):
+                mid = 0.5 * (lo + hi)
+                lo, hi = (mid, hi) if expected(mid) > target else (lo, mid)
+        with torch.no_grad():
+            for lg, r in zip(self.logits, per_weight, strict=True):
+                lg.copy_((-hi * r).to(lg.dtype))
 
     def expected_cost(self) -> float:
         """``E[cost]`` of the swept metric under the current probabilities (offsets included)."""
@@ -726,6 +756,8 @@ def run_dnas(
     )
     runs: list[TargetRun] = []
     try:
+        if o.init == "budget":
+            dn.init_at(targets[0])
         plan = _steps_plan(o, len(targets), len(dn.batches))
         total = sum(plan)
         done = 0

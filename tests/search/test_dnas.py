@@ -99,7 +99,7 @@ def test_prunes_the_redundant_group_and_gives_the_critical_group_the_most_bits(t
 
 
 def test_maps_meet_their_budgets_and_the_resource_term_moves_the_expected_cost(trained_bert, sentiment_file):
-    search = _search(trained_bert, sentiment_file, budget=Budget(max_size_mb=0.09))
+    search = _search(trained_bert, sentiment_file, budget=Budget(max_size_mb=0.09), dnas={"init": "uniform"})
     result = run_dnas(search)
     assert result.metric == "size_bytes"
     targets = [r.target for r in result.runs]
@@ -125,7 +125,8 @@ def test_maps_meet_their_budgets_and_the_resource_term_moves_the_expected_cost(t
 def test_without_resource_pressure_nothing_moves_down(trained_bert, sentiment_file):
     # the control of the test above: with resource_weight 0 the expected cost does not fall to the target
     search = _search(trained_bert, sentiment_file,
-                     dnas={"targets": (60_000.0,), "steps": 12, "resource_weight": 0.0, "dual_lr": 0.0, "resource_floor": 0.0})
+                     dnas={"targets": (60_000.0,), "steps": 12, "resource_weight": 0.0, "dual_lr": 0.0,
+                           "resource_floor": 0.0, "init": "uniform"})
     (run,) = run_dnas(search).runs
     assert run.expected_cost_end > 0.9 * run.expected_cost_start
 
@@ -184,12 +185,27 @@ def test_cancellation_between_steps_leaves_the_model_as_found(trained_bert, sent
         ({"loss": "mse"}, "method_options.dnas.loss"),
         ({"arch_lr": float("nan")}, "method_options.dnas.arch_lr"),
         ({"train_weights": "yes"}, "method_options.dnas.train_weights"),
+        ({"init": "random"}, "method_options.dnas.init"),
     ],
 )
 def test_bad_options_name_the_field(bad, field):
     with pytest.raises(InvalidInputError) as err:
         DNASOptions.from_mapping(bad)
     assert err.value.field == field
+
+
+def test_budget_init_starts_at_the_target(trained_bert, sentiment_file):
+    search = _search(trained_bert, sentiment_file)
+    with DNAS(search.model, search.adapter, search.space, search.cost_model, search.task, search.calibration,
+              metric="size_bytes") as dn:
+        uniform = dn.expected_cost()
+        dn.init_at(0.8 * uniform)
+        assert dn.expected_cost() == pytest.approx(0.8 * uniform, rel=1e-6)
+        probs = dn.probabilities()
+        assert all(np.all(np.diff(p[np.argsort([o.bits for o in opts])]) <= 1e-12)  # cheaper is likelier
+                   for p, opts in zip(probs, search.space.options, strict=True))
+        dn.init_at(2.0 * uniform)  # above the uniform distribution's cost: uniform
+        assert dn.expected_cost() == pytest.approx(uniform)
 
 
 def test_task_loss_needs_labels(tmp_path, sentiment_file):
