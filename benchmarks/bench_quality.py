@@ -52,6 +52,9 @@ class QualityConfig:
     refine_bits: tuple[float, ...] = (4.0, 3.0, 2.5)
     bits: tuple[int, ...] = (2, 3, 4, 6, 8)
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: average-bit targets the sensitivity methods also allocate at (the tool's own sweep runs from the
+    #: smallest map to full precision, evenly in size, so few of its points fall between 2 and 8 bits)
+    bit_targets: tuple[float, ...] = (2.25, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0)
     #: another model and data file (tests: a tiny model); ``model`` then only names it
     model_dir: str | None = None
     data_file: str | None = None
@@ -147,6 +150,24 @@ def _row(pt: Any, metric: str) -> dict[str, Any]:
         "metric": pt.metrics.get(metric),
         "metrics": dict(pt.metrics),
     }
+
+
+def _bit_targets(search: Any, table: Any, targets: tuple[float, ...]) -> list[Any]:
+    """The allocator's optimal maps under ``avg_bits <= t`` for each target ``t`` (infeasible ones skipped)."""
+    from search import allocate as alloc
+    from search.errors import InfeasibleBudgetError
+    from search.pipeline import Candidate, build_problem
+
+    problem, plimits = build_problem(search.space, search.cost_model, table)
+    out = []
+    for t in targets:
+        try:
+            a = alloc.allocate(problem, {"avg_bits": float(t), **plimits})
+        except InfeasibleBudgetError:
+            continue
+        out.append(Candidate(search.space.from_choices(a.choices), table.method, float(a.objective), dict(a.limits),
+                             f"avg_bits<={t:g}", bool(a.exact), float(a.gap)))
+    return out
 
 
 def _progress(prefix: str) -> Any:
@@ -264,7 +285,7 @@ def run_config(cfg: QualityConfig, *, cache: Path, quick: bool, seed: int, devic
             if m in pipeline.SENSITIVITY_METHODS:
                 table = search.sensitivity(m, on_progress=_progress(f"{cfg.name}: {m}"))
                 t_sens = time.perf_counter() - t_m
-                cands = search.candidates(table)
+                cands = search.candidates(table) + _bit_targets(search, table, cfg.bit_targets)
                 proposed = time.perf_counter() - t_m
                 extra = {"sensitivity_units": t_sens / eval_unit, "samples": table.samples}
             else:
