@@ -32,7 +32,7 @@ from typing import Any
 __all__ = ["main", "run"]
 
 #: KL values below this count as this in the log-KL front (full precision has KL 0)
-KL_FLOOR = 1e-6
+KL_FLOOR = 1e-12
 
 
 def log(msg: str) -> None:

@@ -266,6 +266,7 @@ def run_config(cfg: QualityConfig, *, cache: Path, quick: bool, seed: int, devic
             "methods": method_info,
             "skipped": skipped,
             "refine": refine_info,
+            "bit_targets": list(cfg.bit_targets),
             "points": [_row(p, metric) for p in points],
         }
 
