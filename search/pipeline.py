@@ -340,8 +340,9 @@ class Search:
 
     def evaluate(self, pmap: PrecisionMap, *, should_stop: StopFn | None = None) -> dict[str, float]:
         """Every metric of the model fake-quantized under ``pmap`` on the evaluation batches."""
+        reference = self.reference()  # full-precision outputs: computed before the weights change
         with self.adapter.quantized(pmap, self.space, clip=self.options.clip):
-            return evaluate(self.model, self.evaluation, self.task, reference=self.reference(), should_stop=should_stop)
+            return evaluate(self.model, self.evaluation, self.task, reference=reference, should_stop=should_stop)
 
     def evaluate_candidate(self, c: Candidate, *, should_stop: StopFn | None = None) -> ParetoPoint:
         return ParetoPoint(

@@ -127,3 +127,10 @@ def test_group_front_at_least_as_good_as_layer_front(trained_bert, sentiment_fil
     ref = (allpts[:, 0].max() * 1.01, allpts[:, 1].max() * 1.01 + 1e-12)
     hv = {k: hypervolume_2d(v, ref) for k, v in fronts.items()}
     assert hv["group"] >= 0.98 * hv["layer"], hv
+
+
+def test_evaluate_before_anything_else_measures_against_full_precision(trained_bert, sentiment_file):
+    search = prepare(trained_bert, _data(sentiment_file), SearchOptions(), device="cpu")
+    m = search.evaluate(search.space.uniform(2))  # first call: the reference must still be full precision
+    assert m["kl"] > 0
+    assert search.evaluate(search.space.full_precision())["kl"] == pytest.approx(0.0, abs=1e-12)
