@@ -1,0 +1,346 @@
+"""Hessian-trace sensitivity: Hutchinson traces against exact Hessians, the per-group stop rule,
+reproducibility, the model left as found (attention implementation included), and the scores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from search.adapter import ModelAdapter
+from search.data import TextData, TextExample, load_text_data, tokenize
+from search.errors import CanceledError, InvalidInputError
+from search.hessian import HessianSensitivity
+from search.quant import quant_error
+from search.sensitivity import SensitivityContext, get_method
+from search.tasks import load_model
+from tests.tiny import build_model, sentiment_rows, train_classifier
+
+TINY = {"layers": 1, "hidden": 8, "heads": 2, "intermediate": 16}
+
+
+@pytest.fixture(scope="session")
+def tiny_cls(tiny_root) -> Path:
+    """A one-layer, hidden-8 BERT classifier trained part way (mean loss about 0.14 on the test rows):
+    an untrained one sits at log 2 with near-zero curvature, a converged one at near-zero loss."""
+    folder = build_model(tiny_root / "hess-bert-cls", "bert", **TINY)
+    return train_classifier(folder, sentiment_rows(200, seed=3), steps=30, lr=1e-2)
+
+
+def _train_lm(folder: Path, *, steps: int = 60, lr: float = 1e-2) -> Path:
+    """A few next-token steps on the synthetic sentences (a random LM's curvature is near 0)."""
+    torch.manual_seed(0)
+    lm = load_model(folder, "causal_lm")
+    data = TextData([TextExample(str(r["text"]), None) for r in sentiment_rows(200, seed=3)], None)
+    batches = tokenize(data, lm.tokenizer, max_length=16, batch_size=16)
+    model = lm.model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    for step in range(steps):
+        b = batches[step % len(batches)]
+        labels = b.input_ids.masked_fill(b.attention_mask == 0, -100)
+        loss = model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval().save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_root, tiny_cls) -> dict[tuple[str, str], Path]:
+    return {
+        ("bert", "sequence_classification"): tiny_cls,
+        ("bert", "embeddings"): build_model(tiny_root / "hess-bert-emb", "bert", task="embeddings", **TINY),
+        ("llama", "causal_lm"): _train_lm(
+            build_model(tiny_root / "hess-llama", "llama", task="causal_lm", **TINY)
+        ),
+        ("gpt2", "causal_lm"): _train_lm(
+            build_model(tiny_root / "hess-gpt2", "gpt2", task="causal_lm", **TINY)
+        ),
+    }
+
+
+def _ctx(folder, task, data_file, granularity, *, include=None, n=16, batch_size=8, seed=0, **load_kw):
+    lm = load_model(folder, task, num_labels=2, **load_kw)
+    labelled = task == "sequence_classification"
+    data = load_text_data(data_file, label_field="label" if labelled else None, limit=n)
+    batches = tokenize(data, lm.tokenizer, max_length=12, batch_size=batch_size)
+    ad = ModelAdapter(lm.model, include=include)
+    space = ad.build_space(granularity=granularity, bits=(0, 2, 3, 4, 8, 16), ffn_block_size=8)
+    return SensitivityContext(lm.model, ad, space, task, batches, seed=seed)
+
+
+# ------------------------------------------------------------------------------ exact Hessian
+
+
+def _exact_block_traces(ctx: SensitivityContext) -> dict[str, float]:
+    """Exact trace of every group's diagonal Hessian block, with torch.autograd.functional.hessian
+    over the flattened group parameters, of the loss written here independently of search.hessian."""
+    model, ad, task = ctx.model, ctx.adapter, ctx.task
+    params: list[torch.nn.Parameter] = []
+    for g in ctx.space.groups:
+        for p, _ in ad.group_params(g):
+            if all(p is not q for q in params):
+                params.append(p)
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    offsets, off = {}, 0
+    for p in params:
+        offsets[id(p)] = off
+        off += p.numel()
+    assert off <= 600, "keep the exact Hessian small"
+    flat0 = torch.cat([p.detach().reshape(-1) for p in params])
+    model.eval()
+    with torch.no_grad():
+        refs = [model(input_ids=b.input_ids, attention_mask=b.attention_mask) for b in ctx.batches]
+
+    def loss(flat: torch.Tensor) -> torch.Tensor:
+        weights, o = {}, 0
+        for p in params:
+            weights[name_of[id(p)]] = flat[o : o + p.numel()].view(p.shape)
+            o += p.numel()
+        total, count = flat.new_zeros(()), 0
+        for b, ref in zip(ctx.batches, refs, strict=True):
+            kw = {"input_ids": b.input_ids, "attention_mask": b.attention_mask}
+            if task == "causal_lm":
+                kw["use_cache"] = False
+            out = torch.func.functional_call(model, weights, args=(), kwargs=kw)
+            if task == "sequence_classification":
+                total = total + F.cross_entropy(out.logits, b.labels, reduction="sum")
+                count += len(b)
+            elif task == "causal_lm":
+                logits, target, mask = out.logits[:, :-1], b.input_ids[:, 1:], b.attention_mask[:, 1:]
+                nll = F.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none"
+                )
+                total = total + (nll * mask.reshape(-1)).sum()
+                count += int(mask.sum())
+            else:  # embeddings: 1 - cosine of the mean-pooled embedding to the fixed reference
+                m = b.attention_mask.unsqueeze(-1).float()
+                emb = (out.last_hidden_state * m).sum(1) / m.sum(1)
+                ref_emb = (ref.last_hidden_state * m).sum(1) / m.sum(1)
+                total = total + (1 - F.cosine_similarity(ref_emb.double(), emb.double(), dim=-1)).sum()
+                count += len(b)
+        return total / count
+
+    H = torch.autograd.functional.hessian(loss, flat0)
+    out = {}
+    for g in ctx.space.groups:
+        s = 0.0
+        for p, idx in ad.group_params(g):
+            ids = torch.arange(p.numel()).view(p.shape)[idx].reshape(-1) + offsets[id(p)]
+            s += float(H[ids, ids].sum())
+        out[g.name] = s
+    return out
+
+
+@pytest.mark.parametrize(
+    "arch,task,granularity,include,tol",
+    [
+        ("bert", "sequence_classification", "layer", ["*attention*"], 0.1),
+        ("bert", "sequence_classification", "group", None, 0.05),
+        ("bert", "embeddings", "layer", ["*attention*"], 0.05),
+        ("llama", "causal_lm", "group", None, 0.05),
+        ("gpt2", "causal_lm", "layer", None, 0.05),
+    ],
+)
+def test_traces_match_the_exact_hessian(tiny_models, sentiment_file, arch, task, granularity, include, tol):
+    ctx = _ctx(tiny_models[(arch, task)], task, sentiment_file, granularity, include=include)
+    if granularity == "group":
+        assert {g.kind for g in ctx.space.groups} == {"head", "ffn"}
+    exact = _exact_block_traces(ctx)
+    table = HessianSensitivity(tolerance=tol, max_probes=400).compute(ctx)
+    traces, se = table.extra["traces"], table.extra["trace_se"]
+    assert set(traces) == set(exact) == set(table.errors)
+    for name, ex in exact.items():
+        est = traces[name]
+        # the reported standard error is honest: the exact trace lies within ~3 of them
+        assert abs(est - ex) <= 3.5 * se[name] + 1e-9, (name, est, ex, se[name])
+        assert table.errors[name] == pytest.approx(se[name] / abs(est))
+        if table.errors[name] < tol:
+            # and where the stop rule was met, the relative error is small
+            assert abs(est - ex) <= 3.5 * tol * abs(ex), (name, est, ex)
+    if task == "sequence_classification":
+        # a trained classifier: every group reached the tolerance (within max_probes)
+        assert table.extra["stopped"] == "tolerance", (
+            list(table.errors.values()),
+            table.extra["probes_per_batch"],
+        )
+        assert max(table.errors.values()) < tol
+    if task == "embeddings":
+        # self-distillation: the Hessian at the reference is the Gauss-Newton matrix, PSD
+        assert all(v > 0 for v in exact.values())
+
+
+# ------------------------------------------------------------------------------ stop rule
+
+
+def test_stop_rule_per_group(tiny_cls, sentiment_file):
+    ctx = _ctx(tiny_cls, "sequence_classification", sentiment_file, "layer", include=["*attention*"])
+    loose = HessianSensitivity(tolerance=0.3, min_probes=4, max_probes=1000).compute(ctx)
+    tight = HessianSensitivity(tolerance=0.1, min_probes=4, max_probes=1000).compute(ctx)
+    for t, tol in ((loose, 0.3), (tight, 0.1)):
+        e = t.extra
+        assert e["stopped"] == "tolerance"
+        assert all(err < tol for err in t.errors.values())
+        assert all(n >= 4 for n in e["probes_per_batch"])
+        assert e["hvps"] == sum(e["probes_per_batch"]) == t.samples
+        assert e["graph_builds"] >= len(ctx.batches)
+        assert e["seconds_hvp"] > 0 and e["seconds"] >= e["seconds_hvp"]
+    assert tight.extra["hvps"] > 2 * loose.extra["hvps"]
+    # unreachable: stops at max_probes on every batch, and says so
+    capped = HessianSensitivity(tolerance=1e-4, min_probes=3, max_probes=10).compute(ctx)
+    assert capped.extra["stopped"] == "max_probes"
+    assert capped.extra["probes_per_batch"] == [10] * len(ctx.batches)
+    assert capped.extra["graph_builds"] == len(ctx.batches)  # one graph per batch, reused by all its probes
+    assert max(capped.errors.values()) >= 1e-4
+    # min_probes is a floor even when the tolerance is met at once
+    easy = HessianSensitivity(tolerance=1e6, min_probes=5, max_probes=10).compute(ctx)
+    assert easy.extra["probes_per_batch"] == [5] * len(ctx.batches)
+    assert easy.extra["stopped"] == "tolerance"
+
+
+def test_seeded_runs_are_identical(tiny_cls, sentiment_file):
+    ctx = _ctx(tiny_cls, "sequence_classification", sentiment_file, "group")
+    a = HessianSensitivity(tolerance=0.2, max_probes=30).compute(ctx).to_dict()
+    b = HessianSensitivity(tolerance=0.2, max_probes=30).compute(ctx).to_dict()
+    for t in (a, b):
+        for k in [k for k in t["extra"] if k.startswith("seconds")]:
+            del t["extra"][k]
+    assert a == b
+    ctx.seed = 1
+    c = HessianSensitivity(tolerance=0.2, max_probes=30).compute(ctx)
+    assert c.extra["traces"] != a["extra"]["traces"]
+
+
+# ------------------------------------------------------------------------------ model left as found
+
+
+def test_model_left_as_found_and_user_attention_restored(tiny_cls, sentiment_file):
+    ctx = _ctx(tiny_cls, "sequence_classification", sentiment_file, "group", attn_implementation="sdpa")
+    model = ctx.model
+    assert model.config._attn_implementation == "sdpa"
+    # a user's own flags and modes: part of the model frozen, train mode with one module in eval
+    for n, p in model.named_parameters():
+        p.requires_grad_(not ("key" in n or "embeddings" in n))
+    model.train()
+    model.bert.encoder.layer[0].attention.eval()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    modes = {n: m.training for n, m in model.named_modules()}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    table = HessianSensitivity(tolerance=0.2, max_probes=20).compute(ctx)
+    assert table.extra["switched_to_eager"] is True
+    assert table.extra["attn_implementation"] == "sdpa"
+    assert model.config._attn_implementation == "sdpa"
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+    # the same after a cancellation mid-way
+    calls = {"n": 0}
+
+    def stop() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 5
+
+    with pytest.raises(CanceledError):
+        HessianSensitivity(tolerance=0.01).compute(ctx, should_stop=stop)
+    assert model.config._attn_implementation == "sdpa"
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+    # eager models are not touched, and give the same traces as the switched sdpa model
+    eager = _ctx(tiny_cls, "sequence_classification", sentiment_file, "group")
+    assert eager.model.config._attn_implementation == "eager"
+    t2 = HessianSensitivity(tolerance=0.2, max_probes=20).compute(eager)
+    assert t2.extra["switched_to_eager"] is False
+    for name, v in t2.extra["traces"].items():
+        assert table.extra["traces"][name] == pytest.approx(v, rel=1e-4, abs=1e-9)
+
+
+def test_model_that_cannot_switch_attention_runs_on_the_math_sdpa_backend(
+    tiny_cls, sentiment_file, monkeypatch
+):
+    ctx = _ctx(tiny_cls, "sequence_classification", sentiment_file, "layer", attn_implementation="sdpa")
+    monkeypatch.setattr(ctx.model, "set_attn_implementation", lambda *a, **k: None)  # a model that refuses
+    table = HessianSensitivity(tolerance=0.2, max_probes=20).compute(ctx)
+    assert table.extra["sdpa_math"] is True and table.extra["switched_to_eager"] is False
+    assert ctx.model.config._attn_implementation == "sdpa"
+    eager = _ctx(tiny_cls, "sequence_classification", sentiment_file, "layer")
+    ref = HessianSensitivity(tolerance=0.2, max_probes=20).compute(eager)
+    for name, v in ref.extra["traces"].items():
+        assert table.extra["traces"][name] == pytest.approx(v, rel=1e-4, abs=1e-9)
+
+
+# ------------------------------------------------------------------------------ scores
+
+
+def test_scores_grow_as_bits_shrink(tiny_cls, sentiment_file):
+    ctx = _ctx(tiny_cls, "sequence_classification", sentiment_file, "group")
+    table = HessianSensitivity(tolerance=0.2, max_probes=40).compute(ctx)
+    assert table.method == "hessian"
+    for g, opts in zip(ctx.space.groups, ctx.space.options, strict=True):
+        row = table.scores[g.name]
+        assert set(row) == {o.key() for o in opts}
+        assert row["32"] == 0.0
+        assert all(v >= 0 for v in row.values())
+        mean_trace = table.extra["mean_traces"][g.name]
+        assert mean_trace == max(0.0, table.extra["traces"][g.name]) / g.n_params
+        chain = [row[k] for k in ("0", "2", "3", "4", "8", "16", "32")]
+        if mean_trace > 0:
+            assert all(a > b for a, b in zip(chain, chain[1:], strict=False)), (g.name, chain)
+        else:
+            assert all(v == 0 for v in chain)
+        # HAWQ-V2: mean trace x squared quantization error of the group's slices
+        err4 = sum(quant_error(ctx.adapter.member_slice(m), 4, clip=ctx.clip) for m in g.members)
+        assert row["4"] == pytest.approx(mean_trace * err4, rel=1e-9)
+        w2 = sum(float(ctx.adapter.member_slice(m).detach().double().square().sum()) for m in g.members)
+        assert row["0"] == pytest.approx(mean_trace * w2, rel=1e-6)
+
+
+def test_progress_registry_and_options(tiny_cls, sentiment_file):
+    ctx = _ctx(tiny_cls, "sequence_classification", sentiment_file, "layer", include=["*attention*"])
+    seen = []
+    method = get_method("hessian", tolerance=0.2, max_probes=30)
+    assert isinstance(method, HessianSensitivity)
+    method.compute(ctx, on_progress=lambda s, f, m: seen.append((s, f)))
+    assert seen[-1] == ("sensitivity:hessian", 1.0)
+    fractions = [f for _, f in seen]
+    assert fractions == sorted(fractions) and all(0 <= f <= 1 for f in fractions)
+    for bad in ({"tolerance": 0}, {"min_probes": 1}, {"max_probes": 4, "min_probes": 8}, {"margin": 0.5}):
+        with pytest.raises(InvalidInputError):
+            HessianSensitivity(**bad)
+    assert np.isfinite(list(method.compute(ctx).errors.values())).all()
+
+
+def test_reducers_sum_every_layout_into_its_groups():
+    from search.hessian import _reducer
+
+    p = torch.zeros(6, 4)
+    full = _reducer(p, [(3, (slice(None), slice(None)))], 5)
+    assert (full.kind, full.group) == ("full", 3)
+    rows = _reducer(p, [(0, (slice(0, 2), slice(None))), (2, (slice(4, 6), slice(None)))], 5)
+    assert rows.kind == "rows" and rows.index.tolist() == [0, 0, 5, 5, 2, 2]
+    cols = _reducer(p, [(1, (slice(None), slice(1, 3))), (1, (slice(None), slice(3, 4)))], 5)
+    assert cols.kind == "cols" and cols.index.tolist() == [5, 1, 1, 1]
+    overlapping = _reducer(p, [(0, (slice(0, 3), slice(None))), (1, (slice(2, 4), slice(None)))], 5)
+    mixed = _reducer(p, [(0, (slice(0, 3), slice(None))), (1, (slice(None), slice(0, 2)))], 5)
+    assert overlapping.kind == mixed.kind == "blocks" and len(mixed.blocks) == 2
+
+
+def test_block_by_block_reduction_gives_the_same_traces(tiny_cls, sentiment_file, monkeypatch):
+    import search.hessian as hessian
+
+    ctx = _ctx(tiny_cls, "sequence_classification", sentiment_file, "group")
+    fast = HessianSensitivity(tolerance=0.5, min_probes=6, max_probes=6).compute(ctx)
+    monkeypatch.setattr(
+        hessian, "_reducer", lambda p, blocks, n: hessian._Reducer("blocks", blocks=tuple(blocks))
+    )
+    slow = HessianSensitivity(tolerance=0.5, min_probes=6, max_probes=6).compute(ctx)
+    for name, v in fast.extra["traces"].items():
+        assert slow.extra["traces"][name] == pytest.approx(v, rel=1e-5, abs=1e-12)
