@@ -828,12 +828,19 @@ class Store:
                 self._requeue_row(s, row, f"no heartbeat for more than {older_than_s:g} s", max_attempts)
         return changed
 
-    def requeue_running(self, *, worker_id: str | None = None, max_attempts: int | None = None) -> list[str]:
+    def requeue_running(
+        self,
+        *,
+        worker_id: str | None = None,
+        max_attempts: int | None = None,
+        reason: str = "its worker was restarted",
+    ) -> list[str]:
         """Send running jobs (only those claimed by ``worker_id`` if given) back to ``queued``.
 
-        For a restarted dispatcher that cannot adopt what it was running. Jobs whose cancel was
-        requested become ``canceled``; with ``max_attempts``, jobs started that often become
-        ``failed``. Returns the ids of the jobs changed.
+        For a restarted dispatcher that cannot adopt what it was running, or one whose worker
+        died. Jobs whose cancel was requested become ``canceled``; with ``max_attempts``, jobs
+        started that often become ``failed``. ``reason`` (why the worker was lost) goes into the
+        ``requeued`` event and the failure message. Returns the ids of the jobs changed.
         """
         changed: list[str] = []
         with self._write() as s:
@@ -844,7 +851,7 @@ class Store:
                 stmt = stmt.with_for_update(skip_locked=True)
             for row in s.execute(stmt).scalars().all():
                 changed.append(row.id)
-                self._requeue_row(s, row, "its worker was restarted", max_attempts)
+                self._requeue_row(s, row, reason, max_attempts)
         return changed
 
     def _requeue_row(self, s: Session, row: JobRow, reason: str, max_attempts: int | None) -> None:

@@ -1,0 +1,270 @@
+"""``bitscout serve`` (the API, the dispatcher and a local Ray in one command) and
+``bitscout dispatcher`` (the dispatcher alone, e.g. next to a Ray cluster).
+
+Both read the service's settings (``BITSCOUT_DATA_DIR``, ``DATABASE_URL``...) and the workers'
+(``BITSCOUT_MAX_CONCURRENT_JOBS``, ``RAY_ADDRESS``...) from the environment; the options below
+override them. Errors are one readable line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+
+SERVE_EXAMPLE = """examples:
+  bitscout serve                                   # SQLite in ~/.local/share/bitscout, a local Ray
+  bitscout serve --port 9000 --model-root ~/models --data-root ~/data
+  bitscout serve --ray-address ray-head:6379 --database-url postgresql://bitscout@db/bitscout
+"""
+
+DISPATCHER_EXAMPLE = """example:
+  bitscout dispatcher --ray-address ray-head:6379 --database-url postgresql://bitscout@db/bitscout
+"""
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", type=Path, help="SQLite database, uploads, artifacts (default: BITSCOUT_DATA_DIR "
+                   "or ~/.local/share/bitscout)")
+    p.add_argument("--database-url", help="SQLAlchemy URL, e.g. postgresql://user@host/db (default: DATABASE_URL or "
+                   "SQLite in the data dir)")
+    p.add_argument("--ray-address", help="a Ray cluster (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--model-root", type=Path, help="server-side model paths must lie under this")
+    p.add_argument("--data-root", type=Path, help="server-side data paths must lie under this")
+    p.add_argument("--max-concurrent-jobs", type=int, help="jobs run at once (default 2)")
+    p.add_argument("--eval-workers", type=int, help="Ray actors per job that evaluate maps next to the runner")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def _settings(args: argparse.Namespace) -> tuple[Any, Any]:
+    from service.settings import Settings
+    from workers.settings import WorkerSettings
+
+    svc: dict[str, Any] = {}
+    for name in ("data_dir", "database_url", "model_root", "data_root"):
+        value = getattr(args, name, None)
+        if value is not None:
+            svc[name] = value
+    wk: dict[str, Any] = {}
+    for src, dst in (("ray_address", "ray_address"), ("max_concurrent_jobs", "max_concurrent_jobs"),
+                     ("eval_workers", "eval_workers"), ("num_cpus", "ray_num_cpus")):  # fmt: skip
+        value = getattr(args, src, None)
+        if value is not None:
+            wk[dst] = value
+    return Settings(**svc), WorkerSettings(**wk)
+
+
+def _redact(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001
+        return "<database>"
+
+
+def _prepare_database(settings: Any, *, upgrade_sqlite: bool) -> None:
+    """Apply the migrations to the embedded SQLite database if needed; refuse any other database
+    whose schema is not at head (raises ``SchemaOutOfDate`` with the command to run)."""
+    from service import db
+
+    engine = db.make_engine(settings.url)
+    try:
+        if upgrade_sqlite and settings.is_sqlite and db.current_revision(engine) != db.head_revision():
+            before = db.current_revision(engine)
+            db.upgrade(engine)
+            print(f"database {_redact(settings.url)}: migrated {before or 'empty'} -> {db.head_revision()}",
+                  file=sys.stderr)  # fmt: skip
+        db.check_schema(engine)
+    finally:
+        engine.dispose()
+
+
+def _warn_sqlite_on_cluster(prog: str, settings: Any, wsettings: Any) -> None:
+    if settings.is_sqlite and wsettings.ray_address and wsettings.ray_address.lower() != "local":
+        print(
+            f"{prog}: warning: the database is SQLite ({_redact(settings.url)}) but jobs run on the Ray cluster at "
+            f"{wsettings.ray_address}: every Ray node must see this file (and {settings.data_dir}); with several "
+            "machines use PostgreSQL (--database-url) and a shared data directory",
+            file=sys.stderr,
+        )
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+# --------------------------------------------------------------------------- serve
+
+
+def serve_main(argv: list[str]) -> int:
+    """``bitscout serve``: the API, the dispatcher and a local Ray (or ``--ray-address``)."""
+    parser = argparse.ArgumentParser(
+        prog="bitscout serve",
+        description="Run the bitscout service: the REST API and web page, the job dispatcher and Ray.",
+        epilog=SERVE_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--no-dispatcher", action="store_true", help="serve the API only (run `bitscout dispatcher` "
+                        "elsewhere)")  # fmt: skip
+    _common(parser)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    _logging(args.log_level)
+    try:
+        settings, wsettings = _settings(args)
+        _prepare_database(settings, upgrade_sqlite=True)
+    except Exception as exc:  # noqa: BLE001 - one line for the user
+        print(f"bitscout serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    import uvicorn
+
+    from service.app import create_app
+    from service.cli import server_url
+    from service.settings import default_config_path
+    from workers.resolver import SearchResolver
+
+    url = server_url(settings, args.host, args.port)
+    try:
+        from service.cli import ensure_admin_token
+
+        ensure_admin_token(settings, url=url)
+        app = create_app(settings, resolver=SearchResolver())
+    except Exception as exc:  # noqa: BLE001
+        print(f"bitscout serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    dispatcher = None
+    ray_info: dict[str, Any] = {}
+    if not args.no_dispatcher:
+        _warn_sqlite_on_cluster("bitscout serve", settings, wsettings)
+        try:
+            dispatcher, ray_info = _start_dispatcher(settings, wsettings)
+        except Exception as exc:  # noqa: BLE001
+            print(f"bitscout serve: cannot start the dispatcher: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+
+    where_ray = (
+        "no dispatcher here" if dispatcher is None
+        else f"local Ray ({ray_info['resources'].get('CPU', 0):g} CPUs)" if ray_info.get("local")
+        else f"Ray cluster at {ray_info.get('address')}"
+    )  # fmt: skip
+    print(
+        f"bitscout is serving at {url}/  (API {url}/api/v1, docs {url}/api/v1/openapi.json)\n"
+        f"  database: {_redact(settings.url)}\n"
+        f"  jobs run on: {where_ray}\n"
+        f"  admin token: saved in {default_config_path()} (the SDK and the CLI read it from there)\n"
+        "  press Ctrl-C to stop",
+        file=sys.stderr,
+        flush=True,
+    )
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="on")
+    server = uvicorn.Server(config)
+    try:
+        server.run()
+    except KeyboardInterrupt:  # pragma: no cover - uvicorn handles the signal itself
+        pass
+    finally:
+        _stop_dispatcher(dispatcher, ray_info)
+    print("bitscout serve: stopped", file=sys.stderr)
+    return EXIT_OK
+
+
+def _start_dispatcher(settings: Any, wsettings: Any) -> tuple[Any, dict[str, Any]]:
+    from service.store import Store
+    from workers.cluster import init_ray
+    from workers.dispatcher import Dispatcher
+    from workers.settings import RunnerConfig
+
+    info = init_ray(wsettings)
+    store = Store.from_settings(settings)
+    dispatcher = Dispatcher(store, RunnerConfig.build(settings, wsettings), wsettings)
+    dispatcher.start()
+    return dispatcher, info
+
+
+def _stop_dispatcher(dispatcher: Any, ray_info: dict[str, Any]) -> None:
+    if dispatcher is None:
+        return
+    from workers.cluster import shutdown_ray
+
+    # The runners stop with this process: their jobs go back to the queue now (a re-run reuses
+    # the sensitivity tables they stored).
+    dispatcher.stop()
+    dispatcher.store.close()
+    if ray_info.get("local"):
+        shutdown_ray()
+
+
+# --------------------------------------------------------------------------- dispatcher
+
+
+def dispatcher_main(argv: list[str]) -> int:
+    """``bitscout dispatcher``: claim queued jobs and run them on Ray, until interrupted."""
+    parser = argparse.ArgumentParser(
+        prog="bitscout dispatcher",
+        description="Run the job dispatcher alone: it claims queued jobs from the database and runs them on Ray.",
+        epilog=DISPATCHER_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(parser)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    _logging(args.log_level)
+    try:
+        settings, wsettings = _settings(args)
+        _prepare_database(settings, upgrade_sqlite=False)
+    except Exception as exc:  # noqa: BLE001
+        print(f"bitscout dispatcher: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    from service.store import Store
+    from workers.cluster import init_ray, shutdown_ray
+    from workers.dispatcher import Dispatcher
+    from workers.settings import RunnerConfig
+
+    _warn_sqlite_on_cluster("bitscout dispatcher", settings, wsettings)
+    try:
+        info = init_ray(wsettings)
+    except Exception as exc:  # noqa: BLE001
+        print(f"bitscout dispatcher: cannot connect to Ray: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    store = Store.from_settings(settings)
+    dispatcher = Dispatcher(store, RunnerConfig.build(settings, wsettings), wsettings)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    where = "local Ray" if info["local"] else f"Ray cluster at {info['address']}"
+    print(f"bitscout dispatcher {wsettings.dispatcher_id}: database {_redact(settings.url)}, {where}; "
+          "press Ctrl-C to stop", file=sys.stderr, flush=True)  # fmt: skip
+    dispatcher.start()
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        dispatcher.stop()
+        store.close()
+        if info["local"]:
+            shutdown_ray()
+    print("bitscout dispatcher: stopped", file=sys.stderr)
+    return EXIT_OK

@@ -1,0 +1,223 @@
+"""Parallel evaluation of candidate maps: the runner plus Ray tasks across the cluster.
+
+The live search (model, evaluation batches and the full-precision reference outputs) is put in
+Ray's object store once per job; each evaluation is a small Ray task (:data:`evaluate_map_task`)
+that finds the search in its worker's cache, or fetches it once, and evaluates one map. Ray reuses
+its worker processes, so a worker deserialises the model once per job, not once per map: in effect
+a pool of workers that hold the model once, sized by Ray's scheduler.
+
+:meth:`EvalPool.evaluate_many` keeps at most ``size`` tasks in flight (``eval_workers``; each asks
+for ``eval_cpus`` CPUs) and evaluates maps in the runner's own process at the same time, so it
+makes progress even when the cluster has no room for a single task (two jobs on two CPUs, say):
+the tasks are an addition, never a requirement. A task whose worker died has its map evaluated
+again; an error raised inside an evaluation is raised in the runner as it was raised in the task.
+Tasks still out when the list is done (or the job canceled) are
+left to finish their one map, never interrupted: an interrupt that lands in an import would break
+the worker process, which Ray reuses.
+
+A worker's cached search is dropped when a task of another job arrives, or after
+:data:`CACHE_TTL_S` idle seconds. Searches on a GPU are not shipped (a cached model would hold GPU
+memory in an idle worker): the runner evaluates them alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import ray
+
+from search.errors import CanceledError
+from search.pipeline import Search
+from search.space import PrecisionMap
+
+log = logging.getLogger("bitscout.workers.pool")
+
+Metrics = dict[str, float]
+
+#: seconds an idle worker keeps a job's search in memory
+CACHE_TTL_S = 60.0
+
+_cache: dict[str, Any] = {"key": None, "search": None, "used": 0.0}
+_cache_lock = threading.Lock()
+_janitor: threading.Thread | None = None
+
+
+def _janitor_loop() -> None:
+    while True:
+        time.sleep(CACHE_TTL_S / 4)
+        with _cache_lock:
+            if _cache["search"] is not None and time.monotonic() - _cache["used"] > CACHE_TTL_S:
+                _cache.update(key=None, search=None)
+
+
+def _cached_search(holder: list[Any]) -> Search:
+    global _janitor
+    ref = holder[0]
+    key = ref.hex()
+    with _cache_lock:
+        if _cache["key"] == key and _cache["search"] is not None:
+            _cache["used"] = time.monotonic()
+            return _cache["search"]  # type: ignore[no-any-return]
+        _cache.update(key=None, search=None)
+    search = ray.get(ref)
+    with _cache_lock:
+        _cache.update(key=key, search=search, used=time.monotonic())
+        if _janitor is None:
+            _janitor = threading.Thread(target=_janitor_loop, name="bitscout-eval-cache", daemon=True)
+            _janitor.start()
+    return search  # type: ignore[no-any-return]
+
+
+def evaluate_map(holder: list[Any], pmap: dict[str, Any], threads: int = 1) -> tuple[Metrics, str]:
+    """Evaluate one map with the search in ``holder[0]`` (an ObjectRef, wrapped in a list so Ray
+    does not fetch it before the cache is consulted); returns the metrics and ``host:pid``."""
+    import torch
+
+    torch.set_num_threads(max(1, int(threads)))
+    search = _cached_search(holder)
+    return search.evaluate(PrecisionMap.from_dict(pmap)), f"{socket.gethostname()}:{os.getpid()}"
+
+
+evaluate_map_task = ray.remote(max_retries=0, retry_exceptions=False)(evaluate_map)
+
+
+class EvalPool:
+    """Evaluates lists of maps in the runner and in up to ``size`` Ray tasks at once (see the
+    module docstring).
+
+    Args:
+        search: the live search (its reference outputs are computed before it is shipped).
+        size: Ray tasks in flight at most (0: evaluate in this process only).
+        cpus: what each task asks Ray for.
+        should_stop: checked between maps; True raises :class:`CanceledError`.
+        on_result: called after each map with ``(done, total)``.
+    """
+
+    def __init__(
+        self,
+        search: Search,
+        *,
+        size: int,
+        cpus: float = 1.0,
+        should_stop: Callable[[], bool] | None = None,
+        on_result: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.search = search
+        self.size = max(0, int(size)) if search.device.type != "cuda" else 0
+        self.cpus = float(cpus)
+        self.threads = max(1, int(cpus))
+        self.should_stop = should_stop or (lambda: False)
+        self.on_result = on_result
+        self.here = f"{socket.gethostname()}:{os.getpid()}"
+        self.counts: Counter[str] = Counter()
+        self.remote_failures = 0
+        self._holder: list[Any] | None = None
+        self._in_flight: dict[Any, int] = {}
+        self._abandoned: list[Any] = []
+
+    def _ship(self) -> list[Any]:
+        if self._holder is None:
+            self.search.reference()  # computed once, shipped with the search
+            self._holder = [ray.put(self.search)]
+        return self._holder
+
+    def evaluate_many(self, maps: list[PrecisionMap]) -> list[Metrics]:
+        """The metrics of every map, in order."""
+        n = len(maps)
+        results: list[Metrics | None] = [None] * n
+        pending = list(range(n))
+        done = 0
+        in_flight = self._in_flight
+
+        def finished(i: int, metrics: Metrics, where: str) -> None:
+            nonlocal done
+            results[i] = metrics
+            self.counts[where] += 1
+            done += 1
+            if self.on_result is not None:
+                self.on_result(done, n)
+
+        try:
+            while pending or in_flight:
+                if self.should_stop():
+                    raise CanceledError("search canceled")
+                if in_flight:
+                    self._collect(in_flight, results, pending, finished)
+                # Keep the remote slots busy with maps from the front, leaving one for this process...
+                while len(pending) > 1 and len(in_flight) < self.size and self._room():
+                    i = pending.pop(0)
+                    task = evaluate_map_task.options(num_cpus=self.cpus)
+                    in_flight[task.remote(self._ship(), maps[i].to_dict(), self.threads)] = i
+                # ... and evaluate one here meanwhile: the last pending map, or else the oldest one
+                # still out (a cold or busy worker must never make the runner wait; its task is
+                # left to finish, never interrupted, and its result ignored).
+                local: int | None = None
+                if pending:
+                    local = pending.pop()
+                elif in_flight:
+                    ref = next(iter(in_flight))
+                    local = in_flight.pop(ref)
+                    self._abandoned.append(ref)
+                if local is not None and results[local] is None:
+                    finished(local, self.search.evaluate(maps[local], should_stop=self.should_stop), self.here)
+        finally:
+            self.cancel()
+        return [r if r is not None else {} for r in results]
+
+    def _collect(
+        self,
+        in_flight: dict[Any, int],
+        results: list[Metrics | None],
+        pending: list[int],
+        finished: Callable[[int, Metrics, str], None],
+    ) -> None:
+        ready, _ = ray.wait(list(in_flight), num_returns=len(in_flight), timeout=0)
+        for r in ready:
+            i = in_flight.pop(r)
+            try:
+                metrics, where = ray.get(r)
+            except ray.exceptions.RayTaskError as exc:
+                cause = getattr(exc, "cause", None)
+                raise (cause if isinstance(cause, BaseException) else exc) from None
+            except ray.exceptions.RayError as exc:  # the worker died, the task was lost
+                self.remote_failures += 1
+                log.warning("an evaluation task was lost (%s); map %d is evaluated again", exc, i)
+                if results[i] is None:
+                    pending.append(i)
+                if self.remote_failures >= 3 * max(1, self.size):
+                    self.size = 0  # the cluster keeps losing them: go on alone
+                continue
+            if results[i] is None:
+                finished(i, metrics, where)
+
+    def _room(self) -> bool:
+        """Whether the cluster has a free slot for one more task now (so that tasks are not left
+        queued behind other work, to start after they are no longer wanted)."""
+        try:
+            return float(ray.available_resources().get("CPU", 0.0)) >= self.cpus
+        except Exception:  # noqa: BLE001
+            return False
+
+    def cancel(self) -> None:
+        """Forget the tasks still out. They are not interrupted: an interrupt that lands in an
+        import would break the worker process, which Ray reuses; each evaluates one map and ends."""
+        self._abandoned.extend(self._in_flight)
+        self._in_flight.clear()
+        self._abandoned = [r for r in self._abandoned if not ray.wait([r], timeout=0)[0]]
+
+    def summary(self) -> dict[str, Any]:
+        """Where the maps were evaluated: ``processes`` ({host:pid: maps}), ``remote_maps`` (maps
+        evaluated by Ray tasks), ``max_tasks`` (tasks in flight at most) and ``runner`` (host:pid)."""
+        remote = sum(c for w, c in self.counts.items() if w != self.here)
+        return {"processes": dict(self.counts), "remote_maps": remote, "max_tasks": self.size, "runner": self.here}
+
+    def close(self) -> None:
+        self.cancel()
+        self._holder = None
