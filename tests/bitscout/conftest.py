@@ -129,9 +129,9 @@ def service(tmp_path: Path, sqlite_template: Path) -> Iterator[Service]:
 def resolving_service(tmp_path: Path, sqlite_template: Path) -> Iterator[Service]:
     """The app with an allocator behind ``/resolve``."""
     pytest.importorskip("torch")
-    from tests.bitscout.support import TableResolver
+    from workers.resolver import SearchResolver
 
-    svc = make_service(tmp_path, sqlite_template, resolver=TableResolver())
+    svc = make_service(tmp_path, sqlite_template, resolver=SearchResolver())
     try:
         yield svc
     finally:

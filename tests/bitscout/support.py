@@ -120,24 +120,6 @@ def live_server(app: Any) -> Iterator[str]:
 # --------------------------------------------------------------------------- the worker's side
 
 
-class TableResolver:
-    """The allocator behind ``POST /jobs/{id}/resolve``, over the search library's ``resolve``:
-    what the workers package injects into the app (a stand-in until it provides its own)."""
-
-    def resolve(
-        self,
-        *,
-        space: dict[str, Any],
-        sensitivities: list[dict[str, Any]],
-        budget: dict[str, Any],
-        methods: list[str] | None,
-    ) -> dict[str, Any]:
-        from search.pipeline import resolve
-
-        limits = {k: v for k, v in budget.items() if k.startswith("max_") and v is not None}
-        return resolve(space, sensitivities[0], limits)
-
-
 @dataclass
 class SimulatedRun:
     """What the simulated worker produced (kept to re-evaluate the applied model)."""
