@@ -203,6 +203,7 @@ class Client(_BaseClient):
         device: str | None = None,
         resources: Mapping[str, Any] | None = None,
         refine: Mapping[str, Any] | None = None,
+        method_options: Mapping[str, Mapping[str, Any]] | None = None,
         progress: bool = True,
     ) -> Job:
         """Submit a search and return its :class:`Job` (queued).
@@ -235,7 +236,8 @@ class Client(_BaseClient):
         prepared = prepare_submission(
             model=model, data=data, methods=methods, budget=budget, task=task, space=space, metric=metric,
             seed=seed, idempotency_key=idempotency_key, data_options=data_options,
-            extra={"front_points": front_points, "device": device, "resources": resources, "refine": refine},
+            extra={"front_points": front_points, "device": device, "resources": resources, "refine": refine,
+                   "method_options": method_options},
             progress=progress,
         )  # fmt: skip
         try:

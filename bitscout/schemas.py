@@ -433,6 +433,14 @@ class JobSpec(_Request):
         default_factory=ResourceSpec, description="Cluster resources for the job."
     )
     refine: RefineSpec | None = Field(default=None, description="Fine-tune chosen points after the search.")
+    method_options: dict[Method, dict[str, Any]] = Field(
+        default_factory=dict,
+        max_length=8,
+        description=(
+            "Per-method settings passed to the search, keyed by a method of `methods`, e.g. "
+            '{"hessian": {"tolerance": 0.1, "max_probes": 48}} or {"dnas": {"steps": 100}}.'
+        ),
+    )
 
     @field_validator("methods")
     @classmethod
@@ -440,6 +448,16 @@ class JobSpec(_Request):
         if len(set(v)) != len(v):
             raise ValueError("methods must be unique")
         return v
+
+    @model_validator(mode="after")
+    def _method_options_name_run_methods(self) -> JobSpec:
+        extra = [m.value for m in self.method_options if m not in self.methods]
+        if extra:
+            raise ValueError(f"method_options names methods the job does not run: {', '.join(extra)}")
+        for m, opts in self.method_options.items():
+            if len(opts) > 32 or any(not isinstance(k, str) or len(k) > 64 for k in opts):
+                raise ValueError(f"method_options.{m.value}: at most 32 settings with names up to 64 characters")
+        return self
 
     @model_validator(mode="after")
     def _metric_fits_task(self) -> JobSpec:

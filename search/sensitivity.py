@@ -89,7 +89,10 @@ def get_method(name: str, **options: Any) -> SensitivityMethod:
         import search.hessian  # noqa: F401
     if name not in METHODS:
         raise InvalidInputError(f"unknown sensitivity method {name!r}; known: {', '.join(sorted(METHODS))}", field="methods")
-    return METHODS[name](**options)
+    try:
+        return METHODS[name](**options)
+    except TypeError as exc:  # an unknown or misnamed option
+        raise InvalidInputError(f"bad options for method {name!r}: {exc}", field=f"method_options.{name}") from exc
 
 
 def _check_stop(should_stop: StopFn | None) -> None:

@@ -258,11 +258,12 @@ class JobRunner:
         with self._books():
             model_dir = sources.model_dir(spec, store, cfg)
             data_src = sources.data_source(spec, store, cfg)
-        method_options: dict[str, dict[str, Any]] = {}
+        method_options: dict[str, dict[str, Any]] = {m.value: dict(v) for m, v in spec.method_options.items()}
         if any(m.value == "nsga2" for m in spec.methods):
             studies = Path(cfg.work_dir) / "optuna"
             studies.mkdir(parents=True, exist_ok=True)
             method_options["nsga2"] = {
+                **method_options.get("nsga2", {}),
                 "storage": f"sqlite:///{studies / f'{self.job_id}.db'}",
                 "study_name": f"job-{self.job_id}",
             }

@@ -92,3 +92,12 @@ def test_progress_and_cancellation(tmp_path, sentiment_file):
     KLSensitivity().compute(ctx, on_progress=lambda s, f, m: progress.append((s, f)))
     assert progress[-1] == ("sensitivity:kl", 1.0)
     assert all(0 <= f <= 1 for _, f in progress)
+
+
+def test_unknown_method_option_is_an_invalid_request_naming_it() -> None:
+    from search.errors import InvalidInputError
+    from search.sensitivity import get_method
+
+    with pytest.raises(InvalidInputError) as e:
+        get_method("hessian", max_probez=3)
+    assert e.value.field == "method_options.hessian"

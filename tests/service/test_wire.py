@@ -147,3 +147,21 @@ def test_sdk_modules_import_without_server_dependencies() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_method_options_name_methods_of_the_job() -> None:
+    base = {
+        "model": {"path": "m"},
+        "data": {"path": "d.jsonl"},
+        "task": "sequence_classification",
+        "methods": ["kl", "hessian"],
+        "budget": {"max_size_mb": 5},
+    }
+    spec = schemas.JobSpec.model_validate({**base, "method_options": {"hessian": {"max_probes": 48}}})
+    assert spec.method_options[schemas.Method.hessian] == {"max_probes": 48}
+    assert schemas.JobSpec.model_validate(base).method_options == {}
+    with pytest.raises(ValidationError, match="does not run: dnas"):
+        schemas.JobSpec.model_validate({**base, "method_options": {"dnas": {"steps": 3}}})
+    with pytest.raises(ValidationError):
+        schemas.JobSpec.model_validate({**base, "method_options": {"magic": {}}})
+
