@@ -11,14 +11,17 @@ One budget (the common case) is solved along the *hull path*, computed once per 
 2. all hull segments are sorted by efficiency (value saved per unit cost): taking them in that
    order is the parametric solution of the LP relaxation, and every prefix (a *vertex*) is an
    optimal allocation for its own cost;
-3. a budget between two vertices gives the incumbent at the vertex below it and the Lagrangian
-   (LP) bound ``L(lam) = sum_g min_k (v + lam c) - lam B`` at the breakpoint's efficiency ``lam``.
-   Any strictly better allocation has summed reduced cost ``v + lam c - min(...)`` below the gap,
-   so options with a reduced cost above the gap are ruled out: most groups keep only one option
-   and are fixed. A dynamic programme over (cost, value) states with dominance and bound pruning
-   then searches the few remaining groups exactly (``scipy.optimize.milp`` on those groups if the
-   states grow too many). The result is proven optimal, or, when a time limit cuts the search
-   short, the gap to the certified lower bound is reported.
+3. a budget between two vertices gives the vertex below it, improved by a greedy fill of the
+   leftover budget, as the incumbent, and the Lagrangian (LP) bound
+   ``L(lam) = sum_g min_k (v + lam c) - lam B`` at the breakpoint's efficiency ``lam``. A better
+   allocation has summed reduced cost ``v + lam c - min(...)`` below the gap, so options with a
+   larger reduced cost are ruled out: most groups keep one option and are fixed. A dynamic
+   programme over (cost, value) states of the remaining groups (dominance; pruned by the reduced
+   cost, by feasibility and by the LP bound of the groups still to come) closes the gap on a
+   growing prefix of them until the prefix holds every group that can move: the result is then
+   proven optimal. The search has deterministic limits (``MAX_STATES``, ``MAX_WORK``) and honours
+   ``time_limit``; when one cuts it short, the best allocation found is returned with its gap to
+   the certified lower bound (``exact`` False).
 
 Several budgets at once go to ``scipy.optimize.milp`` (HiGHS), bounded by the one-budget
 relaxations (whose exact optima are lower bounds; if one of them meets every budget it is the
@@ -40,7 +43,7 @@ import numpy as np
 from scipy import sparse
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-from search.errors import InfeasibleBudgetError, InvalidInputError
+from search.errors import InfeasibleBudgetError, InvalidInputError, SearchError
 
 __all__ = [
     "Allocation",
@@ -55,14 +58,13 @@ __all__ = [
 BUDGET_RTOL = 1e-9
 #: Gaps below this, relative to the objective's scale, count as proven zero (floating-point noise).
 GAP_RTOL = 1e-11
-#: Dynamic-programme states allowed at once before the gap closure hands over to ``milp``.
+#: Limits of the exact search that closes a one-budget gap: states alive at once, and candidate
+#: states examined in all (deterministic; about 20-40 ns each). Past them the allocation found so
+#: far is returned with its certified gap (typically below 1e-5 relative on hard instances).
 MAX_STATES = 20_000
-#: Groups in the exact search's first core prefix (then x4 until it holds the whole core).
+MAX_WORK = 1_000_000
+#: Groups in the exact search's first core prefix (then x4, or the whole core once it is within 8x).
 FIRST_CORE = 32
-ORDER_BY_RATE = True
-#: The heuristic beam search before the exact one: states kept per step, groups it looks at.
-BEAM = 64
-BEAM_CORE = 512
 _TINY = 1e-300
 
 
@@ -259,9 +261,9 @@ class Allocation:
     ``lower_bound`` is a certified lower bound on the optimum under ``limits`` (the optimum
     itself when ``exact``); ``gap = (objective - lower_bound) / max(|objective|, tiny)``.
     ``costs`` are the totals per metric, offsets included; ``solver`` names the path taken:
-    ``unconstrained``, ``hull`` (a hull vertex, optimal as it stands), ``hull+exact`` (gap closed by
-    the exact search), ``hull+milp`` (gap closed by ``milp`` on the undecided groups),
-    ``hull+relaxation`` (a one-budget optimum that meets the other budgets too), ``milp``.
+    ``unconstrained``, ``hull`` (a hull vertex, or its greedy fill, proven by the LP bound),
+    ``hull+dp`` (the exact search on the undecided groups), ``hull+relaxation`` (a one-budget
+    optimum that meets the other budgets too), ``milp``.
     """
 
     choices: np.ndarray
@@ -370,54 +372,26 @@ def _path(problem: Problem, metric: str) -> _Path:
     C = np.where(problem._cache["mask"], problem._cache["W"][metric], np.inf)
     G, K = V.shape
     rows = np.arange(G)
-    cmin = C.min(axis=1)
-    cur = np.where(C == cmin[:, None], V, np.inf).argmin(axis=1)
-    vert = np.zeros((G, K), dtype=np.int64)
-    vert[:, 0] = cur
-    eff = np.full((G, max(K - 1, 1)), -np.inf)
-    active = rows
-    for step in range(1, K):
-        if active.size == 0:
-            break
-        c0 = C[active, cur[active]]
-        v0 = V[active, cur[active]]
-        dc = C[active] - c0[:, None]
-        dv = V[active] - v0[:, None]
-        ok = (dc > 0) & (dv < 0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            slope = np.where(ok, dv / np.where(ok, dc, 1.0), np.inf)
-        best = slope.min(axis=1)
-        has = np.isfinite(best)
-        # Among equally steep options take the nearest: collinear points stay vertices.
-        nxt = np.where(ok & (slope == best[:, None]), dc, np.inf).argmin(axis=1)
-        active, nxt, best = active[has], nxt[has], best[has]
-        cur[active] = nxt
-        vert[active, step] = nxt
-        eff[active, step - 1] = -best
-        # Groups that have stopped keep their last vertex in later columns (never read).
-    # Convexity can be broken by rounding only; keep each group's efficiencies non-increasing so
-    # that sorting never takes a group's segments out of order.
-    eff = np.minimum.accumulate(eff, axis=1)
-    has_seg = np.isfinite(eff) & (eff > -np.inf)
-    # Step-major layout, then a stable sort: equal efficiencies keep each group's step order.
-    step_major = has_seg.T
-    seg_group = np.broadcast_to(rows, (eff.shape[1], G))[step_major]
-    seg_step = np.broadcast_to(np.arange(1, eff.shape[1] + 1)[:, None], (eff.shape[1], G))[step_major]
-    seg_eff = eff.T[step_major]
-    order = np.argsort(-seg_eff, kind="stable")
-    seg_group, seg_step, seg_eff = seg_group[order], seg_step[order], seg_eff[order]
-    to = vert[seg_group, seg_step]
-    frm = vert[seg_group, seg_step - 1]
-    dc = C[seg_group, to] - C[seg_group, frm]
-    dv = V[seg_group, to] - V[seg_group, frm]
-    start_c = float(C[rows, vert[:, 0]].sum())
-    start_v = float(V[rows, vert[:, 0]].sum())
+    # Each group's hull starts at its cheapest option (the best of equally cheap ones).
+    start = np.where(C == C.min(axis=1)[:, None], V, np.inf).argmin(axis=1)
+    group, step, to, dc, dv = _march(C, V, start, improving=True)
+    vert = np.repeat(start[:, None], K, axis=1)  # columns past a group's last step are never read
+    vert[group, step] = to
+    # Convexity can break by rounding only: keep each group's efficiencies non-increasing so that
+    # the sort never takes a group's segments out of order.
+    eff = np.full((G, K), np.inf)
+    eff[group, step] = -dv / dc
+    eff = np.minimum.accumulate(eff, axis=1)[group, step]
+    # _march lists segments step by step: a stable sort keeps each group's order among ties.
+    order = np.argsort(-eff, kind="stable")
+    group, step, eff, dc, dv = group[order], step[order], eff[order], dc[order], dv[order]
+    start_c = float(C[rows, start].sum())
+    start_v = float(V[rows, start].sum())
     ccum = np.concatenate([[start_c], start_c + np.cumsum(dc)])
     vcum = np.concatenate([[start_v], start_v + np.cumsum(dv)])
     # Rounding in the running sum must not make it decrease.
     ccum = np.maximum.accumulate(ccum)
-    path = _Path(vert=vert, seg_group=seg_group, seg_step=seg_step, seg_dc=dc, seg_dv=dv, eff=seg_eff,
-                 ccum=ccum, vcum=vcum)
+    path = _Path(vert=vert, seg_group=group, seg_step=step, seg_dc=dc, seg_dv=dv, eff=eff, ccum=ccum, vcum=vcum)
     problem._cache["paths"][metric] = path
     return path
 
@@ -435,21 +409,24 @@ def _steps(problem: Problem, path: _Path, s: int) -> np.ndarray:
 _GREEDY_SCAN = 4096
 
 
-def _greedy_fill(problem: Problem, path: _Path, steps: np.ndarray, start: int, slack: float) -> np.ndarray:
+def _greedy_fill(path: _Path, steps: np.ndarray, start: int, slack: float) -> tuple[np.ndarray, float]:
     """From hull steps ``steps``, take later segments of the path (from ``start``, best first)
-    that fit the slack and continue their group's hull: the classic greedy heuristic."""
-    steps = steps.copy()
+    that fit the slack and continue their group's hull: the classic greedy heuristic.
+    Returns the new steps and the value they add (<= 0)."""
     dc = path.seg_dc[start : start + _GREEDY_SCAN]
     cand = np.flatnonzero(dc <= slack)
-    if cand.size:
-        groups = path.seg_group[start + cand].tolist()
-        want = path.seg_step[start + cand].tolist()
-        costs = dc[cand].tolist()
-        for g, k, c in zip(groups, want, costs, strict=True):
-            if c <= slack and steps[g] + 1 == k:
-                steps[g] = k
-                slack -= c
-    return path.vert[np.arange(problem.n_groups), steps]
+    if not cand.size:
+        return steps, 0.0
+    steps = steps.copy()
+    gained = 0.0
+    cand += start
+    for i, g, k, c in zip(cand.tolist(), path.seg_group[cand].tolist(), path.seg_step[cand].tolist(),
+                          path.seg_dc[cand].tolist(), strict=True):
+        if c <= slack and steps[g] + 1 == k:
+            steps[g] = k
+            slack -= c
+            gained += path.seg_dv[i]
+    return steps, gained
 
 
 class _Deadline:
@@ -487,24 +464,29 @@ def _allocate_one(problem: Problem, metric: str, limit: float, deadline: _Deadli
         s -= 1
         choice = _vertex(problem, path, s)
         cost = float(C[rows, choice].sum())
-    n_seg = len(path.eff)
-    if s >= n_seg:
+    if s >= len(path.eff):
         return _make(problem, choice, problem.value_of(choice), limits, "hull", exact=True)
     lam = float(path.eff[s])
     # Incumbents: the vertex filled greedily, and the vertices one and two segments back filled
     # from the same point of the path (undoing a large last segment can leave room for better).
-    best = choice
-    best_v = problem.value_of(choice)
-    for back in (0, 1, 2):
-        if s - back < 0:
-            break
-        steps = _steps(problem, path, s - back)
-        base_choice = path.vert[rows, steps]
-        cand = _greedy_fill(problem, path, steps, s, budget - float(C[rows, base_choice].sum()))
-        v = problem.value_of(cand)
-        if v < best_v and float(C[rows, cand].sum()) <= budget:
-            best, best_v = cand, v
-    return _close_gap(problem, V, C, choice, cost, lam, budget, limits, deadline, best)
+    steps = _steps(problem, path, s)
+    best_steps, best_gain = steps, 0.0
+    back_steps, back_v, back_c = steps.copy(), 0.0, cost
+    for back in range(3):
+        if back:
+            if s - back < 0:
+                break
+            g = path.seg_group[s - back]
+            back_steps[g] -= 1
+            back_v -= path.seg_dv[s - back]
+            back_c -= path.seg_dc[s - back]
+        cand, gain = _greedy_fill(path, back_steps, s, budget - back_c)
+        if back_v + gain < best_gain:
+            best_steps, best_gain = cand, back_v + gain
+    incumbent = choice if best_steps is steps else path.vert[rows, best_steps]
+    if float(C[rows, incumbent].sum()) > budget:  # rounding in the running sums
+        incumbent = choice
+    return _close_gap(problem, V, C, choice, cost, lam, budget, limits, deadline, incumbent)
 
 
 def _close_gap(problem: Problem, V: np.ndarray, C: np.ndarray, choice: np.ndarray, cost: float, lam: float,
@@ -534,85 +516,50 @@ def _close_gap(problem: Problem, V: np.ndarray, C: np.ndarray, choice: np.ndarra
     tol = GAP_RTOL * (abs(value) + abs(lam) * abs(budget) + abs(lower)) + _TINY
 
     best_choice = incumbent
-    # Cheap improvement first: the single best move that fits the slack, twice.
-    for _ in range(2):
-        bc = C[rows, best_choice]
-        bv = V[rows, best_choice]
-        slack = budget - float(bc.sum())
-        dV = np.where(mask & (C - bc[:, None] <= slack), V - bv[:, None], np.inf)
-        g, k = np.unravel_index(int(np.argmin(dV)), dV.shape)
-        if not dV[g, k] < 0:
-            break
-        best_choice = best_choice.copy()
-        best_choice[g] = k
     best_v = problem.value_of(best_choice)
     if best_v - lower <= tol:
         return _make(problem, best_choice, lower, limits, "hull", exact=True)
 
-    base = R.argmin(axis=1)
+    base = D.argmin(axis=1)
     second = np.partition(R, 1, axis=1)[:, 1] if R.shape[1] > 1 else np.full(G, np.inf)
-    order = np.argsort(second, kind="stable")
+    # The groups that may move, by their second reduced cost: later cores are prefixes of it.
+    order = np.flatnonzero(second < best_v - lower - tol)
+    order = order[np.argsort(second[order], kind="stable")]
     second = second[order]
     size = FIRST_CORE
+    work = [MAX_WORK]
     while True:
         n_core = int(np.searchsorted(second, best_v - lower - tol, side="left"))
         if n_core == 0:
-            return _make(problem, best_choice, lower, limits, "hull+exact", exact=True)
+            return _make(problem, best_choice, lower, limits, "hull+dp", exact=True)
         size = min(size, n_core)
         best_v, best_choice, finished = _core_dp(
-            problem, V, C, R, base, order[:size], budget, lam, lower, tol, best_v, best_choice, deadline)
+            problem, V, C, R, base, order[:size], budget, lam, lower, tol, best_v, best_choice, deadline, work)
         if not finished:
-            break
-        if int(np.searchsorted(second, best_v - lower - tol, side="left")) <= size:
-            return _make(problem, best_choice, lower, limits, "hull+exact", exact=True)
-        size *= 4
-
-    # The states grew too many or time ran out: milp on the core, the other groups fixed.
-    left = deadline.left()
-    if left is not None and left <= 0:
-        return _make(problem, best_choice, lower, limits, "hull", exact=False)
-    thr = best_v - lower - tol
-    core = order[: int(np.searchsorted(second, thr, side="left"))]
-    fixed = np.ones(G, dtype=bool)
-    fixed[core] = False
-    v_fix = float(V[rows[fixed], base[fixed]].sum())
-    c_fix = float(C[rows[fixed], base[fixed]].sum())
-    sub, sub_bound, status = _milp(V[core], R[core] < thr, [(C[core], budget - c_fix)], left)
-    if sub is not None:
-        cand = base.copy()
-        cand[core] = sub
-        if problem.value_of(cand) < best_v:
-            best_choice, best_v = cand, problem.value_of(cand)
-    if status == 2:  # no allocation in the core beats the incumbent
-        return _make(problem, best_choice, lower, limits, "hull+milp", exact=True)
-    # Allocations outside the core's live options are no better than best_v - tol.
-    bound = max(lower, min(best_v - tol, v_fix + sub_bound))
-    return _make(problem, best_choice, bound, limits, "hull+milp", exact=status == 0)
+            # Out of work or time: the best allocation found, with its certified gap.
+            return _make(problem, best_choice, lower, limits, "hull+dp", exact=False)
+        n_core = int(np.searchsorted(second, best_v - lower - tol, side="left"))
+        if n_core <= size:
+            return _make(problem, best_choice, lower, limits, "hull+dp", exact=True)
+        # Straight to the whole core when it is not much larger; else a larger prefix first.
+        size = size * 4 if n_core > 8 * size else n_core
 
 
 def _core_dp(problem: Problem, V: np.ndarray, C: np.ndarray, R: np.ndarray, base: np.ndarray,
              core: np.ndarray, budget: float, lam: float, lower: float, tol: float, best_v: float,
-             best_choice: np.ndarray, deadline: _Deadline,
-             beam: int | None = None) -> tuple[float, np.ndarray, bool]:
+             best_choice: np.ndarray, deadline: _Deadline, work: list[int]) -> tuple[float, np.ndarray, bool]:
     """Exact search over the groups ``core`` (the others at ``base``): (cost, value) states with
     dominance, pruned by the reduced-cost bound and by feasibility.
 
     Finds the best allocation that differs from ``base`` only in ``core``, if it beats
     ``best_v`` by more than ``tol``. Returns (best value, its choices, finished); finished is
-    False when the states grew past ``MAX_STATES`` or the deadline passed (then the best
-    allocation found so far). With ``beam`` only that many states of the best bound survive
-    each step: a heuristic (never finished) that finds good incumbents fast.
+    False when the states grew past ``MAX_STATES``, the candidates examined past the budget in
+    ``work[0]`` (decremented) or the deadline passed: then the best allocation found so far.
     """
     G = problem.n_groups
     rows = np.arange(G)
     n = len(core)
     thr = best_v - lower - tol
-    # Groups whose moves are nearest the LP's rate first (reduced cost per unit cost moved): the
-    # groups left for later are then poor at filling slack, so the LP bound prunes hard.
-    if ORDER_BY_RATE:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            dist = np.where(R[core] > 0, R[core] / np.abs(C[core] - C[core, base[core]][:, None]), np.inf)
-        core = core[np.argsort(dist.min(axis=1), kind="stable")]
     opts = [np.flatnonzero(R[g] < thr) for g in core]
     oc = [C[g, k] for g, k in zip(core, opts, strict=True)]
     ov = [V[g, k] for g, k in zip(core, opts, strict=True)]
@@ -637,6 +584,7 @@ def _core_dp(problem: Problem, V: np.ndarray, C: np.ndarray, R: np.ndarray, base
     finished = True
     for t in range(n):
         m = len(sc)
+        work[0] -= m * len(oc[t])
         # Option-major: each option's block keeps the states' cost order (a cheap merge below).
         nc = (oc[t][:, None] + sc).ravel()
         nr = (orr[t][:, None] + sr).ravel()
@@ -659,14 +607,6 @@ def _core_dp(problem: Problem, V: np.ndarray, C: np.ndarray, R: np.ndarray, base
             nd[0] = True
             nd[1:] = vs[1:] < np.minimum.accumulate(vs)[:-1]
             o = o[nd]
-            if beam is not None and len(o) > beam:
-                # Half the beam by the LP bound, half by the value of the completion at base.
-                half = beam // 2
-                by_bound = np.argpartition(bound[o], half)[:half]
-                slack = budget - nc[o] - base_c_rest[t + 1]
-                comp = np.where(slack >= 0, nr[o] + lam * slack, np.inf)
-                by_comp = np.argpartition(comp, half)[:half]
-                o = o[np.union1d(by_bound, by_comp)]
             pick, parent, nc, nv, nr = pick[o], parent[o], nc[o], nv[o], nr[o]
         sc, sv, sr = nc, nv, nr
         parents.append(parent)
@@ -684,10 +624,10 @@ def _core_dp(problem: Problem, V: np.ndarray, C: np.ndarray, R: np.ndarray, base
             if len(sel) < len(sr):
                 parents[-1], picks[-1] = parents[-1][sel], picks[-1][sel]
                 sc, sv, sr = sc[sel], sv[sel], sr[sel]
-        if len(sc) > MAX_STATES or deadline.passed():
+        if len(sc) > MAX_STATES or work[0] < 0 or deadline.passed():
             finished = False
             break
-    return problem.value_of(best_choice), best_choice, finished and beam is None
+    return problem.value_of(best_choice), best_choice, finished
 
 
 class _RestLP:
@@ -700,10 +640,10 @@ class _RestLP:
     """
 
     def __init__(self, C: np.ndarray, V: np.ndarray, base: np.ndarray) -> None:
-        up = _march(C, V, base, improving=True)
-        down = _march(-C, V, base, improving=False)
-        self.up = self._sorted(*up, upward=True)
-        self.down = self._sorted(*down, upward=False)
+        pos, _, _, dc, dv = _march(C, V, base, improving=True)
+        self.up = self._sorted(pos, dc, dv, upward=True)
+        pos, _, _, dc, dv = _march(-C, V, base, improving=False)
+        self.down = self._sorted(pos, dc, dv, upward=False)
         self._curves: dict[bool, tuple[int, np.ndarray, np.ndarray]] = {}
 
     @staticmethod
@@ -716,8 +656,10 @@ class _RestLP:
         return pos[o], dc[o], amount[o]
 
     def _curve(self, t: int, upward: bool) -> tuple[np.ndarray, np.ndarray]:
+        # The curve of the groups from t0 <= t on includes more groups: a weaker bound, still
+        # valid, so it is rebuilt only every few steps.
         cached = self._curves.get(upward)
-        if cached is None or cached[0] != t:
+        if cached is None or t - cached[0] >= 4:
             pos, dc, amount = self.up if upward else self.down
             sel = pos >= t
             x = np.concatenate([[0.0], np.cumsum(dc[sel])])
@@ -744,36 +686,33 @@ def _march(C: np.ndarray, V: np.ndarray, start: np.ndarray, *, improving: bool):
     """Lower-hull segments of each row's (C, V) options, from ``start`` towards larger C.
 
     Options with V = inf are absent. With ``improving`` only options of smaller V count (an
-    upgrade that loses value never helps). Returns (row, dc, dv) of every segment.
+    upgrade that loses value never helps). Among equally steep options the nearest is taken:
+    collinear points stay vertices. Returns (row, step, option, dc, dv) of every segment, step
+    by step (step 1: the first segment of every row, then step 2...).
     """
-    rows = np.arange(len(start))
     cur = start.copy()
-    active = rows
-    out_r, out_dc, out_dv = [], [], []
-    for _ in range(C.shape[1] - 1):
+    active = np.arange(len(start))
+    out = []
+    for step in range(1, C.shape[1]):
         if active.size == 0:
             break
-        c0 = C[active, cur[active]]
-        v0 = V[active, cur[active]]
-        dc = C[active] - c0[:, None]
-        dv = V[active] - v0[:, None]
+        dc = C[active] - C[active, cur[active]][:, None]
+        dv = V[active] - V[active, cur[active]][:, None]
         ok = (dc > 0) & np.isfinite(dv)
         if improving:
             ok &= dv < 0
         with np.errstate(invalid="ignore", divide="ignore"):
             slope = np.where(ok, dv / np.where(ok, dc, 1.0), np.inf)
         best = slope.min(axis=1)
-        has = np.isfinite(best)
-        nxt = np.where(ok & (slope == best[:, None]), dc, np.inf).argmin(axis=1)
-        active, nxt = active[has], nxt[has]
-        idx = np.flatnonzero(has)
-        out_r.append(active)
-        out_dc.append(dc[idx, nxt])
-        out_dv.append(dv[idx, nxt])
+        has = np.flatnonzero(np.isfinite(best))
+        nxt = np.where(ok & (slope == best[:, None]), dc, np.inf).argmin(axis=1)[has]
+        active = active[has]
+        out.append((active, np.full(len(has), step), nxt, dc[has, nxt], dv[has, nxt]))
         cur[active] = nxt
-    if not out_r:
-        return np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0)
-    return np.concatenate(out_r), np.concatenate(out_dc), np.concatenate(out_dv)
+    if not out:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), \
+            np.zeros(0), np.zeros(0)
+    return tuple(np.concatenate(parts) for parts in zip(*out, strict=True))
 
 
 def _trace(core: np.ndarray, opts: list[np.ndarray], parents: list[np.ndarray], picks: list[np.ndarray],
@@ -881,19 +820,18 @@ def _joint_infeasible(problem: Problem, limits: dict[str, float], deadline: _Dea
 
 
 def _run_milp(problem: Problem, limits: dict[str, float], deadline: _Deadline, incumbent: np.ndarray | None,
-              bound: float, solver: str = "milp") -> Allocation:
+              bound: float) -> Allocation:
     choice, mbound, status = _full_milp(problem, limits, deadline.left())
     if status == 2:
         raise _joint_infeasible(problem, limits, deadline, proven=True)
-    if status not in (0, 1):
-        raise InvalidInputError(f"milp failed (status {status}) on {_fmt_limits(limits)}", field="limits")
+    if status not in (0, 1):  # pragma: no cover - unbounded or a solver failure
+        raise SearchError(f"milp failed (status {status}) on {_fmt_limits(limits)}", field="limits")
     if incumbent is not None and (choice is None or problem.value_of(incumbent) < problem.value_of(choice)):
         choice = incumbent
     if choice is None:
         raise _joint_infeasible(problem, limits, deadline, proven=False)
-    lower = max(bound, mbound)
-    exact = status == 0 and problem.value_of(choice) - lower <= GAP_RTOL * max(abs(problem.value_of(choice)), _TINY)
-    return _make(problem, choice, lower, limits, solver, exact=exact)
+    # Proven when the bound meets the objective (``_make`` checks, within GAP_RTOL).
+    return _make(problem, choice, max(bound, mbound), limits, "milp", exact=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -918,8 +856,9 @@ def allocate(problem: Problem, limits: Mapping[str, float], *, time_limit: float
     """The allocation of least summed value within ``limits`` (metric -> largest total cost).
 
     One budget: the hull path and the exact gap closure (milliseconds at 10,000 groups).
-    Several: ``milp``, unless a one-budget optimum already meets every budget. ``time_limit``
-    (seconds) cuts the exact search short; the returned allocation then carries its certified gap.
+    Several: ``milp``, unless a one-budget allocation already meets every budget (then it is
+    optimal, up to the gap of its one-budget search). ``time_limit`` (seconds) cuts the exact
+    search short; the returned allocation then carries its certified gap.
     Infinite limits are ignored. Raises InfeasibleBudgetError when no allocation meets a budget
     alone (with the smallest achievable value) or all of them together.
     """
@@ -931,15 +870,22 @@ def allocate(problem: Problem, limits: Mapping[str, float], *, time_limit: float
     if len(active) == 1:
         metric, lim = next(iter(active.items()))
         return _allocate_one(problem, metric, lim, deadline)
-    relax = [_allocate_one(problem, m, lim, deadline, limits=active) for m, lim in active.items()]
-    feasible = [a for a in relax if _meets(problem, a.choices, active)]
-    for a in feasible:
-        # Optimal with one budget and within the others: optimal with all of them.
-        if a.exact:
+    # One budget at a time (in the order given): an optimum with one budget that meets the
+    # others is optimal with all of them.
+    relax = []
+    for m, lim in active.items():
+        a = _allocate_one(problem, m, lim, deadline, limits=active)
+        if a.exact and _meets(problem, a.choices, active):
             return _make(problem, a.choices, a.objective, active, "hull+relaxation", exact=True)
+        relax.append(a)
+    # Every relaxation's bound holds with all budgets: a feasible one is as close as they prove.
     bound = max(a.lower_bound for a in relax)
-    incumbent = min(feasible, key=lambda a: a.objective).choices if feasible else None
-    return _run_milp(problem, active, deadline, incumbent, bound)
+    feasible = [a for a in relax if _meets(problem, a.choices, active)]
+    if feasible:
+        a = min(feasible, key=lambda a: a.objective)
+        return _make(problem, a.choices, bound, active, "hull+relaxation", exact=False)
+    # No one-budget allocation meets the others: milp, bounded below by the relaxations.
+    return _run_milp(problem, active, deadline, None, bound)
 
 
 def allocate_milp(problem: Problem, limits: Mapping[str, float], *, time_limit: float | None = None,
