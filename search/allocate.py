@@ -920,9 +920,12 @@ def cost_range(problem: Problem, metric: str) -> tuple[float, float]:
 
 
 def allocate_front(problem: Problem, metric: str, n_points: int = 24, *,
-                   extra_limits: Mapping[str, float] | None = None) -> list[Allocation]:
-    """Optimal allocations at ``n_points`` limits on ``metric``, evenly spaced from the smallest
-    achievable total to the total of the unconstrained optimum (both included).
+                   extra_limits: Mapping[str, float] | None = None,
+                   spacing: str = "linear") -> list[Allocation]:
+    """Optimal allocations at ``n_points`` limits on ``metric``, from the smallest achievable total
+    to the total of the unconstrained optimum (both included), spaced evenly (``"linear"``) or by a
+    constant ratio (``"geometric"``: denser at the cheap end, where maps differ most; linear when the
+    smallest total is not positive).
 
     Without ``extra_limits`` every point comes off one hull path (computed once). With them, the
     range is that under the extra limits and each point is an ``allocate`` with all limits.
@@ -933,10 +936,20 @@ def allocate_front(problem: Problem, metric: str, n_points: int = 24, *,
     extra = _active_limits(problem, extra_limits, "extra_limits")
     if metric in extra:
         raise InvalidInputError(f"extra_limits must not limit the swept metric {metric}", field="extra_limits")
+    if spacing not in ("linear", "geometric"):
+        raise InvalidInputError(f"spacing must be 'linear' or 'geometric', got {spacing!r}", field="spacing")
+
+    def limits(lo: float, hi: float) -> np.ndarray:
+        if spacing == "geometric" and lo > 0 and hi > lo:
+            out = np.geomspace(lo, hi, n_points)
+            out[0], out[-1] = lo, hi
+            return out
+        return np.linspace(lo, hi, n_points)
+
     deadline = _Deadline(None)
     if not extra:
         lo, hi = cost_range(problem, metric)
-        return [_allocate_one(problem, metric, float(lim), deadline) for lim in np.linspace(lo, hi, n_points)]
+        return [_allocate_one(problem, metric, float(lim), deadline) for lim in limits(lo, hi)]
     _check_each(problem, extra)
     top = allocate(problem, extra)
     choice, _, status = _full_milp(problem, extra, None, objective=problem._cache["W"][metric])
@@ -944,4 +957,4 @@ def allocate_front(problem: Problem, metric: str, n_points: int = 24, *,
         raise _joint_infeasible(problem, extra, deadline, proven=status == 2)
     lo = problem.cost_of(choice)[metric]
     hi = max(lo, top.costs[metric])
-    return [allocate(problem, {metric: float(lim), **extra}) for lim in np.linspace(lo, hi, n_points)]
+    return [allocate(problem, {metric: float(lim), **extra}) for lim in limits(lo, hi)]

@@ -18,6 +18,8 @@ blocks the pruned rows' biases only feed the pruned columns of the output projec
 term already describes the removed function. A negative trace estimate (the Hessian need not be
 positive semi-definite, and Hutchinson's estimate of a small trace can fall below 0) is clamped to 0:
 a quadratic model with negative curvature would predict that quantizing helps, which is noise here.
+The clamp is to a floor of ``TRACE_FLOOR`` (1%) of the median positive mean trace, not to 0: a group
+scored 0 at every bit-width would be free to quantize to the coarsest grid, which does hurt.
 
 Loss
 ====
@@ -111,6 +113,9 @@ from search.sensitivity import (
 )
 from search.space import SearchSpace
 from search.tasks import Task, discrepancy, model_output
+
+#: Mean traces below this fraction of the median positive mean trace are raised to it (see above).
+TRACE_FLOOR = 0.01
 
 __all__ = ["HessianSensitivity", "batch_loss", "hessian_mode", "loss_kind", "loss_normaliser", "Rademacher"]
 
@@ -585,8 +590,11 @@ class HessianSensitivity(SensitivityMethod):
         space: SearchSpace = ctx.space
         scores: dict[str, dict[str, float]] = {}
         clip: Literal["mse", "minmax"] = "minmax" if ctx.clip == "minmax" else "mse"
-        for g, opts, t in zip(space.groups, space.options, trace, strict=True):
-            mean_trace = max(0.0, float(t)) / max(1, g.n_params)
+        means = [float(t) / max(1, g.n_params) for g, t in zip(space.groups, trace, strict=True)]
+        positive = [m for m in means if m > 0]
+        floor = TRACE_FLOOR * float(np.median(positive)) if positive else 0.0
+        for g, opts, raw in zip(space.groups, space.options, means, strict=True):
+            mean_trace = max(floor, raw)
             row: dict[str, float] = {}
             for opt in opts:
                 if opt.bits == 32:

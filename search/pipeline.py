@@ -227,7 +227,7 @@ def candidates_from_table(
             add(alloc.allocate(problem, {**limits, **plimits}), "budget")
         except InfeasibleBudgetError as exc:
             raise _in_budget_units(exc) from None
-    for a in alloc.allocate_front(problem, metric, n_points, extra_limits=extra or None):
+    for a in alloc.allocate_front(problem, metric, n_points, extra_limits=extra or None, spacing="geometric"):
         add(a, "sweep")
     return out
 

@@ -393,3 +393,22 @@ def test_bad_limits_and_arguments_name_the_field():
     assert info.value.field == "metric"
     with pytest.raises(InvalidInputError, match="layer.0"):
         Problem([np.array([1.0, -1.0])], {}, names=["layer.0"])
+
+
+def test_geometric_front_spacing_is_denser_at_the_cheap_end_and_keeps_the_ends():
+    from search.allocate import Problem, allocate, allocate_front, cost_range
+
+    rng = np.random.default_rng(5)
+    values = [np.sort(rng.random(4))[::-1].copy() for _ in range(12)]
+    weights = {"size_bytes": [np.array([1.0, 2.0, 4.0, 8.0]) * (g + 1) for g in range(12)]}
+    problem = Problem(values=values, weights=weights)
+    lo, hi = cost_range(problem, "size_bytes")
+    front = allocate_front(problem, "size_bytes", 6, spacing="geometric")
+    lims = [a.limits["size_bytes"] for a in front]
+    assert lims[0] == pytest.approx(lo) and lims[-1] == pytest.approx(hi)
+    gaps = np.diff(lims)
+    assert np.all(gaps[1:] > gaps[:-1])  # growing steps: denser where maps are cheap
+    for a in front:
+        assert a.objective == pytest.approx(allocate(problem, a.limits).objective, rel=1e-12, abs=1e-12)
+    with pytest.raises(InvalidInputError):
+        allocate_front(problem, "size_bytes", 6, spacing="log")

@@ -344,3 +344,26 @@ def test_block_by_block_reduction_gives_the_same_traces(tiny_cls, sentiment_file
     slow = HessianSensitivity(tolerance=0.5, min_probes=6, max_probes=6).compute(ctx)
     for name, v in fast.extra["traces"].items():
         assert slow.extra["traces"][name] == pytest.approx(v, rel=1e-5, abs=1e-12)
+
+
+def test_a_negative_or_zero_trace_never_makes_a_group_free_to_quantize(tmp_path, sentiment_file):
+    import numpy as np
+
+    from search.hessian import TRACE_FLOOR
+    from search.sensitivity import get_method
+    from tests.search.test_sensitivity import _ctx
+    from tests.tiny import build_model
+
+    ctx = _ctx(build_model(tmp_path / "b", "bert", layers=1), "sequence_classification", sentiment_file, "layer")
+    n = len(ctx.space.groups)
+    trace = np.array([float(g.n_params) for g in ctx.space.groups])  # mean trace 1 everywhere
+    trace[0], trace[1] = -5.0, 0.0
+    method = get_method("hessian")
+    scores = method._scores(ctx, trace)
+    unit = method._scores(ctx, np.array([float(g.n_params) for g in ctx.space.groups]))
+    assert n >= 3
+    for name in (ctx.space.groups[0].name, ctx.space.groups[1].name):
+        row = scores[name]
+        assert row["2"] > row["4"] > row["8"] > 0  # floored at TRACE_FLOOR x the median (1 here), not 0
+        for k, v in row.items():
+            assert v == pytest.approx(TRACE_FLOOR * unit[name][k], rel=1e-9, abs=0)
