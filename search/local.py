@@ -114,8 +114,8 @@ def prepare(
     cal_b = tokenize(calib, lm.tokenizer, max_length=data.max_length, batch_size=data.batch_size)
     ev_b = tokenize(evald, lm.tokenizer, max_length=data.max_length, batch_size=data.batch_size)
     search = Search(lm.model, task, cal_b, ev_b, options, device=dev)
-    search.model_path = str(model_dir)  # type: ignore[attr-defined]
-    search.label_names = list(text.label_names) if text.label_names else None  # type: ignore[attr-defined]
+    search.model_path = str(model_dir)
+    search.label_names = list(text.label_names) if text.label_names else None
     return search
 
 

@@ -287,6 +287,9 @@ class Search:
         )
         check_budget(self.space, self.cost_model, options.budget)
         self.timings: dict[str, float] = {}
+        #: where the model was loaded from and the data's label names (set by :func:`search.local.prepare`)
+        self.model_path: str | None = None
+        self.label_names: list[str] | None = None
         self._reference: Reference | None = None
         self.baseline_metrics: dict[str, float] | None = None
 
