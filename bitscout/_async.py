@@ -10,10 +10,12 @@ from types import TracebackType
 from typing import Any
 
 import httpx2
-from pydantic import TypeAdapter
 
 from bitscout._base import (
     DEFAULT_TIMEOUT,
+    EVENTS_ADAPTER,
+    EVENTS_PAGE,
+    SENSITIVITIES_ADAPTER,
     TRANSFER_TIMEOUT,
     M,
     RetryPolicy,
@@ -50,9 +52,8 @@ from bitscout.schemas import (
 
 __all__ = ["AsyncClient"]
 
-_EVENTS = TypeAdapter(list[JobEventRead])
-_SENSITIVITIES = TypeAdapter(list[SensitivityRead])
-EVENTS_PAGE = 500
+_EVENTS = EVENTS_ADAPTER
+_SENSITIVITIES = SENSITIVITIES_ADAPTER
 
 
 class AsyncClient(_BaseClient):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 import httpx2
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from bitscout._config import ClientConfig, resolve_config
 from bitscout.errors import (
@@ -33,12 +33,19 @@ from bitscout.schemas import (
     BudgetSpec,
     DataSource,
     JobCreate,
+    JobEventRead,
     ModelSource,
     ResolveRequest,
     SearchSpaceSpec,
+    SensitivityRead,
     Task,
     UploadKind,
 )
+
+#: response parsers and the events page size, shared by the sync and async clients
+EVENTS_ADAPTER: TypeAdapter[list[JobEventRead]] = TypeAdapter(list[JobEventRead])
+SENSITIVITIES_ADAPTER: TypeAdapter[list[SensitivityRead]] = TypeAdapter(list[SensitivityRead])
+EVENTS_PAGE = 500
 
 __all__ = ["API_PREFIX", "RetryPolicy", "TimeoutTypes"]
 
