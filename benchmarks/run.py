@@ -76,6 +76,8 @@ PARTS: tuple[Part, ...] = (
     Part("service", "benchmarks.bench_service", args=("--db", "both"),
          quick_args=("--db", "both", "--duration", "3", "--submits", "50", "--clients", "8,32"),
          timeout_s=900, quick_timeout_s=90, kind="service"),
+    Part("service-refine", "benchmarks.service_refine", timeout_s=1800, quick_timeout_s=600, in_quick=False,
+         kind="service", notes=("one job with refinement through bitscout serve: REST, SDK, CLI, web page, artifact",)),
 )
 
 

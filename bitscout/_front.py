@@ -178,7 +178,8 @@ class Front(list[ParetoPointRead]):
 
     # -- tables and plots -----------------------------------------------------------------------
     def rows(self) -> list[dict[str, Any]]:
-        """One flat dict a point: id, method, label, costs, every metric, flags."""
+        """One flat dict a point: id, method, label, costs, every metric, flags (``refined_from``: the
+        id of the point a refined point was fine-tuned from)."""
         metric_names: list[str] = []
         for p in self:
             for k in p.metrics:
@@ -203,6 +204,7 @@ class Front(list[ParetoPointRead]):
                 meets_budget=p.meets_budget,
                 recommended=p.recommended,
                 refined=p.refined,
+                refined_from=p.refined_from,
                 artifact_available=p.artifact_available,
             )
             out.append(row)

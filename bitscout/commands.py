@@ -203,6 +203,15 @@ def _csv_ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _refine_points(text: str) -> str | int:
+    if text == "recommended":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'recommended' or a number of points, got {text!r}") from None
+
+
 def _submit_parser() -> _Parser:
     p = _parser(
         "submit",
@@ -247,6 +256,12 @@ def _submit_parser() -> _Parser:
     s.add_argument("--asymmetric", action="store_true", default=None, help="asymmetric integer grids")
     s.add_argument("--include", action="append", metavar="GLOB", help="only these modules (repeat)")
     s.add_argument("--exclude", action="append", metavar="GLOB", help="leave these modules out (repeat)")
+    r = p.add_argument_group("refinement (knowledge distillation with learned step sizes, after the search)")
+    r.add_argument(
+        "--refine", metavar="POINTS", type=_refine_points,
+        help="'recommended' or K: refine the recommended point or the K best points of the front",
+    )  # fmt: skip
+    r.add_argument("--refine-steps", type=int, metavar="N", help="optimizer steps per refined point (default: 200)")
     d = p.add_argument_group("data")
     d.add_argument("--text-field", metavar="NAME")
     d.add_argument("--label-field", metavar="NAME")
@@ -326,6 +341,7 @@ def submit_options(args: argparse.Namespace) -> dict[str, Any]:
         "text_field": args.text_field, "label_field": args.label_field, "calibration_size": args.calibration_size,
         "evaluation_size": args.evaluation_size, "max_length": args.max_length,
     })  # fmt: skip
+    _merge(opts, "refine", {"points": args.refine, "steps": args.refine_steps})
     for required in ("model", "data"):
         if opts.get(required) is None:
             raise UsageError(f"--{required} is required (or '{required}:' in a job file)")
@@ -501,7 +517,8 @@ def cancel_main(argv: Sequence[str]) -> int:
 def _pareto_parser() -> _Parser:
     p = _parser(
         "pareto",
-        "Show a job's points as a table (* recommended, F on the front, B meets the budget, A artifact to download).",
+        "Show a job's points as a table (* recommended, F on the front, B meets the budget, A artifact to download, "
+        "R refined after the search; its label names the point it was refined from).",
         "bitscout pareto 3f2a9c... --front   |   bitscout pareto 3f2a9c... --json > front.json",
     )
     p.add_argument("job", metavar="JOB", help="the job's id")
@@ -529,8 +546,12 @@ def front_table(front: Front) -> str:
             + ("F" if p.on_front else "")
             + ("B" if p.meets_budget else "")
             + ("A" if p.artifact_available else "")
+            + ("R" if p.refined else "")
         )
-        row = f"{p.id:>4}  {flags:5}  {p.method[:8]:8}  {p.label[:18]:18}  {p.cost.size_mb:9.3f}  {p.cost.avg_bits:8.2f}  {p.cost.latency_ms:10.3f}"
+        label = p.label
+        if p.refined:
+            label = f"refined from #{p.refined_from}" if p.refined_from is not None else "refined"
+        row = f"{p.id:>4}  {flags:5}  {p.method[:8]:8}  {label[:18]:18}  {p.cost.size_mb:9.3f}  {p.cost.avg_bits:8.2f}  {p.cost.latency_ms:10.3f}"
         for m in metric_names:
             v = p.metrics.get(m)
             row += f"  {'-' if v is None else format(v, '.4f'):>10}"

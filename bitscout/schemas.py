@@ -389,7 +389,7 @@ class RefineSpec(_Request):
 
     points: Literal["recommended"] | Annotated[int, Field(ge=1, le=64)] = Field(
         default="recommended",
-        description="'recommended' or the number of best front points (top-k) to refine.",
+        description="'recommended' or the number of best front points (top-k) that meet the budget to refine.",
     )
     steps: int = Field(default=200, ge=1, le=100_000, description="Optimizer steps per refined point.")
 

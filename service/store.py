@@ -621,6 +621,7 @@ class Store:
         worker_id: str,
         points: Sequence[Mapping[str, Any]],
         front_info: Mapping[str, Any] | None = None,
+        artifacts: Mapping[int, str | os.PathLike[str]] | None = None,
     ) -> JobRead:
         """Store every point of a finished search and mark the job ``succeeded``, in ONE transaction.
 
@@ -635,10 +636,19 @@ class Store:
         ``recommended`` (a point index); without it the recommended point is the best point (by the
         metric) that meets the budget. Anything else in it (timings, versions) is kept.
 
+        ``artifacts`` maps point indexes to exported models (a file or a directory, as
+        :meth:`put_artifact` takes them): their content goes to the file store first, and the points
+        carry them from the same transaction on, so a job is never seen succeeded without them.
+
         Raises :class:`JobNotOwned` when ``worker_id`` no longer owns the job: nothing is stored, so
         a result can never be stored twice. Raises ``InvalidRequest`` for malformed points.
         """
         info = dict(front_info or {})
+        blobs: dict[int, tuple[str, int, str]] = {}
+        for idx, path in (artifacts or {}).items():
+            if not 0 <= int(idx) < len(points):
+                raise InvalidRequest(f"artifact of point {idx}: not a point index", field="artifacts")
+            blobs[int(idx)] = self._put_blob(job_id, int(idx), path, None)
         with self._write() as s:
             row = self._owned(s, job_id, worker_id)
             spec = JobSpec.model_validate(row.spec)
@@ -661,6 +671,9 @@ class Store:
             else:
                 recommended = self._pick_recommended(rows, metric, higher)
             info["recommended"] = recommended
+            for r in rows:
+                if r.idx in blobs:
+                    r.artifact_sha256, r.artifact_size, r.artifact_name = blobs[r.idx]
             s.execute(sa.delete(PointRow).where(PointRow.job_id == job_id))
             s.add_all(rows)
             now = utcnow()
@@ -1061,6 +1074,27 @@ class Store:
         Storing again replaces the reference (the content is stored once per checksum).
         Raises ``NotFound`` when the job or the point does not exist.
         """
+        sha, size, name = self._put_blob(job_id, point_id, path_or_bytes, filename)
+        with self._write() as s:
+            row = s.get(PointRow, (job_id, point_id))
+            if row is None:
+                raise NotFound(f"job {job_id} has no point {point_id}", field="point_id")
+            row.artifact_sha256 = sha
+            row.artifact_size = size
+            row.artifact_name = name
+            self._event(
+                s,
+                job_id,
+                "artifact",
+                message=f"artifact of point {point_id} stored",
+                data={"point": point_id},
+            )
+        return sha
+
+    def _put_blob(
+        self, job_id: str, point_id: int, path_or_bytes: str | os.PathLike[str] | bytes, filename: str | None
+    ) -> tuple[str, int, str]:
+        """``(sha256, size, file name)`` of an artifact put into the file store (no database write)."""
         if isinstance(path_or_bytes, bytes | bytearray):
             sha, size = self.blobs.put_bytes(bytes(path_or_bytes))
             name = filename or f"job-{job_id}-point-{point_id}.bin"
@@ -1074,21 +1108,7 @@ class Store:
                 name = filename or p.name
             else:
                 raise NotFound(f"no file or directory {str(p)!r}", field="path_or_bytes")
-        with self._write() as s:
-            row = s.get(PointRow, (job_id, point_id))
-            if row is None:
-                raise NotFound(f"job {job_id} has no point {point_id}", field="point_id")
-            row.artifact_sha256 = sha
-            row.artifact_size = size
-            row.artifact_name = os.path.basename(name)[:256]
-            self._event(
-                s,
-                job_id,
-                "artifact",
-                message=f"artifact of point {point_id} stored",
-                data={"point": point_id},
-            )
-        return sha
+        return sha, size, os.path.basename(name)[:256]
 
     def get_artifact(self, *, job_id: str, point_id: int, owner: str | None = None) -> tuple[Path, str, int]:
         """``(path, filename, size)`` of a point's artifact. Raises ``NotFound`` when none is stored."""

@@ -132,6 +132,8 @@ class JobRunner:
         self._eval_range: tuple[float, float] | None = None
         #: seconds the job's own thread spent writing to / reading from the store (bookkeeping)
         self.store_s = 0.0
+        #: point index -> exported model directory (refined points), stored with the points
+        self.artifacts: dict[int, Path] = {}
 
     @contextmanager
     def _books(self) -> Iterator[None]:
@@ -214,7 +216,10 @@ class JobRunner:
                 raise CanceledError("search canceled")
             self.reporter.stop(flush=True)  # the last stages' events, before the result
             points, front_info = result
-            store.finish_job(job_id=self.job_id, worker_id=self.worker_id, points=points, front_info=front_info)
+            store.finish_job(
+                job_id=self.job_id, worker_id=self.worker_id, points=points, front_info=front_info,
+                artifacts=self.artifacts,
+            )  # fmt: skip
             shutil.rmtree(Path(self.config.work_dir) / "refine" / self.job_id, ignore_errors=True)
             return Outcome("succeeded", self.job_id, self.worker_id)
         except JobNotOwned as exc:
@@ -306,8 +311,10 @@ class JobRunner:
         if spec.refine is not None:
             extra = self._refine(search, result, spec.refine, eval_end, P_EVALUATED)
             if extra:
-                for origin, point in extra:
+                for origin, point, artifact in extra:
                     refined_from[len(points)] = origin
+                    if artifact is not None:
+                        self.artifacts[len(points)] = artifact
                     points.append(point)
                 result = search.assemble(points, tables)  # the front and the recommendation, refined points included
         rep.report("storing", P_EVALUATED, f"storing {len(points)} points")
@@ -405,10 +412,14 @@ class JobRunner:
 
     def _refine(
         self, search: Search, result: SearchResult, spec: RefineSpec, lo: float, hi: float
-    ) -> list[tuple[int, ParetoPoint]]:
-        """Fine-tune the chosen points (the recommended one, or the ``k`` best of the front); returns
-        ``(index of the origin point, refined point)`` pairs. Checkpoints go to the work directory, so
-        a re-run after a lost worker resumes them."""
+    ) -> list[tuple[int, ParetoPoint, Path | None]]:
+        """Fine-tune the chosen points (the recommended one, or the ``k`` best front points that meet
+        the budget); returns
+        ``(index of the origin point, refined point, its exported model)``. The refined weights exist
+        nowhere else, so each refined point is exported (packed weights with the learned step sizes)
+        into the work directory and stored as the point's artifact. Checkpoints go to the work
+        directory too, so a re-run after a lost worker resumes them."""
+        from search.export import export_artifact
         from search.refine import RefineConfig, refine
 
         points = result.points
@@ -420,17 +431,25 @@ class JobRunner:
         else:
             sign = 1.0 if result.higher_is_better else -1.0
             ids = {id(p): i for i, p in enumerate(points)}
-            front = [p for p in result.front if p.method != "uniform" and result.metric in p.metrics]
+            # the k best front points the user can use: those that meet the job's budget (refining a
+            # point far over the budget, which is already close to full precision, buys nothing)
+            budget = search.options.budget
+            front = [
+                p for p in result.front
+                if p.method != "uniform" and result.metric in p.metrics and (budget.empty or budget.is_feasible(p.cost))
+            ]  # fmt: skip
             front.sort(key=lambda p: -sign * p.metrics[result.metric])
+            if not front:
+                self._event("note", "no front point meets the budget: nothing to refine", stage="refine")
             chosen = [ids[id(p)] for p in front[: int(spec.points)]]
-        out: list[tuple[int, ParetoPoint]] = []
+        out: list[tuple[int, ParetoPoint, Path | None]] = []
         step = (hi - lo) / max(1, len(chosen))
         for k, i in enumerate(chosen):
             if self._should_stop():
                 raise CanceledError("search canceled")
             origin = points[i]
             ckpt = Path(self.config.work_dir) / "refine" / self.job_id / f"point-{i}"
-            t0 = time.perf_counter()
+            t_refine = time.perf_counter()
             res = refine(
                 search,
                 origin.precision_map,
@@ -439,14 +458,32 @@ class JobRunner:
                 should_stop=self._should_stop,
                 checkpoint_dir=ckpt,
             )
-            out.append((i, res.point(origin)))
+            seconds = time.perf_counter() - t_refine
+            refined = res.point(origin)
+            art: Path | None = ckpt.parent / f"artifact-{i}"
+            try:
+                shutil.rmtree(art, ignore_errors=True)
+                export_artifact(
+                    res.model, search.space, origin.precision_map, art, clip=search.options.clip,
+                    qparams=res.qparams, model_dir=getattr(search, "model_path", None),
+                    metadata={"metrics": dict(res.metrics), "cost": refined.cost.to_dict(), "task": search.task,
+                              "refined": True, "refined_from": i, "steps": res.steps, "best_step": res.best_step},
+                )  # fmt: skip
+            except (SearchError, OSError) as exc:
+                log.warning("job %s: the refined point of %d was not exported: %s", self.job_id, i, exc)
+                self._event("note", f"the refined point of point {i} could not be exported: {_one_line(exc)}",
+                            stage="refine")  # fmt: skip
+                art = None
+            out.append((i, refined, art))
             m = result.metric
             self._event(
                 "refined",
-                f"point {i} refined in {time.perf_counter() - t0:.1f} s ({res.steps} steps): {m} "
+                f"point {i} refined in {seconds:.1f} s ({res.steps} steps): {m} "
                 f"{origin.metrics.get(m, float('nan')):.4g} -> {res.metrics.get(m, float('nan')):.4g}",
                 stage="refine",
-                data={"point": i, "steps": res.steps, "best_step": res.best_step, "resumed_from": res.resumed_from},
+                data={"point": i, "steps": res.steps, "best_step": res.best_step, "resumed_from": res.resumed_from,
+                      "seconds": seconds, "metrics": dict(res.metrics), "initial_metrics": dict(res.initial_metrics),
+                      "exported": art is not None},
             )
         return out
 

@@ -281,7 +281,8 @@
       const tbody = $("points").querySelector("tbody");
       clear(tbody);
       for (const p of pareto.points) {
-        const tr = el("tr", { "data-point": p.id, class: p.id === selected ? "selected" : "" });
+        const tr = el("tr", { "data-point": p.id, class: (p.id === selected ? "selected" : "") + (p.refined ? " refined" : "") });
+        if (p.refined) tr.setAttribute("data-refined-from", p.refined_from === null || p.refined_from === undefined ? "" : p.refined_from);
         tr.appendChild(el("td", { class: "num" }, p.id));
         tr.appendChild(el("td", {}, p.method));
         tr.appendChild(el("td", {}, p.label || ""));
@@ -292,7 +293,12 @@
         tr.appendChild(el("td", { class: "num" }, fmt(metricOf(p))));
         tr.appendChild(el("td", {}, p.meets_budget ? "meets" : "over"));
         tr.appendChild(el("td", {}, p.on_front ? "yes" : ""));
-        const last = el("td", {}, p.recommended ? "★ recommended" : (p.refined ? "refined" : ""));
+        // a refined point is often the recommended one too: show both marks
+        const last = el("td", {}, p.recommended ? "★ recommended" : "");
+        if (p.refined) {
+          const from = p.refined_from === null || p.refined_from === undefined ? "" : ` from #${p.refined_from}`;
+          last.appendChild(el("span", { class: "refined-mark" }, (p.recommended ? " · " : "") + "refined" + from));
+        }
         if (p.artifact_available) {
           const a = el("a", { href: "#", class: "small" }, " download");
           a.addEventListener("click", (ev) => { ev.preventDefault(); ev.stopPropagation(); download(p.id); });
@@ -392,12 +398,12 @@
         const cls = "pt" + (p.on_front || p.method === "uniform" ? "" : " off") + (p.id === selected ? " selected" : "") + (p.method === "uniform" ? " uniform" : "");
         let mk;
         if (p.method === "uniform") mk = svg("rect", { x: cx - 5, y: cy - 5, width: 10, height: 10, fill: color, class: cls });
-        else mk = svg("circle", { cx, cy, r: p.refined ? 7 : 6, fill: color, class: cls });
+        else mk = svg("circle", { cx, cy, r: p.refined ? 7 : 6, fill: color, class: cls + (p.refined ? " refined" : "") });
         mk.setAttribute("data-point", p.id);
         mk.setAttribute("data-method", p.method);
         mk.addEventListener("mouseenter", () => {
           const lines = [
-            `#${p.id} ${p.label || p.method}`, `method: ${p.method}${p.refined ? " (refined)" : ""}`,
+            `#${p.id} ${p.label || p.method}`, `method: ${p.method}${p.refined ? ` (refined${p.refined_from === null || p.refined_from === undefined ? "" : ` from #${p.refined_from}`})` : ""}`,
             `${pareto.metric}: ${fmt(y0)}`, `size: ${fmt(p.cost.size_mb, 3)} MB · ${fmt(p.cost.avg_bits, 2)} bits`,
             `BOPs: ${fmt(p.cost.bops)} · latency: ${fmt(p.cost.latency_ms)} ms`,
             p.meets_budget ? "meets the budget" : "over the budget",

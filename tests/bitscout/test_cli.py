@@ -320,3 +320,36 @@ def test_the_installed_command_never_shows_a_traceback(env: str, tmp_path: Path)
         )
         assert p.returncode == rc, p.stderr
         assert "Traceback" not in p.stderr
+
+
+def test_submit_asks_for_refinement_and_pareto_marks_refined_points(
+    env: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc, out, err = run(capsys, "submit", *SERVER_SPEC, "--refine", "2", "--refine-steps", "30", "--json")
+    assert rc == 0, err
+    assert json.loads(out)["spec"]["refine"] == {"points": 2, "steps": 30}
+    rc, out, err = run(capsys, "submit", *SERVER_SPEC, "--refine", "recommended", "--json")
+    assert rc == 0, err
+    assert json.loads(out)["spec"]["refine"] == {"points": "recommended", "steps": 200}
+    rc, _, err = run(capsys, "submit", *SERVER_SPEC, "--refine", "best")
+    assert rc == 2 and "'recommended' or a number" in one_line_error(err)
+
+    from bitscout._front import Front
+    from bitscout.commands import front_table
+    from bitscout.schemas import ParetoRead
+
+    cost = {"size_bytes": 2e7, "size_mb": 20.0, "avg_bits": 3.0, "bops": 1.0, "latency_ms": 1.0}
+    pmap = {"layer.0": {"bits": 3}}
+    read = ParetoRead.model_validate({
+        "job_id": "j", "metric": "accuracy", "recommended": 1, "points": [
+            {"id": 0, "method": "kl", "label": "sweep", "precision_map": pmap, "cost": cost, "metrics": {"accuracy": 0.8}},
+            {"id": 1, "method": "kl", "label": "refined", "precision_map": pmap, "cost": cost,
+             "metrics": {"accuracy": 0.9}, "refined": True, "refined_from": 0, "recommended": True,
+             "artifact_available": True},
+        ],
+    })  # fmt: skip
+    front = Front.from_read(read)
+    lines = front_table(front).splitlines()
+    assert "R" not in lines[1].split()[1] and "refined" not in lines[1]
+    assert lines[2].split()[1] == "*FAR" and "refined from #0" in lines[2]
+    assert [r["refined_from"] for r in front.rows()] == [None, 0]

@@ -322,6 +322,25 @@ def test_artifacts(store: Store, tmp_path: Path) -> None:
         store.get_artifact(job_id=rec.id, point_id=0, owner="bob")
 
 
+def test_finish_job_stores_artifacts_with_the_points(store: Store, tmp_path: Path) -> None:
+    d = tmp_path / "refined"
+    d.mkdir()
+    (d / "model.quant.safetensors").write_bytes(b"packed")
+    rec = _running(store)
+    with pytest.raises(InvalidRequest):
+        store.finish_job(job_id=rec.id, worker_id="w1", points=make_points(2, with_uniform=False), artifacts={5: d})
+    assert store.get_job(job_id=rec.id).status is JobStatus.running  # nothing stored
+    store.finish_job(job_id=rec.id, worker_id="w1", points=make_points(2, with_uniform=False), artifacts={1: d})
+    pareto = store.get_pareto(job_id=rec.id)
+    assert [p.artifact_available for p in pareto.points] == [False, True]
+    path, name, _ = store.get_artifact(job_id=rec.id, point_id=1)
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        assert tar.getnames() == ["model.quant.safetensors"]
+    assert name == f"job-{rec.id}-point-1.tar.gz"
+
+
 def test_uploads(store: Store) -> None:
     up = store.put_upload(owner="alice", filename="../../d.jsonl", kind="data", source=b'{"text": "a"}\n')
     assert up.filename == "d.jsonl" and up.size == 14 and len(up.sha256) == 64

@@ -202,3 +202,23 @@ def test_login_form_and_bad_token(served: Served, page: Any) -> None:
     page.click("#login-form button")
     page.wait_for_selector("#content:not(.hidden)")
     assert page.locator("#empty").is_visible()
+
+
+def test_refined_points_are_marked_even_when_recommended(served: Served, page: Any) -> None:
+    served.store.create_job(owner="alice", spec=job_spec(budget={"max_size_mb": 9.0}))
+    rec = served.store.claim_next_job(worker_id="w")
+    points = make_points(4, groups=8, with_uniform=False)
+    refined = {**points[0], "refined": True, "refined_from": 0, "label": "refined",
+               "metrics": {**points[0]["metrics"], "accuracy": 0.99}}  # fmt: skip
+    points.append(refined)
+    served.store.finish_job(job_id=rec.id, worker_id="w", points=points)
+    pareto = served.store.get_pareto(job_id=rec.id)
+    assert pareto.recommended == 4  # the refined point is the best under the budget
+    page.goto(f"{served.base}/jobs/{rec.id}?token={served.token}")
+    page.wait_for_selector("#points tbody tr[data-point='4']")
+    cell = page.locator("#points tbody tr[data-point='4'] td").last.inner_text()
+    assert "recommended" in cell and "refined from #0" in cell
+    assert page.locator("#points tbody tr.refined").count() == 1
+    assert page.locator("#plot circle.refined[data-point='4']").count() == 1
+    page.locator("#plot [data-point='4']").hover()
+    assert "(refined from #0)" in page.locator("#tooltip").inner_text()

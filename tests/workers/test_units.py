@@ -225,6 +225,44 @@ def test_the_runner_refines_the_recommended_point(env: Env):
     assert origin.cost == refined[0].cost
     assert "refined" in env.kinds(job.id)
     assert not (env.settings.data_dir / "work" / "refine" / job.id).exists()  # checkpoints removed
+    # The refined weights exist only in the artifact stored with the point: it reloads to the stored metric.
+    assert refined[0].artifact_available and not origin.artifact_available
+    path, name, _ = env.store.get_artifact(job_id=job.id, point_id=refined[0].id)
+    assert name.endswith(".tar.gz")
+    with tarfile.open(path) as tar:
+        tar.extractall(env.settings.data_dir / "art", filter="data")
+    from search.export import load_artifact
+    from search.local import prepare
+    from search.tasks import evaluate, load_model
+    from workers import sources
+
+    spec = env.store.get_job_record(job_id=job.id).spec
+    cfg = env.config()
+    search = prepare(sources.model_dir(spec, env.store, cfg), data_options(spec, sources.data_source(spec, env.store, cfg)),
+                     search_options(spec), task=spec.task.value, device="cpu")  # fmt: skip
+    fresh = load_model(search.model_path, search.task).model
+    loaded = load_artifact(env.settings.data_dir / "art", fresh)
+    got = evaluate(loaded, search.evaluation, search.task, reference=search.reference())
+    metric = search.metric
+    assert got[metric] == refined[0].metrics[metric]
+    assert got["kl"] == pytest.approx(refined[0].metrics["kl"], rel=1e-5, abs=1e-7)
+
+
+def test_the_runner_refines_the_k_best_front_points_that_meet_the_budget(env: Env):
+    job = env.submit(refine={"points": 2, "steps": 2}, budget={"max_avg_bits": 4.0}, front_points=6)
+    env.store.claim_next_job(worker_id="w/k")
+    out = JobRunner(job.id, "w/k", env.config(eval_workers=0), store=env.store).run()
+    assert out.status == "succeeded", out
+    points = env.store.get_points(job_id=job.id)
+    refined = [p for p in points if p.refined]
+    origins = [points[p.refined_from] for p in refined]
+    eligible = [p for p in points if p.on_front and p.method != "uniform" and not p.refined and p.meets_budget]
+    assert len(refined) == min(2, len(eligible)) >= 1
+    assert all(o.meets_budget and o.cost.avg_bits <= 4.0 + 1e-9 for o in origins)
+    # over-budget front points (up to 8 bits) are more accurate, yet none of them is refined
+    rest = [p for p in eligible if p.id not in {o.id for o in origins}]
+    assert all(o.metrics["accuracy"] >= p.metrics["accuracy"] for o in origins for p in rest)
+    assert all(p.artifact_available for p in refined)
 
 
 def test_the_runner_stops_on_cancel_between_steps(env: Env, monkeypatch):
