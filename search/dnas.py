@@ -39,6 +39,20 @@ After "Automatic Mixed-Precision Quantization Search of BERT" (Zhao et al., IJCA
    itself is never written: the shadows are private copies, so the derived maps are evaluated by the
    pipeline on the original weights like every other method's.
 
+**Start.** By default (``init="sensitivity"``) the logits start from a sensitivity table that the
+search estimates itself at the cost of about one fine-tuning epoch per draw
+(:meth:`DNAS.sensitivity_scores`): the Fisher (second-order) model of every (group, option)'s output
+discrepancy, the quantity :class:`search.sensitivity.KLSensitivity` measures with one forward pass
+per (group, option). One backward pass per micro-batch, with labels drawn from the model's own
+prediction, gives an unbiased estimate of the quadratic form ``d^T F d`` for every option's whole
+weight change ``d`` at once. The logits are ``a_gk = -(s_gk + mu * c_gk) / T`` (``c_gk`` the
+group's cost of the swept metric; :meth:`DNAS.init_from_scores`, ``mu`` bisected so that the
+expected cost is the first target),
+whose argmax is an optimal allocation of the scores for its own cost (the Lagrangian solution), so
+the steps learn the interactions the additive table misses instead of spending themselves on the
+descent from a prior that knows nothing. ``init="budget"`` starts from the cost-only prior whose
+expected cost is the first target, ``"uniform"`` from equal logits.
+
 **A front.** The search runs for several targets of the swept metric, from the largest to the
 smallest, each warm-started from the previous one's logits (the temperature is annealed from
 ``tau_start`` to ``tau_end`` within each target, the Adam state restarts). Largest first: the
@@ -46,15 +60,26 @@ first target is the mildest perturbation of the full-precision model, so its gra
 near a good model and its long warm-up learns which groups are sensitive; every later target then
 only has to move further down the same path, which is what a warm start can do in a few steps (going
 up from the cheapest target would start from a badly damaged model whose gradients mislead). Each
-target's map is derived from its final probabilities and repaired to meet the target exactly: the
-allocation values ``-log P_g(bits <= b_k)`` (minus the log of the probability mass at or below each
-option's precision: the chance that option ``k`` suffices, reading ``p_g`` as the belief about the
-cheapest sufficient option) go to :func:`search.allocate.allocate` under the target (plus the other
-limits of the budget and the structural pruning limits). The values never grow with the bits, so a
-map whose argmax falls below the target spends the rest where the search put mass on more bits, and
-one above it gives bits up where the search was least sure they are needed; a one-hot ``p`` gives the
-argmax itself. With ``sweep``, more maps are allocated at no search cost at budgets between the
-targets, each from the run with the nearest target. When the budget limits the swept metric, one more
+target's map is derived from its final probabilities and repaired to meet the target exactly by
+:func:`search.allocate.allocate` under the target (plus the other limits of the budget and the
+structural pruning limits). The values (``values``) are by default ``-log p_gk`` (``probability``):
+the allocator then returns the most probable map that meets the target, with the groups treated as
+independent; a one-hot ``p`` gives the argmax itself. ``values="corrected"`` (with the sensitivity
+start) allocates ``s_gk - T * (a_gk - a_gk(init))``, the starting scores plus what the steps learned;
+``values="cdf"`` allocates ``-log P_g(bits <= b_k)`` (minus the log of the probability mass at or
+below each option's precision: the chance that option ``k`` suffices, reading ``p_g`` as the belief about the
+cheapest sufficient option). On the MiniLM BBC classifier (the ``--quick`` space of
+``benchmarks/bench_dnas.py``; held-out output KL of the maps at <= 3 average bits over that of the
+KL-sensitivity allocations of the same sizes, geometric mean; differences of ~0.2 are within the
+run-to-run noise): the former defaults (``init="budget"``, ``cdf``) 2.37x; ``probability`` values
+from the same kind of run 1.57x; the allocation of the Fisher scores alone 1.47-1.65x; the
+sensitivity start with ``probability`` values 1.52x / 1.44x / 1.36x / 1.34x at ``T`` 0.3 / 0.1 /
+0.03 / 0.01, and 1.26x at 0.03 with more steps (``epochs`` 4); ``corrected`` values 1.46x. Starting
+from the exact KL table instead (many more epochs than the search itself) gave 1.07x with a small
+correction (``T`` 0.3) and 1.45x with a large one (``T`` 1): the steps have not yet learned
+interactions that beat the additive KL table at this cost. The defaults (``T`` 0.03, ``epochs``
+3.5) keep the whole search, scores included, under 3 fine-tuning epochs. With ``sweep``, more maps
+are allocated at no search cost at budgets between the targets, each from the run with the nearest target. When the budget limits the swept metric, one more
 map is allocated at the budget with the probabilities of the run whose target is nearest to it.
 
 Options (``SearchOptions.method_options["dnas"]``, see :class:`DNASOptions`).
@@ -133,9 +158,19 @@ class DNASOptions:
       how fast it grows (multiplicatively) while ``E[cost]`` stays above the target, back down to
       ``resource_weight`` below it; ``resource_floor``: a weak pressure that acts below the target
       too, so that groups the task loss is indifferent to still move to their cheapest option.
-    * ``init``: ``budget`` starts from the prior ``p_gk ∝ exp(-beta * cost per weight)`` whose
-      expected cost is the first target (the most even distribution that meets it, so the steps go
-      to the trade-off rather than to the descent); ``uniform`` from equal logits.
+    * ``init``: ``sensitivity`` (default) starts from the Fisher estimate ``s`` of every (group,
+      option)'s output discrepancy (:meth:`DNAS.sensitivity_scores`, ``sensitivity_draws`` backward
+      passes over the calibration micro-batches, about one fine-tuning epoch each, counted in the
+      search's time): ``p_gk ∝ exp(-(s_gk + mu * c_gk) / T)`` with ``c`` the groups' costs of the
+      swept metric, ``T`` = ``sensitivity_temperature`` times the median over groups of the group's
+      largest score and ``mu`` set so that the expected cost is the first target
+      (:meth:`DNAS.init_from_scores`); a low temperature starts near the allocation of the scores;
+      ``budget`` starts from the prior ``p_gk ∝ exp(-beta * cost per weight)`` whose expected cost
+      is the first target (the most even distribution that meets it); ``uniform`` from equal logits.
+    * ``values``: what the allocator receives to derive each target's map: ``probability``
+      (default) ``-log p_gk``, the most probable map that meets the target; ``cdf``
+      ``-log P_g(bits <= b_k)``; ``corrected`` (needs ``init="sensitivity"``) the scores corrected by
+      what the search learned, ``s_gk - T * (a_gk - a_gk(init))``.
     * ``sweep``: also derive ``SearchOptions.front_points`` maps at budgets spread between the
       smallest and the largest target, each from the probabilities of the run with the nearest target.
     """
@@ -144,7 +179,7 @@ class DNASOptions:
     target_fractions: tuple[float, ...] = (0.5, 0.3, 0.15, 0.05)
     steps: int | None = None
     steps_next: int | None = None
-    epochs: float = 2.5
+    epochs: float = 3.5
     min_steps: int = 3
     batch_size: int | None = 8
     arch_lr: float = 0.2
@@ -159,7 +194,10 @@ class DNASOptions:
     lsq: bool = False
     scale_lr: float = 1e-3
     sweep: bool = True
-    init: Literal["budget", "uniform"] = "budget"
+    init: Literal["budget", "uniform", "sensitivity"] = "sensitivity"
+    sensitivity_draws: int = 1
+    sensitivity_temperature: float = 0.03
+    values: Literal["cdf", "probability", "corrected"] = "probability"
 
     def __post_init__(self) -> None:
         f = "method_options.dnas"
@@ -178,13 +216,13 @@ class DNASOptions:
         if not fracs or any(not 0 < t <= 1 for t in fracs):
             raise InvalidInputError("target_fractions must lie in (0, 1]", field=f"{f}.target_fractions")
         object.__setattr__(self, "target_fractions", fracs)
-        for name in ("steps", "steps_next", "batch_size"):
+        for name in ("steps", "steps_next", "batch_size", "sensitivity_draws"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise InvalidInputError(f"{name} must be a positive integer", field=f"{f}.{name}")
         if isinstance(self.min_steps, bool) or not isinstance(self.min_steps, int) or self.min_steps < 1:
             raise InvalidInputError("min_steps must be a positive integer", field=f"{f}.min_steps")
-        for name in ("epochs", "arch_lr", "tau_start", "tau_end", "weight_lr", "scale_lr"):
+        for name in ("epochs", "arch_lr", "tau_start", "tau_end", "weight_lr", "scale_lr", "sensitivity_temperature"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
                 raise InvalidInputError(f"{name} must be a positive number", field=f"{f}.{name}")
@@ -194,8 +232,12 @@ class DNASOptions:
                 raise InvalidInputError(f"{name} must be a non-negative number", field=f"{f}.{name}")
         if self.loss not in ("auto", "task", "kd", "task+kd"):
             raise InvalidInputError("loss must be 'auto', 'task', 'kd' or 'task+kd'", field=f"{f}.loss")
-        if self.init not in ("budget", "uniform"):
-            raise InvalidInputError("init must be 'budget' or 'uniform'", field=f"{f}.init")
+        if self.init not in ("budget", "uniform", "sensitivity"):
+            raise InvalidInputError("init must be 'budget', 'uniform' or 'sensitivity'", field=f"{f}.init")
+        if self.values not in ("cdf", "probability", "corrected"):
+            raise InvalidInputError("values must be 'cdf', 'probability' or 'corrected'", field=f"{f}.values")
+        if self.values == "corrected" and self.init != "sensitivity":
+            raise InvalidInputError("values 'corrected' needs init 'sensitivity'", field=f"{f}.values")
         for name in ("train_weights", "lsq", "sweep"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidInputError(f"{name} must be true or false", field=f"{f}.{name}")
@@ -230,6 +272,8 @@ class TargetRun:
     task_loss_start: float
     task_loss_end: float
     probabilities: list[np.ndarray]
+    #: with ``init="sensitivity"``: the scores plus the learned correction ``-T * (a - a_init)``
+    corrected: list[np.ndarray] | None = None
     precision_map: PrecisionMap | None = None
     allocation: alloc.Allocation | None = None
 
@@ -385,6 +429,9 @@ class DNAS:
             raise
         self._batch_pos = 0
         self.lam = float(self.options.resource_weight)
+        self.scores: list[np.ndarray] | None = None
+        self.init_logits: list[torch.Tensor] | None = None
+        self.temperature = 1.0
 
     # -- setup --------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -474,6 +521,12 @@ class DNAS:
 
     def _overrides(self, ys: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         mixed = [self._member_weight(st, ys[st.group]) for st in self.members]
+        keep = [None if st.pruned_idx is None else 1 - ys[st.group][st.pruned_idx] for st in self.members]
+        return self._assemble_overrides(mixed, keep)
+
+    def _assemble_overrides(self, mixed: list[torch.Tensor], keep: list[torch.Tensor | None]
+                            ) -> dict[str, torch.Tensor]:
+        """The overriding matrices (and ``out`` members' biases scaled by ``keep``) of every module."""
         out: dict[str, torch.Tensor] = {}
         for plan in self.plans:
             w = self._assemble(plan.weight, [(a, s, e, mixed[i]) for a, s, e, i in plan.pieces])
@@ -481,9 +534,9 @@ class DNAS:
             if plan.bias is not None and plan.bias_name is not None:
                 bias_pieces = []
                 for a, s, e, i in plan.pieces:
-                    st = self.members[i]
-                    if a == "out" and st.pruned_idx is not None:
-                        bias_pieces.append(("out", s, e, plan.bias[s:e] * (1 - ys[st.group][st.pruned_idx])))
+                    k = keep[i]
+                    if a == "out" and k is not None:
+                        bias_pieces.append(("out", s, e, plan.bias[s:e] * k))
                 if bias_pieces:
                     out[plan.bias_name] = self._assemble_1d(plan.bias, bias_pieces)
         return out
@@ -561,10 +614,126 @@ class DNAS:
             for lg, r in zip(self.logits, per_weight, strict=True):
                 lg.copy_((-hi * r).to(lg.dtype))
 
+    def init_from_scores(self, scores: Sequence[np.ndarray], target: float, temperature: float) -> float:
+        """Set the logits to ``a_gk = -(s_gk + mu * c_gk) / T``: the Boltzmann distribution of the
+        Lagrangian of the scores ``s`` and the group costs ``c`` of the swept metric, with
+        ``T = temperature *`` the median over groups of the group's largest score and ``mu`` the
+        smallest non-negative multiplier whose expected cost is at most ``target`` (bisection). Its
+        argmax minimises ``s_g + mu * c_g`` in every group: an optimal allocation of the scores for its
+        own cost (Everett), so the search starts from the sensitivity solution. Returns ``T``."""
+        tops = np.array([float(np.max(s)) for s in scores])
+        pos = tops[tops > 0]
+        T = float(temperature) * (float(np.median(pos)) if pos.size else 1.0)
+        cmax = max(max(float((c - c.min()).max()) for c in self.costs), 1e-300)
+        base = [torch.as_tensor(-np.asarray(sc, dtype=np.float64) / T, device=self.device) for sc in scores]
+        rel = [(c - c.min()) / cmax for c in self.costs]  # mu in units of T per largest cost step
+
+        def logits(mu: float) -> list[torch.Tensor]:
+            return [b - mu * r for b, r in zip(base, rel, strict=True)]
+
+        def expected(mu: float) -> float:
+            return self.offset + float(sum((torch.softmax(lg, 0) * c).sum()
+                                           for lg, c in zip(logits(mu), self.costs, strict=True)))
+
+        lo, hi = 0.0, 0.0
+        if expected(0.0) > target:
+            hi = 1.0
+            while expected(hi) > target and hi < 1e15:
+                hi *= 2
+            for _ in range(100):
+                mid = 0.5 * (lo + hi)
+                lo, hi = (mid, hi) if expected(mid) > target else (lo, mid)
+        with torch.no_grad():
+            for lg, new in zip(self.logits, logits(hi), strict=True):
+                lg.copy_(new.to(lg.dtype))
+        self.init_logits = [lg.detach().clone() for lg in self.logits]
+        self.scores = [np.asarray(sc, dtype=np.float64) for sc in scores]
+        self.temperature = T
+        return T
+
     def expected_cost(self) -> float:
         """``E[cost]`` of the swept metric under the current probabilities (offsets included)."""
         with torch.no_grad():
             return float(self._expected_cost())
+
+    def sensitivity_scores(self, draws: int = 1, *, should_stop: StopFn | None = None) -> list[np.ndarray]:
+        """Fisher estimate of every (group, option)'s output discrepancy, in ``space.options`` order.
+
+        The discrepancy of a small change ``d`` of the weights is ``d^T F d / 2`` to second order, with
+        ``F`` the Fisher information of the output distribution (the Hessian of the KL at the
+        reference; for embeddings that of ``1 - cosine``). For outputs ``z`` with that Hessian
+        ``A A^T``, the gradient ``g`` of ``r^T A^T z`` for a random ``r`` with ``E[r r^T] = I`` has
+        ``E[g g^T] = F``: for the KL, ``r^T A^T z`` is the log-likelihood of a label drawn from the
+        model's own prediction (per token for causal LMs, weighted ``1/sqrt(tokens)`` so that the
+        per-token mean is matched); for embeddings, a Gaussian direction orthogonal to the reference
+        embedding over its norm. The draws of different examples are independent and zero-mean, so
+        the gradient of a micro-batch's *sum* gives ``E[(g . d)^2] = sum of d^T F_i d`` over its
+        examples: one backward pass per micro-batch estimates, for *every* option's whole change
+        ``d = Q_k(w_g) - w_g`` at once (pruning: ``-w_g`` and the ``out`` members' biases), the full
+        quadratic form, interactions inside the group included, not only its diagonal. The score is
+        ``sum over micro-batches of (g . d)^2 / (2 * examples * draws)``; the option of 32 bits
+        scores 0. It is the second-order model of :class:`search.sensitivity.KLSensitivity`'s score
+        at the cost of about one epoch of fine-tuning per draw, instead of one forward pass per
+        (group, option).
+        """
+        n_opts = [len(o) for o in self.space.options]
+        total = [np.zeros(n, dtype=np.float64) for n in n_opts]
+        n_examples = 0
+        gen = self.generator
+        for _ in range(int(draws)):
+            for b in self.batches:
+                if should_stop is not None and should_stop():
+                    raise CanceledError("dnas search canceled")
+                leaves = [(st.shadow if st.shadow is not None else st.base).detach().clone().requires_grad_(True)
+                          for st in self.members]
+                keep = [None if st.pruned_idx is None else torch.ones((), device=self.device, requires_grad=True)
+                        for st in self.members]
+                with torch.enable_grad():
+                    out = torch.func.functional_call(self._forward, self._assemble_overrides(leaves, keep), (b,),
+                                                     strict=False)
+                    loss = self._fisher_loss(out, b, gen)
+                    wanted = leaves + [k for k in keep if k is not None]
+                    grads = torch.autograd.grad(loss, wanted, allow_unused=True)
+                gw = grads[: len(leaves)]
+                gk = iter(grads[len(leaves):])
+                per_group = [torch.zeros(n, dtype=torch.float64, device=self.device) for n in n_opts]
+                with torch.no_grad():
+                    for st, leaf, g, k in zip(self.members, leaves, gw, keep, strict=True):
+                        gb = next(gk) if k is not None else None
+                        if g is None:
+                            continue
+                        row = per_group[st.group]
+                        g = g.double()
+                        w = leaf.detach().double()
+                        gw0 = (g * w).sum()
+                        versions = self._versions(st)
+                        if versions is not None and st.int_idx:
+                            dots = torch.tensordot(versions.detach().double(), g, dims=([1, 2], [0, 1]))
+                            row[st.int_idx] += dots - gw0
+                        if st.pruned_idx is not None:
+                            row[st.pruned_idx] += -gw0 - (0.0 if gb is None else gb.double())
+                for tot, row in zip(total, per_group, strict=True):
+                    tot += row.square().cpu().numpy()
+                n_examples += len(b)
+        return [0.5 * t / max(1, n_examples) for t in total]
+
+    def _fisher_loss(self, out: torch.Tensor, b: TokenizedBatch, gen: torch.Generator) -> torch.Tensor:
+        """``r^T A^T z`` of :meth:`sensitivity_scores`, summed over the micro-batch's examples."""
+        if self.task == "embeddings":
+            ref = out.detach()
+            norm = ref.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            u = ref / norm
+            r = torch.randn(ref.shape, generator=gen, dtype=torch.float32).to(ref.device)
+            r = r - (r * u).sum(-1, keepdim=True) * u
+            return ((r * out) / norm).sum()
+        logp = F.log_softmax(out.float(), dim=-1)
+        probs = logp.detach().exp().reshape(-1, logp.shape[-1]).cpu()
+        y = torch.multinomial(probs, 1, generator=gen).reshape(logp.shape[:-1]).to(logp.device)
+        ll = logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        if self.task == "causal_lm":
+            mask = b.attention_mask.to(ll.dtype)
+            ll = ll * mask / mask.sum(1, keepdim=True).clamp_min(1.0).sqrt()
+        return ll.sum()
 
     def _sample(self, tau: float) -> list[torch.Tensor]:
         ys = []
@@ -661,7 +830,17 @@ class DNAS:
             task_loss_start=first_loss,
             task_loss_end=last_loss,
             probabilities=self.probabilities(),
+            corrected=self.corrected_values(),
         )
+
+    def corrected_values(self) -> list[np.ndarray] | None:
+        """``s_gk - T * (a_gk - a_gk(init))``: the scores the logits started from, corrected by what the
+        search learned (None unless :meth:`init_from_scores` ran)."""
+        if self.init_logits is None or self.scores is None:
+            return None
+        with torch.no_grad():
+            return [np.asarray(sc, dtype=np.float64) - self.temperature * (lg.double() - a0.double()).cpu().numpy()
+                    for sc, lg, a0 in zip(self.scores, self.logits, self.init_logits, strict=True)]
 
     def close(self) -> None:
         """Restore the model's ``requires_grad`` flags and training mode (idempotent)."""
@@ -683,9 +862,15 @@ class DNAS:
 # The front
 
 
-def _values(probs: list[np.ndarray], space: SearchSpace) -> list[np.ndarray]:
-    """Allocation values ``-log P_g(bits <= b_k)``: minus the log of the probability mass at or below
-    each option's precision (options in order of bits, as the space sorts them)."""
+def _values(probs: list[np.ndarray], space: SearchSpace, mode: str = "cdf",
+            corrected: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """Allocation values: ``cdf``: ``-log P_g(bits <= b_k)``, minus the log of the probability mass at
+    or below each option's precision (options in order of bits, as the space sorts them);
+    ``probability``: ``-log p_gk``; ``corrected``: the given values (see :func:`run_dnas`)."""
+    if mode == "corrected" and corrected is not None:
+        return [np.clip(v - v.min(), 0.0, None) for v in corrected]
+    if mode == "probability":
+        return [np.minimum(-np.log(np.clip(p, 1e-300, 1.0)), _MAX_VALUE).clip(min=0.0) for p in probs]
     out = []
     for p, opts in zip(probs, space.options, strict=True):
         order = np.argsort([o.bits for o in opts], kind="stable")
@@ -755,9 +940,15 @@ def run_dnas(
         metric=metric, options=o, seed=search.options.seed, clip=search.options.clip, device=search.device,
     )
     runs: list[TargetRun] = []
+    t_scores = 0.0
     try:
         if o.init == "budget":
             dn.init_at(targets[0])
+        elif o.init == "sensitivity":
+            report("dnas", 0.0, "dnas: sensitivity scores")
+            scores = dn.sensitivity_scores(o.sensitivity_draws, should_stop=should_stop)
+            dn.init_from_scores(scores, targets[0], o.sensitivity_temperature)
+            t_scores = time.perf_counter() - t0
         plan = _steps_plan(o, len(targets), len(dn.batches))
         total = sum(plan)
         done = 0
@@ -774,9 +965,9 @@ def run_dnas(
     cands: list[Candidate] = []
     seen: set[PrecisionMap] = set()
 
-    def derive(probs: list[np.ndarray], lims: dict[str, float], label: str) -> alloc.Allocation | None:
-        problem = alloc.Problem(values=_values(probs, search.space), weights=problem0.weights, offsets=problem0.offsets,
-                                names=problem0.names)
+    def derive(run: TargetRun, lims: dict[str, float], label: str) -> alloc.Allocation | None:
+        problem = alloc.Problem(values=_values(run.probabilities, search.space, o.values, run.corrected),
+                                weights=problem0.weights, offsets=problem0.offsets, names=problem0.names)
         try:
             a = alloc.allocate(problem, {**lims, **plimits})
         except InfeasibleBudgetError:
@@ -790,12 +981,12 @@ def run_dnas(
     if metric in limits and runs:
         nearest = min(runs, key=lambda r: abs(math.log(r.target / limits[metric])))
         try:
-            if derive(nearest.probabilities, limits, "budget") is None:
+            if derive(nearest, limits, "budget") is None:
                 alloc.allocate(problem0, {**limits, **plimits})
         except InfeasibleBudgetError as exc:
             raise _in_budget_units(exc) from None
     for r in runs:
-        a = derive(r.probabilities, {**extra, metric: r.target}, f"target {r.target:.4g}")
+        a = derive(r, {**extra, metric: r.target}, f"target {r.target:.4g}")
         if a is not None:
             r.allocation = a
             r.precision_map = search.space.from_choices(a.choices)
@@ -804,12 +995,12 @@ def run_dnas(
         lo_t, hi_t = min(targets), max(targets)
         for lim in np.linspace(lo_t, hi_t, search.options.front_points):
             nearest = min(runs, key=lambda r, lim=lim: abs(math.log(r.target / lim)))
-            derive(nearest.probabilities, {**extra, metric: float(lim)}, "sweep")
+            derive(nearest, {**extra, metric: float(lim)}, "sweep")
     seconds = time.perf_counter() - t0
     search.timings["search:dnas"] = seconds
     return DNASResult(
         metric=metric, runs=runs, candidates=cands, seconds=seconds, steps=sum(r.steps for r in runs),
-        micro_batches=len(dn.batches), info={"loss": dn.loss_kind, "targets": targets},
+        micro_batches=len(dn.batches), info={"loss": dn.loss_kind, "targets": targets, "sensitivity_seconds": t_scores},
     )
 
 

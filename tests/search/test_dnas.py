@@ -186,6 +186,10 @@ def test_cancellation_between_steps_leaves_the_model_as_found(trained_bert, sent
         ({"arch_lr": float("nan")}, "method_options.dnas.arch_lr"),
         ({"train_weights": "yes"}, "method_options.dnas.train_weights"),
         ({"init": "random"}, "method_options.dnas.init"),
+        ({"values": "logits"}, "method_options.dnas.values"),
+        ({"init": "budget", "values": "corrected"}, "method_options.dnas.values"),
+        ({"sensitivity_draws": 0}, "method_options.dnas.sensitivity_draws"),
+        ({"sensitivity_temperature": 0.0}, "method_options.dnas.sensitivity_temperature"),
     ],
 )
 def test_bad_options_name_the_field(bad, field):
@@ -232,3 +236,57 @@ def test_search_run_with_kl_and_dnas_gives_one_front_of_both(trained_bert, senti
         if p.method == "dnas":
             assert "accuracy" in p.metrics and p.cost.avg_bits <= max(4.0, p.budget.get("avg_bits", 4.0)) + 1e-9
     assert any(p.method == "dnas" and p.label == "budget" and p.cost.avg_bits <= 4.0 + 1e-9 for p in result.points)
+
+
+def test_fisher_scores_are_the_second_order_model_of_the_kl_scores(trained_bert, sentiment_file):
+    search = _search(trained_bert, sentiment_file, methods=("kl", "dnas"))
+    table = search.sensitivity("kl")
+    saved = _state(search.model)
+    with DNAS(search.model, search.adapter, search.space, search.cost_model, search.task, search.calibration,
+              metric="size_bytes", options=DNASOptions(batch_size=8)) as dn:
+        scores = dn.sensitivity_scores(draws=4)
+    assert _same_state(search.model, saved) and all(p.grad is None for p in search.model.parameters())
+    kl, fisher = [], []
+    for g, opts, row in zip(search.space.groups, search.space.options, scores, strict=True):
+        assert row.shape == (len(opts),) and np.all(row >= 0)
+        for o, v in zip(opts, row, strict=True):
+            if o.bits == 32:
+                assert v == 0.0
+            elif o.is_integer:  # small perturbations, where the second-order model holds
+                kl.append(table.scores[g.name][o.key()])
+                fisher.append(v)
+    kl, fisher = np.log(np.array(kl)), np.log(np.array(fisher))
+    assert np.corrcoef(kl, fisher)[0, 1] > 0.95
+    assert np.median(np.abs(kl - fisher)) < np.log(3.0)  # the same scale, not only the same order
+
+
+def test_sensitivity_init_starts_from_the_allocation_of_the_scores(trained_bert, sentiment_file):
+    from search import allocate as alloc
+    from search.pipeline import build_problem
+
+    search = _search(trained_bert, sentiment_file, dnas={"init": "sensitivity", "values": "corrected",
+                                                         "steps": 1, "arch_lr": 1e-9, "sensitivity_draws": 2})
+    result = run_dnas(search)
+    assert result.info["sensitivity_seconds"] > 0
+    first = result.runs[0]
+    assert first.expected_cost_start == pytest.approx(first.target, rel=1e-3)  # the prior meets the first target
+    # without a step that moves the logits, every map is the allocation of the scores themselves
+    with DNAS(search.model, search.adapter, search.space, search.cost_model, search.task, search.calibration,
+              metric="size_bytes", options=DNASOptions.from_mapping(search.options.method_options["dnas"]),
+              seed=search.options.seed) as dn:
+        scores = dn.sensitivity_scores(draws=2)
+    problem, plimits = build_problem(search.space, search.cost_model, None)
+    problem = alloc.Problem(values=scores, weights=problem.weights, offsets=problem.offsets, names=problem.names)
+    for r in result.runs:
+        assert r.corrected is not None
+        a = alloc.allocate(problem, {"size_bytes": r.target, **plimits})
+        assert r.precision_map == search.space.from_choices(a.choices)
+    # the starting distribution's argmax is a Lagrangian solution of the scores: no map of its size or
+    # less has a smaller summed score (Everett), so the search starts from the sensitivity solution
+    argmax = np.array([int(np.argmax(p)) for p in first.probabilities])
+    size = problem.cost_of(argmax)["size_bytes"]
+    best = alloc.allocate(problem, {"size_bytes": size})
+    assert problem.value_of(argmax) <= best.objective * (1 + 1e-6) + 1e-15
+    assert len(set(argmax.tolist())) > 1
+    # ... and the maps differ across targets: the scores say where the bits matter
+    assert len({r.precision_map for r in result.runs}) == len(result.runs)
