@@ -21,6 +21,27 @@ a quadratic model with negative curvature would predict that quantizing helps, w
 The clamp is to a floor of ``TRACE_FLOOR`` (1%) of the median positive mean trace, not to 0: a group
 scored 0 at every bit-width would be free to quantize to the coarsest grid, which does hurt.
 
+Weighting
+---------
+
+``weighting="trace"`` (the default above, HAWQ-V2) weighs the whole group's error by one mean
+curvature. A sub-layer group spans slices of several matrices (a head: rows of the query, key and
+value projections and columns of the output projection), whose curvatures differ by orders of
+magnitude, and the rows of one slice differ too (each row has its own quantization scale, so its own
+error). Hutchinson's estimator gives more than the trace: ``v * Hv`` is an unbiased estimate of the
+Hessian's *diagonal*, so from the same probes (no extra Hessian-vector product, only a reduction per
+member slice) the curvature is also estimated per member slice and per row:
+
+* ``members``: ``score = sum over member slices s of (tr(H_ss) / n_s) * quant_error(s)``;
+* ``rows``: ``score = sum over rows r of every slice of (sum_i H_ii over r / n_r) * ||Q(w_r) - w_r||^2``,
+  the diagonal second-order estimate of the loss increase at row resolution; at 0 bits this is the
+  Optimal Brain Damage saliency ``sum_i H_ii w_i^2`` of the removed weights, row by row.
+
+Each per-slice or per-row mean curvature is floored like the group's (``TRACE_FLOOR`` of the median
+positive group mean trace). The stop rule still applies to the groups' traces; the finer estimates
+are noisier per row, but the score sums them over the group's rows. ``extra["member_traces"]`` reports
+the trace of every member slice (they sum to the group's trace).
+
 Loss
 ====
 
@@ -101,7 +122,7 @@ from torch import nn
 
 from search.data import TokenizedBatch
 from search.errors import InvalidInputError
-from search.quant import quant_error
+from search.quant import fake_quantize, quant_error
 from search.result import SensitivityTable
 from search.sensitivity import (
     ProgressFn,
@@ -113,6 +134,9 @@ from search.sensitivity import (
 )
 from search.space import SearchSpace
 from search.tasks import Task, discrepancy, model_output
+
+Weighting = Literal["trace", "members", "rows"]
+WEIGHTINGS: tuple[str, ...] = ("trace", "members", "rows")
 
 #: Mean traces below this fraction of the median positive mean trace are raised to it (see above).
 TRACE_FLOOR = 0.01
@@ -260,6 +284,21 @@ class _Reducer:
     blocks: tuple[tuple[int, Any], ...] = ()
 
 
+@dataclass(frozen=True)
+class _Segment:
+    """One member slice of one group, for the per-row curvature: ``param[index]`` summed over
+    ``dim`` (the parameter's input dimension) gives the slice's rows (in the ``[out, in]`` layout),
+    stored at ``rows[offset : offset + length]``; ``cols`` is the slice's number of input columns."""
+
+    group: int
+    param: int
+    index: Any
+    dim: int
+    offset: int
+    length: int
+    cols: int
+
+
 @dataclass
 class _Plan:
     """The parameters the groups touch, the probe masks, and how each parameter's samples are summed."""
@@ -268,6 +307,8 @@ class _Plan:
     masks: list[torch.Tensor | None]  # None: the whole parameter is probed
     reducers: list[_Reducer]
     n_groups: int
+    segments: list[_Segment] | None = None  # per member slice; only when the rows are collected
+    n_rows: int = 0
 
 
 _ALL = slice(None)
@@ -294,17 +335,26 @@ def _reducer(p: torch.Tensor, blocks: list[tuple[int, Any]], n_groups: int) -> _
     return _Reducer("blocks", blocks=tuple(blocks))
 
 
-def _plan(ctx: SensitivityContext) -> _Plan:
+def _plan(ctx: SensitivityContext, *, rows: bool = False) -> _Plan:
     params: list[nn.Parameter] = []
     pos: dict[int, int] = {}
     per_param: list[list[tuple[int, Any]]] = []  # (group, index) blocks of every parameter
+    segments: list[_Segment] = []
+    offset = 0
     for gi, g in enumerate(ctx.space.groups):
-        for p, idx in ctx.adapter.group_params(g):
+        for m, (p, idx) in zip(g.members, ctx.adapter.group_params(g), strict=True):
             if id(p) not in pos:
                 pos[id(p)] = len(params)
                 params.append(p)
                 per_param.append([])
             per_param[pos[id(p)]].append((gi, idx))
+            if rows:
+                # the [out, in] view is the parameter itself for Linear, its transpose for Conv1D
+                dim = 1 if ctx.adapter.weight(m.module) is p else 0
+                block = p[idx]
+                length, cols = int(block.shape[1 - dim]), int(block.shape[dim])
+                segments.append(_Segment(gi, pos[id(p)], idx, dim, offset, length, cols))
+                offset += length
     masks: list[torch.Tensor | None] = []
     for p, blocks in zip(params, per_param, strict=True):
         m = torch.zeros(p.shape, dtype=torch.bool, device=p.device)
@@ -313,22 +363,33 @@ def _plan(ctx: SensitivityContext) -> _Plan:
         masks.append(None if bool(m.all()) else m.to(p.dtype))
     n_groups = len(ctx.space.groups)
     reducers = [_reducer(p, blocks, n_groups) for p, blocks in zip(params, per_param, strict=True)]
-    return _Plan(params, masks, reducers, n_groups)
+    return _Plan(params, masks, reducers, n_groups, segments if rows else None, offset)
 
 
 class _Stats:
     """Welford running mean / M2 per (batch, group), and the stratified totals."""
 
-    def __init__(self, n_batches: int, n_groups: int) -> None:
+    def __init__(self, n_batches: int, n_groups: int, n_rows: int = 0) -> None:
         self.n = np.zeros(n_batches, dtype=np.int64)
         self.mean = np.zeros((n_batches, n_groups), dtype=np.float64)
         self.m2 = np.zeros((n_batches, n_groups), dtype=np.float64)
+        self.row_sums = np.zeros((n_batches, n_rows), dtype=np.float64) if n_rows else None
 
-    def add(self, b: int, x: np.ndarray) -> None:
+    def add(self, b: int, x: np.ndarray, rows: np.ndarray | None = None) -> None:
         self.n[b] += 1
         delta = x - self.mean[b]
         self.mean[b] += delta / self.n[b]
         self.m2[b] += delta * (x - self.mean[b])
+        if rows is not None and self.row_sums is not None:
+            self.row_sums[b] += rows
+
+    def row_totals(self) -> np.ndarray | None:
+        """Per-row curvature (sum over batches of each batch's mean ``v * Hv`` summed over the row)."""
+        if self.row_sums is None:
+            return None
+        seen = self.n >= 1
+        out: np.ndarray = (self.row_sums[seen] / self.n[seen][:, None]).sum(0)
+        return out
 
     def _var(self, seen: np.ndarray) -> np.ndarray:
         var: np.ndarray = self.m2[seen] / (self.n[seen] - 1)[:, None]
@@ -370,13 +431,21 @@ class HessianSensitivity(SensitivityMethod):
     """Hutchinson Hessian-trace sensitivity (see the module docstring).
 
     ``tolerance``: target relative standard error of every group's trace; ``min_probes`` /
-    ``max_probes``: probes per calibration batch; ``margin``: factor on the projected number of probes.
+    ``max_probes``: probes per calibration batch; ``margin``: factor on the projected number of probes;
+    ``weighting``: how curvature weighs the quantization error (``trace``, ``members`` or ``rows``,
+    see the module docstring).
     """
 
     name = "hessian"
 
     def __init__(
-        self, *, tolerance: float = 0.05, min_probes: int = 8, max_probes: int = 200, margin: float = 1.1
+        self,
+        *,
+        tolerance: float = 0.05,
+        min_probes: int = 8,
+        max_probes: int = 200,
+        margin: float = 1.1,
+        weighting: Weighting = "trace",
     ) -> None:
         if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or not tolerance > 0:
             raise InvalidInputError(
@@ -389,6 +458,11 @@ class HessianSensitivity(SensitivityMethod):
             raise InvalidInputError("max_probes must be at least min_probes", field="max_probes")
         if isinstance(margin, bool) or not isinstance(margin, int | float) or margin < 1:
             raise InvalidInputError(f"margin must be a number >= 1, got {margin!r}", field="margin")
+        if weighting not in WEIGHTINGS:
+            raise InvalidInputError(
+                f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}", field="weighting"
+            )
+        self.weighting: Weighting = weighting
         self.tolerance = float(tolerance)
         self.min_probes = min_probes
         self.max_probes = max_probes
@@ -414,13 +488,13 @@ class HessianSensitivity(SensitivityMethod):
                 "the calibration batches have no token to predict (sequences of one token)",
                 field="calibration",
             )
-        plan = _plan(ctx)
+        plan = _plan(ctx, rows=self.weighting != "trace")
         with hessian_mode(ctx.model, plan.params) as mode, torch.inference_mode(False), torch.enable_grad():
             stats, acct = self._estimate(ctx, plan, kind, norm, on_progress, should_stop)
         trace, se = stats.totals()
         rel = _relative(se, trace)
         t_scores = time.perf_counter()
-        scores = self._scores(ctx, trace)
+        scores = self._scores(ctx, trace, plan, stats.row_totals())
         acct["seconds_scores"] = time.perf_counter() - t_scores
 
         space = ctx.space
@@ -434,6 +508,7 @@ class HessianSensitivity(SensitivityMethod):
             "loss": kind,
             "loss_normaliser": norm,
             "tolerance": self.tolerance,
+            "weighting": self.weighting,
             "min_probes": self.min_probes,
             "max_probes": self.max_probes,
             "stopped": acct.pop("stopped"),
@@ -447,6 +522,7 @@ class HessianSensitivity(SensitivityMethod):
                 n: max(0.0, float(t)) / max(1, k) for n, t, k in zip(names, trace, n_params, strict=True)
             },
             "max_relative_error": float(min(rel.max(), _MAX_REPORTED_ERROR)) if rel.size else 0.0,
+            **_member_traces(plan, stats.row_totals(), names),
             "attn_implementation": mode["attn_implementation"],
             "switched_to_eager": mode["switched_to_eager"],
             "sdpa_math": mode["sdpa_math"],
@@ -466,7 +542,7 @@ class HessianSensitivity(SensitivityMethod):
     ) -> tuple[_Stats, dict[str, Any]]:
         model, batches = ctx.model, ctx.batches
         n_batches, n_groups = len(batches), plan.n_groups
-        stats = _Stats(n_batches, n_groups)
+        stats = _Stats(n_batches, n_groups, plan.n_rows)
         devices = {p.device for p in plan.params}
         gen_device = next(iter(devices)) if len(devices) == 1 else torch.device("cpu")
         gen = torch.Generator(device=gen_device)
@@ -525,7 +601,7 @@ class HessianSensitivity(SensitivityMethod):
                 while stats.n[b] < target():
                     _check_stop(should_stop)
                     t = time.perf_counter()
-                    stats.add(b, self._probe(plan, grads, live, probes))
+                    stats.add(b, *self._probe(plan, grads, live, probes))
                     acct["seconds_hvp"] += time.perf_counter() - t
                     report(f"batch {b + 1}/{n_batches}, probe {int(stats.n[b])}")
                 del loss, grads
@@ -546,8 +622,9 @@ class HessianSensitivity(SensitivityMethod):
         grads: Sequence[torch.Tensor | None],
         live: list[int],
         probes: Rademacher,
-    ) -> np.ndarray:
-        """One Rademacher probe: one Hessian-vector product, one sample per group."""
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """One Rademacher probe: one Hessian-vector product, one sample per group (and, when the plan
+        collects them, one per member row)."""
         vs = []
         for p, mask, v in zip(plan.params, plan.masks, probes.draw(), strict=True):
             v = v.to(p.device)
@@ -582,29 +659,79 @@ class HessianSensitivity(SensitivityMethod):
                 assert red.index is not None  # noqa: S101 - set for rows / cols
                 per = (v * h).sum(dim=1 if red.kind == "rows" else 0, dtype=torch.float32)
                 sums.index_add_(0, red.index.to(sums.device), per.to(sums.device, torch.float64))
-        return sums[: plan.n_groups].cpu().numpy()
+        rows = None
+        if plan.segments is not None:
+            out = torch.zeros(plan.n_rows, device=probes.device, dtype=torch.float64)
+            prods: dict[int, torch.Tensor] = {}
+            for seg in plan.segments:
+                h = hv[seg.param]
+                if h is None:
+                    continue
+                if seg.param not in prods:
+                    prods[seg.param] = vs[seg.param] * h
+                part = prods[seg.param][seg.index].sum(dim=seg.dim, dtype=torch.float32)
+                out[seg.offset : seg.offset + seg.length] = part.to(out.device, torch.float64)
+            rows = out.cpu().numpy()
+        return sums[: plan.n_groups].cpu().numpy(), rows
 
     # --------------------------------------------------------------------------------- scores
     @torch.no_grad()
-    def _scores(self, ctx: SensitivityContext, trace: np.ndarray) -> dict[str, dict[str, float]]:
+    def _scores(
+        self,
+        ctx: SensitivityContext,
+        trace: np.ndarray,
+        plan: _Plan | None = None,
+        row_trace: np.ndarray | None = None,
+    ) -> dict[str, dict[str, float]]:
         space: SearchSpace = ctx.space
         scores: dict[str, dict[str, float]] = {}
         clip: Literal["mse", "minmax"] = "minmax" if ctx.clip == "minmax" else "mse"
         means = [float(t) / max(1, g.n_params) for g, t in zip(space.groups, trace, strict=True)]
         positive = [m for m in means if m > 0]
         floor = TRACE_FLOOR * float(np.median(positive)) if positive else 0.0
-        for g, opts, raw in zip(space.groups, space.options, means, strict=True):
+        # the curvature per weight of every member slice (members) or of every row of it (rows)
+        member_curv: dict[int, list[np.ndarray]] = {}
+        if self.weighting != "trace" and plan is not None and plan.segments is not None and row_trace is not None:
+            for seg in plan.segments:
+                r = row_trace[seg.offset : seg.offset + seg.length]
+                if self.weighting == "members":
+                    c = np.full(seg.length, float(r.sum()) / max(1, seg.length * seg.cols))
+                else:
+                    c = r / max(1, seg.cols)
+                member_curv.setdefault(seg.group, []).append(np.maximum(floor, c))
+        for gi, (g, opts, raw) in enumerate(zip(space.groups, space.options, means, strict=True)):
             mean_trace = max(floor, raw)
+            curv = member_curv.get(gi)
             row: dict[str, float] = {}
             for opt in opts:
                 if opt.bits == 32:
                     row[opt.key()] = 0.0
                     continue
                 err = 0.0
-                for m in g.members:
-                    err += quant_error(
-                        ctx.adapter.member_slice(m), opt.bits, symmetric=opt.symmetric, clip=clip
-                    )
-                row[opt.key()] = max(0.0, mean_trace * err)
+                for k, m in enumerate(g.members):
+                    w = ctx.adapter.member_slice(m)
+                    if curv is None:
+                        err += mean_trace * quant_error(w, opt.bits, symmetric=opt.symmetric, clip=clip)
+                    else:
+                        err += float(np.dot(curv[k], _row_errors(w, opt.bits, opt.symmetric, clip)))
+                row[opt.key()] = max(0.0, err)
             scores[g.name] = row
         return scores
+
+
+def _member_traces(plan: _Plan, row_trace: np.ndarray | None, names: list[str]) -> dict[str, Any]:
+    """``{"member_traces": {group: [trace of each member slice]}}`` when the rows were collected."""
+    if plan.segments is None or row_trace is None:
+        return {}
+    out: dict[str, list[float]] = {}
+    for seg in plan.segments:
+        out.setdefault(names[seg.group], []).append(float(row_trace[seg.offset : seg.offset + seg.length].sum()))
+    return {"member_traces": out}
+
+
+def _row_errors(w: torch.Tensor, bits: int, symmetric: bool, clip: Literal["mse", "minmax"]) -> np.ndarray:
+    """Squared quantization error of every row of ``w`` (``[out, in]`` layout), float64."""
+    fq = fake_quantize(w, bits, symmetric=symmetric, clip=clip)
+    diff = w.detach().to(torch.float32) - fq.to(torch.float32)
+    out: np.ndarray = diff.square_().sum(dim=1, dtype=torch.float64).cpu().numpy()
+    return out

@@ -79,6 +79,16 @@ def _ctx(folder, task, data_file, granularity, *, include=None, n=16, batch_size
 def _exact_block_traces(ctx: SensitivityContext) -> dict[str, float]:
     """Exact trace of every group's diagonal Hessian block, with torch.autograd.functional.hessian
     over the flattened group parameters, of the loss written here independently of search.hessian."""
+    H, ids = _exact_hessian(ctx)
+    out = {}
+    for g in ctx.space.groups:
+        out[g.name] = sum(float(H[i, i].sum()) for i in (ids(p, idx).reshape(-1) for p, idx in ctx.adapter.group_params(g)))
+    return out
+
+
+def _exact_hessian(ctx: SensitivityContext):
+    """The exact Hessian over the groups' parameters and ``ids(p, idx)``: the flat indices of
+    ``p[idx]`` (in ``p``'s own layout, the shape of the block)."""
     model, ad, task = ctx.model, ctx.adapter, ctx.task
     params: list[torch.nn.Parameter] = []
     for g in ctx.space.groups:
@@ -126,14 +136,11 @@ def _exact_block_traces(ctx: SensitivityContext) -> dict[str, float]:
         return total / count
 
     H = torch.autograd.functional.hessian(loss, flat0)
-    out = {}
-    for g in ctx.space.groups:
-        s = 0.0
-        for p, idx in ad.group_params(g):
-            ids = torch.arange(p.numel()).view(p.shape)[idx].reshape(-1) + offsets[id(p)]
-            s += float(H[ids, ids].sum())
-        out[g.name] = s
-    return out
+
+    def ids(p: torch.Tensor, idx) -> torch.Tensor:
+        return torch.arange(p.numel()).view(p.shape)[idx] + offsets[id(p)]
+
+    return H, ids
 
 
 @pytest.mark.parametrize(
@@ -367,3 +374,87 @@ def test_a_negative_or_zero_trace_never_makes_a_group_free_to_quantize(tmp_path,
         assert row["2"] > row["4"] > row["8"] > 0  # floored at TRACE_FLOOR x the median (1 here), not 0
         for k, v in row.items():
             assert v == pytest.approx(TRACE_FLOOR * unit[name][k], rel=1e-9, abs=0)
+
+
+# ------------------------------------------------------------------------------ finer weighting
+
+
+@pytest.mark.parametrize(
+    "arch,task,granularity",
+    [("bert", "sequence_classification", "group"), ("gpt2", "causal_lm", "layer")],
+)
+def test_member_and_row_curvatures_match_the_exact_hessian_diagonal(tiny_models, sentiment_file, arch, task, granularity):
+    """weighting="members"/"rows": the member traces (and rows) estimated from the same probes sum to the
+    group's trace and match the exact diagonal of the Hessian (GPT-2 covers the transposed Conv1D layout)."""
+    import search.hessian as hessian
+
+    ctx = _ctx(tiny_models[(arch, task)], task, sentiment_file, granularity)
+    H, ids = _exact_hessian(ctx)
+    diag = torch.diagonal(H)
+    captured = {}
+    real = hessian.HessianSensitivity._scores
+
+    def spy(self, ctx_, trace, plan=None, row_trace=None):
+        captured.update(plan=plan, rows=row_trace)
+        return real(self, ctx_, trace, plan, row_trace)
+
+    method = HessianSensitivity(tolerance=0.05, max_probes=400, weighting="rows")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hessian.HessianSensitivity, "_scores", spy)
+        table = method.compute(ctx)
+    members = table.extra["member_traces"]
+    plan, rows = captured["plan"], captured["rows"]
+    worst = 0.0
+    for gi, g in enumerate(ctx.space.groups):
+        assert len(members[g.name]) == len(g.members)
+        assert sum(members[g.name]) == pytest.approx(table.extra["traces"][g.name], rel=1e-6, abs=1e-12)
+        segs = [seg for seg in plan.segments if seg.group == gi]
+        for m, (p, idx), seg in zip(g.members, ctx.adapter.group_params(g), segs, strict=True):
+            block = diag[ids(p, idx)]  # the slice's diagonal, in the parameter's layout
+            exact_rows = block.sum(dim=1) if ctx.adapter.weight(m.module) is p else block.sum(dim=0)
+            assert seg.length == exact_rows.numel() == ctx.adapter.member_slice(m).shape[0]
+            est = torch.from_numpy(rows[seg.offset : seg.offset + seg.length])
+            scale = float(exact_rows.abs().sum())
+            worst = max(worst, float((est - exact_rows.double()).abs().sum()) / scale)
+    assert worst < 0.5, worst  # 400 probes: per-row estimates within half the slice's mass
+    # the member traces, which average over more entries, are closer: within the group's tolerance
+    # scale (their noise is of the order of the group trace's, whatever the member's own size)
+    for g in ctx.space.groups:
+        exact = [float(diag[ids(p, idx)].sum()) for p, idx in ctx.adapter.group_params(g)]
+        mass = sum(abs(e) for e in exact)
+        for tr, ex in zip(members[g.name], exact, strict=True):
+            bound = max(0.15 * mass, 3.5 * table.extra["trace_se"][g.name])  # where the stop rule was not met
+            assert abs(tr - ex) <= bound, (g.name, tr, ex, mass)
+
+
+def test_weightings_score_the_same_under_uniform_curvature_and_differ_by_rows(tiny_cls, sentiment_file):
+    """With every row's mean curvature 1, the three weightings give the same scores (the trace ones with
+    mean trace 1); raising one row's curvature adds exactly that row's extra weighted error."""
+    from search.hessian import _plan, _row_errors
+
+    ctx = _ctx(tiny_cls, "sequence_classification", sentiment_file, "group")
+    plan = _plan(ctx, rows=True)
+    trace = np.array([float(g.n_params) for g in ctx.space.groups])
+    ones = np.zeros(plan.n_rows)
+    for seg in plan.segments:
+        ones[seg.offset : seg.offset + seg.length] = seg.cols
+    base = HessianSensitivity(weighting="trace")._scores(ctx, trace)
+    for w in ("members", "rows"):
+        got = HessianSensitivity(weighting=w)._scores(ctx, trace, plan, ones)
+        for name, row in base.items():
+            for k, v in row.items():
+                assert got[name][k] == pytest.approx(v, rel=1e-6), (w, name, k)
+    seg = plan.segments[1]
+    bumped = ones.copy()
+    bumped[seg.offset] += 4 * seg.cols  # curvature 5 on the first row of that slice
+    got = HessianSensitivity(weighting="rows")._scores(ctx, trace, plan, bumped)
+    g = ctx.space.groups[seg.group]
+    m = g.members[[s for s in plan.segments if s.group == seg.group].index(seg)]
+    extra = 4 * _row_errors(ctx.adapter.member_slice(m), 2, True, ctx.clip)[0]
+    assert extra > 0
+    assert got[g.name]["2"] == pytest.approx(base[g.name]["2"] + extra, rel=1e-6)
+    members = HessianSensitivity(weighting="members")._scores(ctx, trace, plan, bumped)
+    assert members[g.name]["2"] != pytest.approx(got[g.name]["2"], rel=1e-6)  # spread over the slice instead
+    with pytest.raises(InvalidInputError) as exc:
+        HessianSensitivity(weighting="diag")
+    assert exc.value.field == "weighting"
