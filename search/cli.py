@@ -7,14 +7,17 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from search.errors import SearchError
+from search.errors import InvalidInputError, SearchError
 from search.pipeline import SearchOptions
 from search.result import Budget, SearchResult
 from search.space import PruneLimits
 
-EXAMPLE = """example:
+EXAMPLE = """examples:
   bitscout search --model ./my-bert --data reviews.jsonl --label-field label \\
       --method kl --max-size-mb 10 --out result.json
+  bitscout search --model ./my-bert --data reviews.jsonl --label-field label \\
+      --method hessian --granularity group --bits 0,2,3,4,8 --max-avg-bits 3 \\
+      --option hessian.max_probes=32 --option hessian.weighting=rows
 """
 
 
@@ -23,6 +26,21 @@ def _csv_ints(text: str) -> tuple[str, ...]:
     if not parts:
         raise argparse.ArgumentTypeError("expected a comma-separated list such as 2,3,4,8")
     return parts
+
+
+def _method_option(text: str) -> tuple[str, str, object]:
+    """``METHOD.KEY=VALUE``; the value is read as JSON (numbers, true/false, lists), else kept as text."""
+    import json
+
+    key, sep, raw = text.partition("=")
+    method, dot, name = key.strip().partition(".")
+    if not sep or not dot or not method or not name:
+        raise argparse.ArgumentTypeError(f"expected METHOD.KEY=VALUE such as hessian.max_probes=32, got {text!r}")
+    try:
+        value: object = json.loads(raw)
+    except ValueError:
+        value = raw
+    return method, name, value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", action="append", dest="methods", help="kl, hessian, dnas, nsga2 (repeatable; default kl)")
     p.add_argument("--bits", type=_csv_ints, default=("2", "3", "4", "8"), help="allowed bit-widths (0 prunes), e.g. 2,3,4,8")
     p.add_argument("--asymmetric", action="store_true", help="asymmetric integer grids")
+    p.add_argument(
+        "--option", action="append", dest="method_options", type=_method_option, metavar="METHOD.KEY=VALUE",
+        help="an option of one method, e.g. hessian.max_probes=32, hessian.weighting=rows, dnas.epochs=2 (repeatable)",
+    )
     p.add_argument("--granularity", choices=["layer", "group"], default="layer")
     p.add_argument("--ffn-block-size", type=int, default=64)
     p.add_argument("--max-head-prune", type=float, default=None, help="max fraction of heads pruned per block")
@@ -71,7 +93,11 @@ def options_from_args(a: argparse.Namespace) -> SearchOptions:
     if a.max_head_prune is not None or a.max_ffn_prune is not None:
         limits = PruneLimits(max_head_fraction=a.max_head_prune, max_ffn_fraction=a.max_ffn_prune)
     bits: tuple[int | str, ...] = tuple(int(b) if b.isdigit() else b for b in a.bits)
+    method_options: dict[str, dict[str, object]] = {}
+    for method, name, value in a.method_options or ():
+        method_options.setdefault(method, {})[name] = value
     return SearchOptions(
+        method_options=method_options,
         methods=tuple(a.methods or ["kl"]),
         granularity=a.granularity,
         bits=bits,
@@ -130,6 +156,12 @@ def search_main(argv: Sequence[str] | None = None) -> int:
         from search.local import DataOptions, run_local
 
         options = options_from_args(a)
+        stray = sorted(set(options.method_options) - set(options.methods))
+        if stray:
+            raise InvalidInputError(
+                f"--option names {', '.join(stray)}, which is not among the methods ({', '.join(options.methods)})",
+                field="method_options",
+            )
         data = DataOptions(
             source=a.data,
             text_field=a.text_field,

@@ -28,7 +28,7 @@ import shutil
 import socket
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -444,6 +444,9 @@ class JobRunner:
             chosen = [ids[id(p)] for p in front[: int(spec.points)]]
         out: list[tuple[int, ParetoPoint, Path | None]] = []
         step = (hi - lo) / max(1, len(chosen))
+        # early stopping selects on held-back calibration batches, never on the evaluation rows the
+        # refined point's metrics are reported on (selecting there would flatter the result)
+        train, validation = split_validation(search.calibration)
         for k, i in enumerate(chosen):
             if self._should_stop():
                 raise CanceledError("search canceled")
@@ -454,6 +457,8 @@ class JobRunner:
                 search,
                 origin.precision_map,
                 config=RefineConfig(steps=spec.steps, seed=search.options.seed),
+                train_batches=train,
+                validation_batches=validation,
                 on_progress=self._progress(lo + k * step, lo + (k + 1) * step),
                 should_stop=self._should_stop,
                 checkpoint_dir=ckpt,
@@ -547,3 +552,13 @@ def run_job(job_id: str, worker_id: str, config: RunnerConfig, threads: int = 1)
 #: The Ray task the dispatcher starts for each job attempt. Ray does not retry it: a lost worker
 #: is the dispatcher's to handle (re-queue up to the retry limit, reusing what was stored).
 run_job_task = ray.remote(max_retries=0, retry_exceptions=False)(run_job)
+
+
+def split_validation(batches: Sequence[Any]) -> tuple[list[Any], list[Any]]:
+    """Calibration batches split for refinement: training batches and the last quarter (at least one
+    batch) held back for early stopping; with a single batch it serves both."""
+    batches = list(batches)
+    if len(batches) < 2:
+        return batches, batches
+    k = max(1, len(batches) // 4)
+    return batches[:-k], batches[-k:]

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from search.cli import search_main
 from search.result import SearchResult
 
@@ -37,7 +39,7 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, trained_bert, sentiment
                                      "--max-size-mb", "0.0001", "--calibration", "16", "--evaluation", "32", "--quiet"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "smallest achievable size" in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "bitscout.cli", "search", "--help"], capture_output=True, text=True)
-    assert proc.returncode == 0 and "example:" in proc.stdout
+    assert proc.returncode == 0 and "examples:" in proc.stdout and "--option" in proc.stdout
 
 
 def test_result_json_is_plain_json(tmp_path, trained_bert, sentiment_file):
@@ -47,3 +49,23 @@ def test_result_json_is_plain_json(tmp_path, trained_bert, sentiment_file):
                  "--bits", "4,8", "--out", str(out), "--quiet"])
     data = json.loads(out.read_text())
     assert set(data) >= {"front", "points", "sensitivities", "metric", "space", "versions", "timings"}
+
+
+def test_method_options_on_the_command_line(tmp_path, trained_bert, sentiment_file, capsys):
+    base = ["--model", str(trained_bert), "--data", str(sentiment_file), "--label-field", "label",
+            "--calibration", "16", "--evaluation", "32", "--quiet", "--method", "hessian", "--front-points", "3"]
+    out = tmp_path / "r.json"
+    assert search_main([*base, "--option", "hessian.max_probes=4", "--option", "hessian.min_probes=2",
+                        "--option", "hessian.weighting=rows", "--out", str(out)]) == 0
+    table = json.loads(out.read_text())["sensitivities"][0]
+    assert table["extra"]["weighting"] == "rows" and table["extra"]["max_probes"] == 4
+    assert table["extra"]["probes"] <= 4
+    capsys.readouterr()
+    assert search_main([*base, "--option", "hessian.weighting=diag"]) == 2
+    assert "weighting" in capsys.readouterr().err
+    assert search_main([*base, "--option", "kl.samples=3"]) == 2
+    assert "not among the methods" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        search_main([*base, "--option", "max_probes=4"])
+    assert exc.value.code == 2
+    assert "METHOD.KEY=VALUE" in capsys.readouterr().err

@@ -291,3 +291,13 @@ def test_requeue_running_records_the_reason(env: Env):
     env.store.requeue_running(worker_id="w/r2", max_attempts=2, reason="gone again")
     j = env.store.get_job(job_id=job.id)
     assert j.status is JobStatus.failed and "gone again" in j.error_message
+
+
+def test_refinement_holds_back_calibration_batches_for_early_stopping():
+    from workers.runner import split_validation
+
+    assert split_validation([]) == ([], [])
+    assert split_validation(["a"]) == (["a"], ["a"])
+    assert split_validation(["a", "b"]) == (["a"], ["b"])
+    train, val = split_validation(list("abcdefgh"))
+    assert train == list("abcdef") and val == list("gh")  # the last quarter, disjoint from training
