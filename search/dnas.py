@@ -78,7 +78,9 @@ sensitivity start with ``probability`` values 1.52x / 1.44x / 1.36x / 1.34x at `
 from the exact KL table instead (many more epochs than the search itself) gave 1.07x with a small
 correction (``T`` 0.3) and 1.45x with a large one (``T`` 1): the steps have not yet learned
 interactions that beat the additive KL table at this cost. The defaults (``T`` 0.03, ``epochs``
-3.5) keep the whole search, scores included, under 3 fine-tuning epochs. With ``sweep``, more maps
+1.5) keep the whole search, scores included, under 3 fine-tuning epochs on the full MiniLM space (a
+step costs about 0.9 of a fine-tuning step there, the scores about 0.8 epoch, building the quantized
+versions and the references about 0.5; ``epochs`` 3.5 came to 4.6). With ``sweep``, more maps
 are allocated at no search cost at budgets between the targets, each from the run with the nearest target. When the budget limits the swept metric, one more
 map is allocated at the budget with the probabilities of the run whose target is nearest to it.
 
@@ -179,7 +181,7 @@ class DNASOptions:
     target_fractions: tuple[float, ...] = (0.5, 0.3, 0.15, 0.05)
     steps: int | None = None
     steps_next: int | None = None
-    epochs: float = 3.5
+    epochs: float = 1.5
     min_steps: int = 3
     batch_size: int | None = 8
     arch_lr: float = 0.2
@@ -703,14 +705,14 @@ class DNAS:
                         if g is None:
                             continue
                         row = per_group[st.group]
-                        g = g.double()
-                        w = leaf.detach().double()
-                        gw0 = (g * w).sum()
+                        w = leaf.detach()
                         versions = self._versions(st)
                         if versions is not None and st.int_idx:
-                            dots = torch.tensordot(versions.detach().double(), g, dims=([1, 2], [0, 1]))
-                            row[st.int_idx] += dots - gw0
+                            # the changes themselves (not <g, Q(w)> - <g, w>: no cancellation at 8 bits)
+                            dots = torch.tensordot(versions.detach() - w, g, dims=([1, 2], [0, 1]))
+                            row[st.int_idx] += dots.double()
                         if st.pruned_idx is not None:
+                            gw0 = (g * w).sum().double()
                             row[st.pruned_idx] += -gw0 - (0.0 if gb is None else gb.double())
                 for tot, row in zip(total, per_group, strict=True):
                     tot += row.square().cpu().numpy()
