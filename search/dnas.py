@@ -81,7 +81,11 @@ interactions that beat the additive KL table at this cost. The defaults (``T`` 0
 1.5) keep the whole search, scores included, under 3 fine-tuning epochs on the full MiniLM space (a
 step costs about 0.9 of a fine-tuning step there, the scores about 0.8 epoch, building the quantized
 versions and the references about 0.5; ``epochs`` 3.5 came to 4.6). With ``sweep``, more maps
-are allocated at no search cost at budgets between the targets, each from the run with the nearest target. When the budget limits the swept metric, one more
+are allocated at no search cost at budgets between the targets, each from the run with the nearest
+target, and below the smallest target down to the smallest achievable cost (``front_points // 2``
+budgets spaced geometrically, as the sensitivity fronts), from the run with the smallest target
+(without them the front stopped at the 2-bit end while the sensitivity fronts go on to the
+all-pruned map, which the benchmark's ``low_bit_area`` counts). When the budget limits the swept metric, one more
 map is allocated at the budget with the probabilities of the run whose target is nearest to it.
 
 Options (``SearchOptions.method_options["dnas"]``, see :class:`DNASOptions`).
@@ -174,7 +178,9 @@ class DNASOptions:
       ``-log P_g(bits <= b_k)``; ``corrected`` (needs ``init="sensitivity"``) the scores corrected by
       what the search learned, ``s_gk - T * (a_gk - a_gk(init))``.
     * ``sweep``: also derive ``SearchOptions.front_points`` maps at budgets spread between the
-      smallest and the largest target, each from the probabilities of the run with the nearest target.
+      smallest and the largest target, each from the probabilities of the run with the nearest
+      target, and ``front_points // 2`` below the smallest target down to the smallest achievable
+      cost, from the run with the smallest target.
     """
 
     targets: tuple[float, ...] | None = None
@@ -998,6 +1004,24 @@ def run_dnas(
         for lim in np.linspace(lo_t, hi_t, search.options.front_points):
             nearest = min(runs, key=lambda r, lim=lim: abs(math.log(r.target / lim)))
             derive(nearest, {**extra, metric: float(lim)}, "sweep")
+    if o.sweep and runs:
+        # ... and below the smallest target, down to the smallest achievable cost (geometric, as the
+        # sensitivity fronts), from the probabilities of the run with the smallest target
+        low = min(runs, key=lambda r: r.target)
+        problem = alloc.Problem(values=_values(low.probabilities, search.space, o.values, low.corrected),
+                                weights=problem0.weights, offsets=problem0.offsets, names=problem0.names)
+        try:
+            below = alloc.allocate_front(problem, metric, max(2, search.options.front_points // 2),
+                                         extra_limits={**extra, **plimits}, spacing="geometric")
+        except InfeasibleBudgetError:
+            below = []
+        for a in below:
+            if problem0.cost_of(a.choices)[metric] < low.target:
+                pmap = search.space.from_choices(a.choices)
+                if pmap not in seen:
+                    seen.add(pmap)
+                    cands.append(Candidate(pmap, "dnas", float(a.objective), dict(a.limits), "sweep", bool(a.exact),
+                                           float(a.gap)))
     seconds = time.perf_counter() - t0
     search.timings["search:dnas"] = seconds
     return DNASResult(
