@@ -115,6 +115,9 @@ def test_maps_meet_their_budgets_and_the_resource_term_moves_the_expected_cost(t
         assert b.expected_cost_start == pytest.approx(a.expected_cost_end)
     assert result.runs[-1].expected_cost_end < first.expected_cost_end
     assert result.candidates and all(c.method == "dnas" for c in result.candidates)
+    # the sweep goes on below the smallest target, as the sensitivity fronts do, down to the smallest map
+    below = [c for c in result.candidates if search.cost_model.cost(c.precision_map).size_bytes < min(targets)]
+    assert any(c.label == "sweep" for c in below)
     budget_cands = [c for c in result.candidates if c.label == "budget"]
     assert budget_cands and search.cost_model.cost(budget_cands[0].precision_map).size_bytes <= 0.09e6 * (1 + 1e-9)
     for c in result.candidates:
