@@ -24,7 +24,7 @@ scored 0 at every bit-width would be free to quantize to the coarsest grid, whic
 Weighting
 ---------
 
-``weighting="trace"`` (the default above, HAWQ-V2) weighs the whole group's error by one mean
+``weighting="trace"`` (the formula above, HAWQ-V2) weighs the whole group's error by one mean
 curvature. A sub-layer group spans slices of several matrices (a head: rows of the query, key and
 value projections and columns of the output projection), whose curvatures differ by orders of
 magnitude, and the rows of one slice differ too (each row has its own quantization scale, so its own
@@ -36,6 +36,13 @@ member slice) the curvature is also estimated per member slice and per row:
 * ``rows``: ``score = sum over rows r of every slice of (sum_i H_ii over r / n_r) * ||Q(w_r) - w_r||^2``,
   the diagonal second-order estimate of the loss increase at row resolution; at 0 bits this is the
   Optimal Brain Damage saliency ``sum_i H_ii w_i^2`` of the removed weights, row by row.
+
+``rows`` is the default. On the MiniLM BBC classifier (bits 0/2/3/4/8, 16 probes per batch, the same
+probes for all three, 500 held-out articles), the output KL of the maps allocated at average 2.5 and
+3 bits was 0.061 and 0.033 with ``trace`` (which pruned about 50 of 216 groups: a head's pruning
+error ``-w`` is coherent, and one mean curvature over its slices underrates it), 0.039 and 0.029 with
+``members`` and 0.036 and 0.011 with ``rows``; with whole layers as groups, 0.083 and 0.065 with
+``trace`` against 0.048 and the figure in the note of issue 3 with ``rows``.
 
 Each per-slice or per-row mean curvature is floored like the group's (``TRACE_FLOOR`` of the median
 positive group mean trace). The stop rule still applies to the groups' traces; the finer estimates
@@ -445,7 +452,7 @@ class HessianSensitivity(SensitivityMethod):
         min_probes: int = 8,
         max_probes: int = 200,
         margin: float = 1.1,
-        weighting: Weighting = "trace",
+        weighting: Weighting = "rows",
     ) -> None:
         if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or not tolerance > 0:
             raise InvalidInputError(

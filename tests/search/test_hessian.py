@@ -289,8 +289,14 @@ def test_model_that_cannot_switch_attention_runs_on_the_math_sdpa_backend(
 
 def test_scores_grow_as_bits_shrink(tiny_cls, sentiment_file):
     ctx = _ctx(tiny_cls, "sequence_classification", sentiment_file, "group")
-    table = HessianSensitivity(tolerance=0.2, max_probes=40).compute(ctx)
+    table = HessianSensitivity(tolerance=0.2, max_probes=40, weighting="trace").compute(ctx)
     assert table.method == "hessian"
+    rows = HessianSensitivity(tolerance=0.2, max_probes=40).compute(ctx)
+    assert rows.extra["weighting"] == "rows"  # the default
+    assert rows.extra["traces"] == table.extra["traces"]  # the same probes, only the weighting differs
+    for g in ctx.space.groups:
+        chain = [rows.scores[g.name][k] for k in ("0", "2", "3", "4", "8", "16", "32")]
+        assert all(a > b for a, b in zip(chain, chain[1:], strict=False)), (g.name, chain)
     for g, opts in zip(ctx.space.groups, ctx.space.options, strict=True):
         row = table.scores[g.name]
         assert set(row) == {o.key() for o in opts}
