@@ -921,11 +921,13 @@ def cost_range(problem: Problem, metric: str) -> tuple[float, float]:
 
 def allocate_front(problem: Problem, metric: str, n_points: int = 24, *,
                    extra_limits: Mapping[str, float] | None = None,
-                   spacing: str = "linear") -> list[Allocation]:
+                   spacing: str = "linear",
+                   bounds: tuple[float | None, float | None] | None = None) -> list[Allocation]:
     """Optimal allocations at ``n_points`` limits on ``metric``, from the smallest achievable total
     to the total of the unconstrained optimum (both included), spaced evenly (``"linear"``) or by a
     constant ratio (``"geometric"``: denser at the cheap end, where maps differ most; linear when the
-    smallest total is not positive).
+    smallest total is not positive). ``bounds`` (either end None: that end of the range) narrows
+    the swept range to its intersection with ``[low, high]``.
 
     Without ``extra_limits`` every point comes off one hull path (computed once). With them, the
     range is that under the extra limits and each point is an ``allocate`` with all limits.
@@ -940,6 +942,12 @@ def allocate_front(problem: Problem, metric: str, n_points: int = 24, *,
         raise InvalidInputError(f"spacing must be 'linear' or 'geometric', got {spacing!r}", field="spacing")
 
     def limits(lo: float, hi: float) -> np.ndarray:
+        if bounds is not None:
+            b_lo, b_hi = bounds
+            if b_lo is not None:
+                lo = min(hi, max(lo, float(b_lo)))
+            if b_hi is not None:
+                hi = max(lo, min(hi, float(b_hi)))
         if spacing == "geometric" and lo > 0 and hi > lo:
             out = np.geomspace(lo, hi, n_points)
             out[0], out[-1] = lo, hi

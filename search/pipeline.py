@@ -227,9 +227,36 @@ def candidates_from_table(
             add(alloc.allocate(problem, {**limits, **plimits}), "budget")
         except InfeasibleBudgetError as exc:
             raise _in_budget_units(exc) from None
-    for a in alloc.allocate_front(problem, metric, n_points, extra_limits=extra or None, spacing="geometric"):
+    narrow = _narrowest_cost(space, problem, metric)
+    lo, hi = alloc.cost_range(problem, metric)
+    if narrow is not None and lo < narrow < hi and n_points >= 6:
+        # pruning reaches below the narrowest integer grid: a few points down there (where maps lose
+        # most of the model), the rest geometric from the narrowest grid up, where the choices matter
+        k = max(2, n_points // 4)
+        sweep = alloc.allocate_front(problem, metric, k, extra_limits=extra or None, spacing="linear",
+                                     bounds=(None, narrow))
+        sweep += alloc.allocate_front(problem, metric, n_points - k + 1, extra_limits=extra or None,
+                                      spacing="geometric", bounds=(narrow, None))
+    else:
+        sweep = alloc.allocate_front(problem, metric, n_points, extra_limits=extra or None, spacing="geometric")
+    for a in sweep:
         add(a, "sweep")
     return out
+
+
+def _narrowest_cost(space: SearchSpace, problem: alloc.Problem, metric: str) -> float | None:
+    """Total ``metric`` of every group at its narrowest integer option (groups without one: their
+    cheapest option); None when no group has an integer option."""
+    idx = []
+    any_int = False
+    for opts in space.options:
+        ints = [k for k, o in enumerate(opts) if o.is_integer]
+        any_int = any_int or bool(ints)
+        idx.append(min(ints, key=lambda k, opts=opts: opts[k].bits) if ints else
+                   min(range(len(opts)), key=lambda k, opts=opts: opts[k].bits))
+    if not any_int:
+        return None
+    return float(problem.cost_of(np.array(idx, dtype=np.int64))[metric])
 
 
 class Search:

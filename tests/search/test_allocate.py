@@ -412,3 +412,22 @@ def test_geometric_front_spacing_is_denser_at_the_cheap_end_and_keeps_the_ends()
         assert a.objective == pytest.approx(allocate(problem, a.limits).objective, rel=1e-12, abs=1e-12)
     with pytest.raises(InvalidInputError):
         allocate_front(problem, "size_bytes", 6, spacing="log")
+
+
+def test_front_bounds_narrow_the_swept_range():
+    from search.allocate import Problem, allocate_front, cost_range
+
+    rng = np.random.default_rng(6)
+    values = [np.sort(rng.random(4))[::-1].copy() for _ in range(10)]
+    weights = {"size_bytes": [np.array([0.0, 2.0, 4.0, 8.0]) * (g + 1) for g in range(10)]}
+    problem = Problem(values=values, weights=weights)
+    lo, hi = cost_range(problem, "size_bytes")
+    mid = (lo + hi) / 3
+    low = [a.limits["size_bytes"] for a in allocate_front(problem, "size_bytes", 4, bounds=(None, mid))]
+    high = [a.limits["size_bytes"] for a in allocate_front(problem, "size_bytes", 4, spacing="geometric",
+                                                           bounds=(mid, None))]
+    assert low[0] == pytest.approx(lo) and low[-1] == pytest.approx(mid)
+    assert high[0] == pytest.approx(mid) and high[-1] == pytest.approx(hi)
+    # bounds outside the range are clipped to it
+    wide = [a.limits["size_bytes"] for a in allocate_front(problem, "size_bytes", 3, bounds=(lo - 5, hi + 5))]
+    assert wide[0] == pytest.approx(lo) and wide[-1] == pytest.approx(hi)

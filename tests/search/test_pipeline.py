@@ -134,3 +134,30 @@ def test_evaluate_before_anything_else_measures_against_full_precision(trained_b
     m = search.evaluate(search.space.uniform(2))  # first call: the reference must still be full precision
     assert m["kl"] > 0
     assert search.evaluate(search.space.full_precision())["kl"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_a_sweep_with_pruning_spends_most_points_above_the_narrowest_grid(trained_bert, sentiment_file):
+    """With 0 bits allowed the cheapest maps prune almost everything: the sweep gives that end a
+    quarter of its points and the rest to the range from every group at 2 bits up."""
+    from search.pipeline import _narrowest_cost, build_problem, candidates_from_table
+    from search.result import SensitivityTable
+
+    opts = SearchOptions(methods=("kl",), granularity="group", bits=(0, 2, 4, 8), front_points=12,
+                         ffn_block_size=8)
+    s = prepare(trained_bert, _data(sentiment_file), opts, device="cpu")
+    rng = np.random.default_rng(0)
+    scores = {}
+    for g, gopts in zip(s.space.groups, s.space.options, strict=True):
+        base = rng.random() + 0.1
+        scores[g.name] = {o.key(): (0.0 if o.bits == 32 else base * 4.0 ** (-o.bits / 2) * (3 if o.bits == 0 else 1))
+                          for o in gopts}
+    table = SensitivityTable(method="kl", scores=scores, samples=1, errors={}, extra={})
+    problem, _ = build_problem(s.space, s.cost_model, table)
+    narrow = _narrowest_cost(s.space, problem, "avg_bits")
+    assert narrow == pytest.approx(2.0)
+    cands = candidates_from_table(s.space, s.cost_model, table, Budget(max_avg_bits=8), n_points=12)
+    bits = [s.cost_model.cost(c.precision_map).avg_bits for c in cands]
+    below = [b for b in bits if b < narrow - 1e-9]
+    assert below and min(bits) < 0.5  # the pruned end is still swept
+    assert len(below) <= 3, sorted(bits)  # a quarter of the points; a geometric sweep from ~0 spends half there
+    assert len(bits) - len(below) >= 8, sorted(bits)
