@@ -33,7 +33,7 @@ EXIT_USAGE = 2
 #: Keys a job file may hold (the keyword arguments of ``Client.submit``).
 JOB_FILE_KEYS = (
     "model", "data", "task", "methods", "budget", "space", "metric", "seed", "idempotency_key",
-    "data_options", "front_points", "device", "resources", "refine",
+    "data_options", "front_points", "device", "resources", "refine", "method_options",
 )  # fmt: skip
 
 
@@ -212,6 +212,19 @@ def _refine_points(text: str) -> str | int:
         raise argparse.ArgumentTypeError(f"expected 'recommended' or a number of points, got {text!r}") from None
 
 
+def _method_option(text: str) -> tuple[str, str, Any]:
+    """``METHOD.KEY=VALUE``; the value is read as JSON (numbers, true/false, lists), else kept as text."""
+    key, sep, raw = text.partition("=")
+    method, dot, name = key.strip().partition(".")
+    if not sep or not dot or not method or not name:
+        raise argparse.ArgumentTypeError(f"expected METHOD.KEY=VALUE such as hessian.max_probes=32, got {text!r}")
+    try:
+        value: Any = json.loads(raw)
+    except ValueError:
+        value = raw
+    return method, name, value
+
+
 def _submit_parser() -> _Parser:
     p = _parser(
         "submit",
@@ -238,6 +251,10 @@ def _submit_parser() -> _Parser:
         action="append",
         metavar="METHOD",
         help="kl, hessian, dnas, nsga2 (repeat or comma-separate; default: kl)",
+    )
+    p.add_argument(
+        "--option", dest="method_options", action="append", type=_method_option, metavar="METHOD.KEY=VALUE",
+        help="an option of one method, e.g. hessian.max_probes=32 or dnas.epochs=2 (repeat)",
     )
     p.add_argument("--metric", help="accuracy, kl, cosine, perplexity (default: by task)")
     p.add_argument("--seed", type=int)
@@ -342,6 +359,11 @@ def submit_options(args: argparse.Namespace) -> dict[str, Any]:
         "evaluation_size": args.evaluation_size, "max_length": args.max_length,
     })  # fmt: skip
     _merge(opts, "refine", {"points": args.refine, "steps": args.refine_steps})
+    for method, name, value in args.method_options or ():
+        current = opts.setdefault("method_options", {})
+        if not isinstance(current, Mapping) or not isinstance(current.get(method, {}), Mapping):
+            raise UsageError("method_options in the job file must map a method to its options")
+        opts["method_options"] = {**current, method: {**current.get(method, {}), name: value}}
     for required in ("model", "data"):
         if opts.get(required) is None:
             raise UsageError(f"--{required} is required (or '{required}:' in a job file)")

@@ -353,3 +353,19 @@ def test_submit_asks_for_refinement_and_pareto_marks_refined_points(
     assert "R" not in lines[1].split()[1] and "refined" not in lines[1]
     assert lines[2].split()[1] == "*FAR" and "refined from #0" in lines[2]
     assert [r["refined_from"] for r in front.rows()] == [None, 0]
+
+
+def test_submit_passes_method_options(env: str, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    rc, out, err = run(capsys, "submit", *SERVER_SPEC, "--method", "kl,hessian", "--option", "hessian.max_probes=32",
+                       "--option", "hessian.weighting=rows", "--json")
+    assert rc == 0, err
+    assert json.loads(out)["spec"]["method_options"] == {"hessian": {"max_probes": 32, "weighting": "rows"}}
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"methods": ["hessian"], "method_options": {"hessian": {"tolerance": 0.1}}}))
+    rc, out, err = run(capsys, "submit", str(job), *SERVER_SPEC, "--option", "hessian.max_probes=8", "--json")
+    assert rc == 0, err
+    assert json.loads(out)["spec"]["method_options"] == {"hessian": {"tolerance": 0.1, "max_probes": 8}}
+    rc, _, err = run(capsys, "submit", *SERVER_SPEC, "--option", "hessian.max_probes=8")  # kl only
+    assert rc == 2 and "method_options" in one_line_error(err)
+    rc, _, err = run(capsys, "submit", *SERVER_SPEC, "--option", "max_probes")
+    assert rc == 2 and "METHOD.KEY=VALUE" in one_line_error(err)
