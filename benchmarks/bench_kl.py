@@ -56,10 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = bbc_classifier(a.cache)
     data = DataOptions(
         source=str(Path(a.cache) / "bbc_heldout.jsonl"), label_field="label",
-        calibration=32 if a.quick else 128, evaluation=200 if a.quick else 500, max_length=64, batch_size=32,
+        calibration=32 if a.quick else 128, evaluation=100 if a.quick else 500, max_length=64, batch_size=32,
     )
     opts = SearchOptions(methods=("kl",), bits=(2, 3, 4, 6, 8), budget=Budget(max_avg_bits=4.0),
-                         front_points=8 if a.quick else 16, seq_len=64)
+                         front_points=6 if a.quick else 16, seq_len=64)
     search = prepare(model_dir, data, opts, device="cpu")
     t_fwd = forward_time(search, search.calibration)
     t0 = time.perf_counter()

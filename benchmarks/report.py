@@ -491,6 +491,7 @@ def _cost_section(results: Mapping[str, Any], img: Path, img_rel: str) -> list[s
                           _f(c.get("naive_units"), ".0f"), _f(c.get("ratio_to_naive_time"), ".3f"),
                           _f(c.get("ratio_to_naive_blocks"), ".3f")]])
     for name, title in (("hessian", "Hessian sensitivity"), ("dnas", "DNAS"), ("refine", "Refinement"),
+                        ("service-refine", "Refinement through the service (end to end)"),
                         ("workers", "Orchestration overhead (workers)")):
         lines += [f"### {title}", ""]
         st = _status_line(results, name)

@@ -67,7 +67,7 @@ PARTS: tuple[Part, ...] = (
          quick_args=("--quick", "--configs", "bbc-layer-embeddings", "embeddings-layer"), timeout_s=3600,
          quick_timeout_s=240, kind="quality"),
     Part("oracle", "benchmarks.bench_oracle", timeout_s=1800, quick_timeout_s=120, kind="oracle"),
-    Part("kl", "benchmarks.bench_kl", quick_timeout_s=90),
+    Part("kl", "benchmarks.bench_kl", quick_timeout_s=150),
     Part("hessian", "benchmarks.bench_hessian", quick_timeout_s=90),
     Part("allocate", "benchmarks.bench_allocate", quick_timeout_s=60),
     Part("dnas", "benchmarks.bench_dnas", quick_timeout_s=90, in_quick=False),
