@@ -116,12 +116,17 @@ def run_service(a: argparse.Namespace, model_dir: Path, data: Path) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        if server.poll() is None:
-            server.send_signal(signal.SIGINT)
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
+        stop_server(server, timeout=30)
+
+
+def stop_server(server: subprocess.Popen[bytes], *, timeout: float) -> None:
+    """Stop ``bitscout serve`` as Ctrl-C would (SIGINT), killing it after ``timeout`` seconds."""
+    if server.poll() is None:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            server.kill()
 
 
 def main(argv: list[str] | None = None) -> int:

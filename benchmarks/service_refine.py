@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -38,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.assets import bbc_classifier, ensure_packages
-from benchmarks.demo import _free_port, _wait_ready
+from benchmarks.demo import _free_port, _wait_ready, stop_server
 
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOT = ROOT / "docs" / "img" / "refined_job.png"
@@ -374,12 +373,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(a.out).parent.mkdir(parents=True, exist_ok=True)
             Path(a.out).write_text(json.dumps(report, indent=2, default=str))
             log(f"wrote {a.out}")
-        if server.poll() is None:
-            server.send_signal(signal.SIGINT)
-            try:
-                server.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                server.kill()
+        stop_server(server, timeout=60)
 
 
 if __name__ == "__main__":

@@ -325,6 +325,21 @@ def _split(batches: Sequence[TokenizedBatch], size: int | None) -> list[Tokenize
     return out
 
 
+def _smallest_meeting(expected: Any, target: float, *, limit: float, steps: int) -> float:
+    """The smallest non-negative ``x`` (to bisection precision) with ``expected(x) <= target``, for a
+    non-increasing ``expected``: 0 when it already holds at 0, else doubling up to ``limit`` then
+    ``steps`` bisections; the upper end, which meets the target whenever ``limit`` does."""
+    lo, hi = 0.0, 0.0
+    if expected(0.0) > target:
+        hi = 1.0
+        while expected(hi) > target and hi < limit:
+            hi *= 2
+        for _ in range(steps):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if expected(mid) > target else (lo, mid)
+    return hi
+
+
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
@@ -615,14 +630,7 @@ class DNAS:
             return self.offset + float(sum((torch.softmax(-beta * r, 0) * c).sum()
                                            for r, c in zip(per_weight, self.costs, strict=True)))
 
-        lo, hi = 0.0, 0.0
-        if expected(0.0) > target:
-            hi = 1.0
-            while expected(hi) > target and hi < 1e6:
-                hi *= 2
-            for _ in range(60):
-                mid = 0.5 * (lo + hi)
-                lo, hi = (mid, hi) if expected(mid) > target else (lo, mid)
+        hi = _smallest_meeting(expected, target, limit=1e6, steps=60)
         with torch.no_grad():
             for lg, r in zip(self.logits, per_weight, strict=True):
                 lg.copy_((-hi * r).to(lg.dtype))
@@ -648,14 +656,7 @@ class DNAS:
             return self.offset + float(sum((torch.softmax(lg, 0) * c).sum()
                                            for lg, c in zip(logits(mu), self.costs, strict=True)))
 
-        lo, hi = 0.0, 0.0
-        if expected(0.0) > target:
-            hi = 1.0
-            while expected(hi) > target and hi < 1e15:
-                hi *= 2
-            for _ in range(100):
-                mid = 0.5 * (lo + hi)
-                lo, hi = (mid, hi) if expected(mid) > target else (lo, mid)
+        hi = _smallest_meeting(expected, target, limit=1e15, steps=100)
         with torch.no_grad():
             for lg, new in zip(self.logits, logits(hi), strict=True):
                 lg.copy_(new.to(lg.dtype))
