@@ -85,7 +85,11 @@ Probes are independent across batches, and the estimate is stratified: the trace
 the sum over batches of each batch's mean sample, with squared standard error
 ``sum_b var_b / n_b`` (Welford's running mean and variance per batch and group). Per-group stop rule:
 stop when every group's *relative* standard error ``se / |trace|`` is below ``tolerance``, or when every
-batch has had ``max_probes`` probes; every batch gets at least ``min_probes``. The number of probes a
+batch has had ``max_probes`` probes; every batch gets at least ``min_probes``. A group whose mean trace
+stays below the scores' floor (``TRACE_FLOOR`` of the median) even at its upper confidence bound
+(estimate + 3 standard errors) counts as settled: it is scored at the floor whatever more probes
+would say, and a trace near 0 has an unbounded relative error that no number of probes brings under
+the tolerance (``extra["settled_below_floor"]`` counts them). The number of probes a
 batch needs is projected from the statistics gathered so far (all groups, all batches seen), so that
 usually one pass over the batches suffices; when the projection fell short, another pass rebuilds the
 graphs of the batches that need more probes and tops them up.
@@ -413,9 +417,26 @@ class _Stats:
         trace, se = self.totals()
         return _relative(se, trace)
 
-    def required(self, tolerance: float) -> float:
-        """Probes per batch that would bring every group's relative error under ``tolerance``, if every
-        batch had that many; batches not seen yet are extrapolated from the ones seen."""
+    def settled(self, n_params: np.ndarray) -> np.ndarray:
+        """Groups whose mean trace is below the scores' floor (``TRACE_FLOOR`` of the median positive
+        mean trace) even at its upper confidence bound (estimate + 3 standard errors): they are scored
+        at the floor whatever more probes would say, so the stop rule does not wait for them (a trace
+        near 0 has an unbounded relative error)."""
+        trace, se = self.totals()
+        if not (self.n >= 2).any():
+            return np.zeros(trace.shape, dtype=bool)
+        means = trace / np.maximum(1, n_params)
+        positive = means[means > 0]
+        if not positive.size:
+            return np.zeros(trace.shape, dtype=bool)
+        floor = TRACE_FLOOR * float(np.median(positive))
+        out: np.ndarray = (trace + 3.0 * se) / np.maximum(1, n_params) < floor
+        return out
+
+    def required(self, tolerance: float, ignore: np.ndarray | None = None) -> float:
+        """Probes per batch that would bring every group's relative error under ``tolerance`` (but the
+        ``ignore``d ones), if every batch had that many; batches not seen yet are extrapolated from the
+        ones seen."""
         seen = self.n >= 2
         k = int(seen.sum())
         if k == 0:
@@ -425,6 +446,8 @@ class _Stats:
         s2 = self._var(seen).sum(0) * scale
         with np.errstate(divide="ignore", invalid="ignore"):
             req = np.where(s2 == 0, 0.0, s2 / (tolerance**2 * trace**2))
+        if ignore is not None:
+            req = np.where(ignore, 0.0, req)
         return float(np.nanmax(req)) if req.size else 0.0
 
 
@@ -567,8 +590,10 @@ class HessianSensitivity(SensitivityMethod):
         progress = 0.0
         floor = lo  # raised when a pass did nothing although the rule is not met (float rounding)
 
+        n_params = np.array([g.n_params for g in ctx.space.groups], dtype=np.float64)
+
         def target() -> int:
-            need = stats.required(tol)
+            need = stats.required(tol, ignore=stats.settled(n_params))
             if not math.isfinite(need):
                 return hi
             return int(min(hi, max(floor, math.ceil(self.margin * need))))
@@ -613,7 +638,7 @@ class HessianSensitivity(SensitivityMethod):
                     report(f"batch {b + 1}/{n_batches}, probe {int(stats.n[b])}")
                 del loss, grads
             rel = stats.relative_errors()
-            if bool((rel < tol).all()):
+            if bool(((rel < tol) | stats.settled(n_params)).all()):
                 stopped = "tolerance"
                 break
             if bool((stats.n >= hi).all()):
@@ -621,6 +646,7 @@ class HessianSensitivity(SensitivityMethod):
             if int(stats.n.sum()) == before:
                 floor = min(hi, int(stats.n.min()) + 1)
         acct["stopped"] = stopped
+        acct["settled_below_floor"] = int(stats.settled(n_params).sum())
         return stats, acct
 
     @staticmethod

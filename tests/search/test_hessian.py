@@ -464,3 +464,28 @@ def test_weightings_score_the_same_under_uniform_curvature_and_differ_by_rows(ti
     with pytest.raises(InvalidInputError) as exc:
         HessianSensitivity(weighting="diag")
     assert exc.value.field == "weighting"
+
+
+def test_groups_below_the_floor_at_their_upper_bound_do_not_hold_the_stop_rule():
+    """A group whose trace is ~0 has an unbounded relative error; once even its upper confidence bound is
+    below the scores' floor it is settled (scored at the floor whatever more probes say)."""
+    from search.hessian import TRACE_FLOOR, _Stats
+
+    rng = np.random.default_rng(0)
+    n_params = np.array([10.0, 10.0, 10.0])
+    stats = _Stats(2, 3)
+    for b in range(2):
+        for _ in range(50):
+            stats.add(b, np.array([50.0, 25.0, 0.0]) + rng.normal(0, [1.0, 1.0, 0.5]))
+    trace, se = stats.totals()
+    floor = TRACE_FLOOR * float(np.median((trace / n_params)[trace > 0]))
+    assert (trace[2] + 3 * se[2]) / 10 < floor < trace[1] / 10
+    assert stats.settled(n_params).tolist() == [False, False, True]
+    assert stats.relative_errors()[2] > 0.05  # the plain rule would never stop
+    assert stats.required(0.05) > 1000
+    assert stats.required(0.05, ignore=stats.settled(n_params)) < 50
+    # early, with few probes and a wide bound, nothing is settled
+    early = _Stats(1, 3)
+    for x in ([1.0, 2.0, 3.0], [100.0, 50.0, -3.0]):
+        early.add(0, np.array(x))
+    assert not early.settled(n_params).any()
