@@ -44,7 +44,7 @@ def test_a_job_goes_from_queued_to_succeeded(ray_session, any_db_url, tmp_path: 
         info = env.store.get_result_info(job_id=job.id)
         assert info["methods"] == ["kl"] and "evaluation" in info["timings"]
         # the runner and its evaluation actors are gone: every CPU is free again
-        assert wait_until(lambda: d.handles == {} and ray.available_resources().get("CPU") == 2.0, 20)
+        assert wait_until(lambda: d.handles == {} and ray.available_resources().get("CPU") == 2.0, 60)
     finally:
         env.close()
 
