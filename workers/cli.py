@@ -106,6 +106,24 @@ def _logging(level: str) -> None:
 # --------------------------------------------------------------------------- serve
 
 
+def _start(parser: argparse.ArgumentParser, argv: list[str], *, upgrade_sqlite: bool) -> Any:
+    """Parse ``argv``, set up logging, build the settings and check the database: ``(args, settings,
+    worker settings)``, or the exit code (after a one-line error naming the command)."""
+    _common(parser)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    _logging(args.log_level)
+    try:
+        settings, wsettings = _settings(args)
+        _prepare_database(settings, upgrade_sqlite=upgrade_sqlite)
+    except Exception as exc:  # noqa: BLE001 - one line for the user
+        print(f"{parser.prog}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return args, settings, wsettings
+
+
 def serve_main(argv: list[str]) -> int:
     """``bitscout serve``: the API, the dispatcher and a local Ray (or ``--ray-address``)."""
     parser = argparse.ArgumentParser(
@@ -118,18 +136,10 @@ def serve_main(argv: list[str]) -> int:
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--no-dispatcher", action="store_true", help="serve the API only (run `bitscout dispatcher` "
                         "elsewhere)")  # fmt: skip
-    _common(parser)
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    _logging(args.log_level)
-    try:
-        settings, wsettings = _settings(args)
-        _prepare_database(settings, upgrade_sqlite=True)
-    except Exception as exc:  # noqa: BLE001 - one line for the user
-        print(f"bitscout serve: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    started = _start(parser, argv, upgrade_sqlite=True)
+    if isinstance(started, int):
+        return started
+    args, settings, wsettings = started
 
     import uvicorn
 
@@ -221,18 +231,10 @@ def dispatcher_main(argv: list[str]) -> int:
         epilog=DISPATCHER_EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _common(parser)
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    _logging(args.log_level)
-    try:
-        settings, wsettings = _settings(args)
-        _prepare_database(settings, upgrade_sqlite=False)
-    except Exception as exc:  # noqa: BLE001
-        print(f"bitscout dispatcher: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    started = _start(parser, argv, upgrade_sqlite=False)
+    if isinstance(started, int):
+        return started
+    args, settings, wsettings = started
 
     from service.store import Store
     from workers.cluster import init_ray, shutdown_ray
