@@ -119,7 +119,7 @@ from search.cost import CostModel
 from search.data import TokenizedBatch
 from search.errors import CanceledError, InfeasibleBudgetError, InvalidInputError
 from search.result import Budget
-from search.sensitivity import ProgressFn, StopFn
+from search.sensitivity import ProgressFn, SensitivityContext, StopFn, calibrate_scores
 from search.space import BitOption, Member, PrecisionMap, SearchSpace
 from search.tasks import Task, discrepancy, model_output
 
@@ -210,6 +210,7 @@ class DNASOptions:
     init: Literal["budget", "uniform", "sensitivity"] = "sensitivity"
     sensitivity_draws: int = 1
     sensitivity_temperature: float = 0.03
+    calibrate: bool = True
     values: Literal["cdf", "probability", "corrected"] = "probability"
 
     def __post_init__(self) -> None:
@@ -251,7 +252,7 @@ class DNASOptions:
             raise InvalidInputError("values must be 'cdf', 'probability' or 'corrected'", field=f"{f}.values")
         if self.values == "corrected" and self.init != "sensitivity":
             raise InvalidInputError("values 'corrected' needs init 'sensitivity'", field=f"{f}.values")
-        for name in ("train_weights", "lsq", "sweep"):
+        for name in ("train_weights", "lsq", "sweep", "calibrate"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidInputError(f"{name} must be true or false", field=f"{f}.{name}")
 
@@ -955,12 +956,15 @@ def run_dnas(
     )
     runs: list[TargetRun] = []
     t_scores = 0.0
+    calibration: dict[str, Any] = {"applied": False}
     try:
         if o.init == "budget":
             dn.init_at(targets[0])
         elif o.init == "sensitivity":
             report("dnas", 0.0, "dnas: sensitivity scores")
             scores = dn.sensitivity_scores(o.sensitivity_draws, should_stop=should_stop)
+            if o.calibrate:
+                scores, calibration = _calibrate(search, scores, should_stop)
             dn.init_from_scores(scores, targets[0], o.sensitivity_temperature)
             t_scores = time.perf_counter() - t0
         plan = _steps_plan(o, len(targets), len(dn.batches))
@@ -1032,8 +1036,22 @@ def run_dnas(
     search.timings["search:dnas"] = seconds
     return DNASResult(
         metric=metric, runs=runs, candidates=cands, seconds=seconds, steps=sum(r.steps for r in runs),
-        micro_batches=len(dn.batches), info={"loss": dn.loss_kind, "targets": targets, "sensitivity_seconds": t_scores},
+        micro_batches=len(dn.batches), info={"loss": dn.loss_kind, "targets": targets, "sensitivity_seconds": t_scores,
+              "calibration": calibration},
     )
+
+
+def _calibrate(search: Search, scores: list[np.ndarray], should_stop: StopFn | None
+               ) -> tuple[list[np.ndarray], dict[str, Any]]:
+    """The start's Fisher scores rescaled like the Hessian's (:func:`search.sensitivity.calibrate_scores`):
+    the narrow grids by how much more their uniform maps measurably hurt than the additive scores say."""
+    space = search.space
+    table = {g.name: {o.key(): float(v) for o, v in zip(opts, row, strict=True)}
+             for g, opts, row in zip(space.groups, space.options, scores, strict=True)}
+    ctx = SensitivityContext(search.model, search.adapter, space, search.task, search.calibration, search.device,
+                             search.options.seed, search.options.clip)
+    new, info = calibrate_scores(ctx, table, should_stop=should_stop)
+    return [np.array([new[g.name][o.key()] for o in opts]) for g, opts in zip(space.groups, space.options, strict=True)], info
 
 
 def dnas_candidates(

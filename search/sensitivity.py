@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -33,7 +34,7 @@ from search.adapter import ModelAdapter
 from search.data import TokenizedBatch
 from search.errors import CanceledError, InvalidInputError
 from search.result import SensitivityTable
-from search.space import SearchSpace
+from search.space import FULL_PRECISION, PrecisionMap, SearchSpace
 from search.tasks import Task, discrepancy, model_output
 
 ProgressFn = Callable[[str, float, str], None]
@@ -250,3 +251,83 @@ class KLSensitivity(SensitivityMethod):
                 "seconds": time.perf_counter() - t0,
             },
         )
+
+
+# ---------------------------------------------------------------------------------- calibration
+
+
+def calibration_factors(measured: dict[int, float], predicted: dict[int, float]) -> dict[int, float]:
+    """The factor of every integer bit-width (keys: bits) from the measured and the predicted
+    discrepancy of its uniform map, and of pruning (key 0): see "Calibration" in :mod:`search.hessian`.
+
+    Widths with a non-positive measurement or prediction get no ratio; with fewer than two ratios
+    every factor is 1 (nothing to compare against).
+    """
+    widths = sorted(b for b in predicted if b > 0)
+    ratios = {b: measured[b] / predicted[b] for b in widths if measured.get(b, 0.0) > 0 and predicted[b] > 0}
+    if len(ratios) < 2:
+        return {**dict.fromkeys(widths, 1.0), 0: 1.0}
+    ref = float(np.median(list(ratios.values())))
+    factors: dict[int, float] = {}
+    running = 1.0
+    for b in sorted(widths, reverse=True):  # widest first: a narrower width never gets a smaller factor
+        if b in ratios:
+            running = max(running, ratios[b] / ref)
+        factors[b] = running
+    factors[0] = running  # pruning: the factor of the narrowest integer width
+    return factors
+
+
+@torch.no_grad()
+def calibrate_scores(
+    ctx: SensitivityContext,
+    scores: dict[str, dict[str, float]],
+    *,
+    should_stop: StopFn | None = None,
+) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+    """Measure the uniform map of every integer bit-width on the calibration batches and rescale the
+    scores by :func:`calibration_factors`; returns the new scores and what was measured."""
+    space, model, adapter = ctx.space, ctx.model, ctx.adapter
+    n = max(1, ctx.n_samples)
+    opts = sorted({o for row in space.options for o in row if o.is_integer}, key=lambda o: (o.bits, o.key()))
+    if not opts:
+        return scores, {"applied": False, "reason": "no integer bit-width"}
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        refs = [model_output(model, b, ctx.task) for b in ctx.batches]
+        measured: dict[int, float] = {}
+        predicted: dict[int, float] = {}
+        for opt in opts:
+            _check_stop(should_stop)
+            pmap = PrecisionMap(
+                {g.name: (opt if opt in row else FULL_PRECISION) for g, row in zip(space.groups, space.options, strict=True)}
+            )
+            pred = sum(scores[g.name][opt.key()] for g, row in zip(space.groups, space.options, strict=True) if opt in row)
+            total = 0.0
+            with adapter.quantized(pmap, space, clip=ctx.clip):
+                for ref, b in zip(refs, ctx.batches, strict=True):
+                    total += float(discrepancy(ref, model_output(model, b, ctx.task), b, ctx.task).sum())
+            # an asymmetric and a symmetric grid of one width: the larger measurement counts
+            if opt.bits not in measured or total / n > measured[opt.bits]:
+                measured[opt.bits], predicted[opt.bits] = total / n, pred
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    factors = calibration_factors(measured, predicted)
+    out: dict[str, dict[str, float]] = {}
+    for g, row in zip(space.groups, space.options, strict=True):
+        new: dict[str, float] = {}
+        for opt in row:
+            v = scores[g.name][opt.key()]
+            f = factors.get(opt.bits, 1.0) if (opt.is_integer or opt.pruned) else 1.0
+            new[opt.key()] = v * f
+        out[g.name] = new
+    info = {
+        "applied": True,
+        "measured": {str(b): v for b, v in measured.items()},
+        "predicted": {str(b): v for b, v in predicted.items()},
+        "factors": {str(b): v for b, v in factors.items()},
+        "forwards": len(ctx.batches) * (1 + len(opts)),
+    }
+    return out, info

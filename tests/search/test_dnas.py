@@ -193,6 +193,7 @@ def test_cancellation_between_steps_leaves_the_model_as_found(trained_bert, sent
         ({"init": "budget", "values": "corrected"}, "method_options.dnas.values"),
         ({"sensitivity_draws": 0}, "method_options.dnas.sensitivity_draws"),
         ({"sensitivity_temperature": 0.0}, "method_options.dnas.sensitivity_temperature"),
+        ({"calibrate": "yes"}, "method_options.dnas.calibrate"),
     ],
 )
 def test_bad_options_name_the_field(bad, field):
@@ -278,6 +279,13 @@ def test_sensitivity_init_starts_from_the_allocation_of_the_scores(trained_bert,
               metric="size_bytes", options=DNASOptions.from_mapping(search.options.method_options["dnas"]),
               seed=search.options.seed) as dn:
         scores = dn.sensitivity_scores(draws=2)
+    # ... calibrated by the measured uniform maps (search.sensitivity.calibrate_scores)
+    cal = result.info["calibration"]
+    assert cal["applied"] is True and set(cal["measured"]) == {"2", "4", "8"}
+    factors = {int(k): v for k, v in cal["factors"].items()}
+    scores = [np.array([v * (factors.get(o.bits, 1.0) if o.is_integer or o.pruned else 1.0)
+                        for o, v in zip(opts, row, strict=True)])
+              for opts, row in zip(search.space.options, scores, strict=True)]
     problem, plimits = build_problem(search.space, search.cost_model, None)
     problem = alloc.Problem(values=scores, weights=problem.weights, offsets=problem.offsets, names=problem.names)
     for r in result.runs:

@@ -15,8 +15,8 @@ from search.data import TextData, TextExample, load_text_data, tokenize
 from search.errors import CanceledError, InvalidInputError
 from search.hessian import HessianSensitivity
 from search.quant import quant_error
-from search.sensitivity import SensitivityContext, get_method
-from search.tasks import load_model
+from search.sensitivity import SensitivityContext, calibration_factors, get_method
+from search.tasks import evaluate, load_model, reference_outputs
 from tests.tiny import build_model, sentiment_rows, train_classifier
 
 TINY = {"layers": 1, "hidden": 8, "heads": 2, "intermediate": 16}
@@ -289,8 +289,9 @@ def test_model_that_cannot_switch_attention_runs_on_the_math_sdpa_backend(
 
 def test_scores_grow_as_bits_shrink(tiny_cls, sentiment_file):
     ctx = _ctx(tiny_cls, "sequence_classification", sentiment_file, "group")
-    table = HessianSensitivity(tolerance=0.2, max_probes=40, weighting="trace").compute(ctx)
+    table = HessianSensitivity(tolerance=0.2, max_probes=40, weighting="trace", calibrate=False).compute(ctx)
     assert table.method == "hessian"
+    assert table.extra["calibration"] == {"applied": False}
     rows = HessianSensitivity(tolerance=0.2, max_probes=40).compute(ctx)
     assert rows.extra["weighting"] == "rows"  # the default
     assert rows.extra["traces"] == table.extra["traces"]  # the same probes, only the weighting differs
@@ -489,3 +490,47 @@ def test_groups_below_the_floor_at_their_upper_bound_do_not_hold_the_stop_rule()
     for x in ([1.0, 2.0, 3.0], [100.0, 50.0, -3.0]):
         early.add(0, np.array(x))
     assert not early.settled(n_params).any()
+
+
+# -------------------------------------------------------------------------------- calibration
+
+
+def test_calibration_factors_algebra():
+    # MiniLM's ratios of measured to predicted discrepancy of the uniform maps: 2 bits compound
+    measured = {2: 0.25, 3: 0.056, 4: 0.06, 8: 0.03}
+    predicted = dict.fromkeys(measured, 1.0)
+    f = calibration_factors(measured, predicted)
+    ref = float(np.median([0.25, 0.056, 0.06, 0.03]))
+    assert f[8] == 1.0  # below the median ratio: never scaled down
+    assert f[4] == pytest.approx(0.06 / ref)
+    assert f[3] == pytest.approx(0.06 / ref)  # a narrower width never gets less than a wider one
+    assert f[2] == pytest.approx(0.25 / ref)
+    assert f[0] == f[2]  # pruning: the narrowest integer width's factor
+    # nothing to compare against: no scaling
+    assert calibration_factors({2: 0.3, 4: 0.0}, {2: 1.0, 4: 1.0}) == {2: 1.0, 4: 1.0, 0: 1.0}
+    assert calibration_factors({}, {}) == {0: 1.0}
+
+
+def test_calibration_rescales_by_measured_uniform_maps(tiny_cls, sentiment_file):
+    ctx = _ctx(tiny_cls, "sequence_classification", sentiment_file, "group")
+    raw = HessianSensitivity(tolerance=0.2, max_probes=20, calibrate=False).compute(ctx)
+    cal = HessianSensitivity(tolerance=0.2, max_probes=20).compute(ctx)
+    info = cal.extra["calibration"]
+    assert info["applied"] is True and cal.extra["traces"] == raw.extra["traces"]  # same probes
+    # the measured discrepancy of each uniform map, recomputed independently on the calibration batches
+    ref = reference_outputs(ctx.model, ctx.batches, ctx.task)
+    for bits in (2, 3, 4, 8):
+        pmap = ctx.space.uniform(bits)
+        with ctx.adapter.quantized(pmap, ctx.space, clip=ctx.clip):
+            kl = evaluate(ctx.model, ctx.batches, ctx.task, reference=ref)["kl"]
+        assert info["measured"][str(bits)] == pytest.approx(kl, rel=1e-6)
+        assert info["predicted"][str(bits)] == pytest.approx(sum(raw.scores[g.name][str(bits)] for g in ctx.space.groups))
+    factors = {int(k): v for k, v in info["factors"].items()}
+    assert factors == calibration_factors(
+        {int(k): v for k, v in info["measured"].items()}, {int(k): v for k, v in info["predicted"].items()}
+    )
+    assert min(factors.values()) >= 1.0
+    for g in ctx.space.groups:
+        for key, v in raw.scores[g.name].items():
+            f = factors.get(int(key), 1.0) if key not in ("16", "32") else 1.0
+            assert cal.scores[g.name][key] == pytest.approx(v * f, rel=1e-12)
