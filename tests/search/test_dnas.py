@@ -269,7 +269,8 @@ def test_sensitivity_init_starts_from_the_allocation_of_the_scores(trained_bert,
     from search.pipeline import build_problem
 
     search = _search(trained_bert, sentiment_file, dnas={"init": "sensitivity", "values": "corrected",
-                                                         "steps": 1, "arch_lr": 1e-9, "sensitivity_draws": 2})
+                                                         "steps": 1, "arch_lr": 1e-9, "sensitivity_draws": 2,
+                                                         "calibrate": True})
     result = run_dnas(search)
     assert result.info["sensitivity_seconds"] > 0
     first = result.runs[0]
