@@ -127,7 +127,8 @@ and a backward with ``create_graph``, about 3.5 units) and one Hessian-vector pr
 batch (a double backward, about 6.5 units: it runs six matrix products per linear layer where the
 forward runs one), so about ``3.5 + 6.5 m`` for ``m`` probes per batch in one pass
 (``benchmarks/bench_hessian.py`` measures it), plus one forward pass per integer bit-width and one
-for the reference when the scores are calibrated (``extra["calibration"]["forwards"]``, per batch).
+for the reference when the scores are calibrated (``extra["calibration"]["forwards"]`` counts these
+passes over single batches).
 
 Reported: ``SensitivityTable.errors[group]`` is the group's relative standard error (the quantity the
 stop rule compares with ``tolerance``); ``samples`` is the number of Hessian-vector products;
