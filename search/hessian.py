@@ -175,7 +175,7 @@ from search.sensitivity import (
     register,
 )
 from search.space import SearchSpace
-from search.tasks import Task, discrepancy, model_output
+from search.tasks import Task, discrepancy, eval_mode, model_output
 
 Weighting = Literal["trace", "members", "rows"]
 WEIGHTINGS: tuple[str, ...] = ("trace", "members", "rows")
@@ -237,7 +237,6 @@ def hessian_mode(model: nn.Module, params: Sequence[nn.Parameter]) -> Iterator[d
     dict describing what was changed.
     """
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    modes = [(m, m.training) for m in model.modules()]
     config = getattr(model, "config", None)
     original_attn = getattr(config, "_attn_implementation", None)
     info: dict[str, Any] = {
@@ -267,13 +266,11 @@ def hessian_mode(model: nn.Module, params: Sequence[nn.Parameter]) -> Iterator[d
                 p.requires_grad_(False)
             for p in params:
                 p.requires_grad_(True)
-            model.eval()
+            stack.enter_context(eval_mode(model))
             yield info
         finally:
             for p, f in flags:
                 p.requires_grad_(f)
-            for m, t in modes:
-                m.training = t
             if original_attn is not None and getattr(config, "_attn_implementation", None) != original_attn:
                 model.set_attn_implementation(original_attn)  # type: ignore[operator]
 

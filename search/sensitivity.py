@@ -35,7 +35,7 @@ from search.data import TokenizedBatch
 from search.errors import CanceledError, InvalidInputError
 from search.result import SensitivityTable
 from search.space import FULL_PRECISION, PrecisionMap, SearchSpace
-from search.tasks import Task, discrepancy, model_output
+from search.tasks import Task, discrepancy, eval_mode, model_output, reference_outputs
 
 ProgressFn = Callable[[str, float, str], None]
 StopFn = Callable[[], bool]
@@ -292,12 +292,10 @@ def calibrate_scores(
     opts = sorted({o for row in space.options for o in row if o.is_integer}, key=lambda o: (o.bits, o.key()))
     if not opts:
         return scores, {"applied": False, "reason": "no integer bit-width"}
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        refs = [model_output(model, b, ctx.task) for b in ctx.batches]
-        measured: dict[int, float] = {}
-        predicted: dict[int, float] = {}
+    measured: dict[int, float] = {}
+    predicted: dict[int, float] = {}
+    with eval_mode(model):
+        refs = reference_outputs(model, ctx.batches, ctx.task).outputs
         for opt in opts:
             _check_stop(should_stop)
             pmap = PrecisionMap(
@@ -311,9 +309,6 @@ def calibrate_scores(
             # an asymmetric and a symmetric grid of one width: the larger measurement counts
             if opt.bits not in measured or total / n > measured[opt.bits]:
                 measured[opt.bits], predicted[opt.bits] = total / n, pred
-    finally:
-        for m, training in modes.items():
-            m.training = training
     factors = calibration_factors(measured, predicted)
     out: dict[str, dict[str, float]] = {}
     for g, row in zip(space.groups, space.options, strict=True):

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -158,6 +159,19 @@ def _forward(model: nn.Module, batch: TokenizedBatch) -> object:
 def _accepts_use_cache(model: nn.Module) -> bool:
     cfg = getattr(model, "config", None)
     return cfg is not None and hasattr(cfg, "use_cache")
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Every module of ``model`` in eval mode; on exit each module's own training flag is restored
+    (``model.train(flag)`` would overwrite submodules that the caller had set differently)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def model_output(model: nn.Module, batch: TokenizedBatch, task: Task) -> torch.Tensor:
