@@ -461,6 +461,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.assets", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="cache folder (default: .cache)")
     parser.add_argument("--rt", action="store_true", help="also build the Rotten Tomatoes classifier (~6 min)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write what was built (or found up to date) and how long it took as JSON")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -468,9 +470,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ensure_packages()
     print(f"minilm: {minilm_dir()}")
-    built = [("bbc", bbc_classifier(args.cache))]
-    if args.rt:
-        built.append(("rt", rt_classifier(args.cache)))
+    builders = [("bbc", bbc_classifier)] + ([("rt", rt_classifier)] if args.rt else [])
+    built, record = [], {}
+    for name, build in builders:
+        marker = args.cache / f"minilm-{name}" / "recipe.json"
+        before = marker.stat().st_mtime_ns if marker.is_file() else None
+        t = time.perf_counter()
+        path = build(args.cache)
+        m = read_metrics(path)
+        built.append((name, path))
+        record[name] = {"model": str(path), "seconds": time.perf_counter() - t,
+                        "built": before is None or marker.stat().st_mtime_ns != before,
+                        **{k: m.get(k) for k in ("heldout_accuracy", "heldout_rows", "train_rows")}}
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"models": record}, indent=2) + "\n",
+                            encoding="utf-8")
     for name, path in built:
         m = read_metrics(path)
         print(f"{name}: model {path}")

@@ -490,7 +490,8 @@ def _cost_section(results: Mapping[str, Any], img: Path, img_rel: str) -> list[s
                         [[kl.get("groups"), kl.get("calibration_sequences"), _f(c.get("seconds_over_one_forward_pass"), ".1f"),
                           _f(c.get("naive_units"), ".0f"), _f(c.get("ratio_to_naive_time"), ".3f"),
                           _f(c.get("ratio_to_naive_blocks"), ".3f")]])
-    for name, title in (("hessian", "Hessian sensitivity"), ("dnas", "DNAS"), ("refine", "Refinement"),
+    for name, title in (("assets", "Assets (the fine-tuned classifiers the other parts read)"),
+                        ("hessian", "Hessian sensitivity"), ("dnas", "DNAS"), ("refine", "Refinement"),
                         ("service-refine", "Refinement through the service (end to end)"),
                         ("workers", "Orchestration overhead (workers)")):
         lines += [f"### {title}", ""]

@@ -59,6 +59,8 @@ QUALITY_BBC = ("bbc-layer", "bbc-group")
 QUALITY_EMBEDDINGS = ("bbc-layer-embeddings", "embeddings-layer", "embeddings-group")
 #: The parts in the order they run. Cost parts belong to other modules; missing ones are skipped.
 PARTS: tuple[Part, ...] = (
+    Part("assets", "benchmarks.assets", args=("--rt",), quick_args=(), timeout_s=3600, quick_timeout_s=300,
+         notes=("the fine-tuned classifiers every other part reads: built once, then found up to date",)),
     Part("quality", "benchmarks.bench_quality", args=("--configs", *QUALITY_BBC),
          quick_args=("--quick", "--configs", *QUALITY_BBC), timeout_s=3600, quick_timeout_s=330, kind="quality"),
     Part("quality-rt", "benchmarks.bench_quality", args=("--configs", "rt-layer", "rt-group"), timeout_s=3600,

@@ -115,3 +115,33 @@ def test_find_locates_a_package_without_importing_it(monkeypatch: pytest.MonkeyP
     assert assets._find("bitscout_boom_pkg") == pkg
     assert "bitscout_boom_pkg" not in sys.modules
     assert assets._find("bitscout_no_such_package") is None
+
+
+def test_main_writes_what_it_built_and_what_was_up_to_date(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    calls: list[str] = []
+
+    def fake_builder(name: str):
+        def build(cache: Path) -> Path:
+            calls.append(name)
+            out = Path(cache) / f"minilm-{name}"
+            out.mkdir(parents=True, exist_ok=True)
+            if not (out / "recipe.json").is_file():  # first call builds, the next finds it up to date
+                (out / "recipe.json").write_text("{}", encoding="utf-8")
+                (out / "metrics.json").write_text(json.dumps({"heldout_accuracy": 0.9, "heldout_rows": 10,
+                                                              "train_rows": 20}), encoding="utf-8")
+            return out
+        return build
+
+    monkeypatch.setattr(assets, "ensure_packages", lambda *a, **k: None)
+    monkeypatch.setattr(assets, "minilm_dir", lambda: tmp_path / "base")
+    monkeypatch.setattr(assets, "bbc_classifier", fake_builder("bbc"))
+    monkeypatch.setattr(assets, "rt_classifier", fake_builder("rt"))
+    out = tmp_path / "parts" / "assets.json"
+    assert assets.main(["--cache", str(tmp_path), "--out", str(out)]) == 0
+    first = json.loads(out.read_text())["models"]
+    assert calls == ["bbc"] and set(first) == {"bbc"}
+    assert first["bbc"]["built"] is True and first["bbc"]["heldout_accuracy"] == 0.9 and first["bbc"]["seconds"] >= 0
+    assert assets.main(["--cache", str(tmp_path), "--rt", "--out", str(out)]) == 0
+    second = json.loads(out.read_text())["models"]
+    assert calls == ["bbc", "bbc", "rt"]
+    assert second["bbc"]["built"] is False and second["rt"]["built"] is True
