@@ -61,7 +61,7 @@ def _settings(quick: bool) -> dict[str, Any]:
             "include": ("*.layer.4.*", "*.layer.5.*"),
         }
     return {
-        "calibration": 128, "evaluation": 300, "max_length": 64, "batch_size": 32, "micro_batch": 8,
+        "calibration": 128, "evaluation": 1000, "max_length": 64, "batch_size": 32, "micro_batch": 8,
         "bits": (0, 2, 3, 4, 8), "ffn_block_size": 384, "front_points": 10, "include": None,
     }
 

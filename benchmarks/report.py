@@ -269,6 +269,76 @@ def plot_oracle(data: Mapping[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_dnas(data: Mapping[str, Any], path: Path) -> bool:
+    """Accuracy against average bits at the low-bit end: every method's points (the sensitivity methods'
+    allocations at the DNAS maps' sizes included) and the best accuracy at each size or below."""
+    rows = [r for r in data.get("points", []) if _finite(r.get("accuracy")) and _finite(r.get("avg_bits"))
+            and r["avg_bits"] <= 4.0 + 1e-9]
+    if not rows:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for m in dict.fromkeys(r["method"] for r in rows):
+        pts = sorted((r["avg_bits"], r["accuracy"]) for r in rows if r["method"] == m)
+        if m == "uniform":
+            ax.plot(*zip(*pts, strict=True), "ks--", ms=5, lw=0.8, label="uniform")
+            continue
+        best, step = -1.0, []
+        for b, acc in pts:  # the best accuracy at these average bits or fewer
+            best = max(best, acc)
+            step.append((b, best))
+        step.append((4.0, best))
+        ax.plot(*zip(*pts, strict=True), "o", ms=3, alpha=0.4, color=COLORS.get(m))
+        ax.step(*zip(*step, strict=True), where="post", lw=1.3, color=COLORS.get(m), label=m)
+    fp = data.get("fp32_accuracy")
+    if _finite(fp):
+        ax.axhline(fp, color="grey", lw=0.8, ls=":", label="full precision")
+    ax.set_xlabel("average bits of the searched weights (0 = pruned)")
+    ax.set_ylabel("accuracy (held-out)")
+    lo = min(r["accuracy"] for r in rows if r["avg_bits"] >= 1.5) if any(r["avg_bits"] >= 1.5 for r in rows) else None
+    if lo is not None:
+        ax.set_ylim(lo - 0.01, None)
+        ax.set_xlim(1.5, 4.05)
+    ax.set_title(f"DNAS against the sensitivity fronts: {data.get('model', '')}, {data.get('groups')} groups",
+                 fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _dnas_lines(data: Mapping[str, Any], img: Path, img_rel: str) -> list[str]:
+    """The DNAS part as a reader wants it: the low-bit end per method, the cost, the memory, the plot."""
+    lines: list[str] = []
+    low = data.get("low_bit_end") or {}
+    per = low.get("per_method") or {}
+    s = data.get("settings") or {}
+    if per:
+        lines += [f"{data.get('groups')} groups, {s.get('calibration')} calibration and {s.get('evaluation')} held-out "
+                  f"articles, full precision {_f(data.get('fp32_accuracy'))}; the low-bit end is average 3 bits "
+                  "and below (`low_bit_area`: area under the best-accuracy-at-size step curve from the smallest map "
+                  "to the uniform 3-bit size; larger is better).", ""]
+        lines += _table(["method", "points", "best acc. ≤ 3 bits", "≤ 2.5 bits", "best output KL ≤ 3 bits", "≤ 2.5 bits",
+                         "low-bit area"],
+                        [[m, v.get("points"), _f(v.get("best_accuracy_at_avg_bits_le_3")),
+                          _f(v.get("best_accuracy_at_avg_bits_le_2.5")), _f(v.get("best_kl_at_avg_bits_le_3"), ".4f"),
+                          _f(v.get("best_kl_at_avg_bits_le_2.5"), ".4f"), _f(v.get("low_bit_area"), ".3f")]
+                         for m, v in per.items()])
+    cost, mem = data.get("cost") or {}, data.get("memory") or {}
+    if cost:
+        sens = ", ".join(f"{k} table {_f(v, '.1f')}" for k, v in (cost.get("sensitivity_in_finetune_epochs") or {}).items())
+        lines += [f"Cost in fine-tuning epochs over the same calibration micro-batches: DNAS "
+                  f"{_f(cost.get('dnas_in_finetune_epochs'), '.2f')} (target ≤ {_f(cost.get('target_epochs'), '.0f')})"
+                  + (f"; {sens}" if sens else "") + ". "
+                  + (f"Peak memory of one step: {_f(mem.get('ratio_step_peak_above_loaded'), '.2f')}× a plain "
+                     f"fine-tuning step (target ≤ {_f(mem.get('target_ratio'), '.1f')}×)." if mem else ""), ""]
+    if plot_dnas(data, img / "dnas.png"):
+        lines += [f"![dnas]({img_rel}/dnas.png)", ""]
+    return lines
+
+
 def _alloc_series(data: Mapping[str, Any]) -> list[tuple[str, list[tuple[float, float]]]]:
     """(label, [(groups, seconds)]) series found in an allocation benchmark's JSON, whatever its layout."""
     found: dict[str, list[tuple[float, float]]] = {}
@@ -499,7 +569,9 @@ def _cost_section(results: Mapping[str, Any], img: Path, img_rel: str) -> list[s
         if st:
             lines += [st, ""]
         data = _part(results, name)
-        if data:
+        if data and name == "dnas" and data.get("low_bit_end"):
+            lines += _dnas_lines(data, img, img_rel)
+        elif data:
             sc = _scalars(data)
             if sc:
                 lines += _table(["figure", "value"], [[f"`{k}`", _f(v, ".4g") if isinstance(v, float) else v] for k, v in sc[:40]])

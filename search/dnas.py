@@ -59,7 +59,9 @@ smallest, each warm-started from the previous one's logits (the temperature is a
 first target is the mildest perturbation of the full-precision model, so its gradients are measured
 near a good model and its long warm-up learns which groups are sensitive; every later target then
 only has to move further down the same path, which is what a warm start can do in a few steps (going
-up from the cheapest target would start from a badly damaged model whose gradients mislead). Each
+up from the cheapest target would start from a badly damaged model whose gradients mislead). With
+``start_candidates`` (the default) the allocations of the start's own scores, raw and calibrated, are
+proposed at the same targets too, so the front never loses a map the steps moved away from. Each
 target's map is derived from its final probabilities and repaired to meet the target exactly by
 :func:`search.allocate.allocate` under the target (plus the other limits of the budget and the
 structural pruning limits). The values (``values``) are by default ``-log p_gk`` (``probability``):
@@ -85,7 +87,15 @@ defaults (every block, 96 groups, bits 0/2/3/4/8, 300 held-out rows): 1.80 epoch
 <= 3 average bits 0.960 (KL front 0.960), at <= 2.5 0.943 (0.953); output KL at the same sizes
 1.01-1.31x that of the KL allocations (the KL table itself costs about 47 epochs); with
 ``epochs`` 3.5, 1.30-1.47x: on this model the steps still move the start away from the additive
-optimum rather than toward a better joint one. With ``sweep``, more maps
+optimum rather than toward a better joint one. Hence ``start_candidates`` (the start's own
+allocations, raw and calibrated, proposed beside the learned maps; see :class:`DNASOptions`). With it,
+on 1,000 held-out articles (same space, full precision 0.956): best accuracy at <= 3 / <= 2.5 average
+bits 0.955 / 0.950 against the KL front's 0.954 / 0.948 and the Hessian front's 0.948 / 0.945;
+area under the accuracy-vs-size curve from the smallest map to uniform 3-bit 3.244 (KL 3.232,
+Hessian 3.147); best output KL at <= 2.5 bits 0.056 (KL 0.063, Hessian 0.068), at <= 3 bits 0.0134
+(Hessian 0.0120, the uniform 3-bit map 0.0117); 2.37 fine-tuning epochs in all (the KL table 28,
+the Hessian 43), step memory 1.01x a fine-tuning step. Both kinds of map reach the front: learned
+maps at 2.3 and 2.6 bits, start maps at 1.9 and 2.9 bits. With ``sweep``, more maps
 are allocated at no search cost at budgets between the targets, each from the run with the nearest
 target, and below the smallest target down to the smallest achievable cost (``front_points // 2``
 budgets spaced geometrically, as the sensitivity fronts), from the run with the smallest target
@@ -184,10 +194,35 @@ class DNASOptions:
       full MiniLM benchmark (96 groups, 300 held-out rows) it gave best accuracy 0.953 / 0.940 at
       <= 3 / <= 2.5 average bits and output KL 0.0181 / 0.0866, against 0.960 / 0.943 and
       0.0176 / 0.0684 without it in the previous session's run: no gain the noise could not explain.
+      ``calibration_sequences`` (default 32; None: all): the measurement runs on the first calibration
+      batches holding at least that many sequences (it estimates one ratio per width, which needs
+      far fewer sequences than the scores; on all 128 MiniLM sequences it cost 1.0 fine-tuning epoch,
+      a third of the search).
     * ``values``: what the allocator receives to derive each target's map: ``probability``
       (default) ``-log p_gk``, the most probable map that meets the target; ``cdf``
       ``-log P_g(bits <= b_k)``; ``corrected`` (needs ``init="sensitivity"``) the scores corrected by
       what the search learned, ``s_gk - T * (a_gk - a_gk(init))``.
+    * ``relaxation``: how the logits' step sees the choice. ``gumbel`` (default): the mixture of a
+      Gumbel-softmax sample, whose gradient is first order at the point drawn, so it misses the own
+      curvature ``D^T F D / 2`` of moving a group from one option to another (near a good model it
+      underrates a move to a coarser grid). ``expected`` (needs ``init="sensitivity"``): the mixture
+      under ``p = softmax(a)`` itself plus the variance term ``sum_g p_g^T M_g p_g / 2``, where
+      ``M_gkj = (d_k - d_j)^T F (d_k - d_j) / 2`` comes from the start's Fisher pass at no extra cost
+      (:attr:`DNAS.pair_scores`): to second order the expected loss of a map drawn from ``p``, whose
+      derivative at a point mass toward another option is the whole change of the loss, curvature
+      included. No noise is drawn. On the MiniLM BBC classifier (96 groups, targets 3 / 2.75 / 2.5 /
+      2.25 average bits, output KL on 600 held-out articles over that of the KL table's maps of the
+      same sizes, geometric mean): ``gumbel`` 1.05x, ``expected`` 1.12x (``arch_lr`` 0.2) and 1.08x
+      (0.05); the start's allocations without steps 1.15x (raw) and 1.01x (calibrated); the
+      calibrated start followed by ``gumbel`` steps 1.22x. Single maps differ by 1.2-1.7x from one
+      variant to the next at the same size, so none of these differences is a ranking, but the steps
+      do not beat the best start consistently: hence ``start_candidates``.
+    * ``start_candidates`` (default true; with ``init="sensitivity"``): also propose, at every target
+      and at the budget, the allocations of the start's scores, both as estimated and calibrated
+      against the uniform maps (:func:`search.sensitivity.calibrate_scores`: one forward pass per
+      integer width over the calibration data), and with ``sweep`` at the budgets below the smallest
+      target as well, where the learned probabilities know least. The front then keeps what the start
+      knew wherever the steps moved away from it; they are evaluated like every other map.
     * ``sweep``: also derive ``SearchOptions.front_points`` maps at budgets spread between the
       smallest and the largest target, each from the probabilities of the run with the nearest
       target, and ``front_points // 2`` below the smallest target down to the smallest achievable
@@ -217,7 +252,10 @@ class DNASOptions:
     sensitivity_draws: int = 1
     sensitivity_temperature: float = 0.03
     calibrate: bool = False
+    calibration_sequences: int | None = 32
     values: Literal["cdf", "probability", "corrected"] = "probability"
+    relaxation: Literal["gumbel", "expected"] = "gumbel"
+    start_candidates: bool = True
 
     def __post_init__(self) -> None:
         f = "method_options.dnas"
@@ -236,7 +274,7 @@ class DNASOptions:
         if not fracs or any(not 0 < t <= 1 for t in fracs):
             raise InvalidInputError("target_fractions must lie in (0, 1]", field=f"{f}.target_fractions")
         object.__setattr__(self, "target_fractions", fracs)
-        for name in ("steps", "steps_next", "batch_size", "sensitivity_draws"):
+        for name in ("steps", "steps_next", "batch_size", "sensitivity_draws", "calibration_sequences"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise InvalidInputError(f"{name} must be a positive integer", field=f"{f}.{name}")
@@ -256,9 +294,14 @@ class DNASOptions:
             raise InvalidInputError("init must be 'budget', 'uniform' or 'sensitivity'", field=f"{f}.init")
         if self.values not in ("cdf", "probability", "corrected"):
             raise InvalidInputError("values must be 'cdf', 'probability' or 'corrected'", field=f"{f}.values")
+        if self.relaxation not in ("gumbel", "expected"):
+            raise InvalidInputError("relaxation must be 'gumbel' or 'expected'", field=f"{f}.relaxation")
+        if self.relaxation == "expected" and self.init != "sensitivity":
+            raise InvalidInputError("relaxation 'expected' needs init 'sensitivity' (its variance term comes from the "
+                                    "start's Fisher pass)", field=f"{f}.relaxation")
         if self.values == "corrected" and self.init != "sensitivity":
             raise InvalidInputError("values 'corrected' needs init 'sensitivity'", field=f"{f}.values")
-        for name in ("train_weights", "lsq", "sweep", "calibrate"):
+        for name in ("train_weights", "lsq", "sweep", "calibrate", "start_candidates"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidInputError(f"{name} must be true or false", field=f"{f}.{name}")
 
@@ -465,6 +508,7 @@ class DNAS:
         self._batch_pos = 0
         self.lam = float(self.options.resource_weight)
         self.scores: list[np.ndarray] | None = None
+        self.pair_scores: list[torch.Tensor] | None = None
         self.init_logits: list[torch.Tensor] | None = None
         self.temperature = 1.0
 
@@ -699,6 +743,7 @@ class DNAS:
         """
         n_opts = [len(o) for o in self.space.options]
         total = [np.zeros(n, dtype=np.float64) for n in n_opts]
+        second = [np.zeros((n, n), dtype=np.float64) for n in n_opts]
         n_examples = 0
         gen = self.generator
         for _ in range(int(draws)):
@@ -733,10 +778,19 @@ class DNAS:
                         if st.pruned_idx is not None:
                             gw0 = (g * w).sum().double()
                             row[st.pruned_idx] += -gw0 - (0.0 if gb is None else gb.double())
-                for tot, row in zip(total, per_group, strict=True):
-                    tot += row.square().cpu().numpy()
+                for tot, sec, row in zip(total, second, per_group, strict=True):
+                    r = row.cpu().numpy()
+                    tot += r * r
+                    sec += np.outer(r, r)
                 n_examples += len(b)
-        return [0.5 * t / max(1, n_examples) for t in total]
+        n = max(1, n_examples)
+        # the score of the change between two options, (d_k - d_j)^T F (d_k - d_j) / 2, from the same passes
+        self.pair_scores = [
+            torch.tensor(0.5 * (np.diag(c)[:, None] + np.diag(c)[None, :] - 2.0 * c) / n, dtype=torch.float32,
+                         device=self.device)
+            for c in second
+        ]
+        return [0.5 * t / n for t in total]
 
     def _fisher_loss(self, out: torch.Tensor, b: TokenizedBatch, gen: torch.Generator) -> torch.Tensor:
         """``r^T A^T z`` of :meth:`sensitivity_scores`, summed over the micro-batch's examples."""
@@ -787,9 +841,14 @@ class DNAS:
         """One step on the next micro-batch; returns (task loss, expected cost before the step)."""
         i = self._batch_pos % len(self.batches)
         self._batch_pos += 1
-        ys = self._sample(tau)
+        expected = update == "arch" and self.options.relaxation == "expected" and self.pair_scores is not None
+        ys = [torch.softmax(lg, 0) for lg in self.logits] if expected else self._sample(tau)
         out = torch.func.functional_call(self._forward, self._overrides(ys), (self.batches[i],), strict=False)
         task_loss = self._task_loss(out, i)
+        if expected:
+            # E_p[L] = L(E_p[W]) + sum_g p_g^T M_g p_g / 2 to second order (M_g: pair_scores)
+            assert self.pair_scores is not None  # noqa: S101 - checked above
+            task_loss = task_loss + 0.5 * sum(y @ m @ y for y, m in zip(ys, self.pair_scores, strict=True))
         e_cost = self._expected_cost()
         loss = task_loss
         if update == "arch":
@@ -963,14 +1022,19 @@ def run_dnas(
     runs: list[TargetRun] = []
     t_scores = 0.0
     calibration: dict[str, Any] = {"applied": False}
+    start_tables: list[tuple[str, list[np.ndarray]]] = []
     try:
         if o.init == "budget":
             dn.init_at(targets[0])
         elif o.init == "sensitivity":
             report("dnas", 0.0, "dnas: sensitivity scores")
             scores = dn.sensitivity_scores(o.sensitivity_draws, should_stop=should_stop)
-            if o.calibrate:
-                scores, calibration = _calibrate(search, scores, should_stop)
+            if o.calibrate or o.start_candidates:
+                calibrated, calibration = _calibrate(search, scores, should_stop, o.calibration_sequences)
+                if o.start_candidates:
+                    start_tables = [("start", scores), ("start, calibrated", calibrated)]
+                if o.calibrate:
+                    scores = calibrated
             dn.init_from_scores(scores, targets[0], o.sensitivity_temperature)
             t_scores = time.perf_counter() - t0
         plan = _steps_plan(o, len(targets), len(dn.batches))
@@ -989,9 +1053,9 @@ def run_dnas(
     cands: list[Candidate] = []
     seen: set[PrecisionMap] = set()
 
-    def derive(run: TargetRun, lims: dict[str, float], label: str) -> alloc.Allocation | None:
-        problem = alloc.Problem(values=_values(run.probabilities, search.space, o.values, run.corrected),
-                                weights=problem0.weights, offsets=problem0.offsets, names=problem0.names)
+    def derive(run: TargetRun | list[np.ndarray], lims: dict[str, float], label: str) -> alloc.Allocation | None:
+        values = run if isinstance(run, list) else _values(run.probabilities, search.space, o.values, run.corrected)
+        problem = alloc.Problem(values=values, weights=problem0.weights, offsets=problem0.offsets, names=problem0.names)
         try:
             a = alloc.allocate(problem, {**lims, **plimits})
         except InfeasibleBudgetError:
@@ -1014,6 +1078,12 @@ def run_dnas(
         if a is not None:
             r.allocation = a
             r.precision_map = search.space.from_choices(a.choices)
+    for name, table in start_tables:
+        # the maps the steps started from: the allocations of the start's scores at the same targets
+        for r in runs:
+            derive(table, {**extra, metric: r.target}, f"{name}, target {r.target:.4g}")
+        if metric in limits:
+            derive(table, limits, f"{name}, budget")
     if o.sweep and len(runs) > 1:
         # more maps at no search cost: budgets between the targets, from the nearest run's probabilities
         lo_t, hi_t = min(targets), max(targets)
@@ -1032,12 +1102,16 @@ def run_dnas(
         except InfeasibleBudgetError:
             below = []
         for a in below:
-            if problem0.cost_of(a.choices)[metric] < low.target:
+            size = problem0.cost_of(a.choices)[metric]
+            if size < low.target:
                 pmap = search.space.from_choices(a.choices)
                 if pmap not in seen:
                     seen.add(pmap)
                     cands.append(Candidate(pmap, "dnas", float(a.objective), dict(a.limits), "sweep", bool(a.exact),
                                            float(a.gap)))
+                # below the smallest target the learned probabilities know least: the start's scores too
+                for name, table in start_tables:
+                    derive(table, {**extra, metric: size}, f"{name}, sweep")
     seconds = time.perf_counter() - t0
     search.timings["search:dnas"] = seconds
     return DNASResult(
@@ -1047,14 +1121,23 @@ def run_dnas(
     )
 
 
-def _calibrate(search: Search, scores: list[np.ndarray], should_stop: StopFn | None
+def _calibrate(search: Search, scores: list[np.ndarray], should_stop: StopFn | None, sequences: int | None = None
                ) -> tuple[list[np.ndarray], dict[str, Any]]:
     """The start's Fisher scores rescaled like the Hessian's (:func:`search.sensitivity.calibrate_scores`):
     the narrow grids by how much more their uniform maps measurably hurt than the additive scores say."""
     space = search.space
     table = {g.name: {o.key(): float(v) for o, v in zip(opts, row, strict=True)}
              for g, opts, row in zip(space.groups, space.options, scores, strict=True)}
-    ctx = SensitivityContext(search.model, search.adapter, space, search.task, search.calibration, search.device,
+    batches = list(search.calibration)
+    if sequences is not None:  # the first whole batches holding at least ``sequences`` sequences
+        kept, n = [], 0
+        for b in batches:
+            if n >= sequences:
+                break
+            kept.append(b)
+            n += len(b)
+        batches = kept
+    ctx = SensitivityContext(search.model, search.adapter, space, search.task, batches, search.device,
                              search.options.seed, search.options.clip)
     new, info = calibrate_scores(ctx, table, should_stop=should_stop)
     return [np.array([new[g.name][o.key()] for o in opts]) for g, opts in zip(space.groups, space.options, strict=True)], info

@@ -194,6 +194,10 @@ def test_cancellation_between_steps_leaves_the_model_as_found(trained_bert, sent
         ({"sensitivity_draws": 0}, "method_options.dnas.sensitivity_draws"),
         ({"sensitivity_temperature": 0.0}, "method_options.dnas.sensitivity_temperature"),
         ({"calibrate": "yes"}, "method_options.dnas.calibrate"),
+        ({"start_candidates": 1}, "method_options.dnas.start_candidates"),
+        ({"calibration_sequences": 0}, "method_options.dnas.calibration_sequences"),
+        ({"relaxation": "mean"}, "method_options.dnas.relaxation"),
+        ({"relaxation": "expected", "init": "budget"}, "method_options.dnas.relaxation"),
     ],
 )
 def test_bad_options_name_the_field(bad, field):
@@ -302,3 +306,103 @@ def test_sensitivity_init_starts_from_the_allocation_of_the_scores(trained_bert,
     assert len(set(argmax.tolist())) > 1
     # ... and the maps differ across targets: the scores say where the bits matter
     assert len({r.precision_map for r in result.runs}) == len(result.runs)
+
+
+def test_the_front_also_holds_the_maps_the_steps_started_from(trained_bert, sentiment_file):
+    from search import allocate as alloc
+    from search.pipeline import build_problem
+
+    search = _search(trained_bert, sentiment_file, dnas={"steps": 6, "steps_next": 3})
+    result = run_dnas(search)
+    cal = result.info["calibration"]
+    assert cal["applied"] is True  # measured for the start's candidates, though the start itself is raw
+    with DNAS(search.model, search.adapter, search.space, search.cost_model, search.task, search.calibration,
+              metric="size_bytes", options=DNASOptions(), seed=search.options.seed) as dn:
+        raw = dn.sensitivity_scores()
+    factors = {int(k): v for k, v in cal["factors"].items()}
+    calibrated = [np.array([v * (factors.get(o.bits, 1.0) if o.is_integer or o.pruned else 1.0)
+                            for o, v in zip(opts, row, strict=True)])
+                  for opts, row in zip(search.space.options, raw, strict=True)]
+    problem, plimits = build_problem(search.space, search.cost_model, None)
+    maps = {c.precision_map: c.label for c in result.candidates}
+    for scores in (raw, calibrated):
+        p = alloc.Problem(values=scores, weights=problem.weights, offsets=problem.offsets, names=problem.names)
+        for r in result.runs:
+            pmap = search.space.from_choices(alloc.allocate(p, {"size_bytes": r.target, **plimits}).choices)
+            assert pmap in maps  # proposed (under its own label unless a learned map is the same)
+            assert search.cost_model.cost(pmap).size_bytes <= r.target * (1 + 1e-9)
+    assert any(label.startswith("start, target") for label in maps.values())
+    # below the smallest target the start's allocations are proposed at the sweep's budgets too
+    low = min(r.target for r in result.runs)
+    below = [c for c in result.candidates if c.label.startswith("start") and c.label.endswith("sweep")]
+    assert below and all(search.cost_model.cost(c.precision_map).size_bytes < low for c in below)
+    # off: only the learned maps and the sweep
+    off = run_dnas(_search(trained_bert, sentiment_file, dnas={"steps": 6, "steps_next": 3, "start_candidates": False}))
+    assert off.info["calibration"]["applied"] is False
+    assert not any(c.label.startswith("start") for c in off.candidates)
+
+
+def test_pair_scores_are_the_fisher_norms_of_the_differences_between_options(trained_bert, sentiment_file):
+    search = _search(trained_bert, sentiment_file)
+    with DNAS(search.model, search.adapter, search.space, search.cost_model, search.task, search.calibration,
+              metric="size_bytes", options=DNASOptions(batch_size=8)) as dn:
+        scores = dn.sensitivity_scores(draws=2)
+        pairs = [m.numpy().astype(np.float64) for m in dn.pair_scores]
+    for opts, s, m in zip(search.space.options, scores, pairs, strict=True):
+        assert m.shape == (len(opts), len(opts))
+        np.testing.assert_allclose(m, m.T, rtol=1e-6, atol=0)
+        np.testing.assert_allclose(np.diag(m), 0.0, atol=1e-12)
+        full = [k for k, o in enumerate(opts) if o.bits == 32]
+        for k in full:  # the change from full precision is the option's own change: its score
+            np.testing.assert_allclose(m[:, k], s, rtol=1e-5, atol=1e-12)
+        # a seminorm of the sampled directions: the triangle inequality holds for every pair through every third
+        r = np.sqrt(np.maximum(m, 0.0))
+        for i in range(len(opts)):
+            for j in range(len(opts)):
+                assert r[i, j] <= min(r[i, k] + r[k, j] for k in range(len(opts))) * (1 + 1e-5) + 1e-9
+    assert any(np.any(m > 0) for m in pairs)
+
+
+def test_expected_relaxation_runs_deterministically_and_meets_its_targets(trained_bert, sentiment_file):
+    opts = {"steps": 6, "steps_next": 3, "relaxation": "expected", "start_candidates": False}
+    a = run_dnas(_search(trained_bert, sentiment_file, dnas=opts))
+    b = run_dnas(_search(trained_bert, sentiment_file, dnas=opts))
+    assert [c.precision_map for c in a.candidates] == [c.precision_map for c in b.candidates]
+    search = _search(trained_bert, sentiment_file, dnas=opts)
+    for r in a.runs:
+        assert search.cost_model.cost(r.precision_map).size_bytes <= r.target * (1 + 1e-9)
+    # at a point mass the relaxation is the discrete map itself: its variance term vanishes
+    with DNAS(search.model, search.adapter, search.space, search.cost_model, search.task, search.calibration,
+              metric="size_bytes", options=DNASOptions(relaxation="expected")) as dn:
+        dn.sensitivity_scores()
+        with torch.no_grad():
+            for lg in dn.logits:
+                lg.zero_()
+                lg[-1] = 60.0
+        ys = [torch.softmax(lg.detach(), 0) for lg in dn.logits]
+        assert float(sum(y @ m @ y for y, m in zip(ys, dn.pair_scores, strict=True))) < 1e-12
+        # a mixed distribution pays the variance of its options: positive wherever two options differ
+        with torch.no_grad():
+            for lg in dn.logits:
+                lg.zero_()
+        ys = [torch.softmax(lg.detach(), 0) for lg in dn.logits]
+        assert float(sum(y @ m @ y for y, m in zip(ys, dn.pair_scores, strict=True))) > 0
+
+
+def test_the_calibration_measures_on_the_first_batches_holding_the_sequences_asked_for(trained_bert, sentiment_file):
+    from search.sensitivity import SensitivityContext, calibrate_scores
+
+    search = _search(trained_bert, sentiment_file, dnas={"steps": 1, "calibration_sequences": 10})
+    assert [len(b) for b in search.calibration] == [16, 16]
+    result = run_dnas(search)
+    measured = result.info["calibration"]["measured"]
+    space = search.space
+    zeros = {g.name: {o.key(): 1.0 for o in opts} for g, opts in zip(space.groups, space.options, strict=True)}
+
+    def on(batches):
+        ctx = SensitivityContext(search.model, search.adapter, space, search.task, batches, search.device,
+                                 search.options.seed, search.options.clip)
+        return calibrate_scores(ctx, zeros)[1]["measured"]
+
+    assert measured == pytest.approx(on(search.calibration[:1]), rel=1e-6)  # one batch of 16 holds 10
+    assert measured != pytest.approx(on(search.calibration), rel=1e-6)  # not the whole calibration set
