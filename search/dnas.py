@@ -841,14 +841,13 @@ class DNAS:
         """One step on the next micro-batch; returns (task loss, expected cost before the step)."""
         i = self._batch_pos % len(self.batches)
         self._batch_pos += 1
-        expected = update == "arch" and self.options.relaxation == "expected" and self.pair_scores is not None
-        ys = [torch.softmax(lg, 0) for lg in self.logits] if expected else self._sample(tau)
+        pairs = self.pair_scores if (update == "arch" and self.options.relaxation == "expected") else None
+        ys = [torch.softmax(lg, 0) for lg in self.logits] if pairs is not None else self._sample(tau)
         out = torch.func.functional_call(self._forward, self._overrides(ys), (self.batches[i],), strict=False)
         task_loss = self._task_loss(out, i)
-        if expected:
+        if pairs is not None:
             # E_p[L] = L(E_p[W]) + sum_g p_g^T M_g p_g / 2 to second order (M_g: pair_scores)
-            assert self.pair_scores is not None  # noqa: S101 - checked above
-            task_loss = task_loss + 0.5 * sum(y @ m @ y for y, m in zip(ys, self.pair_scores, strict=True))
+            task_loss = task_loss + 0.5 * sum(y @ m @ y for y, m in zip(ys, pairs, strict=True))
         e_cost = self._expected_cost()
         loss = task_loss
         if update == "arch":

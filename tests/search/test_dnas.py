@@ -386,7 +386,16 @@ def test_expected_relaxation_runs_deterministically_and_meets_its_targets(traine
             for lg in dn.logits:
                 lg.zero_()
         ys = [torch.softmax(lg.detach(), 0) for lg in dn.logits]
-        assert float(sum(y @ m @ y for y, m in zip(ys, dn.pair_scores, strict=True))) > 0
+        variance = float(sum(y @ m @ y for y, m in zip(ys, dn.pair_scores, strict=True)))
+        assert variance > 0
+        # a step's loss is the task loss of the mean mixture plus that variance term, no noise drawn
+        with torch.no_grad():
+            out = torch.func.functional_call(dn._forward, dn._overrides(ys), (dn.batches[0],), strict=False)
+            mean_loss = float(dn._task_loss(out, 0))
+        dn._batch_pos = 0
+        loss, _ = dn.step(tau=1.0, target=1e12, update="arch", optimizer=torch.optim.SGD(dn.logits, lr=0.0))
+        assert 0.5 * variance > 1e-4 * mean_loss  # large enough for the comparison below to see it
+        assert loss == pytest.approx(mean_loss + 0.5 * variance, rel=1e-5)
 
 
 def test_the_calibration_measures_on_the_first_batches_holding_the_sequences_asked_for(trained_bert, sentiment_file):
