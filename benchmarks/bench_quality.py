@@ -85,7 +85,8 @@ def configs_for(quick: bool) -> list[QualityConfig]:
     return [
         QualityConfig("bbc-layer", "bbc", "layer", method_options=full, refine_methods=("kl", "hessian")),
         QualityConfig("bbc-group", "bbc", "group", method_options=full, refine_bits=(3.0,)),
-        QualityConfig("bbc-layer-embeddings", "bbc", "layer", include_embeddings=True, methods=("kl", "hessian")),
+        QualityConfig("bbc-layer-embeddings", "bbc", "layer", include_embeddings=True, methods=("kl", "hessian"),
+                      method_options=full),
         QualityConfig("rt-layer", "rt", "layer", method_options=full, refine_bits=(3.0, 2.5)),
         QualityConfig("rt-group", "rt", "group", methods=("kl", "hessian"), method_options=full),
         QualityConfig("embeddings-layer", "embeddings", "layer", methods=("kl", "hessian", "nsga2"),
