@@ -471,14 +471,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ensure_packages()
     print(f"minilm: {minilm_dir()}")
     builders = [("bbc", bbc_classifier)] + ([("rt", rt_classifier)] if args.rt else [])
-    built, record = [], {}
+    record: dict[str, dict[str, Any]] = {}
     for name, build in builders:
         marker = args.cache / f"minilm-{name}" / "recipe.json"
         before = marker.stat().st_mtime_ns if marker.is_file() else None
         t = time.perf_counter()
         path = build(args.cache)
         m = read_metrics(path)
-        built.append((name, path))
         record[name] = {"model": str(path), "seconds": time.perf_counter() - t,
                         "built": before is None or marker.stat().st_mtime_ns != before,
                         **{k: m.get(k) for k in ("heldout_accuracy", "heldout_rows", "train_rows")}}
@@ -486,12 +485,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"models": record}, indent=2) + "\n",
                             encoding="utf-8")
-    for name, path in built:
-        m = read_metrics(path)
-        print(f"{name}: model {path}")
-        print(f"{name}: train {args.cache / f'{name}_train.jsonl'} ({m['train_rows']} rows)")
-        print(f"{name}: held-out {args.cache / f'{name}_heldout.jsonl'} ({m['heldout_rows']} rows)")
-        print(f"{name}: held-out accuracy {m['heldout_accuracy']:.4f}")
+    for name, r in record.items():  # read_metrics once per model, above
+        print(f"{name}: model {r['model']}")
+        print(f"{name}: train {args.cache / f'{name}_train.jsonl'} ({r['train_rows']} rows)")
+        print(f"{name}: held-out {args.cache / f'{name}_heldout.jsonl'} ({r['heldout_rows']} rows)")
+        print(f"{name}: held-out accuracy {r['heldout_accuracy']:.4f}")
     return 0
 
 

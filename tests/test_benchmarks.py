@@ -283,3 +283,30 @@ def test_assets_part_runs_first_and_builds_the_rt_classifier_only_in_full_mode(t
     assert full[1:4] == ["-m", "benchmarks.assets", "--rt"] and "--rt" not in quick and "--quick" not in quick
     for cmd in (full, quick):
         assert cmd[-4:] == ["--cache", str(tmp_path), "--out", str(tmp_path / "a.json")]
+
+
+def test_report_dnas_section_is_a_table_per_method_with_its_cost_and_plot(tmp_path: Path) -> None:
+    results = _synthetic_results()
+    points = [{"method": m, "label": "x", "size_mb": 50.0 + b, "avg_bits": b, "accuracy": acc, "kl": 0.1}
+              for m, b, acc in (("dnas", 2.0, 0.93), ("dnas", 2.9, 0.95), ("kl", 2.1, 0.92), ("kl", 3.0, 0.94),
+                                ("uniform", 2.0, 0.90), ("uniform", 3.0, 0.94))]
+    per = {"dnas": {"points": 2, "best_accuracy_at_avg_bits_le_3": 0.95, "best_accuracy_at_avg_bits_le_2.5": 0.93,
+                    "best_kl_at_avg_bits_le_3": 0.0134, "best_kl_at_avg_bits_le_2.5": 0.0563, "low_bit_area": 3.244},
+           "kl": {"points": 2, "best_accuracy_at_avg_bits_le_3": 0.94, "best_accuracy_at_avg_bits_le_2.5": 0.92,
+                  "best_kl_at_avg_bits_le_3": 0.0174, "best_kl_at_avg_bits_le_2.5": 0.0631, "low_bit_area": 3.232}}
+    results["parts"]["dnas"] = {"status": "ok", "kind": "cost", "data": {
+        "model": "synthetic", "groups": 96, "fp32_accuracy": 0.956,
+        "settings": {"calibration": 128, "evaluation": 1000},
+        "cost": {"dnas_in_finetune_epochs": 2.37, "target_epochs": 3.0,
+                 "sensitivity_in_finetune_epochs": {"kl": 28.2}},
+        "memory": {"ratio_step_peak_above_loaded": 1.01, "target_ratio": 1.5},
+        "low_bit_end": {"per_method": per}, "points": points}}
+    docs = tmp_path / "docs"
+    (docs / "img").mkdir(parents=True)
+    page = report.render(results, docs)
+    section = page[page.index("### DNAS"):page.index("### Refinement")]
+    assert "| dnas | 2 | 0.950 | 0.930 | 0.0134 | 0.0563 | 3.244 |" in section
+    assert "| kl | 2 | 0.940 | 0.920 | 0.0174 | 0.0631 | 3.232 |" in section
+    assert "DNAS 2.37 (target ≤ 3); kl table 28.2" in section and "1.01× a plain fine-tuning step" in section
+    assert "![dnas](img/dnas.png)" in section
+    assert (docs / "img" / "dnas.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
