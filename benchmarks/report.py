@@ -339,6 +339,161 @@ def _dnas_lines(data: Mapping[str, Any], img: Path, img_rel: str) -> list[str]:
     return lines
 
 
+def _assets_lines(data: Mapping[str, Any]) -> list[str]:
+    """What the assets part built (or found up to date) and how long it took."""
+    rows = []
+    for name, m in (data.get("models") or {}).items():
+        rows.append([name, "built" if m.get("built") else "found up to date", _f(m.get("seconds"), ".0f"),
+                     m.get("train_rows", "–"), m.get("heldout_rows", "–"), _f(m.get("heldout_accuracy"))])
+    if not rows:
+        return []
+    return _table(["model", "this run", "seconds", "fine-tuning rows", "held-out rows", "held-out accuracy"], rows)
+
+
+def _hessian_lines(data: Mapping[str, Any]) -> list[str]:
+    """The Hessian-trace cost in forward-pass units and its ranking against a many-probe reference."""
+    if "cost_units" not in data:
+        return []
+    lines = [f"{data.get('model')} ({data.get('task')}, {data.get('loss')} loss), {data.get('groups')} "
+             f"{data.get('granularity')} groups, {data.get('batches')} calibration batch(es) of "
+             f"{data.get('batch_size')} × {data.get('max_length')} tokens, {data.get('threads')} torch thread(s).", ""]
+    lines += _table(["figure", "value"], [
+        ["probes per batch (Hutchinson), stopped by", f"{_f(data.get('m'), '.0f')}, {data.get('stopped')}"],
+        ["trace cost in forward passes (CPU time of this process)",
+         f"{_f(data.get('cost_units'), '.0f')} (target ≤ {_f(data.get('cost_target_units'), '.0f')} = 4 + 7 m)"],
+        ["trace cost in forward passes (wall clock)", _f(data.get("cost_units_wall"), ".0f")],
+        ["one Hessian-vector product, in forward passes", _f(data.get("hvp_units_per_probe"), ".2f")],
+        ["building the gradient graph, in forward passes", _f(data.get("graph_units_per_pass"), ".2f")],
+        ["Kendall's τ against a reference run", f"{_f(data.get('kendall_tau'))} ({data.get('reference_probes')} "
+                                                 "probes per batch, another seed; target ≥ 0.9)"],
+        ["relative error of the traces against the reference: median / max",
+         f"{_f(data.get('relative_error_median'))} / {_f(data.get('relative_error_max'))}"],
+        ["groups within the tolerance", f"{data.get('groups_under_tolerance')} of {data.get('groups')} "
+                                        f"(tolerance {data.get('tolerance')})"],
+    ])
+    return lines
+
+
+def _refine_lines(data: Mapping[str, Any]) -> list[str]:
+    """Refinement: each point's accuracy before and after, and its cost in fine-tuning epochs."""
+    points = data.get("points") or []
+    if not points:
+        return []
+    lines = [f"{data.get('model')}: maps from `{data.get('maps_from')}`, refined with knowledge distillation and "
+             f"learned step sizes on {data.get('train_rows')} training rows, early-stopped on "
+             f"{data.get('validation_rows')} validation rows, measured on {data.get('evaluation_rows')} held-out "
+             f"rows; full precision {_f(data.get('fp32_accuracy'))}. One fine-tuning epoch (the unit) is a plain "
+             "full-precision fine-tuning pass over the training rows.", ""]
+    lines += _table(["target avg bits", "avg bits", "accuracy after search", "after refinement", "output KL before",
+                     "after", "steps (best)", "cost in fine-tuning epochs"],
+                    [[_f(p.get("target_avg_bits"), "g"), _f(p.get("avg_bits"), ".2f"), _f(p.get("ptq_accuracy")),
+                      _f(p.get("refined_accuracy")), _f(p.get("ptq_kl"), ".4f"), _f(p.get("refined_kl"), ".4f"),
+                      f"{p.get('steps')} ({p.get('best_step')})", _f(p.get("refine_epochs"), ".2f")] for p in points])
+    if data.get("target"):
+        lines += [f"Target: {data['target']}: **{'met' if data.get('target_met') else 'not met'}**.", ""]
+    return lines
+
+
+def _service_refine_lines(data: Mapping[str, Any]) -> list[str]:
+    """One job with refinement through the service: the refined points and the end-to-end checks."""
+    refined = data.get("refined") or []
+    if not refined and not data.get("checks"):
+        return []
+    def kv(d: Any) -> str:
+        return ", ".join(f"{k} {v}" for k, v in d.items()) if isinstance(d, dict) else str(d)
+
+    lines = [f"One job submitted to `bitscout serve` ({data.get('model')}, budget {kv(data.get('budget'))}, "
+             f"{data.get('calibration_rows')} calibration / {data.get('evaluation_rows')} held-out rows, refinement "
+             f"{kv(data.get('refine'))}): {data.get('job_status')} with {data.get('n_points')} points; refinement took "
+             f"{_f(data.get('refine_epochs_total'), '.2f')} fine-tuning epochs in all.", ""]
+    if refined:
+        lines += _table(["point", "refined from", "avg bits", "accuracy before", "after", "fine-tuning epochs",
+                         "recommended"],
+                        [[f"#{r.get('id')}", f"#{r.get('refined_from')}", _f(r.get("avg_bits"), ".2f"),
+                          _f(r.get("origin_accuracy")), _f(r.get("refined_accuracy")), _f(r.get("refine_epochs"), ".2f"),
+                          "yes" if r.get("recommended") else ""] for r in refined])
+    checks = data.get("checks") or {}
+    if checks:
+        lines += _table(["check", "ok", "detail"],
+                        [[k, "yes" if c.get("ok") else "**no**", str(c.get("detail", "")).replace("|", "/")]
+                         for k, c in checks.items()])
+    return lines
+
+
+def _workers_lines(data: Mapping[str, Any]) -> list[str]:
+    """Orchestration overhead: the same search in-process and through the service, and submit-to-running."""
+    if "in_process_mean_s" not in data:
+        return []
+    base = data["in_process_mean_s"]
+
+    def ratio(run: Mapping[str, Any] | None) -> str:
+        return _f(run["seconds"] / base, ".3f") if run and run.get("seconds") and base else "–"
+
+    cold, warm, par = data.get("service_cold"), data.get("service_warm"), data.get("service_parallel_eval")
+    lat = (data.get("submit_to_running") or {}).get("to_running") or {}
+    runner = (data.get("submit_to_running") or {}).get("to_runner_start") or {}
+    targets = data.get("targets") or {}
+    lines = [f"The same search ({data.get('model')}) in-process and through `bitscout serve` (API, dispatcher, "
+             "local Ray, SQLite); times are ratios to the in-process run (mean of one before and one after).", ""]
+    rows = [["in-process", "1.000", "–"],
+            ["service, cold (first job: Ray starts a worker)", ratio(cold),
+             _f(data.get("orchestration_fraction_cold"), ".3f")],
+            ["service, warm", ratio(warm), _f(data.get("orchestration_fraction_warm"), ".3f")]]
+    if par:
+        rows.append(["service, parallel evaluation (1 extra Ray task)", ratio(par), "–"])
+    lines += _table(["run", "wall time / in-process", "orchestration fraction (from the job's own timings)"], rows)
+    lines += [f"Overhead target: at most {_f(targets.get('overhead_fraction'), '.0%')} of a job of a few minutes; "
+              f"warm {_f(data.get('overhead_fraction_warm'), '.1%')} by wall time against the in-process run, "
+              f"{_f(data.get('orchestration_fraction_warm'), '.1%')} from the job's own timings. Submission to "
+              f"`running` on a warm Ray: p50 {_f(lat.get('p50_s'), '.2f')} s, max {_f(lat.get('max_s'), '.2f')} s "
+              f"(target ≤ {_f(targets.get('submit_to_running_s'), '.0f')} s); to the runner's start: p50 "
+              f"{_f(runner.get('p50_s'), '.2f')} s.", ""]
+    return lines
+
+
+#: the allocation benchmark's series plotted and tabulated, when its rows carry them
+ALLOC_KEYS = (("ours_one_ms", "bitscout, one budget"), ("ours_front32_ms", "bitscout, 32-point front"),
+              ("milp_one_ms", "HiGHS MILP, one budget"), ("milp_front32_ms", "HiGHS MILP, 32-point front"))
+
+
+def _allocate_lines(data: Mapping[str, Any]) -> list[str]:
+    rows = [r for r in data.get("rows") or [] if isinstance(r, dict) and "ours_one_ms" in r]
+    if not rows:
+        return []
+    lines = ["bitscout's exact allocator (convex hull + dynamic programming, gap certified) against a general MILP "
+             "solver (HiGHS, relative gap 1e-12) on the same problems: one budget, and a 32-point front. "
+             "`ratio` is the MILP's time over bitscout's, measured in the same run.", ""]
+
+    def ms(r: Mapping[str, Any], k: str) -> str:
+        v = r.get(k)
+        est = k == "milp_front32_ms" and r.get("milp_front32_estimated")
+        return "–" if v is None else _f(v, ".1f") + (" (est.)" if est else "")
+
+    def ratio(r: Mapping[str, Any], a: str, b: str) -> str:
+        return _f(r[b] / r[a], ".0f") + "×" if r.get(a) and r.get(b) else "–"
+
+    lines += _table(["groups", "options", "one budget ms", "MILP ms", "ratio", "front ms", "MILP front ms", "ratio",
+                     "certified gap (max)", "objective vs MILP (relative, max)"],
+                    [[r["groups"], r.get("options"), ms(r, "ours_one_ms"), ms(r, "milp_one_ms"),
+                      ratio(r, "ours_one_ms", "milp_one_ms"), ms(r, "ours_front32_ms"), ms(r, "milp_front32_ms"),
+                      ratio(r, "ours_front32_ms", "milp_front32_ms"),
+                      _f(max(r.get("ours_one_gap_max") or 0.0, r.get("ours_front32_gap_max") or 0.0), ".2g"),
+                      _f(max([x for x in (r.get("ours_vs_milp_one"), r.get("ours_vs_milp_front32_max")) if x is not None],
+                             default=None), ".2g")] for r in rows])
+    s, t = data.get("summary") or {}, data.get("targets") or {}
+    if s:
+        lines += [f"At 10,000 groups: one budget {_f(s.get('one_budget_10000_ms'), '.0f')} ms (target "
+                  f"{_f(t.get('one_budget_10000_ms'), '.0f')}), a 32-point front {_f(s.get('front32_10000_ms'), '.0f')} ms "
+                  f"(target {_f(t.get('front32_10000_ms'), '.0f')}); largest certified gap {_f(s.get('max_certified_gap'), '.2g')} "
+                  f"(target {_f(t.get('gap'), 'g')}); targets {'met' if s.get('targets_met') else '**not met**'}.", ""]
+    return lines
+
+
+
+#: the cost parts rendered as a reader wants them (parts not named here get a table of their scalars)
+CURATED = {"assets": _assets_lines, "hessian": _hessian_lines, "refine": _refine_lines,
+           "service-refine": _service_refine_lines, "workers": _workers_lines}
+
 def _alloc_series(data: Mapping[str, Any]) -> list[tuple[str, list[tuple[float, float]]]]:
     """(label, [(groups, seconds)]) series found in an allocation benchmark's JSON, whatever its layout."""
     found: dict[str, list[tuple[float, float]]] = {}
@@ -363,7 +518,11 @@ def _alloc_series(data: Mapping[str, Any]) -> list[tuple[str, list[tuple[float, 
 
 
 def plot_allocation(data: Mapping[str, Any], path: Path) -> bool:
-    series = _alloc_series(data)
+    rows = [r for r in data.get("rows") or [] if isinstance(r, dict) and "ours_one_ms" in r]
+    series = [(label + (" (estimated: 32 × one)" if k == "milp_front32_ms" and any(
+                   r.get("milp_front32_estimated") for r in rows) else ""),
+               [(float(r["groups"]), r[k] / 1000) for r in rows if _finite(r.get(k))]) for k, label in ALLOC_KEYS]
+    series = [(label, pts) for label, pts in series if len(pts) >= 2] or _alloc_series(data)
     if not series:
         return False
     plt = _plt()
@@ -569,9 +728,13 @@ def _cost_section(results: Mapping[str, Any], img: Path, img_rel: str) -> list[s
         if st:
             lines += [st, ""]
         data = _part(results, name)
-        if data and name == "dnas" and data.get("low_bit_end"):
-            lines += _dnas_lines(data, img, img_rel)
-        elif data:
+        if not data:
+            continue
+        curated = (_dnas_lines(data, img, img_rel) if name == "dnas" and data.get("low_bit_end")
+                   else CURATED[name](data) if name in CURATED else [])
+        if curated:
+            lines += curated
+        else:  # a layout this page does not know: every scalar
             sc = _scalars(data)
             if sc:
                 lines += _table(["figure", "value"], [[f"`{k}`", _f(v, ".4g") if isinstance(v, float) else v] for k, v in sc[:40]])
@@ -583,7 +746,9 @@ def _cost_section(results: Mapping[str, Any], img: Path, img_rel: str) -> list[s
     if data:
         if plot_allocation(data, img / "allocation.png"):
             lines += [f"![allocation]({img_rel}/allocation.png)", ""]
-        sc = _scalars(data)
+        curated = _allocate_lines(data)
+        sc = [] if curated else _scalars(data)
+        lines += curated
         if sc:
             lines += _table(["figure", "value"], [[f"`{k}`", _f(v, ".4g") if isinstance(v, float) else v] for k, v in sc[:40]])
     return lines

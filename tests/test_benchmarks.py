@@ -310,3 +310,55 @@ def test_report_dnas_section_is_a_table_per_method_with_its_cost_and_plot(tmp_pa
     assert "DNAS 2.37 (target ≤ 3); kl table 28.2" in section and "1.01× a plain fine-tuning step" in section
     assert "![dnas](img/dnas.png)" in section
     assert (docs / "img" / "dnas.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_cost_parts_are_tables_a_reader_reads_not_dumps(tmp_path: Path) -> None:
+    results = _synthetic_results()
+    parts = results["parts"]
+    parts["assets"] = {"status": "ok", "kind": "cost", "data": {"models": {
+        "bbc": {"seconds": 0.2, "built": False, "heldout_accuracy": 0.958, "heldout_rows": 1425, "train_rows": 800},
+        "rt": {"seconds": 181.0, "built": True, "heldout_accuracy": 0.778, "heldout_rows": 10808, "train_rows": 2000}}}}
+    parts["hessian"] = {"status": "ok", "kind": "cost", "data": {
+        "model": "m", "task": "embeddings", "loss": "self_distillation", "granularity": "layer", "groups": 36,
+        "batches": 2, "batch_size": 8, "max_length": 32, "threads": 1, "m": 24.0, "stopped": "tolerance",
+        "cost_units": 150.4, "cost_units_wall": 160.0, "cost_target_units": 172.0, "hvp_units_per_probe": 6.5,
+        "graph_units_per_pass": 3.4, "kendall_tau": 0.95, "reference_probes": 200, "relative_error_median": 0.04,
+        "relative_error_max": 0.2, "groups_under_tolerance": 30, "tolerance": 0.05}}
+    parts["refine"] = {"status": "ok", "kind": "cost", "data": {
+        "model": "m", "maps_from": "kl", "train_rows": 800, "validation_rows": 128, "evaluation_rows": 600,
+        "fp32_accuracy": 0.955, "target": "avg 3 bits: within 1 point", "target_met": True,
+        "points": [{"target_avg_bits": 2.5, "avg_bits": 2.5, "ptq_accuracy": 0.932, "refined_accuracy": 0.957,
+                    "ptq_kl": 0.0525, "refined_kl": 0.0346, "steps": 125, "best_step": 50, "refine_epochs": 5.34}]}}
+    parts["workers"] = {"status": "ok", "kind": "cost", "data": {
+        "model": "m", "in_process_mean_s": 100.0, "service_cold": {"seconds": 120.0}, "service_warm": {"seconds": 102.0},
+        "service_parallel_eval": {"seconds": 80.0}, "orchestration_fraction_cold": 0.15,
+        "orchestration_fraction_warm": 0.012, "overhead_fraction_warm": 0.0196,
+        "targets": {"overhead_fraction": 0.05, "submit_to_running_s": 2.0},
+        "submit_to_running": {"to_running": {"p50_s": 0.31, "max_s": 0.9}, "to_runner_start": {"p50_s": 0.5}}}}
+    parts["allocate"] = {"status": "ok", "kind": "cost", "data": {
+        "rows": [{"groups": g, "options": 6, "ours_one_ms": 0.01 * g, "milp_one_ms": 0.5 * g,
+                  "ours_front32_ms": 0.2 * g, "milp_front32_ms": 16.0 * g, "milp_front32_estimated": g > 100,
+                  "ours_one_gap_max": 0.0, "ours_front32_gap_max": 1e-4, "ours_vs_milp_one": 0.0}
+                 for g in (10, 100, 1000)],
+        "summary": {"one_budget_10000_ms": 40.0, "front32_10000_ms": 700.0, "max_certified_gap": 1e-4,
+                    "targets_met": True},
+        "targets": {"one_budget_10000_ms": 100.0, "front32_10000_ms": 1000.0, "gap": 0.001}}}
+    docs = tmp_path / "docs"
+    (docs / "img").mkdir(parents=True)
+    page = report.render(results, docs)
+    cost = page[page.index("## Cost"):page.index("## Service")]
+    assert "| rt | built | 181 | 2000 | 10808 | 0.778 |" in cost
+    assert "| bbc | found up to date | 0 | 800 | 1425 | 0.958 |" in cost
+    assert "| probes per batch (Hutchinson), stopped by | 24, tolerance |" in cost
+    assert "150 (target ≤ 172 = 4 + 7 m)" in cost and "0.950 (200 probes per batch" in cost
+    assert "| 2.5 | 2.50 | 0.932 | 0.957 | 0.0525 | 0.0346 | 125 (50) | 5.34 |" in cost and "**met**" in cost
+    # workers: wall time over the in-process mean; the parallel run is faster than in-process
+    assert "| service, warm | 1.020 | 0.012 |" in cost and "| service, cold (first job: Ray starts a worker) | 1.200 | 0.150 |" in cost
+    assert "| service, parallel evaluation (1 extra Ray task) | 0.800 | – |" in cost
+    assert "p50 0.31 s, max 0.90 s (target ≤ 2 s)" in cost
+    # allocation: the MILP's time over ours, per size; estimated MILP fronts are marked
+    assert "| 10 | 6 | 0.1 | 5.0 | 50× | 2.0 | 160.0 | 80× | 0.0001 | 0 |" in cost
+    assert "16000.0 (est.)" in cost and "targets met" in cost
+    # none of the curated parts falls back to the dump of scalars
+    assert "| figure | value |\n|---|---|\n| `" not in cost
+    assert (docs / "img" / "allocation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
