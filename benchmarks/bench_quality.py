@@ -88,10 +88,9 @@ def configs_for(quick: bool) -> list[QualityConfig]:
         QualityConfig("bbc-layer-embeddings", "bbc", "layer", include_embeddings=True, methods=("kl", "hessian"),
                       method_options=full),
         QualityConfig("rt-layer", "rt", "layer", method_options=full, refine_bits=(3.0, 2.5)),
-        QualityConfig("rt-group", "rt", "group", methods=("kl", "hessian"), method_options=full),
-        QualityConfig("embeddings-layer", "embeddings", "layer", methods=("kl", "hessian", "nsga2"),
-                      method_options=full),
-        QualityConfig("embeddings-group", "embeddings", "group", methods=("kl",)),
+        QualityConfig("rt-group", "rt", "group", method_options=full, refine_bits=(3.0,)),
+        QualityConfig("embeddings-layer", "embeddings", "layer", method_options=full, refine_bits=(3.0, 2.5)),
+        QualityConfig("embeddings-group", "embeddings", "group", method_options=full, refine_bits=(3.0,)),
     ]
 
 
