@@ -390,6 +390,13 @@ def main(argv: list[str] | None = None) -> int:
     device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     configs = configs_for(a.quick)
     if a.configs:
+        known = {c.name for c in configs_for(False)} | {c.name for c in configs_for(True)}
+        unknown = [n for n in a.configs if n not in known]
+        if unknown:
+            p.error(f"--configs: unknown configuration(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        absent = [n for n in a.configs if n not in {c.name for c in configs}]
+        if absent:
+            log(f"not in {'quick' if a.quick else 'full'} mode, skipped: {', '.join(absent)}")
         configs = [c for c in configs if c.name in a.configs]
     if a.methods is not None:
         chosen = tuple(m for m in a.methods.split(",") if m and m != "none")

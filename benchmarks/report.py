@@ -601,6 +601,10 @@ def _quality_section(results: Mapping[str, Any], img: Path, img_rel: str) -> tup
     headline: dict[str, Any] = {}
     if not configs:
         return lines, headline
+    # a fixed reading order whatever order the parts ran or merged in: model, then granularity
+    order = {"bbc": 0, "rt": 1, "embeddings": 2}
+    configs.sort(key=lambda c: (order.get(str(c.get("model")), 3), bool(c.get("include_embeddings")),
+                                c.get("granularity") != "layer"))
     lines += [
         "Each configuration is one search over the same held-out rows (never used for calibration). "
         "`<method>+refine` is the method's front with some of its points refined (knowledge distillation "

@@ -362,3 +362,32 @@ def test_report_cost_parts_are_tables_a_reader_reads_not_dumps(tmp_path: Path) -
     # none of the curated parts falls back to the dump of scalars
     assert "| figure | value |\n|---|---|\n| `" not in cost
     assert (docs / "img" / "allocation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_full_quality_config_runs_in_exactly_one_part() -> None:
+    from benchmarks.bench_quality import configs_for
+
+    full = [c.name for c in configs_for(False)]
+    quick = [c.name for c in configs_for(True)]
+    ran_full: list[str] = []
+    ran_quick: list[str] = []
+    for part in run.PARTS:
+        if part.module != "benchmarks.bench_quality":
+            continue
+        args = list(part.args)
+        ran_full += args[args.index("--configs") + 1:]
+        if part.in_quick:
+            qargs = list(part.quick_args or ())
+            ran_quick += qargs[qargs.index("--configs") + 1:]
+    assert sorted(ran_full) == sorted(full)  # each once, none missing, none unknown
+    assert sorted(ran_quick) == sorted(quick)
+
+
+def test_quality_configs_flag_refuses_unknown_names(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import bench_quality
+
+    with pytest.raises(SystemExit) as exc:
+        bench_quality.main(["--quick", "--configs", "bbc-layr", "--out", "/nonexistent/x.json"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown configuration(s) bbc-layr" in err and "bbc-layer" in err
