@@ -391,3 +391,12 @@ def test_quality_configs_flag_refuses_unknown_names(capsys: pytest.CaptureFixtur
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "unknown configuration(s) bbc-layr" in err and "bbc-layer" in err
+
+
+def test_literature_bottom_line_names_each_configuration_against_the_bound() -> None:
+    line = report._bottom_line({"a": 0.8, "b": -1.0, "c": 4.6})
+    assert "2 of 3 configurations stay within Q-BERT's 2.3-point bound" in line
+    assert "a (0.8 points below full precision); b (1.0 points above full precision)" in line
+    assert "noise of the held-out rows" in line and "Beyond it: c (4.6 points below full precision)" in line
+    assert "no configuration stays within" in report._bottom_line({"c": 4.6})
+    assert report._drop_text(0.01) == "level with full precision"
