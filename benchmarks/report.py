@@ -433,7 +433,7 @@ def _workers_lines(data: Mapping[str, Any]) -> list[str]:
     lat = (data.get("submit_to_running") or {}).get("to_running") or {}
     runner = (data.get("submit_to_running") or {}).get("to_runner_start") or {}
     targets = data.get("targets") or {}
-    lines = [f"The same search ({data.get('model')}) in-process and through `bitscout serve` (API, dispatcher, "
+    lines = [f"The same search (`{Path(str(data.get('model'))).name}`) in-process and through `bitscout serve` (API, dispatcher, "
              "local Ray, SQLite); times are ratios to the in-process run (mean of one before and one after).", ""]
     rows = [["in-process", "1.000", "–"],
             ["service, cold (first job: Ray starts a worker)", ratio(cold),
