@@ -456,8 +456,13 @@ ALLOC_KEYS = (("ours_one_ms", "bitscout, one budget"), ("ours_front32_ms", "bits
               ("milp_one_ms", "HiGHS MILP, one budget"), ("milp_front32_ms", "HiGHS MILP, 32-point front"))
 
 
+
+def _alloc_rows(data: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The allocation benchmark's rows that time bitscout's allocator (the layout the table and plot read)."""
+    return [r for r in data.get("rows") or [] if isinstance(r, dict) and "ours_one_ms" in r]
+
 def _allocate_lines(data: Mapping[str, Any]) -> list[str]:
-    rows = [r for r in data.get("rows") or [] if isinstance(r, dict) and "ours_one_ms" in r]
+    rows = _alloc_rows(data)
     if not rows:
         return []
     lines = ["bitscout's exact allocator (convex hull + dynamic programming, gap certified) against a general MILP "
@@ -518,7 +523,7 @@ def _alloc_series(data: Mapping[str, Any]) -> list[tuple[str, list[tuple[float, 
 
 
 def plot_allocation(data: Mapping[str, Any], path: Path) -> bool:
-    rows = [r for r in data.get("rows") or [] if isinstance(r, dict) and "ours_one_ms" in r]
+    rows = _alloc_rows(data)
     series = [(label + (" (estimated: 32 × one)" if k == "milp_front32_ms" and any(
                    r.get("milp_front32_estimated") for r in rows) else ""),
                [(float(r["groups"]), r[k] / 1000) for r in rows if _finite(r.get(k))]) for k, label in ALLOC_KEYS]
