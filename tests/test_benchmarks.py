@@ -400,3 +400,17 @@ def test_literature_bottom_line_names_each_configuration_against_the_bound() -> 
     assert "noise of the held-out rows" in line and "Beyond it: c (4.6 points below full precision)" in line
     assert "no configuration stays within" in report._bottom_line({"c": 4.6})
     assert report._drop_text(0.01) == "level with full precision"
+
+
+def test_run_merge_keeps_earlier_figures_when_the_rerun_has_none(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    out.write_text(json.dumps({"schema": 1, "meta": {"started": "earlier"},
+                               "parts": {"ghost": {"status": "ok", "kind": "cost", "data": {"x": 1}}}}))
+    run.PARTS, saved = (*run.PARTS, run.Part("ghost", "benchmarks.bench_ghost_missing")), run.PARTS
+    try:
+        run.main(["--only", "ghost", "--merge", "--out", str(out), "--no-report"])
+    finally:
+        run.PARTS = saved
+    ghost = json.loads(out.read_text())["parts"]["ghost"]
+    assert ghost["data"] == {"x": 1} and ghost["status"] == "ok"
+    assert ghost["rerun"]["status"] == "skipped" and "does not exist" in ghost["rerun"]["reason"]
