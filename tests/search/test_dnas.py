@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 from search.dnas import DNAS, DNASOptions, run_dnas
 from search.errors import CanceledError, InvalidInputError
 from search.local import DataOptions, prepare
-from search.pipeline import SearchOptions
+from search.pipeline import SearchOptions, build_problem
 from search.result import Budget
 from search.tasks import model_output
 from tests.tiny import build_model
@@ -123,6 +123,27 @@ def test_maps_meet_their_budgets_and_the_resource_term_moves_the_expected_cost(t
     for c in result.candidates:
         cost = search.cost_model.cost(c.precision_map)
         assert all(cost.get(k) <= v * (1 + 1e-9) for k, v in c.budget.items() if not k.startswith("pruned_"))
+
+
+def test_the_sweep_goes_on_above_the_largest_target_up_to_the_dearest_map(trained_bert, sentiment_file):
+    # the targets stop at half the quantization range; the front must still reach the maps near full
+    # precision (on the oracle, DNAS lost most of its log-KL hypervolume there when it stopped at the targets)
+    search = _search(trained_bert, sentiment_file, dnas={"steps": 6, "steps_next": 3})
+    result = run_dnas(search)
+    high = max(r.target for r in result.runs)
+    problem, _ = build_problem(search.space, search.cost_model, None)
+    dearest = np.array([int(np.argmax(w)) for w in problem.weights["size_bytes"]], dtype=np.int64)
+    top = problem.cost_of(dearest)["size_bytes"]
+    assert top > 1.5 * high  # else the test says nothing
+    sizes = {c.label: [] for c in result.candidates}
+    for c in result.candidates:
+        sizes[c.label].append(search.cost_model.cost(c.precision_map).size_bytes)
+    above = [s for label, ss in sizes.items() if label.endswith("sweep above") for s in ss if s > high * (1 + 1e-9)]
+    assert len(above) >= 2
+    # up to the dearest map: every group at its widest option, from the start's scores
+    assert max(above) == pytest.approx(top, rel=1e-9)
+    # and spread between, not only at the two ends
+    assert any(high * 1.05 < s < top * 0.95 for s in above)
 
 
 def test_without_resource_pressure_nothing_moves_down(trained_bert, sentiment_file):
