@@ -296,6 +296,8 @@ def run_config(cfg: QualityConfig, *, cache: Path, quick: bool, seed: int, devic
                 cands = pipeline.EXTRA_METHODS[m](search, **kwargs)
                 proposed = time.perf_counter() - t_m
                 extra = {"n_evaluations": kwargs.get("n_evaluations")}
+                if m == "nsga2":  # the maps its generations evaluated, of which it returns the front
+                    extra["search_evaluations"] = (getattr(search, "nsga2_info", None) or {}).get("evaluated")
             distinct = len({c.precision_map for c in cands})
             if m == "kl":
                 kl_distinct = distinct

@@ -660,10 +660,10 @@ def _quality_section(results: Mapping[str, Any], img: Path, img_rel: str) -> tup
             ])
         lines += _table(["series", "points", "HV (MB·metric)", "HV %", *[f"@{b:g}" for b in BITS_TABLE],
                          "within 1 pt: whole model", "within 1 pt: quantized weights"], rows)
-        mrows = [[f"`{m}`", _f(i.get("units"), ".1f"), i.get("distinct_maps", "–"), i.get("evaluations", "–")]
+        mrows = [[f"`{m}`", _f(i.get("units"), ".1f"), i.get("distinct_maps", "–"), _evaluations(i)]
                  for m, i in rec.get("methods", {}).items()]
         if mrows:
-            lines += _table(["method", "time (evaluation passes)", "distinct maps", "evaluations"], mrows)
+            lines += _table(["method", "time (evaluation passes)", "maps proposed", "maps evaluated"], mrows)
         if rec.get("refine"):
             rrows = [[k, _f(v["avg_bits"], ".2f"), _f(v["before"], ".4f"), _f(v["after"], ".4f"), v["steps"],
                       _f(v.get("units"), ".1f")] for k, v in rec["refine"].items()]
@@ -931,10 +931,12 @@ def render(results: Mapping[str, Any], docs: Path, *, img_rel: str = "img") -> s
     prow = []
     for k, v in parts.items():
         prow.append([f"`{k}`", v.get("status"), part_devices.get(k) or ("cpu" if k in ("oracle",) else "–"),
-                     _f(v.get("seconds"), ".0f"), _f(v.get("seconds_in_units"), ".0f"),
-                     v.get("reason") or v.get("error") or ""])
-    lines += ["Parts of this run (device: where its figures were measured; CUDA whenever a GPU is present):", ""]
-    lines += _table(["part", "status", "device", "wall s", "wall in work units", "note"], prow)
+                     _ran(v), _f(v.get("seconds"), ".0f"), _f(v.get("seconds_in_units"), ".0f"),
+                     v.get("reason") or v.get("error") or v.get("note") or ""])
+    lines += ["The parts (device: where its figures were measured, CUDA whenever a GPU is present; measured: the "
+              "run that measured them, which for a file merged from several runs differs from part to part; wall "
+              "in work units: its wall time over that run's matmul work unit, comparable across machines):", ""]
+    lines += _table(["part", "status", "device", "measured", "wall s", "wall in work units", "note"], prow)
 
     q_lines, headline = _quality_section(results, img, img_rel)
     lines += _headline(headline)
@@ -944,6 +946,28 @@ def render(results: Mapping[str, Any], docs: Path, *, img_rel: str = "img") -> s
     lines += _service_section(results, img, img_rel)
     lines += _literature_section(headline)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _evaluations(info: Mapping[str, Any]) -> Any:
+    """The maps a method evaluated: NSGA-II evaluates its generations' maps (its budget, the KL sweep's
+    distinct maps) and returns only their front, so its own count is what it spent."""
+    for key in ("search_evaluations", "n_evaluations", "evaluations"):
+        if info.get(key) is not None:
+            return info[key]
+    return "–"
+
+
+def _ran(record: Mapping[str, Any]) -> str:
+    """When, in which mode, on which CPU and at which commit a part's figures were measured."""
+    run = record.get("run")
+    if not isinstance(run, Mapping):
+        return "–"
+    bits = [str(run.get("started") or "?")[:10], str(run.get("mode") or "?")]
+    if run.get("cpu"):
+        bits.append(str(run["cpu"]))
+    if run.get("git_commit"):
+        bits.append(f"`{str(run['git_commit'])[:7]}`")
+    return ", ".join(bits)
 
 
 def _headline(headline: Mapping[str, Any]) -> list[str]:

@@ -15,6 +15,9 @@ its own run (forward-pass units, fine-tuning epochs, the same search in-process)
 adds one more: each part's wall time in units of a fixed matrix-multiply workload timed at the start
 and at the end (``unit_seconds``), which says how loaded the machine was.
 
+Every part's record says which run measured it (``run``: its start, the mode, the commit, the CPU and
+that run's work unit), so a file merged from several runs (``--merge``) keeps each part's provenance.
+
 Then ``benchmarks.report`` turns the results file into ``docs/benchmarks.md`` and ``docs/img/*.png``.
 """
 
@@ -285,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         "total_limit_s": total_limit,
     }
     parts: dict[str, dict[str, Any]] = {}
+    ran: set[str] = set()  # the parts this run measured (merged records keep their own run's figures)
     if a.merge and out.is_file():
         previous = json.loads(out.read_text(encoding="utf-8"))
         # every earlier record stays until its part's rerun has figures: a rerun that fails, times out
@@ -303,18 +307,26 @@ def main(argv: list[str] | None = None) -> int:
                 parts[part.name] = {"status": "skipped", "reason": "the run's time limit was spent", "kind": part.kind}
                 continue
             limit = min(limit, left)
+        part_started = datetime.now(UTC).isoformat(timespec="seconds")
         record = run_part(part, quick=a.quick, cache=cache, parts_dir=parts_dir, timeout_s=limit, threads=a.threads)
+        # where and when these figures were measured: a merged file holds parts of several runs
+        record["run"] = {"started": part_started, "mode": meta["mode"], "git_commit": meta["git_commit"],
+                         "cpu": f"{meta['machine']['cpu_model']}, {meta['machine']['cores']} cores",
+                         "unit_seconds": meta["unit_seconds_start"], "note": a.note}
         kept = parts.get(part.name) if a.merge else None
         if record.get("data") is None and kept and kept.get("data") is not None:
             kept["rerun"] = {k: record.get(k) for k in ("status", "error", "reason", "seconds") if k in record}
             log(f"{part.name}: the rerun has no figures; the earlier ones are kept")
         else:
             parts[part.name] = record
+            ran.add(part.name)
         partial = merge(meta, parts)
         out.write_text(json.dumps(partial, indent=1))
     meta["unit_seconds_end"] = work_unit_seconds()
     unit = (meta["unit_seconds_start"] + meta["unit_seconds_end"]) / 2
-    for rec in parts.values():
+    for name in ran:
+        rec = parts[name]
+        rec["run"]["unit_seconds"] = unit
         if "seconds" in rec:
             rec["seconds_in_units"] = rec["seconds"] / unit
     meta["machine"]["load_average_end"] = list(os.getloadavg())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import random
 from pathlib import Path
 
@@ -109,7 +110,8 @@ def _synthetic_results() -> dict:
             "device": "cpu", "calibration_rows": 8, "evaluation_rows": 16, "max_length": 32,
             "fp32": {"metric": 0.96, "metrics": {"accuracy": 0.96}, "size_bytes": 90e6, "avg_bits": 32.0},
             "eval_unit_seconds": 1.0,
-            "methods": {"kl": {"units": 12.0, "distinct_maps": 6, "evaluations": 6}},
+            "methods": {"kl": {"units": 12.0, "distinct_maps": 6, "evaluations": 6},
+                        "nsga2": {"units": 7.0, "distinct_maps": 3, "evaluations": 3, "n_evaluations": 6}},
             "skipped": {"dnas": "search.dnas is not available"},
             "refine": {"kl@2.5": {"avg_bits": 2.5, "before": 0.8, "after": 0.93, "steps": 10, "units": 30.0}},
             "points": pts,
@@ -153,7 +155,10 @@ def _synthetic_results() -> dict:
 
 def test_report_renders_every_section_and_plot(tmp_path: Path) -> None:
     results_file = tmp_path / "results.json"
-    results_file.write_text(json.dumps(_synthetic_results()))
+    results = _synthetic_results()
+    results["parts"]["oracle"]["run"] = {"started": "2026-01-02T03:04:05+00:00", "mode": "full",
+                                         "cpu": "Some CPU, 2 cores", "git_commit": "abcdef0123456789"}
+    results_file.write_text(json.dumps(results))
     docs = tmp_path / "docs"
     assert report.main(["--results", str(results_file), "--docs", str(docs)]) == 0
     page = (docs / "benchmarks.md").read_text()
@@ -166,6 +171,12 @@ def test_report_renders_every_section_and_plot(tmp_path: Path) -> None:
     assert "Accuracy is saturated" in page
     assert "Part `hessian` failed: exit status 1" in page
     assert "benchmarks.bench_dnas does not exist" in page
+    # NSGA-II spent its budget (the KL sweep's maps) though it returns only its front
+    assert "| `nsga2` | 7.0 | 3 | 6 |" in page and "| `kl` | 12.0 | 6 | 6 |" in page
+    # each part says which run measured it; one without a stamp says so too
+    oracle_row = next(line for line in page.splitlines() if line.startswith("| `oracle` |"))
+    assert "| 2026-01-02, full, Some CPU, 2 cores, `abcdef0` |" in oracle_row
+    assert "| – |" in next(line for line in page.splitlines() if line.startswith("| `hessian` |"))
     # the kl series: best at <= 2.5 bits is 0.5 + 0.12 * 2.5 = 0.8; with refinement 0.93
     assert "| bbc-layer | `kl` | 0.960 | 0.960 | 0.960 | 0.860 | 0.800 |" in page
     assert "| bbc-layer | `kl+refine` | 0.960 | 0.960 | 0.960 | 0.930 | 0.930 |" in page
@@ -414,3 +425,31 @@ def test_run_merge_keeps_earlier_figures_when_the_rerun_has_none(tmp_path: Path)
     ghost = json.loads(out.read_text())["parts"]["ghost"]
     assert ghost["data"] == {"x": 1} and ghost["status"] == "ok"
     assert ghost["rerun"]["status"] == "skipped" and "does not exist" in ghost["rerun"]["reason"]
+
+
+def test_run_stamps_each_part_with_its_own_run_and_leaves_merged_parts_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a part that really runs: a module that writes its figures where --out says
+    (tmp_path / "bench_stamp_probe.py").write_text(
+        "import json, sys\nout = sys.argv[sys.argv.index('--out') + 1]\nopen(out, 'w').write(json.dumps({'x': 2}))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    out = tmp_path / "results.json"
+    earlier = {"status": "ok", "kind": "cost", "data": {"x": 1}, "seconds": 100.0, "seconds_in_units": 5000.0,
+               "run": {"started": "2026-01-01T00:00:00+00:00", "cpu": "an older machine", "unit_seconds": 0.02}}
+    out.write_text(json.dumps({"schema": 1, "meta": {"started": "earlier"}, "parts": {"older": earlier}}))
+    run.PARTS, saved = (*run.PARTS, run.Part("probe", "bench_stamp_probe")), run.PARTS
+    try:
+        assert run.main(["--only", "probe", "--merge", "--out", str(out), "--no-report", "--note", "why"]) == 0
+    finally:
+        run.PARTS = saved
+    parts = json.loads(out.read_text())["parts"]
+    probe = parts["probe"]
+    assert probe["status"] == "ok" and probe["data"] == {"x": 2}
+    stamp = probe["run"]
+    assert stamp["mode"] == "full" and stamp["note"] == "why" and stamp["started"][:4].isdigit()
+    assert stamp["cpu"].endswith(f"{os.cpu_count()} cores") and stamp["unit_seconds"] > 0
+    assert probe["seconds_in_units"] == pytest.approx(probe["seconds"] / stamp["unit_seconds"])
+    # the merged part keeps its own run's stamp and its own work units, not this run's
+    assert parts["older"] == earlier
