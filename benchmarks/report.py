@@ -17,6 +17,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.run import PARTS
+
 __all__ = [
     "BITS_TABLE",
     "LITERATURE",
@@ -487,7 +489,8 @@ def _allocate_lines(data: Mapping[str, Any]) -> list[str]:
                              default=None), ".2g")] for r in rows])
     s, t = data.get("summary") or {}, data.get("targets") or {}
     if s:
-        lines += [f"At 10,000 groups: one budget {_f(s.get('one_budget_10000_ms'), '.0f')} ms (target "
+        lines += [f"At 10,000 groups: one budget {_f(s.get('one_budget_10000_ms'), '.0f')} ms at worst (the table: "
+                  "medians; target "
                   f"{_f(t.get('one_budget_10000_ms'), '.0f')}), a 32-point front {_f(s.get('front32_10000_ms'), '.0f')} ms "
                   f"(target {_f(t.get('front32_10000_ms'), '.0f')}); largest certified gap {_f(s.get('max_certified_gap'), '.2g')} "
                   f"(target {_f(t.get('gap'), 'g')}); targets {'met' if s.get('targets_met') else '**not met**'}.", ""]
@@ -913,6 +916,9 @@ def render(results: Mapping[str, Any], docs: Path, *, img_rel: str = "img") -> s
     if meta.get("note"):
         lines += [f"> **Note.** {meta['note']}", ""]
     lines += ["## Machine and versions", ""]
+    if meta.get("merged_from"):
+        lines += ["Of the last run, which merged its parts into an earlier results file; each part's own run is "
+                  "in the parts table below.", ""]
     parts = results.get("parts", {})
     part_devices = {k: (v.get("data") or {}).get("device") for k, v in parts.items() if isinstance(v.get("data"), dict)}
     rows = [
@@ -929,7 +935,8 @@ def render(results: Mapping[str, Any], docs: Path, *, img_rel: str = "img") -> s
     ]
     lines += _table(["", ""], rows)
     prow = []
-    for k, v in parts.items():
+    order = {x.name: i for i, x in enumerate(PARTS)}  # the order they run, whatever order a merge left them in
+    for k, v in sorted(parts.items(), key=lambda kv: order.get(kv[0], len(order))):
         prow.append([f"`{k}`", v.get("status"), part_devices.get(k) or ("cpu" if k in ("oracle",) else "–"),
                      _ran(v), _f(v.get("seconds"), ".0f"), _f(v.get("seconds_in_units"), ".0f"),
                      v.get("reason") or v.get("error") or v.get("note") or ""])

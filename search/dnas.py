@@ -231,8 +231,10 @@ class DNASOptions:
       smallest and the largest target, each from the probabilities of the run with the nearest
       target, and ``front_points // 2`` on each side of them: below the smallest target down to the
       smallest achievable cost, from the run with the smallest target, and above the largest target
-      up to the unconstrained optimum (full precision where the space offers it), from the run with
-      the largest target (labelled ``sweep above``).
+      up to every group at its dearest option (full precision where the space offers it), from the
+      run with the largest target and, with ``start_candidates``, the start's scores (labelled
+      ``sweep above``; the learned probabilities mostly repeat the largest target's map there, so
+      it is the start's scores that reach full precision).
     """
 
     targets: tuple[float, ...] | None = None

@@ -453,3 +453,18 @@ def test_run_stamps_each_part_with_its_own_run_and_leaves_merged_parts_alone(
     assert probe["seconds_in_units"] == pytest.approx(probe["seconds"] / stamp["unit_seconds"])
     # the merged part keeps its own run's stamp and its own work units, not this run's
     assert parts["older"] == earlier
+
+
+def test_report_lists_parts_in_run_order_whatever_order_a_merge_left(tmp_path: Path) -> None:
+    results = _synthetic_results()
+    results["parts"] = dict(reversed(list(results["parts"].items())))
+    results["meta"]["merged_from"] = "2026-01-01T00:00:00+00:00"
+    page = report.render(results, tmp_path)
+    lines = page.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("| part | status |"))) + 2
+    table = lines[start: lines.index("", start)]
+    shown = [line.split("`")[1] for line in table]
+    order = [x.name for x in run.PARTS]
+    assert sorted(shown) == sorted(results["parts"]) and len(shown) >= 3
+    assert shown == sorted(shown, key=order.index)
+    assert "Of the last run, which merged its parts" in page
