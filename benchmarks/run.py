@@ -304,7 +304,12 @@ def main(argv: list[str] | None = None) -> int:
         if total_limit is not None:
             left = total_limit - (time.perf_counter() - started)
             if left < 20:
-                parts[part.name] = {"status": "skipped", "reason": "the run's time limit was spent", "kind": part.kind}
+                skipped = {"status": "skipped", "reason": "the run's time limit was spent", "kind": part.kind}
+                kept = parts.get(part.name) if a.merge else None
+                if kept and kept.get("data") is not None:  # as for a rerun without figures: keep the earlier ones
+                    kept["rerun"] = {k: skipped[k] for k in ("status", "reason")}
+                else:
+                    parts[part.name] = skipped
                 continue
             limit = min(limit, left)
         part_started = datetime.now(UTC).isoformat(timespec="seconds")

@@ -425,6 +425,15 @@ def test_run_merge_keeps_earlier_figures_when_the_rerun_has_none(tmp_path: Path)
     ghost = json.loads(out.read_text())["parts"]["ghost"]
     assert ghost["data"] == {"x": 1} and ghost["status"] == "ok"
     assert ghost["rerun"]["status"] == "skipped" and "does not exist" in ghost["rerun"]["reason"]
+    # nor when the run's time limit is spent before the part starts
+    run.PARTS = (*saved, run.Part("ghost", "benchmarks.bench_ghost_missing"))
+    try:
+        run.main(["--only", "ghost", "--merge", "--out", str(out), "--no-report", "--total-limit", "1"])
+    finally:
+        run.PARTS = saved
+    ghost = json.loads(out.read_text())["parts"]["ghost"]
+    assert ghost["data"] == {"x": 1} and ghost["status"] == "ok"
+    assert ghost["rerun"] == {"status": "skipped", "reason": "the run's time limit was spent"}
 
 
 def test_run_stamps_each_part_with_its_own_run_and_leaves_merged_parts_alone(
