@@ -234,6 +234,19 @@ def run_part(part: Part, *, quick: bool, cache: Path, parts_dir: Path, timeout_s
     return record
 
 
+def store(parts: dict[str, dict[str, Any]], name: str, record: dict[str, Any], *, merge: bool) -> bool:
+    """Put a part's ``record`` in ``parts``; True when stored. Under ``--merge`` a record without figures
+    (failed, timed out with nothing written, skipped) leaves the earlier figures in place, with a ``rerun``
+    entry saying what happened, so a rerun never loses what was stored."""
+    kept = parts.get(name) if merge else None
+    if record.get("data") is None and kept and kept.get("data") is not None:
+        kept["rerun"] = {k: record[k] for k in ("status", "error", "reason", "seconds") if k in record}
+        log(f"{name}: the rerun has no figures; the earlier ones are kept")
+        return False
+    parts[name] = record
+    return True
+
+
 def merge(meta: dict[str, Any], parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The results file: ``meta`` plus one record per part."""
     return {"schema": 1, "meta": meta, "parts": parts}
@@ -304,12 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         if total_limit is not None:
             left = total_limit - (time.perf_counter() - started)
             if left < 20:
-                skipped = {"status": "skipped", "reason": "the run's time limit was spent", "kind": part.kind}
-                kept = parts.get(part.name) if a.merge else None
-                if kept and kept.get("data") is not None:  # as for a rerun without figures: keep the earlier ones
-                    kept["rerun"] = {k: skipped[k] for k in ("status", "reason")}
-                else:
-                    parts[part.name] = skipped
+                store(parts, part.name, {"status": "skipped", "reason": "the run's time limit was spent",
+                                         "kind": part.kind}, merge=a.merge)
                 continue
             limit = min(limit, left)
         part_started = datetime.now(UTC).isoformat(timespec="seconds")
@@ -318,12 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         record["run"] = {"started": part_started, "mode": meta["mode"], "git_commit": meta["git_commit"],
                          "cpu": f"{meta['machine']['cpu_model']}, {meta['machine']['cores']} cores",
                          "unit_seconds": meta["unit_seconds_start"], "note": a.note}
-        kept = parts.get(part.name) if a.merge else None
-        if record.get("data") is None and kept and kept.get("data") is not None:
-            kept["rerun"] = {k: record.get(k) for k in ("status", "error", "reason", "seconds") if k in record}
-            log(f"{part.name}: the rerun has no figures; the earlier ones are kept")
-        else:
-            parts[part.name] = record
+        if store(parts, part.name, record, merge=a.merge):
             ran.add(part.name)
         partial = merge(meta, parts)
         out.write_text(json.dumps(partial, indent=1))

@@ -291,7 +291,6 @@ def test_fisher_scores_are_the_second_order_model_of_the_kl_scores(trained_bert,
 
 def test_sensitivity_init_starts_from_the_allocation_of_the_scores(trained_bert, sentiment_file):
     from search import allocate as alloc
-    from search.pipeline import build_problem
 
     search = _search(trained_bert, sentiment_file, dnas={"init": "sensitivity", "values": "corrected",
                                                          "steps": 1, "arch_lr": 1e-9, "sensitivity_draws": 2,
@@ -331,7 +330,6 @@ def test_sensitivity_init_starts_from_the_allocation_of_the_scores(trained_bert,
 
 def test_the_front_also_holds_the_maps_the_steps_started_from(trained_bert, sentiment_file):
     from search import allocate as alloc
-    from search.pipeline import build_problem
 
     search = _search(trained_bert, sentiment_file, dnas={"steps": 6, "steps_next": 3})
     result = run_dnas(search)
