@@ -59,7 +59,8 @@ class Part:
 
 #: quality configurations of the classifier; of embeddings (the classifier's quantized, the embedding model).
 #: Each part holds what fits an hour on 2 cores with every method: the BBC classifier's two granularities
-#: took 40 minutes; Rotten Tomatoes took 26 (layer) and about 38 (group, estimated from a run cut at the hour).
+#: took 40 minutes; Rotten Tomatoes 15 (layer) and 30 (group), the embedding model's group granularity 31 on
+#: session 6's machine (26 and about 38 for Rotten Tomatoes on session 5's, three times slower).
 QUALITY_BBC = ("bbc-layer", "bbc-group")
 QUALITY_EMBEDDINGS = ("bbc-layer-embeddings", "embeddings-layer")
 #: The parts in the order they run. Cost parts belong to other modules; missing ones are skipped.
