@@ -130,7 +130,7 @@ def memory_probe(cache: str, kind: str, quick: bool) -> dict[str, float]:
     base = _rss_kb("VmRSS")
     if kind == "dnas":
         from search.dnas import DNAS, DNASOptions
-        from search.pipeline import sweep_metric
+        from search.plan import sweep_metric
 
         with DNAS(search.model, search.adapter, search.space, search.cost_model, search.task, batch,
                   metric=sweep_metric(search.options.budget), options=DNASOptions(batch_size=None)) as dn:
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet()
     ensure_packages()
     from search import allocate as alloc
-    from search.pipeline import Candidate, build_problem
+    from search.plan import Candidate, build_problem
 
     want = (not a.quick) if a.hessian is None else a.hessian
     has_hessian = want and Path(__file__).resolve().parents[1].joinpath("search", "hessian.py").exists()

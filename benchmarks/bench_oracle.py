@@ -50,20 +50,16 @@ def _hv(rows: list[tuple[float, float]], reference: tuple[float, float], hib: bo
 
 
 def _front_rows(rows: list[tuple[float, float]], hib: bool) -> list[list[float]]:
-    import numpy as np
+    from bitscout import rules
 
-    from search.pareto import pareto_mask
-
-    arr = np.array(rows, dtype=float)
-    kept = arr[pareto_mask(arr, (True, not hib))]
-    return sorted([float(a), float(b)] for a, b in kept)
+    return sorted([float(rows[i][0]), float(rows[i][1])] for i in rules.pareto_front(rows, higher_is_better=hib))
 
 
 def run(*, quick: bool, seed: int, workdir: Path) -> dict[str, Any]:
     import torch
 
     from benchmarks.bench_quality import method_available
-    from search import pipeline
+    from search import methods as registry
     from search.local import DataOptions, prepare
     from search.pipeline import SearchOptions
     from tests.tiny import build_model, sentiment_rows, train_classifier, write_jsonl
@@ -128,11 +124,11 @@ def run(*, quick: bool, seed: int, workdir: Path) -> dict[str, Any]:
     for m in methods:
         t_m = time.perf_counter()
         try:
-            if m in pipeline.SENSITIVITY_METHODS:
+            if registry.is_sensitivity(m):
                 cands = search.candidates(search.sensitivity(m))
             else:
                 kw = {"n_evaluations": kl_distinct} if m == "nsga2" and kl_distinct else {}
-                cands = pipeline.EXTRA_METHODS[m](search, **kw)
+                cands = registry.get(m).load()(search, **kw)
             maps = [c.precision_map for c in cands]
             if m == "kl":
                 kl_distinct = len(set(maps))

@@ -100,22 +100,15 @@ def log(msg: str) -> None:
 
 def method_available(name: str) -> str | None:
     """None when ``name`` can run here, else the reason it cannot."""
-    from search import pipeline
+    from search import methods
 
-    if name in pipeline.SENSITIVITY_METHODS:
-        if name == "hessian" and importlib.util.find_spec("search.hessian") is None:
-            return "search.hessian is not available"
-        return None
-    module = pipeline.METHOD_MODULES.get(name) or f"search.{name}"
-    if name not in pipeline.EXTRA_METHODS:
-        if importlib.util.find_spec(module) is None:
-            return f"{module} is not available"
-        try:
-            __import__(module)
-        except Exception as exc:  # noqa: BLE001 - report why
-            return f"importing {module} failed: {exc}"
-    if name not in pipeline.EXTRA_METHODS:
-        return f"{module} does not register the method {name!r}"
+    entry = methods.REGISTRY.get(name)
+    if entry is None:
+        return f"no method {name!r} is registered"
+    try:
+        entry.load()
+    except Exception as exc:  # noqa: BLE001 - report why
+        return f"importing {entry.implementation} failed: {exc}"
     return None
 
 
@@ -156,7 +149,7 @@ def _bit_targets(search: Any, table: Any, targets: tuple[float, ...]) -> list[An
     """The allocator's optimal maps under ``avg_bits <= t`` for each target ``t`` (infeasible ones skipped)."""
     from search import allocate as alloc
     from search.errors import InfeasibleBudgetError
-    from search.pipeline import Candidate, build_problem
+    from search.plan import Candidate, build_problem
 
     problem, plimits = build_problem(search.space, search.cost_model, table)
     out = []
@@ -189,9 +182,10 @@ def run_config(cfg: QualityConfig, *, cache: Path, quick: bool, seed: int, devic
     method (a run stopped by its time limit keeps what it measured)."""
     import torch
 
-    from search import pipeline
+    from search import methods as registry
     from search.local import prepare
-    from search.pipeline import Candidate, SearchOptions
+    from search.pipeline import SearchOptions
+    from search.plan import Candidate
     from search.space import BitOption
 
     model_dir, data, task = _model(cfg, cache)
@@ -283,7 +277,7 @@ def run_config(cfg: QualityConfig, *, cache: Path, quick: bool, seed: int, devic
         t_m = time.perf_counter()
         try:
             before = n_evals
-            if m in pipeline.SENSITIVITY_METHODS:
+            if registry.is_sensitivity(m):
                 table = search.sensitivity(m, on_progress=_progress(f"{cfg.name}: {m}"))
                 t_sens = time.perf_counter() - t_m
                 cands = search.candidates(table) + _bit_targets(search, table, cfg.bit_targets)
@@ -293,7 +287,7 @@ def run_config(cfg: QualityConfig, *, cache: Path, quick: bool, seed: int, devic
                 kwargs: dict[str, Any] = {}
                 if m == "nsga2" and kl_distinct is not None:
                     kwargs["n_evaluations"] = kl_distinct
-                cands = pipeline.EXTRA_METHODS[m](search, **kwargs)
+                cands = registry.get(m).load()(search, **kwargs)
                 proposed = time.perf_counter() - t_m
                 extra = {"n_evaluations": kwargs.get("n_evaluations")}
                 if m == "nsga2":  # the maps its generations evaluated, of which it returns the front

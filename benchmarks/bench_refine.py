@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.disable_progress_bar()
     from search.data import load_text_data, tokenize
     from search.local import DataOptions, prepare
-    from search.pipeline import SearchOptions, candidates_from_table
+    from search.pipeline import SearchOptions
+    from search.plan import candidates_from_table
     from search.refine import RefineConfig, refine
     from search.result import Budget
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.run import PARTS
+from bitscout import rules
 
 __all__ = [
     "BITS_TABLE",
@@ -76,16 +77,9 @@ def front_rows(points: Iterable[Mapping[str, Any]], *, higher_is_better: bool = 
 
     Of points equal on both, the first is kept."""
     pts = _valid(points)
-    sign = 1.0 if higher_is_better else -1.0
-    ordered = sorted(enumerate(pts), key=lambda ip: (ip[1]["size_bytes"], -sign * ip[1]["metric"], ip[0]))
-    out: list[Mapping[str, Any]] = []
-    best = -math.inf
-    for _, p in ordered:
-        q = sign * float(p["metric"])
-        if q > best:
-            out.append(p)
-            best = q
-    return out
+    kept = rules.pareto_front([(float(p["size_bytes"]), float(p["metric"])) for p in pts],
+                              higher_is_better=higher_is_better)
+    return [pts[i] for i in kept]
 
 
 def hypervolume_rows(points: Iterable[Mapping[str, Any]], reference: tuple[float, float], *,

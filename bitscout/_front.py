@@ -7,6 +7,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from bitscout import rules
 from bitscout.errors import ErrorCode, InvalidRequest, NotFound
 from bitscout.schemas import BudgetSpec, ParetoPointRead, ParetoRead
 
@@ -153,13 +154,12 @@ class Front(list[ParetoPointRead]):
             raise InvalidRequest("the job names no metric: pass metric=...", field="metric")
         higher = self.higher_is_better if higher_is_better is None else higher_is_better
         pool = [p for p in self if (not on_front or p.on_front) and (methods is None or p.method in methods)]
-        fitting = [
-            p
-            for p in pool
-            if all(getattr(p.cost, _LIMITS[k][0]) <= v * (1 + 1e-9) for k, v in limits.items())
-        ]
-        scored = [(v, p) for p in fitting if (v := self.value(p, name)) is not None]
-        if not scored:
+        cost_limits = rules.cost_limits(limits)
+        fitting = {p.id: p for p in pool if rules.meets(p.cost.model_dump(), cost_limits)}
+        best = rules.recommended(
+            ((p.id, self.value(p, name), p.cost.size_bytes, True) for p in fitting.values()), higher
+        )
+        if best is None:
             first = next(iter(limits), None)
             details: dict[str, Any] = {"limits": limits, "points": len(pool)}
             why = f"no point of job {self.job_id} "
@@ -173,8 +173,7 @@ class Front(list[ParetoPointRead]):
             else:
                 why += f"has a value of {name!r}"
             raise InvalidRequest(why, field=first, code=ErrorCode.budget_infeasible, details=details)
-        scored.sort(key=lambda vp: ((-vp[0] if higher else vp[0]), vp[1].cost.size_bytes, vp[1].id))
-        return scored[0][1]
+        return fitting[best]
 
     # -- tables and plots -----------------------------------------------------------------------
     def rows(self) -> list[dict[str, Any]]:

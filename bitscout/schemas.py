@@ -31,6 +31,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from bitscout.methods import Method as Method
+from bitscout.methods import MethodOptionsSpec
+
 #: Version of these wire schemas; bumped on any incompatible change.
 SCHEMA_VERSION = "1.0"
 
@@ -67,15 +70,6 @@ class Task(StrEnum):
     sequence_classification = "sequence_classification"
     embeddings = "embeddings"
     causal_lm = "causal_lm"
-
-
-class Method(StrEnum):
-    """A search method. Several in one job give one combined front, each point tagged by method."""
-
-    kl = "kl"
-    hessian = "hessian"
-    dnas = "dnas"
-    nsga2 = "nsga2"
 
 
 class Metric(StrEnum):
@@ -433,12 +427,12 @@ class JobSpec(_Request):
         default_factory=ResourceSpec, description="Cluster resources for the job."
     )
     refine: RefineSpec | None = Field(default=None, description="Fine-tune chosen points after the search.")
-    method_options: dict[Method, dict[str, Any]] = Field(
-        default_factory=dict,
-        max_length=8,
+    method_options: MethodOptionsSpec = Field(
+        default_factory=MethodOptionsSpec,
         description=(
-            "Per-method settings passed to the search, keyed by a method of `methods`, e.g. "
-            '{"hessian": {"tolerance": 0.1, "max_probes": 48}} or {"dnas": {"steps": 100}}.'
+            "Per-method settings, keyed by a method of `methods`, e.g. "
+            '{"hessian": {"tolerance": 0.1, "max_probes": 48}} or {"dnas": {"steps": 100}}; '
+            "each method's options are listed in its schema (unknown names are refused)."
         ),
     )
 
@@ -451,12 +445,9 @@ class JobSpec(_Request):
 
     @model_validator(mode="after")
     def _method_options_name_run_methods(self) -> JobSpec:
-        extra = [m.value for m in self.method_options if m not in self.methods]
+        extra = [m for m in self.method_options if m not in self.methods]
         if extra:
             raise ValueError(f"method_options names methods the job does not run: {', '.join(extra)}")
-        for m, opts in self.method_options.items():
-            if len(opts) > 32 or any(not isinstance(k, str) or len(k) > 64 for k in opts):
-                raise ValueError(f"method_options.{m.value}: at most 32 settings with names up to 64 characters")
         return self
 
     @model_validator(mode="after")

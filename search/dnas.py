@@ -138,7 +138,8 @@ from search.space import BitOption, Member, PrecisionMap, SearchSpace
 from search.tasks import Task, discrepancy, model_output
 
 if TYPE_CHECKING:  # pragma: no cover
-    from search.pipeline import Candidate, Search
+    from search.pipeline import Search
+    from search.plan import Candidate
 
 __all__ = [
     "DNAS",
@@ -1006,7 +1007,7 @@ def run_dnas(
     should_stop: StopFn | None = None,
 ) -> DNASResult:
     """The DNAS front of a live :class:`~search.pipeline.Search` (see the module docstring)."""
-    from search.pipeline import Candidate, _in_budget_units, build_problem, sweep_metric
+    from search.plan import Candidate, build_problem, in_budget_units, sweep_metric
 
     t0 = time.perf_counter()
     o = options or DNASOptions.from_mapping(search.options.method_options.get("dnas"))
@@ -1079,7 +1080,7 @@ def run_dnas(
             if derive(nearest, limits, "budget") is None:
                 alloc.allocate(problem0, {**limits, **plimits})
         except InfeasibleBudgetError as exc:
-            raise _in_budget_units(exc) from None
+            raise in_budget_units(exc) from None
     for r in runs:
         a = derive(r, {**extra, metric: r.target}, f"target {r.target:.4g}")
         if a is not None:
@@ -1165,14 +1166,6 @@ def _calibrate(search: Search, scores: list[np.ndarray], should_stop: StopFn | N
 def dnas_candidates(
     search: Search, *, on_progress: ProgressFn | None = None, should_stop: StopFn | None = None
 ) -> list[Candidate]:
-    """``EXTRA_METHODS["dnas"]``: the DNAS front's maps, for the pipeline to evaluate."""
+    """The ``dnas`` proposer (:data:`search.methods.REGISTRY`): the DNAS front's maps, for the
+    orchestration to evaluate."""
     return run_dnas(search, on_progress=on_progress, should_stop=should_stop).candidates
-
-
-def _register() -> None:
-    from search.pipeline import EXTRA_METHODS
-
-    EXTRA_METHODS.setdefault("dnas", dnas_candidates)
-
-
-_register()

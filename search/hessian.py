@@ -161,6 +161,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bitscout.methods import HessianOptions
 from search.data import TokenizedBatch
 from search.errors import InvalidInputError
 from search.quant import fake_quantize, quant_error
@@ -172,13 +173,11 @@ from search.sensitivity import (
     StopFn,
     _check_stop,
     calibrate_scores,
-    register,
 )
 from search.space import SearchSpace
 from search.tasks import Task, discrepancy, eval_mode, model_output
 
 Weighting = Literal["trace", "members", "rows"]
-WEIGHTINGS: tuple[str, ...] = ("trace", "members", "rows")
 
 #: Mean traces below this fraction of the median positive mean trace are raised to it (see above).
 TRACE_FLOOR = 0.01
@@ -484,53 +483,44 @@ def _relative(se: np.ndarray, trace: np.ndarray) -> np.ndarray:
         return np.where(se == 0, 0.0, se / np.abs(trace))
 
 
-@register
 class HessianSensitivity(SensitivityMethod):
     """Hutchinson Hessian-trace sensitivity (see the module docstring).
 
-    ``tolerance``: target relative standard error of every group's trace; ``min_probes`` /
-    ``max_probes``: probes per calibration batch; ``margin``: factor on the projected number of probes;
-    ``weighting``: how curvature weighs the quantization error (``trace``, ``members`` or ``rows``,
-    see the module docstring); ``calibrate``: rescale the scores of the narrow bit-widths by how much
-    more their uniform maps measurably hurt than the quadratic model predicts (see "Calibration" in
-    the module docstring).
+    Options (:class:`bitscout.methods.HessianOptions`): ``tolerance``: target relative standard
+    error of every group's trace; ``min_probes`` / ``max_probes``: probes per calibration batch;
+    ``margin``: factor on the projected number of probes; ``weighting``: how curvature weighs the
+    quantization error (``trace``, ``members`` or ``rows``, see the module docstring);
+    ``calibrate``: rescale the scores of the narrow bit-widths by how much more their uniform maps
+    measurably hurt than the quadratic model predicts (see "Calibration" in the module docstring).
     """
 
     name = "hessian"
 
-    def __init__(
-        self,
-        *,
-        tolerance: float = 0.05,
-        min_probes: int = 8,
-        max_probes: int = 200,
-        margin: float = 1.1,
-        weighting: Weighting = "rows",
-        calibrate: bool = True,
-    ) -> None:
-        if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or not tolerance > 0:
-            raise InvalidInputError(
-                f"tolerance must be a positive number, got {tolerance!r}", field="tolerance"
-            )
-        for fname, v in (("min_probes", min_probes), ("max_probes", max_probes)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 2:
-                raise InvalidInputError(f"{fname} must be an integer >= 2, got {v!r}", field=fname)
-        if max_probes < min_probes:
-            raise InvalidInputError("max_probes must be at least min_probes", field="max_probes")
-        if isinstance(margin, bool) or not isinstance(margin, int | float) or margin < 1:
-            raise InvalidInputError(f"margin must be a number >= 1, got {margin!r}", field="margin")
-        if weighting not in WEIGHTINGS:
-            raise InvalidInputError(
-                f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}", field="weighting"
-            )
-        if not isinstance(calibrate, bool):
-            raise InvalidInputError(f"calibrate must be true or false, got {calibrate!r}", field="calibrate")
-        self.weighting: Weighting = weighting
-        self.calibrate = calibrate
-        self.tolerance = float(tolerance)
-        self.min_probes = min_probes
-        self.max_probes = max_probes
-        self.margin = float(margin)
+    options: HessianOptions
+
+    @property
+    def weighting(self) -> Weighting:
+        return self.options.weighting
+
+    @property
+    def calibrate(self) -> bool:
+        return self.options.calibrate
+
+    @property
+    def tolerance(self) -> float:
+        return float(self.options.tolerance)
+
+    @property
+    def min_probes(self) -> int:
+        return self.options.min_probes
+
+    @property
+    def max_probes(self) -> int:
+        return self.options.max_probes
+
+    @property
+    def margin(self) -> float:
+        return float(self.options.margin)
 
     # -------------------------------------------------------------------------------- compute
     def compute(

@@ -28,14 +28,17 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
+from bitscout import rules
+from bitscout.methods import NSGA2Options
 from search.errors import CanceledError, InvalidInputError
 from search.result import COST_METRICS, Budget, Cost
 from search.space import PrecisionMap, SearchSpace
 
 if TYPE_CHECKING:
-    from search.pipeline import Candidate, Search
+    from search.pipeline import Search
+    from search.plan import Candidate
 
 __all__ = [
     "EvaluateMany",
@@ -103,25 +106,13 @@ def _space_size(space: SearchSpace) -> float:
     return n
 
 
-def _dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
-    return a[0] <= b[0] and a[1] <= b[1] and (a[0] < b[0] or a[1] < b[1])
-
-
 def _front(points: Sequence[NSGA2Point], metric: str, higher_is_better: bool, cost_metric: str) -> list[NSGA2Point]:
-    """Non-dominated points in (cost, metric), sorted by cost; the first of equal points is kept."""
-    scored = []
-    for p in points:
-        v = p.metrics.get(metric)
-        if v is None or not math.isfinite(v):
-            continue
-        scored.append(((p.cost.get(cost_metric), -v if higher_is_better else v), p))
-    out: list[tuple[tuple[float, float], NSGA2Point]] = []
-    for i, (key, p) in enumerate(scored):
-        if any(_dominates(k2, key) or (k2 == key and j < i) for j, (k2, _p) in enumerate(scored) if j != i):
-            continue
-        out.append((key, p))
-    out.sort(key=lambda kp: kp[0])
-    return [p for _k, p in out]
+    """Non-dominated points in (cost, metric), sorted by cost; the first of equal points is kept
+    (:func:`bitscout.rules.pareto_front`)."""
+    scored = [p for p in points if (v := p.metrics.get(metric)) is not None and math.isfinite(v)]
+    kept = rules.pareto_front([(p.cost.get(cost_metric), p.metrics[metric]) for p in scored],
+                              higher_is_better=higher_is_better)
+    return [scored[i] for i in kept]
 
 
 def run_nsga2(
@@ -266,29 +257,29 @@ def nsga2_candidates(
     on_progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
     evaluate_many: EvaluateMany | None = None,
+    storage: str | None = None,
+    study_name: str | None = None,
     **overrides: Any,
 ) -> list[Candidate]:
     """The ``nsga2`` method of :class:`~search.pipeline.Search`: its non-dominated maps (plus the
     best map that meets the budget, when that one is not on the front) as pre-evaluated
     candidates.
 
-    Options come from ``search.options.method_options["nsga2"]`` and then ``overrides``:
-    ``n_evaluations`` (default :func:`default_n_evaluations` of ``front_points``),
-    ``population_size``, ``storage``, ``study_name``, ``seed`` (default the search's seed),
-    ``seed_uniform`` (default True). Without ``evaluate_many``, maps are evaluated one after
-    another in this process (checking ``should_stop`` between them).
+    Options (:class:`bitscout.methods.NSGA2Options`) come from
+    ``search.options.method_options["nsga2"]`` and then ``overrides``: ``n_evaluations`` (default
+    :func:`default_n_evaluations` of ``front_points``), ``population_size``, ``seed`` (default the
+    search's seed), ``seed_uniform`` (default True). ``storage`` / ``study_name`` are process
+    settings, not options: an Optuna storage URL and study name that make the study resumable (the
+    job runner keeps one per job). Without ``evaluate_many``, maps are evaluated one after another
+    in this process (checking ``should_stop`` between them).
     """
-    from search.pipeline import Candidate, sweep_metric
+    from search.methods import parse_options
+    from search.plan import Candidate, sweep_metric
 
-    opts: dict[str, Any] = dict(search.options.method_options.get("nsga2", {}))
-    opts.update(overrides)
-    known = {"n_evaluations", "population_size", "storage", "study_name", "seed", "seed_uniform"}
-    unknown = set(opts) - known
-    if unknown:
-        raise InvalidInputError(f"unknown nsga2 option(s): {', '.join(sorted(unknown))}", field="method_options")
+    opts = cast(NSGA2Options, parse_options("nsga2", {**search.options.method_options.get("nsga2", {}), **overrides}))
     budget: Budget = search.options.budget
     cost_metric = sweep_metric(budget)
-    n_eval = opts.get("n_evaluations") or default_n_evaluations(search.options.front_points)
+    n_eval = opts.n_evaluations or default_n_evaluations(search.options.front_points)
 
     if evaluate_many is None:
 
@@ -301,7 +292,7 @@ def nsga2_candidates(
             return out
 
     initial: list[PrecisionMap] = []
-    if opts.get("seed_uniform", True):
+    if opts.seed_uniform:
         for o in sorted({o for group_options in search.space.options for o in group_options}):
             pmap = search.space.uniform(o)
             if pmap not in initial:
@@ -315,10 +306,10 @@ def nsga2_candidates(
         higher_is_better=search.higher_is_better,
         n_evaluations=int(n_eval),
         cost_metric=cost_metric,
-        population_size=opts.get("population_size"),
-        seed=int(opts.get("seed", search.options.seed)),
-        storage=opts.get("storage"),
-        study_name=opts.get("study_name"),
+        population_size=opts.population_size,
+        seed=int(search.options.seed if opts.seed is None else opts.seed),
+        storage=storage,
+        study_name=study_name,
         initial_maps=initial,
         on_progress=on_progress,
         should_stop=should_stop,
@@ -348,12 +339,3 @@ def nsga2_candidates(
         )
         for p, label in chosen
     ]
-
-
-def _register() -> None:
-    from search.pipeline import EXTRA_METHODS
-
-    EXTRA_METHODS.setdefault("nsga2", nsga2_candidates)
-
-
-_register()

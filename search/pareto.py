@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from bitscout import rules
 from search.errors import InvalidInputError
 from search.result import COST_METRICS, ParetoPoint
 
@@ -116,14 +117,10 @@ def _coords(points: Sequence[ParetoPoint], metric: str, cost: str) -> tuple[list
 def front(points: Sequence[ParetoPoint], *, metric: str, higher_is_better: bool,
           cost: str = "size_bytes") -> list[ParetoPoint]:
     """The points no other point beats on both ``cost`` (lower is better) and ``metric``,
-    sorted by cost ascending. Points without a finite ``metric`` are left out; of points equal
-    in both, the first is kept."""
+    sorted by cost ascending (:func:`bitscout.rules.pareto_front`). Points without a finite
+    ``metric`` are left out; of points equal in both, the first is kept."""
     idx, xy = _coords(points, metric, cost)
-    if not idx:
-        return []
-    mask = pareto_mask(xy, (True, not higher_is_better))
-    kept = np.flatnonzero(mask)
-    kept = kept[np.argsort(xy[kept, 0], kind="stable")]
+    kept = rules.pareto_front([(float(c), float(q)) for c, q in xy], higher_is_better=higher_is_better)
     return [points[idx[i]] for i in kept]
 
 

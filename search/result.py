@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from bitscout import rules
 from search.errors import InvalidInputError
 from search.space import PrecisionMap
 
@@ -77,24 +78,16 @@ class Budget:
                 raise InvalidInputError(f"{f.name} must be a positive number, got {v!r}", field=f.name)
 
     def limits(self) -> dict[str, float]:
-        """The set limits keyed by ``Cost`` attribute (size in bytes)."""
-        out: dict[str, float] = {}
-        if self.max_size_mb is not None:
-            out["size_bytes"] = self.max_size_mb * 1e6
-        if self.max_avg_bits is not None:
-            out["avg_bits"] = float(self.max_avg_bits)
-        if self.max_bops is not None:
-            out["bops"] = float(self.max_bops)
-        if self.max_latency_ms is not None:
-            out["latency_ms"] = float(self.max_latency_ms)
-        return out
+        """The set limits keyed by ``Cost`` attribute (size in bytes): :func:`bitscout.rules.cost_limits`."""
+        return rules.cost_limits(asdict(self))
 
     @property
     def empty(self) -> bool:
         return not self.limits()
 
-    def is_feasible(self, cost: Cost, *, rtol: float = 1e-9) -> bool:
-        return all(cost.get(k) <= v * (1 + rtol) for k, v in self.limits().items())
+    def is_feasible(self, cost: Cost, *, rtol: float = rules.RTOL) -> bool:
+        """Whether ``cost`` meets every limit (:func:`bitscout.rules.meets`)."""
+        return rules.meets(cost.to_dict(), self.limits(), rtol=rtol)
 
     def to_dict(self) -> dict[str, float | None]:
         return asdict(self)
@@ -114,7 +107,8 @@ class ParetoPoint:
 
     ``method`` is ``kl``, ``hessian``, ``dnas``, ``nsga2`` or ``uniform``; ``refined`` marks points
     fine-tuned after the search; ``predicted`` is the summed sensitivity the allocator minimised
-    (None for points not found by an allocator); ``budget`` the limits it was allocated under.
+    (None for points not found by an allocator); ``budget`` the limits it was allocated under;
+    ``refined_from`` the index of the point a refined point was fine-tuned from.
     """
 
     precision_map: PrecisionMap
@@ -125,9 +119,10 @@ class ParetoPoint:
     label: str = ""
     predicted: float | None = None
     budget: dict[str, float] = field(default_factory=dict)
+    refined_from: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "precision_map": self.precision_map.to_dict(),
             "cost": self.cost.to_dict(),
             "metrics": dict(self.metrics),
@@ -137,6 +132,9 @@ class ParetoPoint:
             "predicted": self.predicted,
             "budget": dict(self.budget),
         }
+        if self.refined_from is not None:
+            out["refined_from"] = self.refined_from
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ParetoPoint:
@@ -149,6 +147,7 @@ class ParetoPoint:
             label=str(data.get("label", "")),
             predicted=None if data.get("predicted") is None else float(data["predicted"]),
             budget={k: float(v) for k, v in (data.get("budget") or {}).items()},
+            refined_from=None if data.get("refined_from") is None else int(data["refined_from"]),
         )
 
 

@@ -1,7 +1,7 @@
 """Sensitivity methods: a score per (group, option) saying how much quantizing that group alone hurts.
 
 Every method implements :class:`SensitivityMethod`; the pipeline finds them by name in
-:data:`METHODS` (``kl`` here, ``hessian`` in :mod:`search.hessian`). A method
+:data:`search.methods.REGISTRY` (``kl`` here, ``hessian`` in :mod:`search.hessian`). A method
 
 * reads the model, the adapter, the search space and the calibration batches from a
   :class:`SensitivityContext`, and leaves the model exactly as it found it;
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,9 +30,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from bitscout.methods import KLOptions, MethodOptions
 from search.adapter import ModelAdapter
 from search.data import TokenizedBatch
 from search.errors import CanceledError, InvalidInputError
+from search.methods import parse_options
 from search.result import SensitivityTable
 from search.space import FULL_PRECISION, PrecisionMap, SearchSpace
 from search.tasks import Task, discrepancy, eval_mode, model_output, reference_outputs
@@ -60,10 +62,20 @@ class SensitivityContext:
 
 
 class SensitivityMethod(abc.ABC):
-    """Base of every sensitivity method (see the module docstring for the contract)."""
+    """Base of every sensitivity method (see the module docstring for the contract).
 
-    #: the method's name in job specs and results
+    A method is built from its options model (:mod:`bitscout.methods`, validated by
+    :func:`search.methods.parse_options`), given as the model, a mapping, or keywords:
+    ``HessianSensitivity(max_probes=32)``; it reads them from :attr:`options`.
+    """
+
+    #: the method's name in job specs, results and :data:`search.methods.REGISTRY`
     name: str = ""
+
+    def __init__(self, options: MethodOptions | Mapping[str, Any] | None = None, /, **kwargs: Any) -> None:
+        if options is not None and kwargs:
+            raise TypeError("give the options as one object or as keywords, not both")
+        self.options = parse_options(self.name, options if options is not None else kwargs)
 
     @abc.abstractmethod
     def compute(
@@ -74,26 +86,6 @@ class SensitivityMethod(abc.ABC):
         should_stop: StopFn | None = None,
     ) -> SensitivityTable:
         """Score every (group, option) of ``ctx.space``; see the module docstring."""
-
-
-METHODS: dict[str, Callable[..., SensitivityMethod]] = {}
-
-
-def register(cls: type[SensitivityMethod]) -> type[SensitivityMethod]:
-    METHODS[cls.name] = cls
-    return cls
-
-
-def get_method(name: str, **options: Any) -> SensitivityMethod:
-    if name not in METHODS:
-        # methods in other modules register on import
-        import search.hessian  # noqa: F401
-    if name not in METHODS:
-        raise InvalidInputError(f"unknown sensitivity method {name!r}; known: {', '.join(sorted(METHODS))}", field="methods")
-    try:
-        return METHODS[name](**options)
-    except TypeError as exc:  # an unknown or misnamed option
-        raise InvalidInputError(f"bad options for method {name!r}: {exc}", field=f"method_options.{name}") from exc
 
 
 def _check_stop(should_stop: StopFn | None) -> None:
@@ -146,15 +138,16 @@ class _BlockCounter:
             h.remove()
 
 
-@register
 class KLSensitivity(SensitivityMethod):
     """KL (or 1 - cosine) sensitivity with block replay; ``replay=False`` reruns the whole model per
-    probe (the naive reference the tests compare against)."""
+    probe (the naive reference the tests compare against). Options: :class:`bitscout.methods.KLOptions`."""
 
     name = "kl"
+    options: KLOptions
 
-    def __init__(self, *, replay: bool = True) -> None:
-        self.replay = replay
+    @property
+    def replay(self) -> bool:
+        return self.options.replay
 
     @torch.no_grad()
     def compute(

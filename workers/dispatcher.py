@@ -6,7 +6,7 @@ thread, or by :meth:`Dispatcher.run_forever`):
 1. **Stale jobs.** ``Store.requeue_stale`` sends running jobs whose heartbeat is older than
    ``stale_after_s`` back to the queue (or fails them after ``max_attempts`` starts): the path that
    recovers jobs whose worker *and* dispatcher were lost (a node gone, every process killed).
-2. **Finished runners.** Each job attempt is a Ray task (:data:`workers.runner.run_job_task`) with
+2. **Finished runners.** Each job attempt is a Ray task (:data:`workers.tasks.run_job_task`) with
    the CPUs and GPUs the job asks for. When its reference resolves, the store says what happened:
    a runner that ended the job itself (succeeded, failed, canceled) needs nothing more; a job still
    ``running`` under the runner's claim means the runner died (its worker process was killed, its
@@ -47,8 +47,8 @@ import ray
 from bitscout.errors import ErrorCode, NotFound
 from bitscout.schemas import JobStatus
 from service.store import JobNotOwned, JobRecord, Store
-from workers.runner import run_job_task
 from workers.settings import RunnerConfig, WorkerSettings
+from workers.tasks import run_job_task
 
 log = logging.getLogger("bitscout.workers.dispatcher")
 

@@ -128,8 +128,12 @@ class EvalPool:
             self._holder = [ray.put(self.search)]
         return self._holder
 
-    def evaluate_many(self, maps: list[PrecisionMap]) -> list[Metrics]:
-        """The metrics of every map, in order."""
+    def evaluate_many(
+        self, maps: list[PrecisionMap], *, on_result: Callable[[int, int], None] | None = None
+    ) -> list[Metrics]:
+        """The metrics of every map, in order; ``on_result(done, total)`` after each (the pool's own
+        ``on_result`` when not given)."""
+        report = on_result or self.on_result
         n = len(maps)
         results: list[Metrics | None] = [None] * n
         pending = list(range(n))
@@ -141,8 +145,8 @@ class EvalPool:
             results[i] = metrics
             self.counts[where] += 1
             done += 1
-            if self.on_result is not None:
-                self.on_result(done, n)
+            if report is not None:
+                report(done, n)
 
         try:
             while pending or in_flight:

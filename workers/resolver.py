@@ -1,5 +1,5 @@
 """The allocator behind ``POST /jobs/{id}/resolve``: a new budget answered from the stored search
-space and sensitivity tables, without the model (:func:`search.pipeline.resolve`).
+space and sensitivity tables, without the model (:func:`search.plan.resolve`).
 
 A job with several tables (``kl`` and ``hessian``) gets one optimal map per table. Their predicted
 objectives are in different units, so the answer is chosen by a vote: each table ranks every
@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from search.errors import InfeasibleBudgetError, InvalidInputError
-from search.pipeline import resolve
+from search.plan import resolve
 from search.result import SensitivityTable
 from search.space import BitOption
 

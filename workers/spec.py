@@ -14,7 +14,7 @@ from typing import Any
 from bitscout.schemas import JobSpec, Task
 from search.errors import DataError
 from search.local import DataOptions
-from search.pipeline import SearchOptions
+from search.pipeline import RefineChoice, SearchOptions
 from search.result import Budget
 from search.space import PruneLimits
 
@@ -32,8 +32,8 @@ def budget_of(spec: JobSpec) -> Budget:
 
 
 def search_options(spec: JobSpec, *, method_options: Mapping[str, Mapping[str, Any]] | None = None) -> SearchOptions:
-    """The search options of ``spec`` (``method_options`` adds per-method settings the runner
-    chooses, e.g. where NSGA-II keeps its study)."""
+    """The search options of ``spec``: its method options (validated on the wire by the same models
+    the methods read; ``method_options`` replaces them when given) and its refinement."""
     sp = spec.space
     limits = PruneLimits(
         max_head_fraction=sp.max_head_fraction, max_ffn_fraction=sp.max_ffn_fraction, keep_one_head=sp.keep_one_head
@@ -55,7 +55,9 @@ def search_options(spec: JobSpec, *, method_options: Mapping[str, Mapping[str, A
         seed=spec.seed,
         seq_len=spec.data.max_length,
         device_profile=spec.budget.device_profile or DEFAULT_DEVICE_PROFILE,
-        method_options={k: dict(v) for k, v in (method_options or {}).items()},
+        method_options={k: dict(v) for k, v in (spec.method_options.as_dict() if method_options is None
+                                                else method_options).items()},
+        refine=None if spec.refine is None else RefineChoice(points=spec.refine.points, steps=spec.refine.steps),
     )
 
 

@@ -12,7 +12,8 @@ from torch.nn.utils import parametrize
 from search.dnas import DNAS, DNASOptions, run_dnas
 from search.errors import CanceledError, InvalidInputError
 from search.local import DataOptions, prepare
-from search.pipeline import SearchOptions, build_problem
+from search.pipeline import SearchOptions
+from search.plan import build_problem
 from search.result import Budget
 from search.tasks import model_output
 from tests.tiny import build_model

@@ -14,8 +14,9 @@ from search.adapter import ModelAdapter
 from search.data import TextData, TextExample, load_text_data, tokenize
 from search.errors import CanceledError, InvalidInputError
 from search.hessian import HessianSensitivity
+from search.methods import sensitivity_method
 from search.quant import quant_error
-from search.sensitivity import SensitivityContext, calibration_factors, get_method
+from search.sensitivity import SensitivityContext, calibration_factors
 from search.tasks import evaluate, load_model, reference_outputs
 from tests.tiny import build_model, sentiment_rows, train_classifier
 
@@ -320,7 +321,7 @@ def test_scores_grow_as_bits_shrink(tiny_cls, sentiment_file):
 def test_progress_registry_and_options(tiny_cls, sentiment_file):
     ctx = _ctx(tiny_cls, "sequence_classification", sentiment_file, "layer", include=["*attention*"])
     seen = []
-    method = get_method("hessian", tolerance=0.2, max_probes=30)
+    method = sensitivity_method("hessian", {"tolerance": 0.2, "max_probes": 30})
     assert isinstance(method, HessianSensitivity)
     method.compute(ctx, on_progress=lambda s, f, m: seen.append((s, f)))
     assert seen[-1] == ("sensitivity:hessian", 1.0)
@@ -364,7 +365,6 @@ def test_a_negative_or_zero_trace_never_makes_a_group_free_to_quantize(tmp_path,
     import numpy as np
 
     from search.hessian import TRACE_FLOOR
-    from search.sensitivity import get_method
     from tests.search.test_sensitivity import _ctx
     from tests.tiny import build_model
 
@@ -372,7 +372,7 @@ def test_a_negative_or_zero_trace_never_makes_a_group_free_to_quantize(tmp_path,
     n = len(ctx.space.groups)
     trace = np.array([float(g.n_params) for g in ctx.space.groups])  # mean trace 1 everywhere
     trace[0], trace[1] = -5.0, 0.0
-    method = get_method("hessian")
+    method = sensitivity_method("hessian")
     scores = method._scores(ctx, trace)
     unit = method._scores(ctx, np.array([float(g.n_params) for g in ctx.space.groups]))
     assert n >= 3

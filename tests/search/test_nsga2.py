@@ -173,8 +173,9 @@ def test_default_population_size():
 
 
 def test_nsga2_method_in_a_real_search_reuses_its_evaluations(trained_bert, sentiment_file, monkeypatch):
+    from search import methods
     from search.local import DataOptions, prepare
-    from search.pipeline import EXTRA_METHODS, Search, SearchOptions
+    from search.pipeline import Search, SearchOptions
     from search.result import Budget
 
     opts = SearchOptions(
@@ -183,7 +184,7 @@ def test_nsga2_method_in_a_real_search_reuses_its_evaluations(trained_bert, sent
     )
     data = DataOptions(source=str(sentiment_file), label_field="label", calibration=16, evaluation=32, max_length=16)
     search = prepare(trained_bert, data, opts, device="cpu")
-    assert "nsga2" in EXTRA_METHODS
+    assert methods.get("nsga2").kind == "proposer"
     calls = []
     real = Search.evaluate
 

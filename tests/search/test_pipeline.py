@@ -11,7 +11,8 @@ import pytest
 from search.errors import DataError, InfeasibleBudgetError, InvalidInputError, ModelLoadError
 from search.local import DataOptions, prepare, run_local
 from search.pareto import hypervolume_2d, pareto_mask
-from search.pipeline import SearchOptions, resolve
+from search.pipeline import SearchOptions
+from search.plan import resolve
 from search.result import Budget, SearchResult
 from tests.tiny import build_model, sentiment_rows, write_jsonl
 
@@ -139,7 +140,7 @@ def test_evaluate_before_anything_else_measures_against_full_precision(trained_b
 def test_a_sweep_with_pruning_spends_most_points_above_the_narrowest_grid(trained_bert, sentiment_file):
     """With 0 bits allowed the cheapest maps prune almost everything: the sweep gives that end a
     quarter of its points and the rest to the range from every group at 2 bits up."""
-    from search.pipeline import _narrowest_cost, build_problem, candidates_from_table
+    from search.plan import _narrowest_cost, build_problem, candidates_from_table
     from search.result import SensitivityTable
 
     opts = SearchOptions(methods=("kl",), granularity="group", bits=(0, 2, 4, 8), front_points=12,

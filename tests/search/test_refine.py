@@ -11,7 +11,8 @@ import torch
 from search import quant
 from search.errors import CanceledError, InvalidInputError
 from search.local import DataOptions, prepare
-from search.pipeline import Candidate, SearchOptions
+from search.pipeline import SearchOptions
+from search.plan import Candidate
 from search.refine import (
     CHECKPOINT_STATE,
     RefineConfig,

@@ -96,8 +96,8 @@ def test_progress_and_cancellation(tmp_path, sentiment_file):
 
 def test_unknown_method_option_is_an_invalid_request_naming_it() -> None:
     from search.errors import InvalidInputError
-    from search.sensitivity import get_method
+    from search.methods import sensitivity_method
 
     with pytest.raises(InvalidInputError) as e:
-        get_method("hessian", max_probez=3)
-    assert e.value.field == "method_options.hessian"
+        sensitivity_method("hessian", {"max_probez": 3})
+    assert e.value.field == "method_options.hessian.max_probez"

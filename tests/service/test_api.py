@@ -524,6 +524,15 @@ BAD_JOBS: list[Any] = [
     pytest.param({"refine": {"points": 0}}, "refine.points", id="refine-zero"),
     pytest.param({"idempotency_key": "has space"}, "idempotency_key", id="bad-idempotency-key"),
     pytest.param({"surprise": 1}, "surprise", id="unknown-field"),
+    pytest.param({"methods": ["hessian"], "method_options": {"hessian": {"max_probez": 3}}},
+                 "method_options.hessian.max_probez", id="misspelled-method-option"),
+    pytest.param({"methods": ["hessian"], "method_options": {"hessian": {"max_probes": 1}}},
+                 "method_options.hessian.max_probes", id="method-option-out-of-range"),
+    pytest.param({"methods": ["dnas"], "method_options": {"dnas": {"train_weights": "yes"}}},
+                 "method_options.dnas.train_weights", id="method-option-not-a-flag"),
+    pytest.param({"methods": ["kl"], "method_options": {"klx": {}}}, "method_options.klx", id="unknown-method-options"),
+    pytest.param({"methods": ["kl"], "method_options": {"kl": {"replay": "x" * 1_000_000}}},
+                 "method_options.kl.replay", id="huge-method-option"),
     pytest.param({"task": None}, "task", id="missing-task"),
 ]
 

@@ -294,7 +294,7 @@ def test_requeue_running_records_the_reason(env: Env):
 
 
 def test_refinement_holds_back_calibration_batches_for_early_stopping():
-    from workers.runner import split_validation
+    from search.orchestration import split_validation
 
     assert split_validation([]) == ([], [])
     assert split_validation(["a"]) == (["a"], ["a"])

@@ -1,0 +1,251 @@
+"""The search methods' options: one pydantic model per method, the only definition of each
+option's name, type, default and range.
+
+A dependency-free leaf (pydantic only): the wire schema validates a job's ``method_options`` with
+these models (a misspelled or out-of-range option is refused at ``POST /jobs`` with the field
+named, e.g. ``method_options.hessian.max_probes``, and the OpenAPI document lists every option),
+and the search library's implementations read their settings from the same models, so a default
+exists once. The implementations themselves are registered in ``search.methods``; a test pins
+the two registries to the same names.
+
+Every model forbids unknown fields and is frozen. Booleans and integers are strict (``"yes"``,
+``1`` for a flag and ``5.0`` for a count are refused); numbers accept integers.
+
+Example::
+
+    >>> HessianOptions(max_probes=32).tolerance
+    0.05
+    >>> options_model("dnas").model_validate({"steps": 10}).steps
+    10
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+)
+
+__all__ = [
+    "OPTIONS",
+    "Method",
+    "MethodOptionsSpec",
+    "DNASOptions",
+    "HessianOptions",
+    "KLOptions",
+    "MethodOptions",
+    "NSGA2Options",
+    "options_model",
+]
+
+_Positive = Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False)]
+_NonNegative = Annotated[StrictFloat, Field(ge=0, allow_inf_nan=False)]
+_Count = Annotated[StrictInt, Field(ge=1)]
+
+
+class MethodOptions(BaseModel):
+    """Base of every method's options: unknown names are refused, values are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KLOptions(MethodOptions):
+    """``kl``: the output discrepancy of each (group, option) with only that group quantized."""
+
+    replay: StrictBool = Field(
+        default=True,
+        description="Replay cached block inputs so a probe reruns only the blocks from the perturbed one on "
+        "(false: rerun the whole model per probe; the same scores, slower).",
+    )
+
+
+class HessianOptions(MethodOptions):
+    """``hessian``: Hutchinson estimates of the Hessian's trace / diagonal, weighing each option's
+    quantization error."""
+
+    tolerance: _Positive = Field(default=0.05, description="Target relative standard error of every group's trace.")
+    min_probes: Annotated[StrictInt, Field(ge=2)] = Field(default=8, description="Probes per calibration batch, at least.")
+    max_probes: Annotated[StrictInt, Field(ge=2)] = Field(default=200, description="Probes per calibration batch, at most.")
+    margin: Annotated[StrictFloat, Field(ge=1, allow_inf_nan=False)] = Field(
+        default=1.1, description="Factor on the projected number of probes."
+    )
+    weighting: Literal["trace", "members", "rows"] = Field(
+        default="rows",
+        description="How curvature weighs the quantization error: one trace per group, per member slice, or per row.",
+    )
+    calibrate: StrictBool = Field(
+        default=True,
+        description="Rescale the narrowest grids' scores by how much more their uniform maps measurably hurt on "
+        "the calibration data than the additive scores predict (one forward pass per bit-width).",
+    )
+
+    @field_validator("max_probes")
+    @classmethod
+    def _probe_range(cls, v: int, info: ValidationInfo) -> int:
+        if v < info.data.get("min_probes", 2):
+            raise ValueError("max_probes must be at least min_probes")
+        return v
+
+
+class DNASOptions(MethodOptions):
+    """``dnas``: differentiable search over a supernet whose groups mix their options (0 bits
+    prunes), one run per cost target, warm-started."""
+
+    targets: tuple[_Positive, ...] | None = Field(
+        default=None, min_length=1,
+        description="Absolute targets of the swept cost (in the cost's units); null: target_fractions of the range.",
+    )
+    target_fractions: tuple[Annotated[StrictFloat, Field(gt=0, le=1)], ...] = Field(
+        default=(0.5, 0.3, 0.15, 0.05), min_length=1,
+        description="Targets as fractions of the range from the smallest achievable cost to every group at its "
+        "widest integer option.",
+    )
+    steps: _Count | None = Field(default=None, description="Steps of the first target (null: from epochs).")
+    steps_next: _Count | None = Field(default=None, description="Steps of each later, warm-started target.")
+    epochs: _Positive = Field(default=1.5, description="Passes over the calibration micro-batches, all targets together.")
+    min_steps: _Count = Field(default=3, description="Steps per target, at least.")
+    batch_size: _Count | None = Field(default=8, description="Sequences per micro-batch (null: the batches as they are).")
+    arch_lr: _Positive = Field(default=0.2, description="Adam step of the option logits.")
+    tau_start: _Positive = Field(default=1.0, description="Gumbel-softmax temperature at a target's start.")
+    tau_end: _Positive = Field(default=0.2, description="Gumbel-softmax temperature at a target's end.")
+    resource_weight: _NonNegative = Field(default=2.0, description="Exchange rate of the cost hinge at the start.")
+    dual_lr: _NonNegative = Field(default=0.5, description="How fast the exchange rate grows above the target.")
+    resource_floor: _NonNegative = Field(default=0.05, description="A weak cost pressure below the target too.")
+    loss: Literal["auto", "task", "kd", "task+kd"] = Field(
+        default="auto", description="Task loss with labels, distillation, or both ('auto': task loss when labeled)."
+    )
+    train_weights: StrictBool = Field(default=False, description="Alternate weight steps with logit steps.")
+    weight_lr: _Positive = Field(default=1e-5, description="Step of the weights (train_weights).")
+    lsq: StrictBool = Field(default=False, description="Learn the per-row quantizer step sizes too.")
+    scale_lr: _Positive = Field(default=1e-3, description="Step of the step sizes (lsq), in log space.")
+    sweep: StrictBool = Field(default=True, description="Also derive maps at budgets spread over the whole range.")
+    init: Literal["budget", "uniform", "sensitivity"] = Field(
+        default="sensitivity", description="Start from Fisher scores, from the budget's prior, or from equal logits."
+    )
+    sensitivity_draws: _Count = Field(default=1, description="Backward passes of the Fisher start.")
+    sensitivity_temperature: _Positive = Field(default=0.03, description="Temperature of the start's distribution.")
+    calibrate: StrictBool = Field(default=False, description="Calibrate the start's scores against uniform maps.")
+    calibration_sequences: _Count | None = Field(
+        default=32, description="Sequences the calibration measures on (null: all)."
+    )
+    values: Literal["cdf", "probability", "corrected"] = Field(
+        default="probability", description="What the allocator receives to derive each target's map."
+    )
+    relaxation: Literal["gumbel", "expected"] = Field(
+        default="gumbel", description="A Gumbel-softmax sample, or the expected mixture plus its variance term."
+    )
+    start_candidates: StrictBool = Field(
+        default=True, description="Also propose the allocations of the start's scores, raw and calibrated."
+    )
+
+    @field_validator("values", "relaxation")
+    @classmethod
+    def _needs_sensitivity_init(cls, v: str, info: ValidationInfo) -> str:
+        init = info.data.get("init", "sensitivity")
+        if info.field_name == "relaxation" and v == "expected" and init != "sensitivity":
+            raise ValueError("relaxation 'expected' needs init 'sensitivity' (its variance term comes from the "
+                             "start's Fisher pass)")
+        if info.field_name == "values" and v == "corrected" and init != "sensitivity":
+            raise ValueError("values 'corrected' needs init 'sensitivity'")
+        return v
+
+
+class NSGA2Options(MethodOptions):
+    """``nsga2``: the black-box baseline, Optuna's NSGA-II over whole maps at a fixed evaluation budget."""
+
+    n_evaluations: _Count | None = Field(default=None, description="Maps evaluated (null: four per front point).")
+    population_size: Annotated[StrictInt, Field(ge=2)] | None = Field(
+        default=None, description="Population per generation (null: Optuna's default)."
+    )
+    seed: Annotated[StrictInt, Field(ge=0, le=2**31 - 1)] | None = Field(
+        default=None, description="Sampler seed (null: the job's seed)."
+    )
+    seed_uniform: StrictBool = Field(default=True, description="Start the population from the uniform maps.")
+
+
+class Method(StrEnum):
+    """A search method. Several in one job give one combined front, each point tagged by method."""
+
+    kl = "kl"
+    hessian = "hessian"
+    dnas = "dnas"
+    nsga2 = "nsga2"
+
+
+class MethodOptionsSpec(MethodOptions):
+    """A job's per-method options, keyed by method: ``{"hessian": {"max_probes": 32}}``. Each entry
+    is validated by its method's model, so a misspelled option fails with its full path
+    (``method_options.hessian.max_probez``). It reads like the mapping it travels as: indexing by
+    method gives the options the user set (``spec.method_options["hessian"] == {"max_probes": 32}``),
+    and it serialises to that mapping."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kl: KLOptions | None = None
+    hessian: HessianOptions | None = None
+    dnas: DNASOptions | None = None
+    nsga2: NSGA2Options | None = None
+
+    def given(self) -> dict[str, MethodOptions]:
+        """The methods that have options, with their (validated) options."""
+        return {name: v for name in type(self).model_fields if isinstance(v := getattr(self, name), MethodOptions)}
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        """The options as set by the user, per method (unset fields left out)."""
+        return {name: v.model_dump(mode="json", exclude_unset=True) for name, v in self.given().items()}
+
+    @model_serializer(mode="plain")
+    def _serialise(self) -> dict[str, dict[str, Any]]:
+        return self.as_dict()
+
+    def __getitem__(self, method: str) -> dict[str, Any]:
+        return self.as_dict()[str(method)]
+
+    def __contains__(self, method: object) -> bool:
+        return str(method) in self.given()
+
+    def __iter__(self) -> Iterator[str]:  # type: ignore[override]
+        return iter(self.given())
+
+    def __len__(self) -> int:
+        return len(self.given())
+
+    def keys(self) -> list[str]:
+        return list(self.given())
+
+    def items(self) -> list[tuple[str, dict[str, Any]]]:
+        return list(self.as_dict().items())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, MethodOptionsSpec):
+            return self.as_dict() == other.as_dict()
+        if isinstance(other, dict):
+            return self.as_dict() == {str(k): v for k, v in other.items()}
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted((k, repr(v)) for k, v in self.as_dict().items())))
+
+
+#: Method name -> its options model (the fields of :class:`MethodOptionsSpec`). :class:`Method`
+#: and ``search.methods`` name exactly these methods (a test pins the three).
+OPTIONS: dict[str, type[MethodOptions]] = {
+    name: next(a for a in getattr(f.annotation, "__args__", ()) if isinstance(a, type) and issubclass(a, MethodOptions))
+    for name, f in MethodOptionsSpec.model_fields.items()
+}
+
+
+def options_model(method: str) -> type[MethodOptions]:
+    """The options model of ``method``; raises ``KeyError`` for an unknown name."""
+    return OPTIONS[str(method)]
