@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from search.errors import InvalidInputError, SearchError
+from search.errors import SearchError
 from search.pipeline import SearchOptions
 from search.result import Budget, SearchResult
 from search.space import PruneLimits
@@ -156,12 +156,6 @@ def search_main(argv: Sequence[str] | None = None) -> int:
         from search.local import DataOptions, run_local
 
         options = options_from_args(a)
-        stray = sorted(set(options.method_options) - set(options.methods))
-        if stray:
-            raise InvalidInputError(
-                f"--option names {', '.join(stray)}, which is not among the methods ({', '.join(options.methods)})",
-                field="method_options",
-            )
         data = DataOptions(
             source=a.data,
             text_field=a.text_field,

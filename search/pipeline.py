@@ -108,7 +108,8 @@ class SearchOptions:
         stray = sorted(set(self.method_options) - set(self.methods))
         if stray:
             raise InvalidInputError(
-                f"method_options names methods the search does not run: {', '.join(stray)}", field="method_options"
+                f"method_options names {', '.join(stray)}, which is not among the methods ({', '.join(self.methods)})",
+                field="method_options",
             )
         if isinstance(self.front_points, bool) or not isinstance(self.front_points, int) or not 2 <= self.front_points <= 64:
             raise InvalidInputError("front_points must be an integer between 2 and 64", field="front_points")

@@ -464,7 +464,7 @@ def test_weightings_score_the_same_under_uniform_curvature_and_differ_by_rows(ti
     assert members[g.name]["2"] != pytest.approx(got[g.name]["2"], rel=1e-6)  # spread over the slice instead
     with pytest.raises(InvalidInputError) as exc:
         HessianSensitivity(weighting="diag")
-    assert exc.value.field == "weighting"
+    assert exc.value.field == "method_options.hessian.weighting"
 
 
 def test_groups_below_the_floor_at_their_upper_bound_do_not_hold_the_stop_rule():
