@@ -161,6 +161,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from search.attention import attn_implementation, eager_attention
 from search.data import TokenizedBatch
 from search.errors import InvalidInputError
 from search.quant import fake_quantize, quant_error
@@ -237,31 +238,22 @@ def hessian_mode(model: nn.Module, params: Sequence[nn.Parameter]) -> Iterator[d
     dict describing what was changed.
     """
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    config = getattr(model, "config", None)
-    original_attn = getattr(config, "_attn_implementation", None)
     info: dict[str, Any] = {
-        "attn_implementation": original_attn,
+        "attn_implementation": attn_implementation(model),
         "switched_to_eager": False,
         "sdpa_math": False,
     }
     with ExitStack() as stack:
         try:
-            if original_attn != "eager":
-                setter = getattr(model, "set_attn_implementation", None)
-                if original_attn is not None and callable(setter):
-                    try:
-                        setter("eager")
-                    except (ValueError, NotImplementedError, AttributeError, ImportError):  # pragma: no cover
-                        pass
-                if getattr(config, "_attn_implementation", None) == "eager":
-                    info["switched_to_eager"] = True
-                else:
-                    # not switchable (or not a transformers model): keep SDPA on its math backend,
-                    # which autograd can differentiate twice
-                    from torch.nn.attention import SDPBackend, sdpa_kernel
+            switch = stack.enter_context(eager_attention([model]))
+            info["switched_to_eager"] = switch.switched_to_eager
+            if not switch.ok:
+                # not switchable (or not a transformers model): keep SDPA on its math backend,
+                # which autograd can differentiate twice
+                from torch.nn.attention import SDPBackend, sdpa_kernel
 
-                    stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
-                    info["sdpa_math"] = True
+                stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+                info["sdpa_math"] = True
             for p in model.parameters():
                 p.requires_grad_(False)
             for p in params:
@@ -271,8 +263,6 @@ def hessian_mode(model: nn.Module, params: Sequence[nn.Parameter]) -> Iterator[d
         finally:
             for p, f in flags:
                 p.requires_grad_(f)
-            if original_attn is not None and getattr(config, "_attn_implementation", None) != original_attn:
-                model.set_attn_implementation(original_attn)  # type: ignore[operator]
 
 
 # ------------------------------------------------------------------------------- estimator
