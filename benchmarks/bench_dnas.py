@@ -84,7 +84,7 @@ def _prepare(cache: str, quick: bool, methods: tuple[str, ...]):
 
 
 def _micro_batches(search, size: int):
-    from search.dnas import _split
+    from search.dnas.supernet import _split
 
     return _split(search.calibration, size)
 

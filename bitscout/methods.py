@@ -100,7 +100,73 @@ class HessianOptions(MethodOptions):
 
 class DNASOptions(MethodOptions):
     """``dnas``: differentiable search over a supernet whose groups mix their options (0 bits
-    prunes), one run per cost target, warm-started."""
+    prunes), one run per cost target, warm-started (``search.dnas``).
+
+    * ``targets``: absolute targets of the swept metric (``size_bytes``, ``avg_bits``, ``bops`` or
+      ``latency_ms``, in the ``search.result.Cost`` units); None: ``target_fractions`` of the
+      range from the smallest achievable cost to the cost of every group at its widest integer
+      option (see ``search.dnas.default_targets``).
+    * ``steps``: steps of the first (largest) target; ``steps_next``: of each later, warm-started
+      target. None: derived from ``epochs`` (total passes over the calibration micro-batches, all
+      targets together; the first target gets twice the share of a later one), at least
+      ``min_steps`` each.
+    * ``batch_size``: calibration batches are split into micro-batches of at most this many
+      sequences (None: kept as they are).
+    * ``arch_lr``: Adam step of the logits; ``tau_start`` / ``tau_end``: Gumbel-softmax temperature,
+      annealed geometrically within each target.
+    * ``loss``: ``auto`` (task loss when the batches carry labels, else distillation), ``task``,
+      ``kd``, ``task+kd``.
+    * ``train_weights``: alternate weight steps (``weight_lr``, straight-through rounding) with
+      logit steps; ``lsq``: learn the per-row quantizer step sizes too (``scale_lr``, log space).
+    * ``resource_weight``: the exchange rate of the hinge at the start of the search; ``dual_lr``:
+      how fast it grows (multiplicatively) while ``E[cost]`` stays above the target, back down to
+      ``resource_weight`` below it; ``resource_floor``: a weak pressure that acts below the target
+      too, so that groups the task loss is indifferent to still move to their cheapest option.
+    * ``init``: ``sensitivity`` (default) starts from the Fisher estimate ``s`` of every (group,
+      option)'s output discrepancy (``DNAS.sensitivity_scores``, ``sensitivity_draws`` backward
+      passes over the calibration micro-batches, about one fine-tuning epoch each, counted in the
+      search's time): ``p_gk ∝ exp(-(s_gk + mu * c_gk) / T)`` with ``c`` the groups' costs of the
+      swept metric, ``T`` = ``sensitivity_temperature`` times the median over groups of the group's
+      largest score and ``mu`` set so that the expected cost is the first target
+      (``DNAS.init_from_scores``); a low temperature starts near the allocation of the scores;
+      ``budget`` starts from the prior ``p_gk ∝ exp(-beta * cost per weight)`` whose expected cost
+      is the first target (the most even distribution that meets it); ``uniform`` from equal logits.
+    * ``calibrate``: rescale the start's scores like the Hessian's
+      (``search.sensitivity.calibrate_scores``: the narrow grids by how much more their uniform
+      maps measurably hurt than the additive scores say; a few forward passes). Off by default (it
+      showed no gain beyond the run-to-run noise: ``docs/methods/dnas.md``).
+      ``calibration_sequences`` (default 32; None: all): the measurement runs on the first calibration
+      batches holding at least that many sequences (it estimates one ratio per width, which needs
+      far fewer sequences than the scores).
+    * ``values``: what the allocator receives to derive each target's map: ``probability``
+      (default) ``-log p_gk``, the most probable map that meets the target; ``cdf``
+      ``-log P_g(bits <= b_k)``; ``corrected`` (needs ``init="sensitivity"``) the scores corrected by
+      what the search learned, ``s_gk - T * (a_gk - a_gk(init))``.
+    * ``relaxation``: how the logits' step sees the choice. ``gumbel`` (default): the mixture of a
+      Gumbel-softmax sample, whose gradient is first order at the point drawn, so it misses the own
+      curvature ``D^T F D / 2`` of moving a group from one option to another (near a good model it
+      underrates a move to a coarser grid). ``expected`` (needs ``init="sensitivity"``): the mixture
+      under ``p = softmax(a)`` itself plus the variance term ``sum_g p_g^T M_g p_g / 2``, where
+      ``M_gkj = (d_k - d_j)^T F (d_k - d_j) / 2`` comes from the start's Fisher pass at no extra cost
+      (``DNAS.pair_scores``): to second order the expected loss of a map drawn from ``p``, whose
+      derivative at a point mass toward another option is the whole change of the loss, curvature
+      included. No noise is drawn. Neither relaxation's steps beat the best start consistently
+      (``docs/methods/dnas.md``): hence ``start_candidates``.
+    * ``start_candidates`` (default true; with ``init="sensitivity"``): also propose, at every target
+      and at the budget, the allocations of the start's scores, both as estimated and calibrated
+      against the uniform maps (``search.sensitivity.calibrate_scores``: one forward pass per
+      integer width over the calibration data), and with ``sweep`` at the budgets below the smallest
+      target as well, where the learned probabilities know least. The front then keeps what the start
+      knew wherever the steps moved away from it; they are evaluated like every other map.
+    * ``sweep``: also derive ``SearchOptions.front_points`` maps at budgets spread between the
+      smallest and the largest target, each from the probabilities of the run with the nearest
+      target, and ``front_points // 2`` on each side of them: below the smallest target down to the
+      smallest achievable cost, from the run with the smallest target, and above the largest target
+      up to every group at its dearest option (full precision where the space offers it), from the
+      run with the largest target and, with ``start_candidates``, the start's scores (labelled
+      ``sweep above``; the learned probabilities mostly repeat the largest target's map there, so
+      it is the start's scores that reach full precision).
+    """
 
     targets: tuple[_Positive, ...] | None = Field(
         default=None, min_length=1,

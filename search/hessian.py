@@ -37,12 +37,7 @@ member slice) the curvature is also estimated per member slice and per row:
   the diagonal second-order estimate of the loss increase at row resolution; at 0 bits this is the
   Optimal Brain Damage saliency ``sum_i H_ii w_i^2`` of the removed weights, row by row.
 
-``rows`` is the default. On the MiniLM BBC classifier (bits 0/2/3/4/8, 16 probes per batch, the same
-probes for all three, 500 held-out articles), the output KL of the maps allocated at average 2.5 and
-3 bits was 0.061 and 0.033 with ``trace`` (which pruned about 50 of 216 groups: a head's pruning
-error ``-w`` is coherent, and one mean curvature over its slices underrates it), 0.039 and 0.029 with
-``members`` and 0.036 and 0.011 with ``rows``; with whole layers as groups, 0.083 and 0.065 with
-``trace`` against 0.048 and the figure in the note of issue 3 with ``rows``.
+``rows`` is the default (the measured comparison of the three is in ``docs/methods/hessian.md``).
 
 Each per-slice or per-row mean curvature is floored like the group's (``TRACE_FLOOR`` of the median
 positive group mean trace). The stop rule still applies to the groups' traces; the finer estimates
@@ -54,28 +49,16 @@ Calibration
 
 The scores are additive: the allocator predicts a map's damage as the sum of its groups' scores,
 each measured alone. At the narrowest grids that sum is not what happens: the errors of many groups
-compound. On the MiniLM BBC classifier (216 groups, 16 probes per batch), the output KL of the
-uniform maps on the calibration batches over the sum of their ``rows`` scores was 0.031, 0.061 and
-0.056 at 8, 4 and 3 bits, but 0.246 at 2 bits: the additive model underrates 2 bits by about 4x
-relative to 3, and the allocator traded 3-bit groups for 2-bit and 4-bit ones that measurably hurt
-more than the uniform 3-bit map. With ``calibrate=True`` (the default) the method measures the
-uniform map of every integer bit-width of the space on the calibration batches (one forward pass per
-width, :func:`search.sensitivity.calibrate_scores`), takes each width's ratio ``r_b`` of measured discrepancy
+compound, and the additive model underrates the narrowest widths relative to the others. With
+``calibrate=True`` (the default) the method measures the uniform map of every integer bit-width of
+the space on the calibration batches (one forward pass per width,
+:func:`search.sensitivity.calibrate_scores`), takes each width's ratio ``r_b`` of measured discrepancy
 (:func:`search.tasks.discrepancy`) to the sum of its scores, and multiplies every score at ``b`` bits
 by ``f_b = max(1, r_b / median_b r_b)``, made non-increasing in ``b`` (a narrower grid never gets a
 smaller factor than a wider one); pruning (0 bits) gets the factor of the narrowest integer width
 (:func:`search.sensitivity.calibration_factors`). The widths that behave additively keep factor 1, so
-the scale of the scores (and every ranking within one width) is unchanged. Measured on that model
-(bits 0/2/3/4/8, the same probes; factors 4.2 at 2 bits and for pruning, 1.04 at 3 and 4 bits): on
-1,000 held-out articles the allocation at 3.00 average bits had output KL 0.0072 uncalibrated (13
-groups at 2 bits and 13 at 4) against 0.0069 for the uniform 3-bit map; calibrated, it *is* the
-uniform 3-bit map. At 2.75 and 2.5 bits the KL was unchanged (0.0117 -> 0.0119, 0.0290 -> 0.0289)
-and accuracy moved from 0.960 to 0.961 and 0.962. Scaling pruning by the 3-bit factor instead let
-the allocator prune 18-36 groups and raised the KL by 1.4-1.5x at 2.75 and 2.5 bits (though the
-3.00-bit map, with one group pruned, reached 0.0064); replacing the pruning scores by the measured KL
-of pruning each group alone was worse still (70 groups pruned, KL 0.128 at 2.5 bits): pruned groups
-compound too. ``extra["calibration"]`` reports what was
-measured, predicted and the factors; ``calibrate=False`` keeps the raw scores.
+the scale of the scores (and every ranking within one width) is unchanged. ``extra["calibration"]``
+reports what was measured, predicted and the factors; ``calibrate=False`` keeps the raw scores.
 
 Loss
 ====
@@ -143,8 +126,10 @@ train/eval mode of every module are restored (the computation runs in eval mode:
 the loss random), and so is the attention implementation. Scaled-dot-product attention kernels have
 no double backward on CPU (nor the fused CUDA ones), so a transformers model whose
 ``config._attn_implementation`` is not ``"eager"`` is switched with ``model.set_attn_implementation
-("eager")`` for the computation and switched back afterwards; a model that cannot be switched runs
-with the math SDPA backend (differentiable twice) instead.
+("eager")`` for the computation and switched back afterwards (:func:`search.attention.eager_attention`);
+a model that cannot be switched runs with the math SDPA backend (differentiable twice) instead.
+
+Measured figures (weightings compared, calibration, probe cost): ``docs/methods/hessian.md``.
 """
 
 from __future__ import annotations
@@ -162,6 +147,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitscout.methods import HessianOptions
+from search.attention import attn_implementation, eager_attention
 from search.data import TokenizedBatch
 from search.errors import InvalidInputError
 from search.quant import fake_quantize, quant_error
@@ -236,31 +222,22 @@ def hessian_mode(model: nn.Module, params: Sequence[nn.Parameter]) -> Iterator[d
     dict describing what was changed.
     """
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    config = getattr(model, "config", None)
-    original_attn = getattr(config, "_attn_implementation", None)
     info: dict[str, Any] = {
-        "attn_implementation": original_attn,
+        "attn_implementation": attn_implementation(model),
         "switched_to_eager": False,
         "sdpa_math": False,
     }
     with ExitStack() as stack:
         try:
-            if original_attn != "eager":
-                setter = getattr(model, "set_attn_implementation", None)
-                if original_attn is not None and callable(setter):
-                    try:
-                        setter("eager")
-                    except (ValueError, NotImplementedError, AttributeError, ImportError):  # pragma: no cover
-                        pass
-                if getattr(config, "_attn_implementation", None) == "eager":
-                    info["switched_to_eager"] = True
-                else:
-                    # not switchable (or not a transformers model): keep SDPA on its math backend,
-                    # which autograd can differentiate twice
-                    from torch.nn.attention import SDPBackend, sdpa_kernel
+            switch = stack.enter_context(eager_attention([model]))
+            info["switched_to_eager"] = switch.switched_to_eager
+            if not switch.ok:
+                # not switchable (or not a transformers model): keep SDPA on its math backend,
+                # which autograd can differentiate twice
+                from torch.nn.attention import SDPBackend, sdpa_kernel
 
-                    stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
-                    info["sdpa_math"] = True
+                stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+                info["sdpa_math"] = True
             for p in model.parameters():
                 p.requires_grad_(False)
             for p in params:
@@ -270,8 +247,6 @@ def hessian_mode(model: nn.Module, params: Sequence[nn.Parameter]) -> Iterator[d
         finally:
             for p, f in flags:
                 p.requires_grad_(f)
-            if original_attn is not None and getattr(config, "_attn_implementation", None) != original_attn:
-                model.set_attn_implementation(original_attn)  # type: ignore[operator]
 
 
 # ------------------------------------------------------------------------------- estimator
@@ -282,10 +257,9 @@ class Rademacher:
     from the seeded ``gen``, into buffers allocated once and refilled by every :meth:`draw`.
 
     Eight entries come from one random byte (bit ``k`` of byte ``i`` is entry ``8 i + k``), so the
-    generator draws an eighth of the numbers a draw per entry would; with the buffers reused this halves
-    the cost on CPU, where drawing and page faults dominate (MiniLM's 10.6M block weights: ~25 ms a
-    probe instead of ~55 ms, a sixth of a forward pass of 8 x 32 tokens). The probes returned by a draw
-    are overwritten by the next one.
+    generator draws an eighth of the numbers a draw per entry would; with the buffers reused this about
+    halves the cost of a probe on CPU, where drawing and page faults dominate (figures in
+    ``docs/methods/hessian.md``). The probes returned by a draw are overwritten by the next one.
     """
 
     def __init__(self, params: Sequence[torch.Tensor], gen: torch.Generator, device: torch.device) -> None:

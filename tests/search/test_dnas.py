@@ -12,6 +12,7 @@ from torch.nn.utils import parametrize
 from search.dnas import DNAS, DNASOptions, run_dnas
 from search.errors import CanceledError, InvalidInputError
 from search.local import DataOptions, prepare
+from search.methods import parse_options
 from search.pipeline import SearchOptions
 from search.plan import build_problem
 from search.result import Budget
@@ -203,10 +204,10 @@ def test_cancellation_between_steps_leaves_the_model_as_found(trained_bert, sent
 @pytest.mark.parametrize(
     "bad,field",
     [
-        ({"bogus": 1}, "method_options.dnas"),
+        ({"bogus": 1}, "method_options.dnas.bogus"),
         ({"steps": 0}, "method_options.dnas.steps"),
-        ({"targets": (-1.0,)}, "method_options.dnas.targets"),
-        ({"target_fractions": (1.5,)}, "method_options.dnas.target_fractions"),
+        ({"targets": (-1.0,)}, "method_options.dnas.targets.0"),
+        ({"target_fractions": (1.5,)}, "method_options.dnas.target_fractions.0"),
         ({"loss": "mse"}, "method_options.dnas.loss"),
         ({"arch_lr": float("nan")}, "method_options.dnas.arch_lr"),
         ({"train_weights": "yes"}, "method_options.dnas.train_weights"),
@@ -224,7 +225,7 @@ def test_cancellation_between_steps_leaves_the_model_as_found(trained_bert, sent
 )
 def test_bad_options_name_the_field(bad, field):
     with pytest.raises(InvalidInputError) as err:
-        DNASOptions.from_mapping(bad)
+        parse_options("dnas", bad)
     assert err.value.field == field
 
 
@@ -302,7 +303,7 @@ def test_sensitivity_init_starts_from_the_allocation_of_the_scores(trained_bert,
     assert first.expected_cost_start == pytest.approx(first.target, rel=1e-3)  # the prior meets the first target
     # without a step that moves the logits, every map is the allocation of the scores themselves
     with DNAS(search.model, search.adapter, search.space, search.cost_model, search.task, search.calibration,
-              metric="size_bytes", options=DNASOptions.from_mapping(search.options.method_options["dnas"]),
+              metric="size_bytes", options=parse_options("dnas", search.options.method_options["dnas"]),
               seed=search.options.seed) as dn:
         scores = dn.sensitivity_scores(draws=2)
     # ... calibrated by the measured uniform maps (search.sensitivity.calibrate_scores)

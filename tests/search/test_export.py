@@ -16,7 +16,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from search import export as ex
 from search import quant
 from search.adapter import ModelAdapter
 from search.cost import CostModel, weight_bytes
@@ -33,6 +32,7 @@ from search.export import (
     to_torchao_config,
     torchao_unsupported,
 )
+from search.export import artifact as ex
 from search.export_cli import export_main
 from search.result import ParetoPoint, SearchResult
 from search.space import BitOption, PrecisionMap, SearchSpace, space_to_dict

@@ -1,5 +1,5 @@
-"""Quantized artifacts: export a precision map as packed integer weights, load it back bit for bit,
-apply a map to a user's model, and map what torchao can express onto its per-module configs.
+"""The native packed artifact (format ``bitscout.quant``): :func:`export_artifact` writes it,
+:func:`load_artifact` rebuilds it onto a model bit for bit, :func:`artifact_info` reads its metadata.
 
 Artifact layout
 ===============
@@ -53,7 +53,7 @@ every stored member against the model quantized by :meth:`ModelAdapter.quantized
 Size: the file's tensors take exactly :class:`search.cost.CostModel`'s ``size_bytes`` plus 4 bytes
 for every bias entry of a pruned group (the file keeps whole bias vectors, zeroed rows included,
 where the cost model counts those entries as removed), and the file adds its JSON header (names and
-metadata; about 37 kB for MiniLM at ``layer`` granularity, 276 kB at ``group``).
+metadata, about a kilobyte per group; measured sizes in ``docs/methods/export.md``).
 
 Quantization is deterministic, but floating-point sums may differ between devices: export on the
 device type the search ran on (CPU by default) for bit-exactness. Loading onto a model of another
@@ -62,14 +62,13 @@ dtype casts the weights (a warning says the outputs are no longer bit-identical)
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
 import logging
 import math
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,18 +77,22 @@ import torch
 from torch import nn
 
 from search import quant
-from search.adapter import ModelAdapter, _is_conv1d
+from search.adapter import ModelAdapter
 from search.errors import InvalidInputError, SearchError
-from search.space import (
-    FULL_PRECISION,
-    BitOption,
-    Group,
-    Member,
-    PrecisionMap,
-    SearchSpace,
-    space_from_dict,
-    space_to_dict,
+from search.export.common import (
+    _as_pmap,
+    _as_space,
+    _check_fits,
+    _fully_covered,
+    _member_view,
+    _members_by_module,
+    _state_entries,
+    _state_name,
+    _weight,
+    _weight_view,
+    _write_model_files,
 )
+from search.space import FULL_PRECISION, Member, PrecisionMap, SearchSpace, space_from_dict, space_to_dict
 
 log = logging.getLogger(__name__)
 
@@ -99,13 +102,9 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "PRECISION_MAP_FILE",
-    "TorchaoConfig",
-    "apply_precision_map",
     "artifact_info",
     "export_artifact",
     "load_artifact",
-    "to_torchao_config",
-    "torchao_unsupported",
 ]
 
 FORMAT = "bitscout.quant"
@@ -116,21 +115,6 @@ PRECISION_MAP_FILE = "precision_map.json"
 _Q = "quant::"
 #: Metadata entries the digest covers (everything but the digest itself).
 _SIGNED = ("format", "format_version", "precision_map", "space", "clip", "dtypes", "aliases", "info")
-#: Files of a model directory copied next to the artifact: tokenizer and generation settings
-#: (weights never are; ``config.json`` is written from ``model.config`` when the model has one).
-_COPY_PATTERNS = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer*.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.*",
-    "merges.txt",
-    "*.model",
-    "*.tiktoken",
-    "chat_template*",
-    "preprocessor_config.json",
-)
 
 
 def _artifact_error(message: str) -> InvalidInputError:
@@ -141,100 +125,9 @@ def _qkey(group: str, i: int, what: str) -> str:
     return f"{_Q}{group}::{i}::{what}"
 
 
-# --------------------------------------------------------------------------------------- helpers
-def _as_pmap(pmap: PrecisionMap | Mapping[str, Any]) -> PrecisionMap:
-    return pmap if isinstance(pmap, PrecisionMap) else PrecisionMap.from_dict(pmap)
-
-
-def _as_space(space: SearchSpace | Mapping[str, Any]) -> SearchSpace:
-    if isinstance(space, SearchSpace):
-        return space
-    if isinstance(space, Mapping):
-        # SearchResult.space holds Search.space_dict(): {"space": ..., "cost_model": ...}
-        inner = space.get("space") if "groups" not in space else space
-        if isinstance(inner, Mapping):
-            return space_from_dict(inner)
-    raise InvalidInputError("space must be a SearchSpace or a serialised one (space_to_dict)", field="space")
-
-
-def _weight(module: nn.Module) -> torch.Tensor:
-    w = getattr(module, "weight", None)
-    if not isinstance(w, torch.Tensor):
-        raise InvalidInputError(f"{type(module).__name__} has no weight tensor", field="model")
-    return w
-
-
-def _weight_view(module: nn.Module) -> torch.Tensor:
-    """The module's weight as an ``[out, in]`` view (GPT-2's Conv1D is stored transposed)."""
-    w = _weight(module)
-    return w.t() if _is_conv1d(module) else w
-
-
-def _member_view(weight: torch.Tensor, m: Member) -> torch.Tensor:
-    if m.axis == "out":
-        return weight[m.start : m.stop]
-    if m.axis == "in":
-        return weight[:, m.start : m.stop]
-    return weight
-
-
-def _members_by_module(space: SearchSpace) -> dict[str, list[tuple[Group, int, Member]]]:
-    out: dict[str, list[tuple[Group, int, Member]]] = {}
-    for g in space.groups:
-        for i, m in enumerate(g.members):
-            out.setdefault(m.module, []).append((g, i, m))
-    return out
-
-
-def _check_fits(model: nn.Module, space: SearchSpace, *, field: str) -> dict[str, nn.Module]:
-    """Every module the space names exists with a 2-d weight of the recorded ``[out, in]`` shape."""
-    modules = dict(model.named_modules())
-    for name, members in _members_by_module(space).items():
-        module = modules.get(name)
-        w = getattr(module, "weight", None) if module is not None else None
-        if module is None or not isinstance(w, torch.Tensor) or w.ndim != 2:
-            raise InvalidInputError(
-                f"the model has no weight matrix named {name!r} (a different architecture?)", field=field
-            )
-        shape = tuple(_weight_view(module).shape)
-        want = members[0][2].shape
-        if shape != tuple(want):
-            raise InvalidInputError(
-                f"{name} has a weight of shape {list(shape)} in the model but {list(want)} in the "
-                f"{'artifact' if field == 'artifact' else 'space'} (a different architecture or size?)",
-                field=field,
-            )
-    return modules
-
-
-def _fully_covered(shape: tuple[int, int], members: Sequence[Member]) -> bool:
-    """Whether the members tile the whole matrix (each weight once)."""
-    count = torch.zeros(shape, dtype=torch.int16)
-    for m in members:
-        _member_view(count, m).add_(1)
-    return bool((count == 1).all())
-
-
 def _digest(meta: Mapping[str, str]) -> str:
     canonical = json.dumps({k: meta.get(k) for k in _SIGNED}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def _state_entries(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The state dict with tied tensors stored once: ``(canonical name → tensor, alias → canonical)``."""
-    tensors: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    first: dict[int, str] = {}
-    for name, t in model.state_dict(keep_vars=True).items():
-        if not isinstance(t, torch.Tensor):
-            continue
-        key = id(t)
-        if key in first:
-            aliases[name] = first[key]
-        else:
-            first[key] = name
-            tensors[name] = t
-    return tensors, aliases
 
 
 # ---------------------------------------------------------------------------------------- export
@@ -446,28 +339,6 @@ def _verify_against_adapter(
                     raise SearchError(
                         f"export self-check failed: member {i} of {g.name} differs from the weights the search evaluates"
                     )
-
-
-def _state_name(state: Mapping[str, torch.Tensor], tensor: torch.Tensor) -> str:
-    for name, t in state.items():
-        if t is tensor:
-            return name
-    raise InvalidInputError("a covered weight is not in the model's state dict", field="model")
-
-
-def _write_model_files(model: nn.Module, model_dir: str | Path | None, out: Path) -> None:
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_json_file"):
-        config.to_json_file(str(out / "config.json"))
-    if model_dir is None:
-        return
-    src = Path(model_dir)
-    for f in sorted(src.iterdir()):
-        if not f.is_file() or not any(fnmatch.fnmatchcase(f.name, p) for p in _COPY_PATTERNS):
-            continue
-        if f.name == "config.json" and (out / f.name).exists():
-            continue
-        shutil.copy2(f, out / f.name)
 
 
 # ------------------------------------------------------------------------------------------ load
@@ -700,315 +571,3 @@ def load_artifact(path_or_dir: str | Path, model: nn.Module) -> nn.Module:
             state[alias].data.copy_(state[canon].data)
     return model
 
-
-# ----------------------------------------------------------------------------------------- apply
-def _read_map_source(
-    source: PrecisionMap | Mapping[str, Any] | str | Path,
-) -> tuple[PrecisionMap, ArtifactInfo | None]:
-    """A map from a PrecisionMap, a mapping (plain, or holding ``precision_map``), a JSON file, an
-    artifact directory or file. The artifact's metadata (space, clip) comes along when one is at hand."""
-    if isinstance(source, PrecisionMap):
-        return source, None
-    if isinstance(source, Mapping):
-        data = source["precision_map"] if "precision_map" in source else source
-        if not isinstance(data, Mapping):
-            raise InvalidInputError("precision_map must be an object of group name to bit option", field="precision_map")
-        return PrecisionMap.from_dict(data), None
-    if not isinstance(source, str | Path):
-        raise InvalidInputError("expected a precision map, a mapping or a path", field="precision_map")
-    p = Path(source)
-    if p.is_dir() or p.suffix == ".safetensors":
-        art = p / ARTIFACT_FILE if p.is_dir() else p
-        if art.is_file():
-            info = artifact_info(art)
-            return info.precision_map, info
-        p = p / PRECISION_MAP_FILE if p.is_dir() else p
-    if not p.is_file():
-        raise InvalidInputError(f"no precision map at {str(p)!r}", field="precision_map")
-    try:
-        data = json.loads(p.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidInputError(f"{p.name} is not valid JSON: {exc}", field="precision_map") from exc
-    pmap, _ = _read_map_source(data)
-    sibling = p.parent / ARTIFACT_FILE
-    return pmap, artifact_info(sibling) if sibling.is_file() else None
-
-
-def _rebuild_space(
-    model: nn.Module,
-    pmap: PrecisionMap,
-    *,
-    granularity: str | None,
-    ffn_block_size: int | None,
-    include: Sequence[str] | None,
-    exclude: Sequence[str] | None,
-    include_head: bool | None,
-    include_embeddings: bool | None,
-) -> tuple[ModelAdapter, SearchSpace]:
-    gran = granularity or ("group" if any("/" in k for k in pmap) else "layer")
-    options: list[BitOption] = sorted(set(pmap.values()) | {FULL_PRECISION})
-    if include_head is None and include_embeddings is None:
-        tries = [(False, False), (True, False), (False, True), (True, True)]
-    else:
-        tries = [(bool(include_head), bool(include_embeddings))]
-    unknown: list[str] = []
-    for head, emb in tries:
-        adapter = ModelAdapter(model, include=include, exclude=exclude, include_head=head, include_embeddings=emb)
-        space = adapter.build_space(
-            granularity=gran,  # type: ignore[arg-type]
-            bits=options,
-            ffn_block_size=64 if ffn_block_size is None else ffn_block_size,
-        )
-        unknown = [k for k in pmap if k not in space._index]
-        if unknown:
-            continue
-        if gran == "group" and ffn_block_size is None:
-            _check_ffn_counts(pmap, space)
-        return adapter, space
-    raise InvalidInputError(
-        f"the precision map names groups this model does not have: {unknown[:3]} (a different model, "
-        "granularity or ffn_block_size? pass the search's space)",
-        field="precision_map",
-    )
-
-
-def _check_ffn_counts(pmap: PrecisionMap, space: SearchSpace) -> None:
-    in_space: dict[str, int] = {}
-    in_map: dict[str, int] = {}
-    for g in space.groups:
-        if g.kind == "ffn":
-            in_space[g.parent] = in_space.get(g.parent, 0) + 1
-            if g.name in pmap:
-                in_map[g.parent] = in_map.get(g.parent, 0) + 1
-    for parent, n in in_map.items():
-        if n != in_space[parent]:
-            raise InvalidInputError(
-                f"the precision map has {n} FFN groups in {parent} but the default ffn_block_size (64) makes "
-                f"{in_space[parent]}: pass the ffn_block_size the search used, or its space",
-                field="ffn_block_size",
-            )
-
-
-def apply_precision_map(
-    model: nn.Module,
-    pmap_or_path: PrecisionMap | Mapping[str, Any] | str | Path,
-    *,
-    space: SearchSpace | Mapping[str, Any] | None = None,
-    granularity: str | None = None,
-    ffn_block_size: int | None = None,
-    include: Sequence[str] | None = None,
-    exclude: Sequence[str] | None = None,
-    include_head: bool | None = None,
-    include_embeddings: bool | None = None,
-    clip: str | None = None,
-) -> nn.Module:
-    """Fake-quantize ``model`` in place under a precision map and return it (what ``bitscout.apply``
-    calls): exactly what the search evaluated for that map.
-
-    ``pmap_or_path``: a :class:`PrecisionMap`, a mapping (group name → option, or an object holding
-    ``precision_map`` such as a Pareto point), a ``precision_map.json`` path, or an artifact directory.
-    The space is, in order: ``space`` (a SearchSpace, ``space_to_dict`` or ``SearchResult.space``), the
-    one in an artifact next to the map, or rebuilt from ``model`` by the adapter (granularity ``group``
-    when a group name has a ``/``; head and embedding groups included when the map names them). Pass
-    the search's ``ffn_block_size`` (or its space) when it was not 64. ``clip`` is the search's clip rule:
-    by default the artifact's, else ``mse``. Groups missing from the map stay in full precision.
-    """
-    pmap, found = _read_map_source(pmap_or_path)
-    clip = clip or (found.clip if found is not None else "mse")
-    if clip not in ("mse", "minmax"):
-        raise InvalidInputError(f"clip must be 'mse' or 'minmax', got {clip!r}", field="clip")
-    if space is not None or found is not None:
-        sp = _as_space(space) if space is not None else found.space  # type: ignore[union-attr]
-        _check_fits(model, sp, field="space")
-        adapter = ModelAdapter(model)
-    else:
-        adapter, sp = _rebuild_space(
-            model,
-            pmap,
-            granularity=granularity,
-            ffn_block_size=ffn_block_size,
-            include=include,
-            exclude=exclude,
-            include_head=include_head,
-            include_embeddings=include_embeddings,
-        )
-    adapter.apply(pmap, sp, clip=clip)
-    return model
-
-
-# --------------------------------------------------------------------------------------- torchao
-@dataclass(frozen=True)
-class TorchaoConfig:
-    """A torchao config named by class and keyword arguments (``torchao.quantization.<cls>(**kwargs)``),
-    so the mapping needs no torchao; :meth:`build` makes the real object."""
-
-    cls: str
-    kwargs: dict[str, Any] = field(default_factory=dict)
-
-    def build(self) -> Any:
-        """The torchao object. ``group_size`` of ``Int8WeightOnlyConfig`` becomes
-        ``granularity=PerGroup(group_size)`` on torchao versions whose config has ``granularity``
-        (0.14 on); older ones take ``group_size``."""
-        import dataclasses
-
-        import torchao.quantization as tq
-
-        cls = getattr(tq, self.cls)
-        kwargs = dict(self.kwargs)
-        names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
-        if self.cls == "Int8WeightOnlyConfig" and "granularity" in names and kwargs.get("group_size") is not None:
-            from torchao.quantization.granularity import PerGroup
-
-            kwargs["granularity"] = PerGroup(kwargs.pop("group_size"))
-        return cls(**kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"cls": self.cls, "kwargs": dict(self.kwargs)}
-
-    def __str__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
-        return f"{self.cls}({args})"
-
-
-#: Group sizes torchao's int4 weight-only kernels accept.
-TORCHAO_INT4_GROUP_SIZES: tuple[int, ...] = (32, 64, 128, 256)
-
-
-def _torchao_plan(
-    pmap: PrecisionMap,
-    space: SearchSpace,
-    model: nn.Module | None,
-    int4_group_size: int,
-) -> tuple[dict[str, TorchaoConfig], list[str]]:
-    if int4_group_size not in TORCHAO_INT4_GROUP_SIZES:
-        raise InvalidInputError(
-            f"int4_group_size must be one of {TORCHAO_INT4_GROUP_SIZES}, got {int4_group_size!r}", field="int4_group_size"
-        )
-    unknown = [k for k in pmap if k not in space._index]
-    if unknown:
-        raise InvalidInputError(f"the precision map names groups not in the space: {unknown[:3]}", field="precision_map")
-    modules = dict(model.named_modules()) if model is not None else {}
-    reasons: dict[str, str] = {}
-    for g in space.groups:
-        opt = pmap.get(g.name, FULL_PRECISION)
-        if opt.bits == 32:
-            continue
-        if opt.pruned:
-            reasons[g.name] = "pruned (bits 0): torchao has no config that zeroes a group; apply the map instead"
-        elif opt.bits == 16:
-            reasons[g.name] = "float16: torchao has no per-module half-precision weight config"
-        elif opt.bits not in (4, 8):
-            reasons[g.name] = f"{opt.bits}-bit: torchao's weight-only kernels are int4 and int8"
-        elif not opt.symmetric:
-            reasons[g.name] = f"asymmetric {opt.bits}-bit: torchao's int8 weight-only grid is symmetric and its int4 one has float zero points"
-        elif g.block < 0:
-            reasons[g.name] = "embedding table: torchao's int4/int8 weight-only configs quantize linear layers"
-    by_module = _members_by_module(space)
-    configs: dict[str, TorchaoConfig] = {}
-    for name, members in by_module.items():
-        opts = {pmap.get(g.name, FULL_PRECISION) for g, _, _ in members}
-        candidates = [g for g, _, _ in members if g.name not in reasons and pmap.get(g.name, FULL_PRECISION).bits != 32]
-        if not candidates:
-            continue
-
-        def refuse(why: str, groups: list[Group] = candidates) -> None:
-            for g in groups:
-                reasons.setdefault(g.name, why)
-
-        if len(opts) > 1:
-            refuse(f"shares {name} with groups at other options: torchao configures whole modules")
-            continue
-        opt = next(iter(opts))
-        module = modules.get(name)
-        if model is not None and module is not None and not isinstance(module, nn.Linear):
-            refuse(f"{name} is a {type(module).__name__}, not nn.Linear: torchao's quantize_ skips it")
-            continue
-        shape = members[0][2].shape
-        if not _fully_covered(shape, [m for _, _, m in members]):
-            refuse(f"{name} is only partly covered by the space's groups")
-            continue
-        widths = {m.in_features for _, _, m in members}
-        width = math.gcd(*widths)  # every scale group of ours is a whole number of these columns
-        if opt.bits == 8:
-            configs[name] = TorchaoConfig("Int8WeightOnlyConfig", {} if width == shape[1] else {"group_size": width})
-        else:
-            sizes = [s for s in TORCHAO_INT4_GROUP_SIZES if s <= int4_group_size and width % s == 0]
-            if not sizes:
-                refuse(f"{name}: no int4 group size in {TORCHAO_INT4_GROUP_SIZES} divides its {width} columns per scale")
-                continue
-            configs[name] = TorchaoConfig("Int4WeightOnlyConfig", {"group_size": max(sizes)})
-    order = [g.name for g in space.groups]
-    unsupported = [f"{n}: {reasons[n]}" for n in order if n in reasons]
-    return configs, unsupported
-
-
-def to_torchao_config(
-    pmap: PrecisionMap | Mapping[str, Any],
-    space: SearchSpace | Mapping[str, Any],
-    *,
-    model: nn.Module | None = None,
-    int4_group_size: int = 128,
-    build: bool | None = None,
-) -> dict[str, Any]:
-    """Module name → torchao config for the part of ``pmap`` torchao can run with its own kernels, in
-    the space's order. Values are real torchao config objects when torchao is importable (``build=None``)
-    or ``build=True``, else :class:`TorchaoConfig` (class name + kwargs). What it cannot express is
-    listed by :func:`torchao_unsupported`; those groups are left out (and modules at 32 bits need no
-    entry). Use it as::
-
-        from torchao.quantization import FqnToConfig, quantize_   # ModuleFqnToConfig before 0.14
-        quantize_(model, FqnToConfig(to_torchao_config(pmap, space, model=model)), filter_fn=None)
-
-    =====================================  ==========================================  =========================
-    every group covering the module        torchao config                              scales
-    =====================================  ==========================================  =========================
-    8 symmetric, whole rows (``layer``     ``Int8WeightOnlyConfig()``                  per row, as in bitscout
-    groups; q/k/v rows of heads; FFN up
-    rows)
-    8 symmetric, column slices of width    ``Int8WeightOnlyConfig(group_size=w)``      per row and w columns,
-    w (output projection of heads; FFN     (built as ``granularity=PerGroup(w)`` on    as in bitscout
-    down projection)                       torchao 0.14 and later)
-    4 symmetric                            ``Int4WeightOnlyConfig(group_size=G)``      per row and G columns: G
-                                                                                       is the largest of 32, 64,
-                                                                                       128, 256 at most
-                                                                                       ``int4_group_size`` that
-                                                                                       divides the columns of
-                                                                                       one bitscout scale
-    32                                     no entry (left as it is)
-    =====================================  ==========================================  =========================
-
-    Not expressible (see :func:`torchao_unsupported`): 2, 3, 5 and 6 bits; asymmetric options; float16
-    groups; pruned groups (bits 0); embedding tables; a module whose groups take different options
-    (e.g. heads of one block at different bit-widths, which is most ``group`` maps); with ``model``,
-    modules that are not ``nn.Linear`` (GPT-2's ``Conv1D``).
-
-    torchao computes its own scales (min-max, and for int4 asymmetric groups of G columns with float
-    zero points), so a torchao model matches the *bit allocation* of the map, not the search's exact
-    numbers; the int4 groups are at least as fine as the search's per-row scales. The artifact
-    (:func:`export_artifact`) is the bit-exact form.
-    """
-    space = _as_space(space)
-    configs, _ = _torchao_plan(_as_pmap(pmap), space, model, int4_group_size)
-    if build is None:
-        try:
-            import torchao.quantization  # noqa: F401
-        except ImportError:
-            build = False
-        else:
-            build = True
-    if not build:
-        return dict(configs)
-    return {name: spec.build() for name, spec in configs.items()}
-
-
-def torchao_unsupported(
-    pmap: PrecisionMap | Mapping[str, Any],
-    space: SearchSpace | Mapping[str, Any],
-    *,
-    model: nn.Module | None = None,
-    int4_group_size: int = 128,
-) -> list[str]:
-    """``"<group>: <reason>"`` for every group of ``pmap`` that :func:`to_torchao_config` cannot express
-    (empty when the whole map runs on torchao), in the space's order."""
-    _, unsupported = _torchao_plan(_as_pmap(pmap), _as_space(space), model, int4_group_size)
-    return unsupported

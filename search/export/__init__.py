@@ -1,0 +1,58 @@
+"""Taking a search's result away: a precision map as a quantized checkpoint, back onto a model, or
+onto torchao's own kernels.
+
+One module per checkpoint format, all reading the same map and space (:mod:`search.export.common`
+holds what they share):
+
+==================================  =========================================================================
+module                              what
+==================================  =========================================================================
+:mod:`search.export.artifact`       the native packed artifact (``bitscout.quant``): integer codes packed at
+                                    their bit-width, float16 scales, bit-identical on reload
+                                    (:func:`export_artifact`, :func:`load_artifact`, :func:`artifact_info`)
+:mod:`search.export.apply`          a map or an artifact's map applied to a user's model in place, exactly as
+                                    the search evaluated it (:func:`apply_precision_map`)
+:mod:`search.export.torchao`        the part of a map torchao's int4/int8 weight-only kernels can run, as
+                                    per-module torchao configs (:func:`to_torchao_config`), and why the rest
+                                    cannot (:func:`torchao_unsupported`)
+==================================  =========================================================================
+
+``bitscout export`` (:mod:`search.export_cli`) is the command line over these. Measured artifact
+sizes: ``docs/methods/export.md``.
+"""
+
+from __future__ import annotations
+
+from search.export.apply import apply_precision_map
+from search.export.artifact import (
+    ARTIFACT_FILE,
+    FORMAT,
+    FORMAT_VERSION,
+    PRECISION_MAP_FILE,
+    ArtifactInfo,
+    artifact_info,
+    export_artifact,
+    load_artifact,
+)
+from search.export.torchao import (
+    TORCHAO_INT4_GROUP_SIZES,
+    TorchaoConfig,
+    to_torchao_config,
+    torchao_unsupported,
+)
+
+__all__ = [
+    "ARTIFACT_FILE",
+    "ArtifactInfo",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "PRECISION_MAP_FILE",
+    "TORCHAO_INT4_GROUP_SIZES",
+    "TorchaoConfig",
+    "apply_precision_map",
+    "artifact_info",
+    "export_artifact",
+    "load_artifact",
+    "to_torchao_config",
+    "torchao_unsupported",
+]

@@ -1,0 +1,235 @@
+"""The student: a copy of the teacher whose member slices are parametrized as the map says (LSQ fake
+quantization for integer options, float16 rounding, exact zeros for pruned slices), and its return to
+plain quantized weights (see :mod:`search.refine`)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, cast
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from search import quant
+from search.adapter import _is_conv1d
+from search.errors import InvalidInputError
+from search.refine.config import RefineConfig
+from search.space import FULL_PRECISION, Group, Member, PrecisionMap, SearchSpace
+from search.ste import half_ste, lsq_fake_quantize, lsq_grad_scale
+
+__all__ = ["member_key"]
+
+
+def _exact_fake_quantize(w: torch.Tensor, step: torch.Tensor, zero_point: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    qp = _qparams(step, zero_point, bits, symmetric)
+    return quant.dequantize(quant.quantize(w, qp), qp, dtype=w.dtype)
+
+
+def _qparams(step: torch.Tensor, zero_point: torch.Tensor, bits: int, symmetric: bool) -> quant.QParams:
+    scale = step.detach().to(torch.float32).clamp(quant.SCALE_EPS, quant.SCALE_MAX).to(torch.float16).to(torch.float32)
+    return quant.QParams(scale=scale, zero_point=zero_point.detach().to(torch.int32), bits=bits, symmetric=symmetric)
+
+
+def member_key(group: str, index: int) -> str:
+    """The key of member ``index`` of ``group`` in :attr:`RefineResult.qparams` (``group::index``, the
+    naming of :mod:`search.export`)."""
+    return f"{group}::{index}"
+
+
+@dataclass
+class _Slot:
+    """One member slice of a module: what it becomes in the student's forward pass."""
+
+    key: str
+    member: Member
+    kind: Literal["int", "half", "float", "pruned", "frozen"]
+    bits: int = 32
+    symmetric: bool = True
+    step_index: int = -1
+    grad_scale: float = 1.0
+
+
+def _view(w: torch.Tensor, m: Member) -> tuple[slice, slice]:
+    if m.axis == "out":
+        return slice(m.start, m.stop), slice(None)
+    if m.axis == "in":
+        return slice(None), slice(m.start, m.stop)
+    return slice(None), slice(None)
+
+
+class _QuantWeight(nn.Module):
+    """Parametrization of a module's weight: the latent weight with each member slice replaced as its
+    option says (LSQ, float16, zeros, frozen). With gradients off it computes the exact quantizer of
+    :mod:`search.quant` (what an artifact stores)."""
+
+    def __init__(self, slots: list[_Slot], steps: list[torch.Tensor], zero_points: list[torch.Tensor], conv: bool) -> None:
+        super().__init__()
+        self.slots = slots
+        self.conv = conv
+        self.steps = nn.ParameterList([nn.Parameter(s) for s in steps])
+        for i, z in enumerate(zero_points):
+            self.register_buffer(f"zp{i}", z, persistent=False)
+
+    def zero_point(self, i: int) -> torch.Tensor:
+        return cast(torch.Tensor, getattr(self, f"zp{i}"))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        wv = weight.t() if self.conv else weight
+        out = wv.clone()
+        exact = not torch.is_grad_enabled()
+        for sl in self.slots:
+            idx = _view(wv, sl.member)
+            block = wv[idx]
+            if sl.kind == "pruned":
+                out[idx] = torch.zeros_like(block)
+            elif sl.kind == "frozen":
+                out[idx] = block.detach()
+            elif sl.kind == "half":
+                out[idx] = block.to(torch.float16).to(block.dtype) if exact else half_ste(block)
+            elif sl.kind == "int":
+                step = self.steps[sl.step_index]
+                z = self.zero_point(sl.step_index)
+                if exact:
+                    out[idx] = _exact_fake_quantize(block, step, z, sl.bits, sl.symmetric)
+                else:
+                    qmin, qmax = quant.code_range(sl.bits, sl.symmetric)
+                    fq = lsq_fake_quantize(block.to(torch.float32), step, z, qmin, qmax, sl.grad_scale)
+                    out[idx] = fq.to(block.dtype)
+        return out.t() if self.conv else out
+
+
+class _Mask(nn.Module):
+    """Parametrization of a bias: entries of pruned output channels are exactly zero."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.mask: torch.Tensor
+        self.register_buffer("mask", mask, persistent=False)
+
+    def forward(self, bias: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.mask, bias, torch.zeros_like(bias))
+
+
+@dataclass
+class _Student:
+    model: nn.Module
+    modules: dict[str, nn.Module]
+    #: member key -> (module name, parametrization, slot)
+    int_slots: dict[str, tuple[str, _QuantWeight, _Slot]]
+    pruned: list[str]
+    masked_bias: list[str]
+    other: list[nn.Parameter]
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def step_params(self) -> set[int]:
+        return {id(q.steps[s.step_index]) for _, q, s in self.int_slots.values()}
+
+
+def _check_pmap(pmap: PrecisionMap | Mapping[str, Any], space: SearchSpace) -> PrecisionMap:
+    if not isinstance(pmap, PrecisionMap):
+        pmap = PrecisionMap.from_dict(pmap)
+    unknown = [k for k in pmap if k not in space._index]
+    if unknown:
+        raise InvalidInputError(f"precision map names unknown groups: {unknown[:3]}", field="precision_map")
+    for g, opts in zip(space.groups, space.options, strict=True):
+        opt = pmap.get(g.name, FULL_PRECISION)
+        if opt not in opts and opt != FULL_PRECISION:
+            raise InvalidInputError(f"option {opt.key()} is not allowed for group {g.name}", field="precision_map")
+    return pmap
+
+
+def _build_student(
+    teacher: nn.Module, space: SearchSpace, pmap: PrecisionMap, clip: str, config: RefineConfig
+) -> _Student:
+    model = copy.deepcopy(teacher)
+    modules = dict(model.named_modules())
+    for p in model.parameters():
+        p.requires_grad_(config.train_other)
+    per_module: dict[str, list[tuple[Group, int, Member]]] = {}
+    for g in space.groups:
+        for i, m in enumerate(g.members):
+            per_module.setdefault(m.module, []).append((g, i, m))
+    owners: dict[int, list[str]] = {}
+    for mname, mod in modules.items():
+        w = getattr(mod, "weight", None)
+        if isinstance(w, nn.Parameter):
+            owners.setdefault(id(w), []).append(mname)
+    for name in per_module:
+        w = getattr(modules.get(name), "weight", None)
+        tied = [o for o in owners.get(id(w), []) if o != name]
+        if tied:
+            raise InvalidInputError(
+                f"{name} shares its weight with {tied[0]} (tied weights): refinement cannot train a tied matrix "
+                "under one quantizer only; leave it out of the space",
+                field="include_embeddings",
+            )
+    int_slots: dict[str, tuple[str, _QuantWeight, _Slot]] = {}
+    pruned: list[str] = []
+    masked_bias: list[str] = []
+    for name, members in per_module.items():
+        module = modules.get(name)
+        weight = getattr(module, "weight", None) if module is not None else None
+        if module is None or not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+            raise InvalidInputError(f"the model has no weight matrix named {name!r}", field="space")
+        conv = _is_conv1d(module)
+        wv = weight.detach().t() if conv else weight.detach()
+        slots: list[_Slot] = []
+        steps: list[torch.Tensor] = []
+        zps: list[torch.Tensor] = []
+        bias = getattr(module, "bias", None)
+        bias_mask = torch.ones(wv.shape[0], dtype=torch.bool, device=wv.device) if isinstance(bias, torch.Tensor) else None
+        for g, i, m in members:
+            opt = pmap.get(g.name, FULL_PRECISION)
+            key = member_key(g.name, i)
+            if opt.pruned:
+                slots.append(_Slot(key, m, "pruned"))
+                pruned.append(key)
+                if bias_mask is not None and m.axis in ("out", "all"):
+                    bias_mask[m.start : m.stop] = False
+            elif opt.is_integer:
+                block = wv[_view(wv, m)]
+                qp = quant.choose_qparams(block, opt.bits, symmetric=opt.symmetric, clip=clip)  # type: ignore[arg-type]
+                slot = _Slot(
+                    key, m, "int", opt.bits, opt.symmetric, len(steps), lsq_grad_scale(block.shape[1], qp.qmax)
+                )
+                steps.append(qp.scale.detach().clone().to(wv.device))
+                zps.append(qp.zero_point.detach().clone().to(wv.device))
+                slots.append(slot)
+            elif config.float_groups == "freeze":
+                slots.append(_Slot(key, m, "frozen", opt.bits))
+            elif opt.bits == 16:
+                slots.append(_Slot(key, m, "half", 16))
+            else:
+                slots.append(_Slot(key, m, "float", 32))
+        qw = _QuantWeight(slots, steps, zps, conv)
+        weight.requires_grad_(True)
+        parametrize.register_parametrization(module, "weight", qw, unsafe=True)
+        for s in slots:
+            if s.kind == "int":
+                int_slots[s.key] = (name, qw, s)
+        if bias_mask is not None and not bool(bias_mask.all()):
+            parametrize.register_parametrization(module, "bias", _Mask(bias_mask), unsafe=True)
+            masked_bias.append(name)
+    other = [
+        p for n, p in model.named_parameters() if p.requires_grad and ".parametrizations." not in f".{n}"
+    ]
+    return _Student(model, modules, int_slots, pruned, masked_bias, other)
+
+
+@torch.no_grad()
+def _finalize(student: _Student) -> None:
+    """Replace every parametrization with the exact quantized weights it stands for."""
+    for name, module in student.modules.items():
+        if not parametrize.is_parametrized(module):
+            continue
+        for tensor_name in list(cast(nn.ModuleDict, module.parametrizations)):
+            final = getattr(module, tensor_name).detach().clone()
+            parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
+            getattr(module, tensor_name).copy_(final)
+        del name
+

@@ -1,0 +1,78 @@
+"""Straight-through and learned-step-size primitives of the differentiable methods.
+
+Pure tensor functions, no modules, no state, shared by DNAS (:mod:`search.dnas`) and refinement
+(:mod:`search.refine`). They reproduce the grids of :mod:`search.quant` in the forward pass and give
+them a usable gradient in the backward pass:
+
+=============================  =========================================  ===============================
+function                       forward                                    backward
+=============================  =========================================  ===============================
+:func:`round_ste`              ``round(x)`` (half to even)                identity
+:func:`half_ste`               ``x`` rounded to a float16 value           identity
+:func:`scaled_grad`            ``x``                                      the gradient times ``g``
+:func:`lsq_fake_quantize`      ``(clamp(round(w / s) + z) - z) * s``      the LSQ estimator (Esser et al.
+                               per row, as :func:`search.quant.quantize`  2020): see the function
+                               and :func:`search.quant.dequantize`
+=============================  =========================================  ===============================
+
+:func:`lsq_grad_scale` is LSQ's gradient scale of a step size, ``1 / sqrt(n_weights_per_row * Q_p)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from search import quant
+
+__all__ = ["half_ste", "lsq_fake_quantize", "lsq_grad_scale", "round_ste", "scaled_grad"]
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """``round(x)`` (half to even) forward, identity backward."""
+    return x + (torch.round(x) - x).detach()
+
+
+def half_ste(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to the nearest float16 value (in ``x``'s dtype) forward, identity backward."""
+    return x + (x.to(torch.float16).to(x.dtype) - x).detach()
+
+
+def scaled_grad(x: torch.Tensor, g: float) -> torch.Tensor:
+    """``x`` in the forward pass; its gradient multiplied by ``g`` in the backward pass."""
+    return (x - x * g).detach() + x * g
+
+
+def lsq_grad_scale(n_per_row: int, qmax: int) -> float:
+    """The LSQ gradient scale of a step size: ``1 / sqrt(n_weights_per_row * Q_p)``, ``Q_p`` the
+    largest positive code (``2^(b-1) - 1`` symmetric, ``2^b - 1`` asymmetric)."""
+    return 1.0 / math.sqrt(max(1, n_per_row) * max(1, qmax))
+
+
+def lsq_fake_quantize(
+    w: torch.Tensor,
+    step: torch.Tensor,
+    zero_point: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    grad_scale: float,
+    *,
+    half_scales: bool = True,
+) -> torch.Tensor:
+    """Differentiable per-row fake quantization with a learned step size (LSQ).
+
+    Forward: ``(clamp(round(w / s) + z, qmin, qmax) - z) * s`` per row of ``w`` (``s = step`` clamped to
+    ``[SCALE_EPS, SCALE_MAX]`` and, with ``half_scales``, rounded to float16), the formula of
+    :func:`search.quant.quantize` / :func:`search.quant.dequantize` up to the last ulp.
+    Backward (the LSQ estimator): ``dw_hat/dw`` is 1 where the code is not clamped and 0 where it is;
+    ``dw_hat/ds`` is ``round(w/s) - w/s`` where not clamped and ``qmin - z`` / ``qmax - z`` where
+    clamped, multiplied by ``grad_scale``; float16 rounding of ``s`` is straight-through.
+    """
+    s = step.clamp(quant.SCALE_EPS, quant.SCALE_MAX)
+    if half_scales:
+        s = half_ste(s)
+    s = scaled_grad(s, grad_scale)[:, None]
+    z = zero_point.to(s.dtype)[:, None]
+    q = (round_ste(w / s) + z).clamp(qmin, qmax)
+    return (q - z) * s
