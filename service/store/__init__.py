@@ -34,8 +34,8 @@ built on :class:`~service.store._base.StoreBase` (engine, sessions, job locking,
 * :mod:`service.store.sensitivities` — search spaces and sensitivity tables;
 * :mod:`service.store.uploads` — users' uploads;
 * :mod:`service.store.tokens` — API tokens;
-* :mod:`service.store.records` — the non-wire values the workers get from the store
-  (``JobRecord``, ``JobNotOwned``).
+* :mod:`service.store.records` — the non-wire values the workers exchange with the store
+  (``JobRecord``, ``JobNotOwned``, ``PointRecord``, ``FrontInfo``).
 
 Import everything from this package (``from service.store import Store, JobNotOwned, ...``); the
 modules' layout is not part of the contract.
@@ -47,15 +47,26 @@ from service.store._json import json_safe
 from service.store.artifacts import ArtifactsMixin
 from service.store.jobs import JobsMixin
 from service.store.points import PointsMixin
-from service.store.records import JobNotOwned, JobRecord
+from service.store.records import (
+    FrontInfo,
+    JobNotOwned,
+    JobRecord,
+    PointCost,
+    PointOption,
+    PointRecord,
+)
 from service.store.sensitivities import SensitivitiesMixin, space_key_of
 from service.store.tokens import TOKEN_PREFIX, Principal, TokenInfo, TokensMixin, hash_token
 from service.store.uploads import UploadsMixin
 
 __all__ = [
     "TOKEN_PREFIX",
+    "FrontInfo",
     "JobNotOwned",
     "JobRecord",
+    "PointCost",
+    "PointOption",
+    "PointRecord",
     "Principal",
     "Store",
     "TokenInfo",

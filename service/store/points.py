@@ -3,8 +3,9 @@
 :class:`PointsMixin` owns the ``points`` rows and the job's ``result_info``. Its one write,
 :meth:`PointsMixin.finish_job`, is the success transition of a job: every point, the front info,
 the recommended point and the ``succeeded`` status are committed in ONE transaction, only while
-the calling worker still owns the job, and replace whatever an earlier attempt stored; a
-malformed point is refused and nothing written.
+the calling worker still owns the job, and replace whatever an earlier attempt stored. Points
+arrive as :class:`~service.store.records.PointRecord` s (mappings are validated into them first),
+so a malformed result is refused with the field named and nothing written.
 
 Reads (``get_pareto``, ``get_points``, ``get_point``, ``get_result_info``) return wire models and
 hide another user's job as ``NotFound``.
@@ -30,23 +31,9 @@ from bitscout.schemas import (
     ParetoRead,
 )
 from service.models import JobRow, PointRow, utcnow
-from service.store._json import finite, json_safe
+from service.store._json import json_safe
 from service.store.artifacts import ArtifactsMixin
-
-
-def _option(value: Any) -> dict[str, Any]:
-    """Normalise one precision-map entry to ``{"bits": int, "symmetric": bool}``."""
-    if isinstance(value, Mapping):
-        return {"bits": int(value["bits"]), "symmetric": bool(value.get("symmetric", True))}
-    if isinstance(value, bool):
-        raise InvalidRequest(f"bad bit option {value!r}", field="precision_map")
-    if isinstance(value, int):
-        return {"bits": value, "symmetric": True}
-    if isinstance(value, str):
-        text = value.strip()
-        sym = not text.endswith("a")
-        return {"bits": int(text.rstrip("as")), "symmetric": sym}
-    raise InvalidRequest(f"bad bit option {value!r}", field="precision_map")
+from service.store.records import FrontInfo, PointRecord, front_info_of, point_records
 
 
 class PointsMixin(ArtifactsMixin):
@@ -57,31 +44,34 @@ class PointsMixin(ArtifactsMixin):
         *,
         job_id: str,
         worker_id: str,
-        points: Sequence[Mapping[str, Any]],
-        front_info: Mapping[str, Any] | None = None,
+        points: Sequence[PointRecord | Mapping[str, Any]],
+        front_info: FrontInfo | Mapping[str, Any] | None = None,
         artifacts: Mapping[int, str | os.PathLike[str]] | None = None,
     ) -> JobRead:
         """Store every point of a finished search and mark the job ``succeeded``, in ONE transaction.
 
-        ``points`` are dicts in the form of ``search.result.ParetoPoint.to_dict()``
-        (``precision_map``, ``cost`` {size_bytes, avg_bits, bops, latency_ms}, ``metrics``, ``method``,
-        ``refined``, ``label``, ``predicted``, ``budget``) with optional ``on_front`` (default True),
-        ``meets_budget`` (default: computed from the job's budget) and ``refined_from`` (index of
-        another point in this list). A point's id is its index in the list. Other keys are kept in
-        the row's ``extra``.
+        ``points`` are :class:`~service.store.records.PointRecord` s (or mappings in their shape:
+        ``search.result.ParetoPoint.to_dict()`` with optional ``on_front``, ``meets_budget`` and
+        ``refined_from``); ``meets_budget`` defaults to whether the point meets the job's budget,
+        ``refined_from`` is the index of another point in this list. A point's id is its index in
+        the list. Other keys are kept in the row's ``extra``.
 
-        ``front_info`` holds ``metric``, ``higher_is_better``, ``baseline_metrics`` and optionally
-        ``recommended`` (a point index); without it the recommended point is the best point (by the
-        metric) that meets the budget. Anything else in it (timings, versions) is kept.
+        ``front_info`` (a :class:`~service.store.records.FrontInfo` or a mapping in its shape)
+        holds ``metric``, ``higher_is_better``, ``baseline_metrics`` and optionally ``recommended``
+        (a point index); without it the recommended point is the best point (by the metric) that
+        meets the budget. Anything else in it (timings, versions) is kept.
 
         ``artifacts`` maps point indexes to exported models (a file or a directory, as
         :meth:`put_artifact` takes them): their content goes to the file store first, and the points
         carry them from the same transaction on, so a job is never seen succeeded without them.
 
         Raises :class:`JobNotOwned` when ``worker_id`` no longer owns the job: nothing is stored, so
-        a result can never be stored twice. Raises ``InvalidRequest`` for malformed points.
+        a result can never be stored twice. Raises ``InvalidRequest`` (``field`` naming the bad value,
+        e.g. ``points.3.cost.avg_bits``) for malformed points or front info, before anything is
+        written.
         """
-        info = dict(front_info or {})
+        records = point_records(points)
+        info = front_info_of(front_info).model_dump(exclude_unset=True)
         blobs: dict[int, tuple[str, int, str]] = {}
         for idx, path in (artifacts or {}).items():
             if not 0 <= int(idx) < len(points):
@@ -96,7 +86,7 @@ class PointsMixin(ArtifactsMixin):
             )
             info["metric"] = metric
             info["higher_is_better"] = higher
-            rows = [self._point_row(job_id, i, p, spec.budget) for i, p in enumerate(points)]
+            rows = [self._point_row(job_id, i, p, spec.budget) for i, p in enumerate(records)]
             n = len(rows)
             for r in rows:
                 if r.refined_from is not None and not 0 <= r.refined_from < n:
@@ -135,27 +125,13 @@ class PointsMixin(ArtifactsMixin):
             return result
 
     @staticmethod
-    def _point_row(job_id: str, idx: int, p: Mapping[str, Any], budget: BudgetSpec) -> PointRow:
-        try:
-            pmap_raw = p["precision_map"]
-            if hasattr(pmap_raw, "to_dict"):
-                pmap_raw = pmap_raw.to_dict()
-            pmap = {str(k): _option(v) for k, v in dict(pmap_raw).items()}
-            cost_raw = p["cost"]
-            if hasattr(cost_raw, "to_dict"):
-                cost_raw = cost_raw.to_dict()
-            cost = dict(cost_raw)
-            if "size_bytes" not in cost and "size_mb" in cost:
-                cost["size_bytes"] = float(cost["size_mb"]) * 1e6
-            size_bytes = finite(cost.get("size_bytes")) or 0.0
-            avg_bits = finite(cost.get("avg_bits")) or 0.0
-            bops = finite(cost.get("bops")) or 0.0
-            latency_ms = finite(cost.get("latency_ms")) or 0.0
-            metrics = {str(k): finite(v) for k, v in dict(p.get("metrics") or {}).items()}
-            method = str(p.get("method") or "unknown")[:32]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InvalidRequest(f"point {idx} is malformed: {exc!r}", field=f"points.{idx}") from exc
-        meets = p.get("meets_budget")
+    def _point_row(job_id: str, idx: int, p: PointRecord, budget: BudgetSpec) -> PointRow:
+        pmap = {k: o.model_dump() for k, o in p.precision_map.items()}
+        size_bytes = p.cost.size_bytes
+        avg_bits = p.cost.avg_bits
+        bops = p.cost.bops
+        latency_ms = p.cost.latency_ms
+        meets = p.meets_budget
         if meets is None:
             limits = {
                 "max_size_mb": size_bytes / 1e6,
@@ -164,29 +140,24 @@ class PointsMixin(ArtifactsMixin):
                 "max_latency_ms": latency_ms,
             }
             meets = all(limits[k] <= v * (1 + 1e-9) for k, v in budget.limits().items())
-        known = {
-            "precision_map", "cost", "metrics", "method", "refined", "label", "predicted", "budget",
-            "on_front", "meets_budget", "refined_from", "id", "index", "recommended",
-        }  # fmt: skip
-        extra = {k: v for k, v in p.items() if k not in known}
-        refined_from = p.get("refined_from")
+        extra = dict(p.model_extra or {})
         return PointRow(
             job_id=job_id,
             idx=idx,
-            method=method,
-            label=str(p.get("label") or ""),
+            method=p.method,
+            label=p.label,
             precision_map=pmap,
             size_bytes=size_bytes,
             avg_bits=avg_bits,
             bops=bops,
             latency_ms=latency_ms,
-            metrics=metrics,
-            refined=bool(p.get("refined", False)),
-            refined_from=None if refined_from is None else int(refined_from),
-            on_front=bool(p.get("on_front", True)),
+            metrics=dict(p.metrics),
+            refined=p.refined,
+            refined_from=p.refined_from,
+            on_front=p.on_front,
             meets_budget=bool(meets),
-            predicted=finite(p.get("predicted")),
-            budget=json_safe(p.get("budget")) if p.get("budget") else None,
+            predicted=p.predicted,
+            budget=json_safe(p.budget) if p.budget else None,
             extra=json_safe(extra) if extra else None,
         )
 
