@@ -498,3 +498,20 @@ def test_concurrent_claims_processes(settings: Settings, store: Store) -> None:
         p.join(timeout=30)
     ids = [i for r in results for i in r]
     assert len(ids) == 20 and len(set(ids)) == 20
+
+
+def test_the_store_package_exports_its_facade() -> None:
+    import service.store as pkg
+
+    assert set(pkg.__all__) == {
+        "TOKEN_PREFIX", "FrontInfo", "JobNotOwned", "JobRecord", "PointCost", "PointOption", "PointRecord",
+        "Principal", "Store", "TokenInfo", "hash_token", "json_safe", "space_key_of",
+    }  # fmt: skip
+    for name in pkg.__all__:
+        assert getattr(pkg, name) is not None, name
+    # every aggregate's public methods are on the one facade
+    from service.store import artifacts, jobs, points, sensitivities, tokens, uploads
+
+    for part in (jobs.JobsMixin, points.PointsMixin, artifacts.ArtifactsMixin, sensitivities.SensitivitiesMixin,
+                 uploads.UploadsMixin, tokens.TokensMixin):  # fmt: skip
+        assert issubclass(Store, part), part
