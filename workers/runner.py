@@ -45,7 +45,7 @@ from search.pipeline import Search
 from search.result import ParetoPoint, SensitivityTable
 from search.space import PrecisionMap
 from service.db import make_engine
-from service.store import JobNotOwned, Store
+from service.store import FrontInfo, JobNotOwned, PointRecord, Store
 from workers import sources
 from workers.pool import EvalPool
 from workers.progress import Reporter
@@ -219,7 +219,9 @@ class JobRunner:
             self.reporter.stop(flush=True)  # the last stages' events, before the result
             points, front_info = result
             store.finish_job(
-                job_id=self.job_id, worker_id=self.worker_id, points=points, front_info=front_info,
+                job_id=self.job_id, worker_id=self.worker_id,
+                points=[PointRecord.model_validate(p) for p in points],
+                front_info=FrontInfo.model_validate(front_info),
                 artifacts=self.artifacts,
             )  # fmt: skip
             shutil.rmtree(Path(self.config.work_dir) / "refine" / self.job_id, ignore_errors=True)

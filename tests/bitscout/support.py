@@ -149,6 +149,7 @@ def run_job(
     from search.local import DataOptions, prepare
     from search.pipeline import SearchOptions
     from search.result import Budget
+    from service.store import FrontInfo, PointRecord
     from service.uploads import extract_model_archive
 
     rec = store.claim_next_job(worker_id=worker_id)
@@ -201,18 +202,21 @@ def run_job(
     result = search.run(on_progress=lambda s, f, m: beat(s, 0.05 + 0.9 * f, m))
     for table in result.sensitivities:
         store.put_sensitivity(job_id=job_id, method=table.method, table=table.to_dict())
-    points = [{**p.to_dict(), "on_front": any(p is q for q in result.front)} for p in result.points]
+    points = [
+        PointRecord.model_validate({**p.to_dict(), "on_front": any(p is q for q in result.front)})
+        for p in result.points
+    ]
     if before_finish is not None:
         before_finish()
     done = store.finish_job(
         job_id=job_id,
         worker_id=worker_id,
         points=points,
-        front_info={
-            "metric": result.metric,
-            "higher_is_better": result.higher_is_better,
-            "baseline_metrics": result.baseline_metrics,
-        },
+        front_info=FrontInfo(
+            metric=result.metric,
+            higher_is_better=result.higher_is_better,
+            baseline_metrics=result.baseline_metrics,
+        ),
     )
     run = SimulatedRun(job_id, search, result, model_dir, data_file)
     if export != "none":

@@ -12,7 +12,7 @@ import pytest
 from bitscout.errors import Conflict, InvalidRequest, NotFound
 from bitscout.schemas import JobStatus
 from service.settings import Settings
-from service.store import JobNotOwned, JobRecord, Store
+from service.store import FrontInfo, JobNotOwned, JobRecord, PointRecord, Store
 from tests.service.conftest import job_spec, make_points
 
 
@@ -213,6 +213,68 @@ def test_finish_by_other_worker_stores_nothing(store: Store) -> None:
         store.finish_job(job_id=rec.id, worker_id="intruder", points=make_points(2))
     assert store.get_points(job_id=rec.id) == []
     assert store.get_job(job_id=rec.id).status is JobStatus.running
+
+
+def _stored(store: Store, job_id: str) -> tuple[list[dict[str, object]], dict[str, object]]:
+    """Every stored point (without timestamps) and the result info of a job."""
+    points = [p.model_dump() for p in store.get_pareto(job_id=job_id).points]
+    return points, store.get_result_info(job_id=job_id)
+
+
+def test_finish_job_takes_typed_records_and_dicts_alike(store: Store) -> None:
+    pts = make_points(4)
+    pts[1]["metrics"]["accuracy"] = float("nan")
+    pts[2].update(refined=True, refined_from=0, custom={"k": 1}, id=7)
+    pts[3]["precision_map"] = {g: "3a" for g in pts[3]["precision_map"]}
+    pts[3]["cost"]["latency_ms"] = float("inf")
+    front = {"baseline_metrics": {"accuracy": 0.9, "kl": float("nan")}, "timings": {"a": 1}}
+    by_dict = _running(store, "w1", budget={"max_size_mb": 9.0})
+    store.finish_job(job_id=by_dict.id, worker_id="w1", points=pts, front_info=front)
+    by_model = _running(store, "w2", budget={"max_size_mb": 9.0})
+    records = [PointRecord.model_validate(p) for p in pts]
+    store.finish_job(
+        job_id=by_model.id, worker_id="w2", points=records, front_info=FrontInfo.model_validate(front)
+    )
+    assert _stored(store, by_dict.id) == _stored(store, by_model.id)
+    points, info = _stored(store, by_dict.id)
+    assert info == {
+        "baseline_metrics": {"accuracy": 0.9, "kl": None},
+        "timings": {"a": 1},
+        "metric": "accuracy",
+        "higher_is_better": True,
+        "recommended": 4,  # uniform 4-bit: the best accuracy among the points under 9 MB
+    }
+    assert points[1]["metrics"]["accuracy"] is None
+    assert points[3]["precision_map"][next(iter(pts[3]["precision_map"]))] == {"bits": 3, "symmetric": False}
+    assert points[3]["cost"]["latency_ms"] == 0.0  # a non-finite cost is stored as 0
+    assert records[2].model_extra == {"custom": {"k": 1}}  # "id" is dropped: a point's id is its index
+
+
+@pytest.mark.parametrize(
+    ("bad", "field"),
+    [
+        ({"cost": None}, "points.1.cost"),
+        ({"cost": {"size_bytes": 1.0, "avg_bits": 4.0, "bops": 1.0}}, "points.1.cost.latency_ms"),
+        ({"cost": {"size_bytes": -1.0, "avg_bits": 4.0, "bops": 1.0, "latency_ms": 1.0}}, "points.1.cost.size_bytes"),
+        ({"precision_map": {"layer.0": True}}, "points.1.precision_map.layer.0"),
+        ({"precision_map": {"layer.0": {"symmetric": True}}}, "points.1.precision_map.layer.0.bits"),
+        ({"refined_from": "first"}, "points.1.refined_from"),
+    ],
+)
+def test_finish_job_names_the_bad_field_and_stores_nothing(
+    store: Store, bad: dict[str, object], field: str
+) -> None:
+    rec = _running(store)
+    pts = make_points(2, with_uniform=False)
+    pts[1].update(bad)
+    with pytest.raises(InvalidRequest) as exc:
+        store.finish_job(job_id=rec.id, worker_id="w1", points=pts)
+    assert exc.value.field == field and field in exc.value.message
+    with pytest.raises(InvalidRequest) as exc:
+        store.finish_job(job_id=rec.id, worker_id="w1", points=pts[:1], front_info={"recommended": "best"})
+    assert exc.value.field == "front_info.recommended"
+    assert store.get_job(job_id=rec.id).status is JobStatus.running
+    assert store.get_points(job_id=rec.id) == []
 
 
 def test_fail_job(store: Store) -> None:
@@ -436,3 +498,20 @@ def test_concurrent_claims_processes(settings: Settings, store: Store) -> None:
         p.join(timeout=30)
     ids = [i for r in results for i in r]
     assert len(ids) == 20 and len(set(ids)) == 20
+
+
+def test_the_store_package_exports_its_facade() -> None:
+    import service.store as pkg
+
+    assert set(pkg.__all__) == {
+        "TOKEN_PREFIX", "FrontInfo", "JobNotOwned", "JobRecord", "PointCost", "PointOption", "PointRecord",
+        "Principal", "Store", "TokenInfo", "hash_token", "json_safe", "space_key_of",
+    }  # fmt: skip
+    for name in pkg.__all__:
+        assert getattr(pkg, name) is not None, name
+    # every aggregate's public methods are on the one facade
+    from service.store import artifacts, jobs, points, sensitivities, tokens, uploads
+
+    for part in (jobs.JobsMixin, points.PointsMixin, artifacts.ArtifactsMixin, sensitivities.SensitivitiesMixin,
+                 uploads.UploadsMixin, tokens.TokensMixin):  # fmt: skip
+        assert issubclass(Store, part), part

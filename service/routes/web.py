@@ -2,18 +2,18 @@
 
 Plain HTML, CSS and vanilla JavaScript served from ``service/static`` (no CDN, no build step).
 The pages hold no data: their script calls the REST API with the bearer token the user typed
-into the login form (kept in ``localStorage``) or passed once as ``?token=``.
+into the login form (kept in ``localStorage``) or passed once as ``?token=``. Every page is
+served with ``Cache-Control: no-store`` and a strict Content-Security-Policy (scripts, styles and
+connections from this origin only).
 """
-
-from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from fastapi.responses import FileResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
-STATIC_DIR = Path(__file__).resolve().parent / "static"
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 
 _NO_STORE = {
     "Cache-Control": "no-store",
@@ -25,6 +25,8 @@ _CSP = (
     "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
 )
 
+router = APIRouter(include_in_schema=False)
+
 
 def _page(name: str) -> FileResponse:
     headers = dict(_NO_STORE)
@@ -32,23 +34,27 @@ def _page(name: str) -> FileResponse:
     return FileResponse(STATIC_DIR / name, media_type="text/html; charset=utf-8", headers=headers)
 
 
+@router.get("/")
+def index() -> FileResponse:
+    return _page("index.html")
+
+
+@router.get("/favicon.ico")
+def favicon() -> FileResponse:
+    return FileResponse(STATIC_DIR / "favicon.svg", media_type="image/svg+xml")
+
+
+@router.get("/jobs")
+def jobs_redirect() -> RedirectResponse:
+    return RedirectResponse("/")
+
+
+@router.get("/jobs/{job_id}")
+def job_page(job_id: str) -> FileResponse:
+    return _page("job.html")
+
+
 def install_web(app: FastAPI) -> None:
-    """Mount the pages and their static files on ``app``."""
-
-    @app.get("/", include_in_schema=False)
-    def index() -> FileResponse:
-        return _page("index.html")
-
-    @app.get("/favicon.ico", include_in_schema=False)
-    def favicon() -> FileResponse:
-        return FileResponse(STATIC_DIR / "favicon.svg", media_type="image/svg+xml")
-
-    @app.get("/jobs", include_in_schema=False)
-    def jobs_redirect() -> RedirectResponse:
-        return RedirectResponse("/")
-
-    @app.get("/jobs/{job_id}", include_in_schema=False)
-    def job_page(job_id: str) -> FileResponse:
-        return _page("job.html")
-
+    """Add the pages to ``app`` and mount their static files at ``/static``."""
+    app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
