@@ -20,6 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import select
 
+from bitscout import rules
 from bitscout.errors import InvalidRequest, NotFound
 from bitscout.schemas import (
     HIGHER_IS_BETTER,
@@ -133,13 +134,7 @@ class PointsMixin(ArtifactsMixin):
         latency_ms = p.cost.latency_ms
         meets = p.meets_budget
         if meets is None:
-            limits = {
-                "max_size_mb": size_bytes / 1e6,
-                "max_avg_bits": avg_bits,
-                "max_bops": bops,
-                "max_latency_ms": latency_ms,
-            }
-            meets = all(limits[k] <= v * (1 + 1e-9) for k, v in budget.limits().items())
+            meets = rules.meets(p.cost.model_dump(), rules.cost_limits(budget.limits()))
         extra = dict(p.model_extra or {})
         return PointRow(
             job_id=job_id,
@@ -162,18 +157,11 @@ class PointsMixin(ArtifactsMixin):
         )
 
     @staticmethod
-    @staticmethod
     def _pick_recommended(rows: Sequence[PointRow], metric: str, higher: bool) -> int | None:
-        """The best point by ``metric`` among those meeting the budget (ties: the smaller one)."""
-        best: tuple[float, float, int] | None = None
-        for r in rows:
-            value = (r.metrics or {}).get(metric)
-            if not r.meets_budget or value is None:
-                continue
-            key = (-value if higher else value, r.size_bytes, r.idx)
-            if best is None or key < best:
-                best = key
-        return None if best is None else best[2]
+        """The best point by ``metric`` among those meeting the budget (:func:`bitscout.rules.recommended`)."""
+        return rules.recommended(
+            ((r.idx, (r.metrics or {}).get(metric), r.size_bytes, bool(r.meets_budget)) for r in rows), higher
+        )
 
     def get_points(self, *, job_id: str, owner: str | None = None) -> list[ParetoPointRead]:
         """Every stored point of the job, by id."""
