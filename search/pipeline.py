@@ -1,12 +1,12 @@
-"""The search pipeline: groups → space → sensitivity → allocation over a budget sweep → evaluation →
-Pareto front → :class:`~search.result.SearchResult`.
+"""The live search over one loaded model: :class:`SearchOptions` (what to search) and
+:class:`Search` (the model, its calibration and evaluation batches, the adapter, the space and the
+cost model, and one method per stage).
 
-:class:`Search` is a *live* search over one loaded model. Its stages can be called one by one (the
-workers store each sensitivity table as soon as it exists and evaluate candidate maps in parallel), or
-all at once with :meth:`Search.run`. Everything that can be checked without running the model
-(options, space, budget feasibility) is checked in the constructor, before any long computation.
-
-:func:`resolve` answers a new budget from a stored space and stored sensitivity tables, without a model.
+Everything that can be checked without running the model (options, each method's options, space,
+budget feasibility) is checked in the constructor, before any long computation. The stages are
+called in order by the one orchestration, :func:`search.orchestration.run_search` (what
+:meth:`Search.run` does in-process and the job runner does on Ray); the maps between a table and an
+evaluation come from the torch-free planning core, :mod:`search.plan`.
 """
 
 from __future__ import annotations
