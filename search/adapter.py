@@ -20,6 +20,7 @@ recognised the block falls back to ``layer`` groups with a warning.
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import logging
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -30,6 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from bitscout import options as options_grammar
 from search import quant
 from search.errors import InvalidInputError, UnsupportedModelError
 from search.space import (
@@ -41,6 +43,8 @@ from search.space import (
     PrecisionMap,
     PruneLimits,
     SearchSpace,
+    Tie,
+    check_option_fits,
 )
 
 log = logging.getLogger(__name__)
@@ -323,23 +327,31 @@ class ModelAdapter:
         symmetric: bool = True,
         ffn_block_size: int = 64,
         prune_limits: PruneLimits | None = None,
+        tie: Iterable[str] = (),
+        strict: bool = True,
     ) -> SearchSpace:
         """The groups at ``granularity`` and the options each may take.
 
-        ``bits`` lists the options (ints, ``"4a"`` strings or BitOptions); ints take ``symmetric``.
+        ``bits`` lists the options (ints, strings of the grammar of :mod:`bitscout.options` such as
+        ``"4a"`` or ``"4g128"``, or BitOptions); those whose spelling names no grid take ``symmetric``.
         Pruning (0) applies to sub-layer groups only: ``layer`` groups never take it.
         Full precision (32) is always allowed so that every budget sweep can reach the unquantized model.
+        A group-wise option whose group size does not fit a group's columns is refused
+        (:class:`InvalidInputError`, ``space.bits``); with ``strict=False`` that group goes without it.
+        ``tie`` names the tie kinds (:data:`bitscout.options.TIE_KINDS`, or their short names ``qkv``,
+        ``gate_up``): the sibling projections of each block found by :meth:`find_siblings` that are
+        whole-matrix groups are tied to one option (at ``group`` granularity a head already spans its
+        rows of q, k and v, and an FFN group its rows of gate and up).
         """
         if granularity not in ("layer", "group"):
             raise InvalidInputError(f"granularity must be 'layer' or 'group', got {granularity!r}", field="granularity")
         if isinstance(ffn_block_size, bool) or not isinstance(ffn_block_size, int) or ffn_block_size < 1:
             raise InvalidInputError("ffn_block_size must be a positive integer", field="ffn_block_size")
-        options: list[BitOption] = []
-        for b in bits:
-            opt = BitOption.parse(b)
-            if isinstance(b, int) and opt.is_integer:
-                opt = BitOption(opt.bits, symmetric)
-            options.append(opt)
+        try:
+            tie_kinds = options_grammar.parse_ties(list(tie) if not isinstance(tie, str) else tie)
+        except options_grammar.OptionSyntaxError as exc:
+            raise InvalidInputError(str(exc), field="space.tie") from None
+        options: list[BitOption] = [BitOption.parse(b, symmetric=symmetric) for b in bits]
         if not options:
             raise InvalidInputError("at least one bit-width is required", field="bits")
         options.append(FULL_PRECISION)
@@ -363,9 +375,15 @@ class ModelAdapter:
                 "sub-layer structure not recognised in blocks %s: they use one group per matrix (granularity 'layer')",
                 fell_back,
             )
-        group_options = tuple(opts_all if g.kind != "layer" else opts_layer for g in groups)
+        group_options = []
+        for g in groups:
+            allowed = opts_all if g.kind != "layer" else opts_layer
+            if not strict:
+                allowed = tuple(o for o in allowed if check_option_fits(g, o) is None)
+            group_options.append(allowed)
         if any(not o for o in group_options):
             raise InvalidInputError("no allowed bit-width besides pruning for whole-matrix groups", field="bits")
+        ties = self._ties(groups, tie_kinds) if tie_kinds else ()
         total = sum(p.numel() for p in self.model.parameters())
         in_groups = sum(g.n_params for g in groups)
         other_macs = 0
@@ -375,14 +393,139 @@ class ModelAdapter:
                 other_macs += info.macs_per_token
         return SearchSpace(
             groups=tuple(groups),
-            options=group_options,
+            options=tuple(group_options),
             granularity=granularity,
             other_params=total - in_groups,
             other_bits=32,
             other_macs_per_token=other_macs,
             n_blocks=len(self.blocks),
             prune_limits=prune_limits or PruneLimits(),
+            ties=ties,
         )
+
+    # ------------------------------------------------------------------ ties
+    def _ties(self, groups: Sequence[Group], kinds: Sequence[str]) -> tuple[Tie, ...]:
+        """The ties of ``kinds`` among whole-matrix groups: one per sibling set of :meth:`find_siblings`
+        whose matrices are all ``layer`` groups of their own (siblings split into head or FFN groups are
+        already tied slice by slice: each such group spans the same rows of every sibling)."""
+        whole = {g.members[0].module: g.name for g in groups if g.kind == "layer" and g.members[0].axis == "all"}
+        order = {g.name: i for i, g in enumerate(groups)}
+        out = []
+        for kind, modules in self.find_siblings():
+            if kind not in kinds:
+                continue
+            names = [whole.get(m) for m in modules]
+            present = [n for n in names if n is not None]
+            if len(present) < 2:
+                continue
+            if len(present) < len(names):
+                log.info("tie %s of %s: only %s are whole-matrix groups of the space", kind, modules, present)
+            out.append(Tie(kind, tuple(sorted(present, key=order.__getitem__))))  # type: ignore[arg-type]
+        return tuple(out)
+
+    def find_siblings(self) -> list[tuple[str, tuple[str, ...]]]:
+        """The sibling projections of every block, found structurally (no module names): matrices of
+        one block that read the very same input tensor, split by the matrix that consumes their
+        outputs. Returns ``(kind, module names)`` for each set of two or more:
+        ``attention_inputs`` when an attention operation (a softmax or a fused scaled-dot-product
+        kernel) lies between the siblings and their consumer (q/k/v and the output projection),
+        ``ffn_inputs`` otherwise (gate/up and the down projection).
+
+        Runs the model once on a probe batch of eight tokens with gradients on (the autograd graph is
+        what links a consumer's input to the siblings' outputs); the weights and the ``requires_grad``
+        flags are left as they were. Raises :class:`UnsupportedModelError` (``space.tie``) when the
+        model cannot run on token ids alone.
+        """
+        cached = self.__dict__.get("_siblings")
+        if cached is None:
+            cached = self._trace_siblings()
+            self.__dict__["_siblings"] = cached
+        return list(cached)
+
+    def _trace_siblings(self) -> list[tuple[str, tuple[str, ...]]]:
+        linears = {
+            name: m for name, m in self.model.named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)
+        }
+        inputs: dict[str, torch.Tensor] = {}
+        outputs: dict[str, torch.Tensor] = {}
+
+        def pre(name: str) -> Any:
+            def hook(module: nn.Module, args: Any) -> None:
+                if args and isinstance(args[0], torch.Tensor) and name not in inputs:
+                    inputs[name] = args[0]
+            return hook
+
+        def post(name: str) -> Any:
+            def hook(module: nn.Module, args: Any, out: Any) -> None:
+                if isinstance(out, torch.Tensor) and name not in outputs:
+                    outputs[name] = out
+            return hook
+
+        handles = []
+        for name, m in linears.items():
+            handles.append(m.register_forward_pre_hook(pre(name)))
+            handles.append(m.register_forward_hook(post(name)))
+        params = list(self.model.parameters())
+        flags = [p.requires_grad for p in params]
+        was_training = self.model.training
+        try:
+            for p in params:
+                if p.is_floating_point():
+                    p.requires_grad_(True)
+            self.model.eval()
+            with torch.inference_mode(False), torch.enable_grad():
+                self.model(**self._probe_inputs())
+        except Exception as exc:
+            raise UnsupportedModelError(
+                f"cannot run the model on a probe batch to find its fused projections ({type(exc).__name__}: {exc}); "
+                "turn ties off (tie 'none')",
+                field="space.tie",
+            ) from exc
+        finally:
+            for h in handles:
+                h.remove()
+            for p, f in zip(params, flags, strict=True):
+                p.requires_grad_(f)
+            self.model.train(was_training)
+        # the output nodes are held by ``nodes`` while the graph is walked, so their ids stay theirs
+        nodes = {name: t.grad_fn for name, t in outputs.items() if t.grad_fn is not None}
+        producers = {id(n): name for name, n in nodes.items()}
+        # the siblings: selected block matrices by the tensor they read
+        by_input: dict[int, list[str]] = {}
+        for name in self.matrices:
+            info = self.matrices[name]
+            if info.role == "block" and name in inputs:
+                by_input.setdefault(id(inputs[name]), []).append(name)
+        sibling_sets = [names for names in by_input.values() if len(names) > 1]
+        if not sibling_sets:
+            return []
+        sources = {name: _sources(inputs[name], producers) for name in linears if name in inputs}
+        order = {name: i for i, name in enumerate(linears)}
+        out: list[tuple[str, tuple[str, ...]]] = []
+        for siblings in sibling_sets:
+            left = set(siblings)
+            for consumer in sorted(sources, key=order.__getitem__):
+                found, attention = sources[consumer]
+                part = found & left
+                if len(part) < 2:
+                    continue
+                kind = "attention_inputs" if attention else "ffn_inputs"
+                out.append((kind, tuple(sorted(part, key=order.__getitem__))))
+                left -= part
+        return out
+
+    def _probe_inputs(self) -> dict[str, Any]:
+        """Eight token ids (and their attention mask) on the model's device."""
+        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        vocab = self._config_int("vocab_size") or 2
+        ids = (torch.arange(8, device=device) % max(1, min(vocab, 64))).unsqueeze(0)
+        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        try:
+            if "use_cache" in inspect.signature(self.model.forward).parameters:
+                kwargs["use_cache"] = False
+        except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+            pass
+        return kwargs
 
     # ------------------------------------------------------------------ applying maps
     def _write_group(self, group: Group, option: BitOption, clip: str) -> None:
@@ -394,7 +537,11 @@ class ModelAdapter:
                 if b is not None and m.axis in ("out", "all"):
                     (b[m.start : m.stop] if m.axis == "out" else b).zero_()
             elif option.bits != 32:
-                block.copy_(quant.fake_quantize(block, option.bits, symmetric=option.symmetric, clip=clip))
+                block.copy_(
+                    quant.fake_quantize(
+                        block, option.bits, symmetric=option.symmetric, clip=clip, group_size=option.group_size  # type: ignore[arg-type]
+                    )
+                )
 
     def _touched(self, pmap: PrecisionMap, space: SearchSpace) -> list[str]:
         mods: dict[str, None] = {}
@@ -441,6 +588,35 @@ class ModelAdapter:
             module.weight.copy_(w)
             if b is not None:
                 module.bias.copy_(b)
+
+
+#: autograd nodes of an attention operation (eager softmax, fused scaled-dot-product kernels)
+_ATTENTION_NODES = ("Softmax", "ScaledDotProduct", "Attention")
+
+
+def _sources(x: torch.Tensor, producers: dict[int, str]) -> tuple[set[str], bool]:
+    """The linear layers whose outputs the tensor ``x`` is computed from (walking its autograd graph
+    back, stopping at every linear layer's output), and whether an attention operation lies on the way."""
+    found: set[str] = set()
+    attention = False
+    root = x.grad_fn
+    if root is None:
+        return found, attention
+    stack = [root]
+    seen: dict[int, Any] = {}  # holds the visited nodes, so that no id is reused while walking
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen[id(node)] = node
+        name = producers.get(id(node))
+        if name is not None:
+            found.add(name)
+            continue
+        if any(k in node.name() for k in _ATTENTION_NODES):
+            attention = True
+        stack.extend(n for n, _ in node.next_functions)
+    return found, attention
 
 
 def _common_prefix(names: Sequence[str]) -> str:

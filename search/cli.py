@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from bitscout import options as bit_options
 from search.errors import SearchError
 from search.pipeline import SearchOptions
 from search.result import Budget, SearchResult
@@ -18,6 +19,7 @@ EXAMPLE = """examples:
   bitscout search --model ./my-bert --data reviews.jsonl --label-field label \\
       --method hessian --granularity group --bits 0,2,3,4,8 --max-avg-bits 3 \\
       --option hessian.max_probes=32 --option hessian.weighting=rows
+  bitscout search --model ./my-llama --data text.jsonl --bits 4g128,8,3g64 --tie qkv,gate_up --max-size-mb 300
 """
 
 
@@ -26,6 +28,22 @@ def _csv_ints(text: str) -> tuple[str, ...]:
     if not parts:
         raise argparse.ArgumentTypeError("expected a comma-separated list such as 2,3,4,8")
     return parts
+
+
+def _bit_options(text: str) -> tuple[int | str, ...]:
+    """``--bits 4g128,8,3g64``: bit options in the grammar of :mod:`bitscout.options`."""
+    try:
+        return tuple(bit_options.wire_option(p) for p in _csv_ints(text))
+    except bit_options.OptionSyntaxError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _ties(text: str) -> tuple[str, ...]:
+    """``--tie qkv,gate_up`` or ``--tie none``."""
+    try:
+        return bit_options.parse_ties(text)
+    except bit_options.OptionSyntaxError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _method_option(text: str) -> tuple[str, str, object]:
@@ -56,7 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", default="text")
     p.add_argument("--label-field", default=None, help="the label column (classification accuracy)")
     p.add_argument("--method", action="append", dest="methods", help="kl, hessian, dnas, nsga2 (repeatable; default kl)")
-    p.add_argument("--bits", type=_csv_ints, default=("2", "3", "4", "8"), help="allowed bit-widths (0 prunes), e.g. 2,3,4,8")
+    p.add_argument(
+        "--bits", type=_bit_options, default=(2, 3, 4, 8),
+        help="allowed bit options: widths (0 prunes), 'a' asymmetric, 'g<N>' a scale per N input columns, e.g. 2,3,4,8 "
+        "or 4g128,8,3g64",
+    )
+    p.add_argument(
+        "--tie", type=_ties, default=None, metavar="KINDS",
+        help="sibling projections that take one option, found structurally: qkv, gate_up, or none "
+        "(default: qkv,gate_up for causal LMs, none otherwise)",
+    )
     p.add_argument("--asymmetric", action="store_true", help="asymmetric integer grids")
     p.add_argument(
         "--option", action="append", dest="method_options", type=_method_option, metavar="METHOD.KEY=VALUE",
@@ -92,7 +119,7 @@ def options_from_args(a: argparse.Namespace) -> SearchOptions:
     limits = None
     if a.max_head_prune is not None or a.max_ffn_prune is not None:
         limits = PruneLimits(max_head_fraction=a.max_head_prune, max_ffn_fraction=a.max_ffn_prune)
-    bits: tuple[int | str, ...] = tuple(int(b) if b.isdigit() else b for b in a.bits)
+    bits: tuple[int | str, ...] = tuple(a.bits)
     method_options: dict[str, dict[str, object]] = {}
     for method, name, value in a.method_options or ():
         method_options.setdefault(method, {})[name] = value
@@ -116,6 +143,7 @@ def options_from_args(a: argparse.Namespace) -> SearchOptions:
         seed=a.seed,
         seq_len=a.max_length,
         device_profile=a.device_profile,
+        tie=a.tie,
     )
 
 

@@ -3,7 +3,8 @@
 A :class:`CostModel` prices every (group, option) of a :class:`~search.space.SearchSpace` once
 (:meth:`CostModel.group_costs`) plus a constant part (:meth:`CostModel.offsets`); the cost of a
 map is the offsets plus the chosen options' contributions, so every metric is *additive* over
-groups, which is what the allocators need. ``cost(pmap)`` is computed exactly that way.
+groups, which is what the allocators need. ``cost(pmap)`` is computed exactly that way. A tie
+(``SearchSpace.ties``) changes no price: a tied set costs the sum of its groups, each counted once.
 
 Definitions
 ===========
@@ -17,10 +18,12 @@ Notation: a group ``g`` has members ``m`` (``m.n_params`` weights in ``m.out_cha
 ==============  ==========================================================================
 option          bytes of group ``g``
 ==============  ==========================================================================
-integer ``b``   ``sum over members m of ceil(m.n_params * b / 8) + 2 * m.out_channels``
-                ``+ m.out_channels`` more when asymmetric. Each member slice is packed on its
-                own (``search.quant.pack``), with one float16 scale (2 bytes) and, when
-                asymmetric, one uint8 zero point (1 byte) per row of the slice.
+integer ``b``   ``sum over members m of ceil(m.n_params * b / 8) + 2 * s_m``, plus ``s_m``
+                more when asymmetric, where ``s_m`` is the number of scales of the slice:
+                ``m.out_channels`` per row, ``m.out_channels * m.in_features / N`` with
+                group-wise scales of ``N`` columns. Each member slice is packed on its own
+                (``search.quant.pack``), with one float16 scale (2 bytes) and, when
+                asymmetric, one uint8 zero point (1 byte) per row (per group) of the slice.
 16              ``2 * n_g``
 32              ``4 * n_g``
 0 (pruned)      ``- g.bias_params * o / 8``: the weights cost nothing and the group's bias,
@@ -88,9 +91,9 @@ import numpy as np
 
 from search.errors import InvalidInputError
 from search.result import COST_METRICS, Cost
-from search.space import BitOption, Group, PrecisionMap, SearchSpace
+from search.space import BitOption, Group, Member, PrecisionMap, SearchSpace
 
-__all__ = ["DEFAULT_PROFILE", "PROFILES", "CostModel", "DeviceProfile", "get_profile", "weight_bytes"]
+__all__ = ["DEFAULT_PROFILE", "PROFILES", "CostModel", "DeviceProfile", "get_profile", "n_scales", "weight_bytes"]
 
 _METRICS: tuple[str, ...] = tuple(COST_METRICS)
 
@@ -219,8 +222,16 @@ def weight_bytes(group: Group, option: BitOption) -> int:
         return 0
     if option.is_float:
         return group.n_params * (b // 8)
-    per_row = 2 if option.symmetric else 3
-    return sum(math.ceil(m.n_params * b / 8) + per_row * m.out_channels for m in group.members)
+    per_scale = 2 if option.symmetric else 3
+    return sum(math.ceil(m.n_params * b / 8) + per_scale * n_scales(m, option) for m in group.members)
+
+
+def n_scales(member: Member, option: BitOption) -> int:
+    """Scales (and zero points) of one member slice at an integer ``option``: one per row, or one
+    per ``group_size`` input columns of each row."""
+    if option.group_size is None:
+        return member.out_channels
+    return member.out_channels * (member.in_features // option.group_size)
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,9 @@ For a group ``g`` with ``n_g`` weights and an option ``o``::
 to the group's weights, so ``tr(H_gg) / n_g`` is the group's mean curvature per weight (HAWQ-V2), and
 ``quant_error`` (:func:`search.quant.quant_error`) is the squared error ``||Q(w) - w||^2`` of each
 member slice quantized exactly as :meth:`ModelAdapter._write_group` does (per output row of the slice,
-with the search's clipping). Bits 32 score 0; 16 score the half-precision rounding error; bits 0
-(pruned) score ``||w||^2`` of the group's *weights*. The biases that pruning also zeroes are left out of
-the score: their curvature is not estimated (only the weights' Hessian is), and for heads and FFN
+or per group of input columns of each row for group-wise options, with the search's clipping). Bits
+32 score 0; 16 score the half-precision rounding error; bits 0 (pruned) score ``||w||^2`` of the
+group's *weights*. The biases that pruning also zeroes are left out of the score: their curvature is not estimated (only the weights' Hessian is), and for heads and FFN
 blocks the pruned rows' biases only feed the pruned columns of the output projection, so the weights'
 term already describes the removed function. A negative trace estimate (the Hessian need not be
 positive semi-definite, and Hutchinson's estimate of a small trace can fall below 0) is clamped to 0:
@@ -33,7 +33,9 @@ Hessian's *diagonal*, so from the same probes (no extra Hessian-vector product, 
 member slice) the curvature is also estimated per member slice and per row:
 
 * ``members``: ``score = sum over member slices s of (tr(H_ss) / n_s) * quant_error(s)``;
-* ``rows``: ``score = sum over rows r of every slice of (sum_i H_ii over r / n_r) * ||Q(w_r) - w_r||^2``,
+* ``rows``: ``score = sum over rows r of every slice of (sum_i H_ii over r / n_r) * ||Q(w_r) - w_r||^2``
+  (with group-wise scales ``Q`` quantizes each group of the row on its own and the row's error is the
+  sum of its groups' errors),
   the diagonal second-order estimate of the loss increase at row resolution; at 0 bits this is the
   Optimal Brain Damage saliency ``sum_i H_ii w_i^2`` of the removed weights, row by row.
 
@@ -748,9 +750,11 @@ class HessianSensitivity(SensitivityMethod):
                 for k, m in enumerate(g.members):
                     w = ctx.adapter.member_slice(m)
                     if curv is None:
-                        err += mean_trace * quant_error(w, opt.bits, symmetric=opt.symmetric, clip=clip)
+                        err += mean_trace * quant_error(
+                            w, opt.bits, symmetric=opt.symmetric, clip=clip, group_size=opt.group_size
+                        )
                     else:
-                        err += float(np.dot(curv[k], _row_errors(w, opt.bits, opt.symmetric, clip)))
+                        err += float(np.dot(curv[k], _row_errors(w, opt.bits, opt.symmetric, clip, opt.group_size)))
                 row[opt.key()] = max(0.0, err)
             scores[g.name] = row
         return scores
@@ -766,9 +770,12 @@ def _member_traces(plan: _Plan, row_trace: np.ndarray | None, names: list[str]) 
     return {"member_traces": out}
 
 
-def _row_errors(w: torch.Tensor, bits: int, symmetric: bool, clip: Literal["mse", "minmax"]) -> np.ndarray:
-    """Squared quantization error of every row of ``w`` (``[out, in]`` layout), float64."""
-    fq = fake_quantize(w, bits, symmetric=symmetric, clip=clip)
+def _row_errors(
+    w: torch.Tensor, bits: int, symmetric: bool, clip: Literal["mse", "minmax"], group_size: int | None = None
+) -> np.ndarray:
+    """Squared quantization error of every row of ``w`` (``[out, in]`` layout), float64, under the
+    option's own quantizer: with group-wise scales, the sum of the errors of the row's groups."""
+    fq = fake_quantize(w, bits, symmetric=symmetric, clip=clip, group_size=group_size)
     diff = w.detach().to(torch.float32) - fq.to(torch.float32)
     out: np.ndarray = diff.square_().sum(dim=1, dtype=torch.float64).cpu().numpy()
     return out

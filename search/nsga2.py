@@ -1,6 +1,7 @@
 """NSGA-II: a black-box multi-objective search over per-group options (the ``nsga2`` method).
 
-Each individual is one option index per group of the :class:`~search.space.SearchSpace`; its two
+Each individual is one option index per decision of the :class:`~search.space.SearchSpace` (a group,
+or a tied set of groups that takes one option: :attr:`~search.space.SearchSpace.decisions`); its two
 objectives are the quality metric of the fake-quantized model (maximised or minimised as the
 metric says) and a cost of the map (``size_bytes`` by default: the metric the budget's front is
 swept over). Optuna's :class:`~optuna.samplers.NSGAIISampler` proposes one *generation* at a time
@@ -99,7 +100,7 @@ def default_population_size(n_evaluations: int) -> int:
 
 def _space_size(space: SearchSpace) -> float:
     n = 1.0
-    for opts in space.options:
+    for opts in space.decision_options:
         n *= len(opts)
         if n > 1e18:
             break
@@ -173,9 +174,10 @@ def run_nsga2(
         study_name=study_name,
         load_if_exists=storage is not None and study_name is not None,
     )
-    names = [f"g{i}" for i in range(len(space.groups))]
+    names = [f"g{i}" for i in range(len(space.decisions))]  # one parameter per decision (per group when untied)
     dists: dict[str, optuna.distributions.BaseDistribution] = {
-        n: optuna.distributions.IntDistribution(0, len(opts) - 1) for n, opts in zip(names, space.options, strict=True)
+        n: optuna.distributions.IntDistribution(0, len(opts) - 1)
+        for n, opts in zip(names, space.decision_options, strict=True)
     }
 
     cache: dict[PrecisionMap, dict[str, float]] = {}
@@ -197,7 +199,7 @@ def run_nsga2(
             study.tell(t.number, state=TrialState.FAIL)
     if not study.trials or resumed == 0:
         for pmap in initial_maps:
-            study.enqueue_trial(dict(zip(names, space.choices(pmap), strict=True)), skip_if_exists=True)
+            study.enqueue_trial(dict(zip(names, space.decision_choices(pmap), strict=True)), skip_if_exists=True)
 
     n_trials = len(study.trials)
     max_trials = n_trials + _MAX_ASK_FACTOR * max(budget, pop)

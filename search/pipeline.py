@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from bitscout import options as options_grammar
 from search import methods
 from search.adapter import ModelAdapter
 from search.cost import CostModel, get_profile
@@ -36,7 +37,7 @@ from search.plan import (
 )
 from search.result import Budget, ParetoPoint, SearchResult, SensitivityTable
 from search.sensitivity import ProgressFn, SensitivityContext, StopFn
-from search.space import Granularity, PrecisionMap, PruneLimits, space_to_dict
+from search.space import BitOption, Granularity, PrecisionMap, PruneLimits, space_to_dict
 from search.tasks import (
     Reference,
     Task,
@@ -46,6 +47,9 @@ from search.tasks import (
     higher_is_better,
     reference_outputs,
 )
+
+#: the ties of a causal LM's search unless its options say otherwise (inference engines fuse them)
+DEFAULT_TIES: tuple[str, ...] = ("attention_inputs", "ffn_inputs")
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,10 @@ class SearchOptions:
     method's model in :mod:`bitscout.methods` defines them); ``refine`` fine-tunes chosen points
     after the search.
     ``seq_len`` is the sequence length BOPs and latency are costed at (default: the data's max length).
+    ``bits`` are bit options in the grammar of :mod:`bitscout.options` (``4``, ``"4a"``, ``"4g128"``).
+    ``tie`` names the sibling projections tied to one option (``("qkv", "gate_up")``, the kinds of
+    :data:`bitscout.options.TIE_KINDS`); ``()`` ties nothing; None is the task's default:
+    :data:`DEFAULT_TIES` for causal LMs, nothing otherwise.
     """
 
     methods: tuple[str, ...] = ("kl",)
@@ -97,6 +105,7 @@ class SearchOptions:
     clip: str = "mse"
     method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     refine: RefineChoice | None = None
+    tie: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -115,6 +124,19 @@ class SearchOptions:
             raise InvalidInputError("front_points must be an integer between 2 and 64", field="front_points")
         if self.clip not in ("mse", "minmax"):
             raise InvalidInputError("clip must be 'mse' or 'minmax'", field="clip")
+        for b in self.bits:
+            BitOption.parse(b)  # a spelling outside the grammar fails here, before the model loads
+        if self.tie is not None:
+            try:
+                object.__setattr__(self, "tie", options_grammar.parse_ties(self.tie))
+            except options_grammar.OptionSyntaxError as exc:
+                raise InvalidInputError(str(exc), field="space.tie") from None
+
+    def ties_for(self, task: str) -> tuple[str, ...]:
+        """The tie kinds of a search of ``task``: :attr:`tie`, or the task's default."""
+        if self.tie is not None:
+            return self.tie
+        return DEFAULT_TIES if task == "causal_lm" else ()
 
 
 class Search:
@@ -162,6 +184,7 @@ class Search:
             symmetric=options.symmetric,
             ffn_block_size=options.ffn_block_size,
             prune_limits=options.prune_limits,
+            tie=options.ties_for(self.task),
         )
         self.cost_model = CostModel(
             self.space, seq_len=options.seq_len, act_bits=options.act_bits, profile=get_profile(options.device_profile)
@@ -259,6 +282,7 @@ class Search:
                 "methods": list(self.options.methods),
                 "groups": len(self.space.groups),
                 "granularity": self.space.granularity,
+                "ties": len(self.space.ties),
                 "recommended": recommended_index(points, self.options.budget, self.metric, self.higher_is_better),
                 "seed": self.options.seed,
             },
@@ -285,4 +309,4 @@ def versions() -> dict[str, str]:
     }
 
 
-__all__ = ["RefineChoice", "Search", "SearchOptions", "versions"]
+__all__ = ["DEFAULT_TIES", "RefineChoice", "Search", "SearchOptions", "versions"]

@@ -62,7 +62,8 @@ def sweep_metric(budget: Budget) -> str:
 
 
 def _prune_constraints(space: SearchSpace) -> tuple[dict[str, list[np.ndarray]], dict[str, float]]:
-    """Structural pruning limits as extra linear budgets: per block, the count of pruned heads / FFN groups."""
+    """Structural pruning limits as extra linear budgets: per block, the count of pruned heads / FFN
+    groups (per group: ``1`` at the pruned option; :func:`build_problem` sums them per decision)."""
     pl = space.prune_limits
     weights: dict[str, list[np.ndarray]] = {}
     limits: dict[str, float] = {}
@@ -88,9 +89,19 @@ def _prune_constraints(space: SearchSpace) -> tuple[dict[str, list[np.ndarray]],
     return weights, limits
 
 
+def per_decision(space: SearchSpace, rows: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Per-group rows (one entry per option of the group) summed over every decision's groups (a tied
+    set's groups allow the same options, so their rows add entry by entry)."""
+    return [np.sum([np.asarray(rows[i], dtype=np.float64) for i in members], axis=0) for members in space.decisions]
+
+
 def build_problem(space: SearchSpace, cost_model: CostModel, table: SensitivityTable | None) -> tuple[alloc.Problem, dict[str, float]]:
     """The allocation problem of ``space`` (values from ``table``; zeros when None) and the fixed
-    structural limits it must always respect."""
+    structural limits it must always respect.
+
+    One variable per decision (:attr:`SearchSpace.decisions`): a tied set's values and costs are the
+    sums of its groups' (each group counted once), so an allocation's choices are one option index per
+    decision, which :meth:`SearchSpace.from_choices` expands to the groups."""
     values = []
     for g, opts in zip(space.groups, space.options, strict=True):
         row = table.scores.get(g.name, {}) if table is not None else {}
@@ -106,7 +117,11 @@ def build_problem(space: SearchSpace, cost_model: CostModel, table: SensitivityT
     weights.update(pw)
     offsets = cost_model.offsets()
     offsets.update(dict.fromkeys(pw, 0.0))
-    return alloc.Problem(values=values, weights=weights, offsets=offsets, names=[g.name for g in space.groups]), plimits
+    if space.ties:
+        values = per_decision(space, values)
+        weights = {m: per_decision(space, w) for m, w in weights.items()}
+    names = space.decision_names()
+    return alloc.Problem(values=values, weights=weights, offsets=offsets, names=names), plimits
 
 
 def check_budget(space: SearchSpace, cost_model: CostModel, budget: Budget) -> None:
@@ -191,7 +206,7 @@ def _narrowest_cost(space: SearchSpace, problem: alloc.Problem, metric: str) -> 
     cheapest option); None when no group has an integer option."""
     idx = []
     any_int = False
-    for opts in space.options:
+    for opts in space.decision_options:
         ints = [k for k, o in enumerate(opts) if o.is_integer]
         any_int = any_int or bool(ints)
         idx.append(min(ints, key=lambda k, opts=opts: opts[k].bits) if ints else
@@ -202,14 +217,18 @@ def _narrowest_cost(space: SearchSpace, problem: alloc.Problem, metric: str) -> 
 
 
 def uniform_candidates(space: SearchSpace, baselines: Sequence[int], symmetric: bool = True) -> list[Candidate]:
-    """The uniform reference maps: every searched group at one bit-width, for each width of
-    ``baselines`` that every group of ``space`` allows (groups kept at full precision aside)."""
+    """The uniform reference maps: every searched group at one option, for each width of ``baselines``
+    and each option of that width (and grid) the space offers (per row, group-wise), when every group
+    of ``space`` allows it (groups kept at full precision aside)."""
     out = []
+    offered = sorted({o for opts in space.options for o in opts})
     for b in baselines:
-        opt = BitOption(b, symmetric)
-        pmap = space.uniform(opt)
-        if all(p == opt or p.bits == 32 for p in pmap.values()):
-            out.append(Candidate(pmap, "uniform", None, {}, f"uniform {b}-bit"))
+        at_width = [o for o in offered if o.bits == b and (o.symmetric == symmetric or not o.is_integer)]
+        for opt in at_width or [BitOption(b, symmetric)]:
+            pmap = space.uniform(opt)
+            if all(p == opt or p.bits == 32 for p in pmap.values()):
+                label = f"uniform {b}-bit" if opt.per_row else f"uniform {opt.key()}"
+                out.append(Candidate(pmap, "uniform", None, {}, label))
     return out
 
 
@@ -266,6 +285,7 @@ def resolve(
 
 __all__ = [
     "SWEEP_ORDER",
+    "per_decision",
     "UNIFORM_BASELINES",
     "Candidate",
     "build_problem",

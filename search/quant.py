@@ -1,7 +1,11 @@
 """Quantization primitives: pure tensor functions, no modules, no state.
 
 Weights are in the ``[out_features, in_features]`` layout of ``torch.nn.Linear`` and are quantized
-*per output channel*: each row has its own scale (and its own zero point when asymmetric).
+*per output channel*: each row has its own scale (and its own zero point when asymmetric), or, with
+``group_size=N``, *per group*: each run of ``N`` consecutive input columns of each row has its own
+(``N`` must divide the columns). A group-wise grid is the per-row grid of the matrix reshaped to
+``[rows * cols / N, N]``, so everything below about rows holds for every group: scales, zero points
+and MSE clipping are chosen group by group, and ``QParams`` hold ``[rows, cols / N]`` tensors.
 Every function keeps the device of its input and makes no device assumption (CPU and CUDA alike);
 float16 / bfloat16 inputs are computed in float32 and results handed back in the input's dtype.
 Everything is deterministic: no randomness, ties broken by a fixed order.
@@ -62,7 +66,8 @@ Packing
 ``pack`` stores codes densely, ``bits`` bits each, in a little-endian bit stream: code ``i``
 occupies stream bits ``[i*bits, (i+1)*bits)``, least significant bit first, and stream bit ``k``
 is bit ``k % 8`` of byte ``k // 8``. ``n`` codes take ``ceil(n * bits / 8)`` bytes, the figure
-``search.cost`` counts per member slice.
+``search.cost`` counts per member slice. Codes are the same ``[rows, cols]`` matrix whatever the
+scales' granularity, so group-wise codes pack exactly like per-row ones.
 """
 
 from __future__ import annotations
@@ -108,17 +113,27 @@ _CHUNK_ELEMENTS = 1 << 24
 
 @dataclass(frozen=True)
 class QParams:
-    """Per-row quantization parameters of one weight matrix.
+    """Quantization parameters of one weight matrix.
 
-    ``scale``: float32 ``[rows]`` holding float16 values (exact as ``scale.half()``);
-    ``zero_point``: int32 ``[rows]`` (all 0 when symmetric); both on the weight's device.
-    ``bits`` and ``symmetric`` fix the code range (see :func:`code_range`).
+    ``scale``: float32 holding float16 values (exact as ``scale.half()``); ``zero_point``: int32
+    (all 0 when symmetric); both on the weight's device, of shape ``[rows]`` per row, or
+    ``[rows, cols / group_size]`` with group-wise scales (``group_size`` set: one entry per
+    ``group_size`` input columns of each row). ``bits`` and ``symmetric`` fix the code range
+    (see :func:`code_range`).
     """
 
     scale: torch.Tensor
     zero_point: torch.Tensor
     bits: int
     symmetric: bool
+    group_size: int | None = None
+
+    def shape_for(self, w_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape ``scale`` and ``zero_point`` must have for a weight of ``w_shape``."""
+        rows, cols = int(w_shape[0]), int(w_shape[1])
+        if self.group_size is None:
+            return (rows,)
+        return (rows, cols // self.group_size)
 
     @property
     def qmin(self) -> int:
@@ -151,6 +166,23 @@ def _check_bits(bits: int) -> None:
         or (bits not in _INT_BITS and bits not in (0, 16, 32))
     ):
         raise InvalidInputError(f"unknown bit-width {bits!r}; allowed: 0, 2 to 8, 16, 32", field="bits")
+
+
+def _check_group_size(w: torch.Tensor, group_size: int | None) -> None:
+    if group_size is None:
+        return
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise InvalidInputError(f"group_size must be a positive integer, got {group_size!r}", field="group_size")
+    if w.ndim != 2 or w.shape[1] % group_size:
+        raise InvalidInputError(
+            f"group_size {group_size} does not divide the {w.shape[-1] if w.ndim else 0} columns of the weight",
+            field="group_size",
+        )
+
+
+def _as_rows(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """``w`` with every group of ``group_size`` columns as one row (``w`` itself per row)."""
+    return w if group_size is None else w.reshape(-1, group_size)
 
 
 def _check_matrix(w: torch.Tensor) -> None:
@@ -205,24 +237,38 @@ def choose_qparams(
     symmetric: bool = True,
     clip: Clip = "mse",
     grid: int = 20,
+    group_size: int | None = None,
 ) -> QParams:
-    """Per-row scales (and zero points) for quantizing ``w`` to ``bits`` integer bits.
+    """Per-row (or, with ``group_size``, per-group) scales and zero points for quantizing ``w`` to
+    ``bits`` integer bits.
 
-    ``clip="minmax"`` covers each row's full range; ``clip="mse"`` searches ``grid`` clip ratios
-    in ``linspace(1.0, MSE_MIN_RATIO, grid)`` and keeps each row's best (see the module
-    docstring). Raises :class:`InvalidInputError` for a non-2-d or non-float ``w`` (``weight``),
-    a bit-width outside 2..8 (``bits``), an unknown ``clip`` or a ``grid`` below 1.
+    ``clip="minmax"`` covers each row's (group's) full range; ``clip="mse"`` searches ``grid`` clip
+    ratios in ``linspace(1.0, MSE_MIN_RATIO, grid)`` and keeps each row's (group's) best (see the
+    module docstring). Raises :class:`InvalidInputError` for a non-2-d or non-float ``w``
+    (``weight``), a bit-width outside 2..8 (``bits``), an unknown ``clip``, a ``grid`` below 1, or a
+    ``group_size`` that does not divide the columns (``group_size``).
     """
     _check_matrix(w)
     _check_int_bits(bits)
+    _check_group_size(w, group_size)
     if clip not in ("mse", "minmax"):
         raise InvalidInputError(f"clip must be 'mse' or 'minmax', got {clip!r}", field="clip")
     if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
         raise InvalidInputError(f"grid must be a positive integer, got {grid!r}", field="grid")
     symmetric = bool(symmetric)
-    qmin, qmax = code_range(bits, symmetric)
+    rows = int(w.shape[0])
+    scale, zero_point = _choose_rows(_as_rows(w.detach().to(torch.float32), group_size), bits, symmetric, clip, grid)
+    if group_size is not None:
+        scale, zero_point = scale.reshape(rows, -1), zero_point.reshape(rows, -1)
+    return QParams(scale=scale, zero_point=zero_point.to(torch.int32), bits=bits, symmetric=symmetric,
+                   group_size=group_size)
 
-    w32 = w.detach().to(torch.float32)
+
+def _choose_rows(
+    w32: torch.Tensor, bits: int, symmetric: bool, clip: Clip, grid: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point (float32 holding integers) of every row of the float32 matrix ``w32``."""
+    qmin, qmax = code_range(bits, symmetric)
     if w32.shape[1] == 0:
         w_min = w_max = torch.zeros(w32.shape[0], dtype=torch.float32, device=w32.device)
     else:
@@ -248,42 +294,52 @@ def choose_qparams(
             scales.append(best_s)
             zero_points.append(best_z)
         scale, zero_point = torch.cat(scales), torch.cat(zero_points)
-
-    return QParams(scale=scale, zero_point=zero_point.to(torch.int32), bits=bits, symmetric=symmetric)
+    return scale, zero_point
 
 
 def quantize(w: torch.Tensor, qp: QParams) -> torch.Tensor:
     """Integer codes of ``w`` under ``qp``: int8 when symmetric, uint8 when asymmetric,
     same shape and device as ``w``; every code lies in :func:`code_range`."""
     _check_matrix(w)
-    if qp.scale.shape != (w.shape[0],) or qp.zero_point.shape != (w.shape[0],):
+    _check_fit(tuple(w.shape), qp, "a weight")
+    w_rows = _as_rows(w.detach().to(torch.float32), qp.group_size)
+    codes = _codes(w_rows, qp.scale.reshape(-1), qp.zero_point.reshape(-1).to(torch.float32), qp.qmin, qp.qmax)
+    return codes.reshape(w.shape).to(torch.int8 if qp.symmetric else torch.uint8)
+
+
+def _check_fit(shape: tuple[int, ...], qp: QParams, what: str) -> None:
+    ok = len(shape) == 2 and (qp.group_size is None or (qp.group_size > 0 and shape[1] % qp.group_size == 0))
+    if not ok or qp.scale.shape != qp.shape_for(shape) or qp.zero_point.shape != qp.scale.shape:
+        per = "per row" if qp.group_size is None else f"per {qp.group_size} columns"
         raise InvalidInputError(
-            f"qparams for {tuple(qp.scale.shape)} rows do not fit a weight of shape {tuple(w.shape)}",
+            f"qparams of shape {tuple(qp.scale.shape)} ({per}) do not fit {what} of shape {tuple(shape)}",
             field="qparams",
         )
-    codes = _codes(w.detach().to(torch.float32), qp.scale, qp.zero_point.to(torch.float32), qp.qmin, qp.qmax)
-    return codes.to(torch.int8 if qp.symmetric else torch.uint8)
 
 
 def dequantize(q: torch.Tensor, qp: QParams, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Real values of the codes ``q``: ``(q - zero_point) * scale`` per row, as ``dtype``."""
-    if q.ndim != 2 or q.shape[0] != qp.scale.shape[0]:
-        raise InvalidInputError(
-            f"codes of shape {tuple(q.shape)} do not fit qparams for {qp.scale.shape[0]} rows",
-            field="qparams",
-        )
-    zp = qp.zero_point.to(torch.float32)[:, None]
-    return ((q.to(torch.float32) - zp) * qp.scale[:, None]).to(dtype)
+    """Real values of the codes ``q``: ``(q - zero_point) * scale`` per row (per group), as ``dtype``."""
+    _check_fit(tuple(q.shape), qp, "codes")
+    q_rows = _as_rows(q.to(torch.float32), qp.group_size)
+    zp = qp.zero_point.reshape(-1).to(torch.float32)[:, None]
+    return ((q_rows - zp) * qp.scale.reshape(-1)[:, None]).reshape(q.shape).to(dtype)
 
 
 def fake_quantize(
-    w: torch.Tensor, bits: int, *, symmetric: bool = True, clip: Clip = "mse", grid: int = 20
+    w: torch.Tensor,
+    bits: int,
+    *,
+    symmetric: bool = True,
+    clip: Clip = "mse",
+    grid: int = 20,
+    group_size: int | None = None,
 ) -> torch.Tensor:
     """``w`` as the quantized model sees it, in ``w``'s dtype and on its device.
 
-    0 bits: zeros; 16: rounded through float16; 32: an unchanged copy; 2..8: per-row integer
-    quantization (:func:`choose_qparams`, :func:`quantize`, :func:`dequantize`). Float and pruned
-    widths accept any shape; integer widths need a 2-d ``[out, in]`` matrix.
+    0 bits: zeros; 16: rounded through float16; 32: an unchanged copy; 2..8: per-row (per-group
+    with ``group_size``) integer quantization (:func:`choose_qparams`, :func:`quantize`,
+    :func:`dequantize`). Float and pruned widths accept any shape and ignore ``group_size``;
+    integer widths need a 2-d ``[out, in]`` matrix.
     """
     _check_bits(bits)
     if not isinstance(w, torch.Tensor) or not w.is_floating_point():
@@ -295,23 +351,30 @@ def fake_quantize(
         return w.half().to(w.dtype)
     if bits == 32:
         return w.clone()
-    qp = choose_qparams(w, bits, symmetric=symmetric, clip=clip, grid=grid)
+    qp = choose_qparams(w, bits, symmetric=symmetric, clip=clip, grid=grid, group_size=group_size)
     return dequantize(quantize(w, qp), qp, dtype=w.dtype)
 
 
 def quant_error(
-    w: torch.Tensor, bits: int, *, symmetric: bool = True, clip: Clip = "mse", grid: int = 20
+    w: torch.Tensor,
+    bits: int,
+    *,
+    symmetric: bool = True,
+    clip: Clip = "mse",
+    grid: int = 20,
+    group_size: int | None = None,
 ) -> float:
     """Sum of squared errors ``||w - fake_quantize(w)||^2`` (float64 accumulation).
 
     0 bits gives ``||w||^2``, 32 bits gives 0.
     """
-    fq = fake_quantize(w, bits, symmetric=symmetric, clip=clip, grid=grid)
+    fq = fake_quantize(w, bits, symmetric=symmetric, clip=clip, grid=grid, group_size=group_size)
     diff = w.detach().to(torch.float32) - fq.to(torch.float32)
     if diff.ndim == 2:
-        # Row sums first, as the MSE search compares them, so that "never worse than min-max"
-        # holds for the total too.
-        return float(diff.square_().sum(dim=1, dtype=torch.float64).sum())
+        # Row (group) sums first, as the MSE search compares them, so that "never worse than
+        # min-max" holds for the total too.
+        rows = _as_rows(diff, group_size if bits in _INT_BITS else None)
+        return float(rows.square_().sum(dim=1, dtype=torch.float64).sum())
     return float(diff.square_().sum(dtype=torch.float64))
 
 

@@ -5,7 +5,15 @@ A :class:`Group` is the unit that gets one bit-width and its own scales. It span
 ``[out_features, in_features]`` layout of ``torch.nn.Linear`` (the model adapter transposes
 GPT-2's ``Conv1D``), so a member is a block of rows (``axis="out"``), a block of columns
 (``axis="in"``) or the whole matrix (``axis="all"``). Quantization is per output channel: each
-row of a member's slice has its own scale (and zero point when asymmetric).
+row of a member's slice has its own scale (and zero point when asymmetric), or, with group-wise
+scales (``BitOption.group_size = N``), one per ``N`` input columns of each row. Every member of
+a group that may take ``N`` must have a multiple of ``N`` input columns, and a column slice
+(``axis="in"``) must start on a multiple of ``N``, so that its groups are groups of the whole
+matrix; :class:`SearchSpace` refuses an option that does not fit (field ``space.bits``).
+
+A :class:`Tie` is a set of groups that must take one option: sibling projections that inference
+engines fuse into one matrix (q/k/v, gate/up). The allocator sees one *decision* per tied set
+(:attr:`SearchSpace.decisions`); untied groups are decisions of their own.
 
 Group names are the keys of serialised precision maps:
 
@@ -16,43 +24,61 @@ Group names are the keys of serialised precision maps:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import total_ordering
 from typing import Any, Literal
 
+from bitscout import options as options_grammar
 from search.errors import InvalidInputError
 
 #: Bit-widths a group may take. 0 prunes the group, 16 keeps it in half precision, 32 unchanged.
-ALLOWED_BITS: tuple[int, ...] = (0, 2, 3, 4, 5, 6, 8, 16, 32)
+ALLOWED_BITS: tuple[int, ...] = options_grammar.ALLOWED_BITS
 #: Bit-widths that are integer quantization (pruning and float excluded).
-INTEGER_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+INTEGER_BITS: tuple[int, ...] = options_grammar.INTEGER_BITS
 
 Granularity = Literal["layer", "group"]
 GroupKind = Literal["layer", "head", "ffn"]
 Axis = Literal["out", "in", "all"]
+TieKind = Literal["attention_inputs", "ffn_inputs"]
 
 
-@dataclass(frozen=True, order=True)
+@total_ordering
+@dataclass(frozen=True)
 class BitOption:
-    """One choice for a group: a bit-width and whether the integer grid is symmetric.
+    """One choice for a group: a bit-width, whether the integer grid is symmetric, and how many
+    input columns share one scale.
 
     ``bits == 0`` prunes the group (weights and biases zeroed, costed as nothing);
-    16 keeps it in half precision; 32 leaves it unchanged. ``symmetric`` only matters for
-    integer bit-widths.
+    16 keeps it in half precision; 32 leaves it unchanged. ``symmetric`` and ``group_size`` only
+    matter for integer bit-widths: ``group_size`` None keeps one scale (and zero point) per row,
+    ``N`` one per ``N`` input columns of each row (the grammar is :mod:`bitscout.options`).
+    Options sort by bits, then asymmetric before symmetric, then per row before group-wise (larger
+    groups first).
     """
 
     bits: int
     symmetric: bool = True
+    group_size: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in ALLOWED_BITS:
-            raise InvalidInputError(
-                f"unknown bit-width {self.bits!r}; allowed: {', '.join(map(str, ALLOWED_BITS))}", field="bits"
+        try:
+            f = options_grammar.parse_option(
+                {"bits": self.bits, "symmetric": self.symmetric, "group_size": self.group_size}
             )
-        if self.bits not in INTEGER_BITS and not self.symmetric:
+        except options_grammar.OptionSyntaxError as exc:
+            raise InvalidInputError(str(exc), field="bits") from None
+        if f.symmetric is not None and f.symmetric != self.symmetric:
             # Asymmetry means nothing for pruned or float groups; normalise so equal choices compare equal.
             object.__setattr__(self, "symmetric", True)
+
+    def _sort_key(self) -> tuple[int, bool, int, int]:
+        return (self.bits, self.symmetric, self.group_size is not None, -(self.group_size or 0))
+
+    def __lt__(self, other: object) -> bool:
+        if not isinstance(other, BitOption):
+            return NotImplemented
+        return self._sort_key() < other._sort_key()
 
     @property
     def pruned(self) -> bool:
@@ -66,32 +92,34 @@ class BitOption:
     def is_integer(self) -> bool:
         return self.bits in INTEGER_BITS
 
+    @property
+    def per_row(self) -> bool:
+        """One scale per row (no group-wise scales)."""
+        return self.group_size is None
+
     def key(self) -> str:
-        """Short text form: ``"4"``, ``"4a"`` (asymmetric), ``"0"``, ``"16"``, ``"32"``."""
-        return f"{self.bits}a" if self.is_integer and not self.symmetric else str(self.bits)
+        """Short text form: ``"4"``, ``"4a"`` (asymmetric), ``"4g128"``, ``"4ag128"``, ``"0"``, ``"16"``, ``"32"``."""
+        return options_grammar.option_key(self.bits, self.symmetric, self.group_size)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"bits": self.bits, "symmetric": self.symmetric}
+        """``{"bits", "symmetric"}``, plus ``"group_size"`` for group-wise scales."""
+        out: dict[str, Any] = {"bits": self.bits, "symmetric": self.symmetric}
+        if self.group_size is not None:
+            out["group_size"] = self.group_size
+        return out
 
     @classmethod
-    def parse(cls, value: BitOption | int | str | Mapping[str, Any]) -> BitOption:
-        """Accept ``4``, ``"4"``, ``"4a"``, ``{"bits": 4, "symmetric": False}`` or a BitOption."""
+    def parse(cls, value: BitOption | int | str | Mapping[str, Any], *, symmetric: bool = True) -> BitOption:
+        """Accept ``4``, ``"4"``, ``"4a"``, ``"4g128"``, ``"4ag128"``, ``{"bits": 4, "symmetric": False,
+        "group_size": 128}`` or a BitOption (the grammar of :mod:`bitscout.options`). ``symmetric`` is
+        the grid of integer options whose spelling names none (ints, ``"4"``, ``"4g128"``)."""
         if isinstance(value, BitOption):
             return value
-        if isinstance(value, Mapping):
-            if "bits" not in value:
-                raise InvalidInputError("a bit option needs a 'bits' entry", field="bits")
-            return cls(int(value["bits"]), bool(value.get("symmetric", True)))
-        if isinstance(value, bool):
-            raise InvalidInputError(f"unknown bit-width {value!r}", field="bits")
-        if isinstance(value, int):
-            return cls(value)
-        if isinstance(value, str):
-            m = re.fullmatch(r"\s*(\d+)\s*([as]?)\s*", value)
-            if not m:
-                raise InvalidInputError(f"cannot read bit option {value!r} (e.g. '4', '4a')", field="bits")
-            return cls(int(m.group(1)), m.group(2) != "a")
-        raise InvalidInputError(f"cannot read bit option {value!r}", field="bits")
+        try:
+            f = options_grammar.parse_option(value)
+        except options_grammar.OptionSyntaxError as exc:
+            raise InvalidInputError(str(exc), field="bits") from None
+        return cls(*f.resolved(symmetric))
 
 
 FULL_PRECISION = BitOption(32)
@@ -190,6 +218,37 @@ class PruneLimits:
 
 
 @dataclass(frozen=True)
+class Tie:
+    """Groups that must take one option: ``kind`` says what they are (:data:`bitscout.options.TIE_KINDS`:
+    ``attention_inputs``, the q/k/v projections of one block; ``ffn_inputs``, its gate/up projections),
+    ``groups`` names them (at least two, in the space's order)."""
+
+    kind: TieKind
+    groups: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "groups": list(self.groups)}
+
+
+def check_option_fits(group: Group, option: BitOption) -> str | None:
+    """Why ``option``'s group-wise scales do not fit ``group`` (None when they do): every member
+    needs a multiple of ``group_size`` input columns, and a column slice must start on one."""
+    n = option.group_size
+    if n is None or not option.is_integer:
+        return None
+    for m in group.members:
+        if m.in_features % n:
+            what = f"columns [{m.start}:{m.stop}] of {m.module}" if m.axis == "in" else m.module
+            return f"{what} has {m.in_features} input columns, not a multiple of {n}"
+        if m.axis == "in" and m.start % n:
+            return (
+                f"columns [{m.start}:{m.stop}] of {m.module} (group {group.name}) do not start on a group of "
+                f"{n} columns"
+            )
+    return None
+
+
+@dataclass(frozen=True)
 class SearchSpace:
     """The groups of a model and the options each may take.
 
@@ -197,7 +256,12 @@ class SearchSpace:
     ``other_params`` counts the parameters left in float outside every group (embeddings,
     norms, biases, excluded layers), stored at ``other_bits``; ``other_macs_per_token`` counts the
     multiply-accumulates of excluded linear layers, run at ``other_bits``. These feed the cost
-    models so that a size is the size of the whole model.
+    models so that a size is the size of the whole model. ``ties`` are the sets of groups that
+    must take one option (tied groups allow the same options; a group is in one tie at most).
+
+    Choices: :meth:`choices` gives an option index per group; :attr:`decisions` are the free
+    decisions (a tied set, or an untied group); :meth:`from_choices` reads an index per decision
+    or per group.
     """
 
     groups: tuple[Group, ...]
@@ -208,6 +272,7 @@ class SearchSpace:
     other_macs_per_token: int = 0
     n_blocks: int = 0
     prune_limits: PruneLimits = field(default_factory=PruneLimits)
+    ties: tuple[Tie, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.groups:
@@ -220,6 +285,28 @@ class SearchSpace:
         for g, opts in zip(self.groups, self.options, strict=True):
             if not opts:
                 raise InvalidInputError(f"group {g.name} has no allowed option", field="bits")
+            for o in opts:
+                why = check_option_fits(g, o)
+                if why is not None:
+                    raise InvalidInputError(
+                        f"option {o.key()} does not fit: {why}; choose a group size that divides it", field="space.bits"
+                    )
+        seen: set[str] = set()
+        for t in self.ties:
+            if len(t.groups) < 2:
+                raise InvalidInputError(f"a tie needs at least two groups, got {list(t.groups)}", field="tie")
+            for name in t.groups:
+                if name not in self._index:
+                    raise InvalidInputError(f"the tie names no group of the space: {name!r}", field="tie")
+                if name in seen:
+                    raise InvalidInputError(f"group {name} is in more than one tie", field="tie")
+                seen.add(name)
+            first = self.options[self._index[t.groups[0]]]
+            for name in t.groups[1:]:
+                if self.options[self._index[name]] != first:
+                    raise InvalidInputError(
+                        f"tied groups {t.groups[0]} and {name} allow different options", field="tie"
+                    )
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -243,15 +330,73 @@ class SearchSpace:
         """Parameters inside groups."""
         return sum(g.n_params for g in self.groups)
 
+    # -- decisions ----------------------------------------------------------------------------
+    @property
+    def decisions(self) -> tuple[tuple[int, ...], ...]:
+        """The free decisions: group indices of each tied set and of each untied group alone, in the
+        order of their first group."""
+        cache = self.__dict__.get("_decisions_cache")
+        if cache is None:
+            tied = {self._index[n]: tuple(sorted(self._index[m] for m in t.groups)) for t in self.ties for n in t.groups}
+            out: list[tuple[int, ...]] = []
+            done: set[int] = set()
+            for i in range(len(self.groups)):
+                if i in done:
+                    continue
+                members = tied.get(i, (i,))
+                done.update(members)
+                out.append(members)
+            cache = tuple(out)
+            object.__setattr__(self, "_decisions_cache", cache)
+        return cache
+
+    @property
+    def decision_of(self) -> tuple[int, ...]:
+        """The decision of every group (an index into :attr:`decisions`)."""
+        cache = self.__dict__.get("_decision_of_cache")
+        if cache is None:
+            of = [0] * len(self.groups)
+            for d, members in enumerate(self.decisions):
+                for i in members:
+                    of[i] = d
+            cache = tuple(of)
+            object.__setattr__(self, "_decision_of_cache", cache)
+        return cache
+
+    @property
+    def decision_options(self) -> tuple[tuple[BitOption, ...], ...]:
+        """The options of every decision (those of its groups, which a tie makes equal)."""
+        return tuple(self.options[members[0]] for members in self.decisions)
+
+    def decision_names(self) -> list[str]:
+        """A name per decision for messages: the group's, or the tied groups' joined by ``+``."""
+        return ["+".join(self.groups[i].name for i in members) for members in self.decisions]
+
+    def respects_ties(self, pmap: Mapping[str, BitOption]) -> bool:
+        """True when every tied set has one option under ``pmap`` (groups it omits count as full precision)."""
+        for t in self.ties:
+            if len({pmap.get(n, FULL_PRECISION) for n in t.groups}) > 1:
+                return False
+        return True
+
     def uniform(self, option: BitOption | int | str) -> PrecisionMap:
-        """The map that gives every group ``option`` (groups that do not allow it keep their closest)."""
+        """The map that gives every group ``option`` (groups that do not allow it keep their closest:
+        the nearest width, then the same grid, then the nearest group size)."""
         opt = BitOption.parse(option)
         chosen = {}
         for g, opts in zip(self.groups, self.options, strict=True):
             if opt in opts:
                 chosen[g.name] = opt
             else:
-                chosen[g.name] = min(opts, key=lambda o: (abs(o.bits - opt.bits), o.symmetric != opt.symmetric))
+                chosen[g.name] = min(
+                    opts,
+                    key=lambda o: (
+                        abs(o.bits - opt.bits),
+                        o.symmetric != opt.symmetric,
+                        o.group_size != opt.group_size,
+                        abs((o.group_size or 0) - (opt.group_size or 0)),
+                    ),
+                )
         return PrecisionMap(chosen)
 
     def full_precision(self) -> PrecisionMap:
@@ -272,9 +417,41 @@ class SearchSpace:
                 ) from None
         return out
 
+    def decision_choices(self, pmap: PrecisionMap) -> list[int]:
+        """The option index of every decision under ``pmap``; a map that gives one tied set two
+        options is refused (``precision_map``)."""
+        per_group = self.choices(pmap)
+        out = []
+        for members in self.decisions:
+            picked = {per_group[i] for i in members}
+            if len(picked) > 1:
+                names = ", ".join(self.groups[i].name for i in members)
+                raise InvalidInputError(f"tied groups {names} take different options", field="precision_map")
+            out.append(per_group[members[0]])
+        return out
+
     def from_choices(self, choices: Iterable[int]) -> PrecisionMap:
+        """The map of an option index per decision (``len(decisions)`` entries: tied sets expand to
+        their groups) or per group (``len(groups)`` entries; tied groups must agree)."""
+        picks = [int(c) for c in choices]
+        if len(picks) == len(self.decisions):
+            per_group = [0] * len(self.groups)
+            for members, c in zip(self.decisions, picks, strict=True):
+                for i in members:
+                    per_group[i] = c
+        elif len(picks) == len(self.groups):
+            per_group = picks
+            for members in self.decisions:
+                if len({per_group[i] for i in members}) > 1:
+                    names = ", ".join(self.groups[i].name for i in members)
+                    raise InvalidInputError(f"tied groups {names} take different options", field="precision_map")
+        else:
+            raise InvalidInputError(
+                f"{len(picks)} choices for {len(self.decisions)} decisions ({len(self.groups)} groups)",
+                field="precision_map",
+            )
         return PrecisionMap(
-            {g.name: opts[int(c)] for g, opts, c in zip(self.groups, self.options, choices, strict=True)}
+            {g.name: opts[c] for g, opts, c in zip(self.groups, self.options, per_group, strict=True)}
         )
 
 
@@ -298,7 +475,7 @@ class PrecisionMap(Mapping[str, BitOption]):
 
     def __hash__(self) -> int:
         if self._hash is None:
-            self._hash = hash(tuple(sorted((k, v.bits, v.symmetric) for k, v in self._data.items())))
+            self._hash = hash(tuple(sorted((k, v.key()) for k, v in self._data.items())))
         return self._hash
 
     def __eq__(self, other: object) -> bool:
@@ -359,6 +536,7 @@ def space_to_dict(space: SearchSpace) -> dict[str, Any]:
             }
             for g, opts in zip(space.groups, space.options, strict=True)
         ],
+        **({"ties": [t.to_dict() for t in space.ties]} if space.ties else {}),
     }
 
 
@@ -398,6 +576,7 @@ def space_from_dict(data: Mapping[str, Any]) -> SearchSpace:
                 max_ffn_fraction=pl.get("max_ffn_fraction"),
                 keep_one_head=bool(pl.get("keep_one_head", True)),
             ),
+            ties=tuple(Tie(t["kind"], tuple(str(n) for n in t["groups"])) for t in data.get("ties") or ()),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise InvalidInputError(f"not a serialised search space: {exc}", field="space") from exc

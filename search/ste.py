@@ -15,7 +15,9 @@ function                       forward                                    backwa
                                and :func:`search.quant.dequantize`
 =============================  =========================================  ===============================
 
-:func:`lsq_grad_scale` is LSQ's gradient scale of a step size, ``1 / sqrt(n_weights_per_row * Q_p)``.
+:func:`lsq_grad_scale` is LSQ's gradient scale of a step size, ``1 / sqrt(n_weights_per_row * Q_p)``
+(``n_weights_per_group`` with group-wise scales). :func:`by_group` lays a weight out by its scales'
+groups: step sizes are ``[rows]`` per row or ``[rows, cols / N]`` with one per ``N`` input columns.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 
 from search import quant
 
-__all__ = ["half_ste", "lsq_fake_quantize", "lsq_grad_scale", "round_ste", "scaled_grad"]
+__all__ = ["by_group", "half_ste", "lsq_fake_quantize", "lsq_grad_scale", "round_ste", "scaled_grad"]
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -42,6 +44,15 @@ def half_ste(x: torch.Tensor) -> torch.Tensor:
 def scaled_grad(x: torch.Tensor, g: float) -> torch.Tensor:
     """``x`` in the forward pass; its gradient multiplied by ``g`` in the backward pass."""
     return (x - x * g).detach() + x * g
+
+
+def by_group(w: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` (``[rows, cols]``) as ``[rows, G, cols / G]`` and ``t`` (``[rows]``, ``G = 1``, or
+    ``[rows, G]``) as ``[rows, G, 1]``, so that ``t`` broadcasts over each group's columns; reshape
+    the result back to ``w.shape``."""
+    rows = w.shape[0]
+    t3 = t.reshape(rows, -1, 1)
+    return w.reshape(rows, t3.shape[1], -1), t3
 
 
 def lsq_grad_scale(n_per_row: int, qmax: int) -> float:
@@ -60,8 +71,10 @@ def lsq_fake_quantize(
     *,
     half_scales: bool = True,
 ) -> torch.Tensor:
-    """Differentiable per-row fake quantization with a learned step size (LSQ).
+    """Differentiable per-row (or per-group) fake quantization with a learned step size (LSQ).
 
+    ``step`` and ``zero_point`` are ``[rows]`` per row or ``[rows, cols / N]`` per group of ``N``
+    input columns (:func:`by_group`).
     Forward: ``(clamp(round(w / s) + z, qmin, qmax) - z) * s`` per row of ``w`` (``s = step`` clamped to
     ``[SCALE_EPS, SCALE_MAX]`` and, with ``half_scales``, rounded to float16), the formula of
     :func:`search.quant.quantize` / :func:`search.quant.dequantize` up to the last ulp.
@@ -72,7 +85,7 @@ def lsq_fake_quantize(
     s = step.clamp(quant.SCALE_EPS, quant.SCALE_MAX)
     if half_scales:
         s = half_ste(s)
-    s = scaled_grad(s, grad_scale)[:, None]
-    z = zero_point.to(s.dtype)[:, None]
-    q = (round_ste(w / s) + z).clamp(qmin, qmax)
-    return (q - z) * s
+    w3, s3 = by_group(w, scaled_grad(s, grad_scale))
+    z3 = zero_point.to(s3.dtype).reshape(s3.shape)
+    q = (round_ste(w3 / s3) + z3).clamp(qmin, qmax)
+    return ((q - z3) * s3).reshape(w.shape)

@@ -58,7 +58,7 @@ def _values(probs: list[np.ndarray], space: SearchSpace, mode: str = "cdf",
     if mode == "probability":
         return [np.minimum(-np.log(np.clip(p, 1e-300, 1.0)), _MAX_VALUE).clip(min=0.0) for p in probs]
     out = []
-    for p, opts in zip(probs, space.options, strict=True):
+    for p, opts in zip(probs, space.decision_options, strict=True):
         order = np.argsort([o.bits for o in opts], kind="stable")
         cdf = np.empty(len(p))
         cdf[order] = np.cumsum(p[order])
@@ -74,7 +74,7 @@ def default_targets(problem: alloc.Problem, space: SearchSpace, metric: str, fra
 
     def at(pick: Any) -> float:
         idx = []
-        for opts in space.options:
+        for opts in space.decision_options:
             ints = [k for k, o in enumerate(opts) if o.is_integer] or list(range(len(opts)))
             idx.append(pick(ints, key=lambda k, opts=opts: opts[k].bits))
         return problem.cost_of(np.array(idx, dtype=np.int64))[metric]
@@ -82,7 +82,7 @@ def default_targets(problem: alloc.Problem, space: SearchSpace, metric: str, fra
     lo = max(at(min), problem.smallest(metric))
     hi = at(max)
     if hi <= lo:
-        hi = problem.cost_of(np.array([len(o) - 1 for o in space.options], dtype=np.int64))[metric]
+        hi = problem.cost_of(np.array([len(o) - 1 for o in space.decision_options], dtype=np.int64))[metric]
     ts = sorted({lo + (hi - lo) * f for f in fractions}, reverse=True)
     return [t for t in ts if t > lo] or [hi]
 
@@ -242,10 +242,13 @@ def run_dnas(
 def _calibrate(search: Search, scores: list[np.ndarray], should_stop: StopFn | None, sequences: int | None = None
                ) -> tuple[list[np.ndarray], dict[str, Any]]:
     """The start's Fisher scores rescaled like the Hessian's (:func:`search.sensitivity.calibrate_scores`):
-    the narrow grids by how much more their uniform maps measurably hurt than the additive scores say."""
+    the narrow grids by how much more their uniform maps measurably hurt than the additive scores say.
+    ``scores`` are per decision: a tied set's score stands on its first group (the others score 0) while
+    it is calibrated, which the factors, one per width, leave additive."""
     space = search.space
-    table = {g.name: {o.key(): float(v) for o, v in zip(opts, row, strict=True)}
-             for g, opts, row in zip(space.groups, space.options, scores, strict=True)}
+    table = {g.name: {o.key(): 0.0 for o in opts} for g, opts in zip(space.groups, space.options, strict=True)}
+    for members, opts, row in zip(space.decisions, space.decision_options, scores, strict=True):
+        table[space.groups[members[0]].name] = {o.key(): float(v) for o, v in zip(opts, row, strict=True)}
     batches = list(search.calibration)
     if sequences is not None:  # the first whole batches holding at least ``sequences`` sequences
         kept, n = [], 0
@@ -258,7 +261,8 @@ def _calibrate(search: Search, scores: list[np.ndarray], should_stop: StopFn | N
     ctx = SensitivityContext(search.model, search.adapter, space, search.task, batches, search.device,
                              search.options.seed, search.options.clip)
     new, info = calibrate_scores(ctx, table, should_stop=should_stop)
-    return [np.array([new[g.name][o.key()] for o in opts]) for g, opts in zip(space.groups, space.options, strict=True)], info
+    return [np.array([new[space.groups[members[0]].name][o.key()] for o in opts])
+            for members, opts in zip(space.decisions, space.decision_options, strict=True)], info
 
 
 def dnas_candidates(

@@ -20,9 +20,10 @@ from search.cost import CostModel
 from search.data import TokenizedBatch
 from search.dnas.options import DNASOptions
 from search.errors import CanceledError, InvalidInputError
+from search.plan import per_decision
 from search.sensitivity import StopFn
 from search.space import BitOption, Member, PrecisionMap, SearchSpace
-from search.ste import half_ste, round_ste
+from search.ste import by_group, half_ste, round_ste
 from search.tasks import Task, discrepancy, model_output
 
 __all__ = ["DNAS", "TargetRun"]
@@ -167,10 +168,12 @@ class DNAS:
         costs = cost_model.group_costs()
         if metric not in costs:
             raise InvalidInputError(f"unknown cost metric {metric!r}", field="metric")
-        self.costs = [torch.tensor(np.asarray(c), dtype=torch.float64, device=self.device) for c in costs[metric]]
+        # one set of logits and costs per decision: a tied set (q/k/v, gate/up) is one choice, its costs summed
+        self.decision_of = space.decision_of
+        self.costs = [torch.tensor(c, dtype=torch.float64, device=self.device) for c in per_decision(space, costs[metric])]
         self.offset = float(cost_model.offsets()[metric])
         self.generator = torch.Generator(device="cpu").manual_seed(int(seed))
-        self.logits = [torch.zeros(len(o), dtype=torch.float32, device=self.device) for o in space.options]
+        self.logits = [torch.zeros(len(o), dtype=torch.float32, device=self.device) for o in space.decision_options]
         for lg in self.logits:
             lg.requires_grad_(True)
         has_labels = all(b.labels is not None for b in self.batches)
@@ -225,13 +228,15 @@ class DNAS:
                             st.qparams.append((o, torch.empty(0), torch.empty(0), 0, 0))
                             st.log_scales.append(torch.empty(0))
                             continue
-                        qp = quant.choose_qparams(base, o.bits, symmetric=o.symmetric, clip=self.clip)  # type: ignore[arg-type]
+                        qp = quant.choose_qparams(base, o.bits, symmetric=o.symmetric, clip=self.clip,  # type: ignore[arg-type]
+                                                  group_size=o.group_size)
                         st.qparams.append((o, qp.scale, qp.zero_point.to(torch.float32), qp.qmin, qp.qmax))
                         st.log_scales.append(qp.scale.log().clone().requires_grad_(self.options.lsq))
                 elif int_idx:
                     st.stack = torch.stack(
                         [
-                            quant.fake_quantize(base, opts[k].bits, symmetric=opts[k].symmetric, clip=self.clip)  # type: ignore[arg-type]
+                            quant.fake_quantize(base, opts[k].bits, symmetric=opts[k].symmetric, clip=self.clip,  # type: ignore[arg-type]
+                                                group_size=opts[k].group_size)
                             for k in int_idx
                         ]
                     )
@@ -272,9 +277,10 @@ class DNAS:
             if o.bits == 16:
                 outs.append(half_ste(w))
                 continue
-            s = ls.exp()[:, None]
-            q = torch.clamp(round_ste(w / s) + zp[:, None], qmin, qmax)
-            outs.append((q - zp[:, None]) * s)
+            w3, s3 = by_group(w, ls.exp())
+            z3 = zp.reshape(s3.shape)
+            q = torch.clamp(round_ste(w3 / s3) + z3, qmin, qmax)
+            outs.append(((q - z3) * s3).reshape(w.shape))
         return torch.stack(outs)
 
     def _member_weight(self, st: _MemberState, y: torch.Tensor) -> torch.Tensor:
@@ -292,8 +298,9 @@ class DNAS:
         return out
 
     def _overrides(self, ys: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        mixed = [self._member_weight(st, ys[st.group]) for st in self.members]
-        keep = [None if st.pruned_idx is None else 1 - ys[st.group][st.pruned_idx] for st in self.members]
+        of = self.decision_of
+        mixed = [self._member_weight(st, ys[of[st.group]]) for st in self.members]
+        keep = [None if st.pruned_idx is None else 1 - ys[of[st.group]][st.pruned_idx] for st in self.members]
         return self._assemble_overrides(mixed, keep)
 
     def _assemble_overrides(self, mixed: list[torch.Tensor], keep: list[torch.Tensor | None]
@@ -352,7 +359,7 @@ class DNAS:
 
     # -- quantities -----------------------------------------------------------------------------
     def probabilities(self) -> list[np.ndarray]:
-        """``softmax(a_g)`` of every group, in ``space.options`` order."""
+        """``softmax(a_g)`` of every decision (a group, or a tied set), in ``space.decision_options`` order."""
         with torch.no_grad():
             return [torch.softmax(lg.double(), 0).cpu().numpy() for lg in self.logits]
 
@@ -366,7 +373,8 @@ class DNAS:
         """Set the logits to the prior ``p_gk ∝ exp(-beta * cost per weight of option k)`` (the same
         ``beta`` for every group) whose expected cost is ``target`` (bisection on ``beta``; uniform
         when the target is above the uniform distribution's expected cost)."""
-        per_weight = [(c - c.min()) / max(1, g.n_params) for g, c in zip(self.space.groups, self.costs, strict=True)]
+        n_params = [sum(self.space.groups[i].n_params for i in members) for members in self.space.decisions]
+        per_weight = [(c - c.min()) / max(1, n) for n, c in zip(n_params, self.costs, strict=True)]
         norm = max(max(float(r.max()) for r in per_weight), 1e-30)
         per_weight = [r / norm for r in per_weight]
 
@@ -415,7 +423,8 @@ class DNAS:
             return float(self._expected_cost())
 
     def sensitivity_scores(self, draws: int = 1, *, should_stop: StopFn | None = None) -> list[np.ndarray]:
-        """Fisher estimate of every (group, option)'s output discrepancy, in ``space.options`` order.
+        """Fisher estimate of every (decision, option)'s output discrepancy, in ``space.decision_options``
+        order (a decision is a group, or a tied set whose groups change together).
 
         The discrepancy of a small change ``d`` of the weights is ``d^T F d / 2`` to second order, with
         ``F`` the Fisher information of the output distribution (the Hessian of the KL at the
@@ -434,7 +443,8 @@ class DNAS:
         at the cost of about one epoch of fine-tuning per draw, instead of one forward pass per
         (group, option).
         """
-        n_opts = [len(o) for o in self.space.options]
+        n_opts = [len(o) for o in self.space.decision_options]
+        of = self.decision_of
         total = [np.zeros(n, dtype=np.float64) for n in n_opts]
         second = [np.zeros((n, n), dtype=np.float64) for n in n_opts]
         n_examples = 0
@@ -461,7 +471,7 @@ class DNAS:
                         gb = next(gk) if k is not None else None
                         if g is None:
                             continue
-                        row = per_group[st.group]
+                        row = per_group[of[st.group]]
                         w = leaf.detach()
                         versions = self._versions(st)
                         if versions is not None and st.int_idx:

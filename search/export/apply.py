@@ -75,6 +75,7 @@ def _rebuild_space(
             granularity=gran,  # type: ignore[arg-type]
             bits=options,
             ffn_block_size=64 if ffn_block_size is None else ffn_block_size,
+            strict=False,  # a group-wise option of the map need only fit the groups the map gives it
         )
         unknown = [k for k in pmap if k not in space._index]
         if unknown:

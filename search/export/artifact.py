@@ -16,10 +16,14 @@ Artifact layout
                                               :func:`search.quant.pack` (row-major over the member
                                               slice in the ``[out, in]`` layout; two's complement
                                               when symmetric, unsigned when asymmetric)
-  ``quant::<group>::<i>::scale``              float16 ``[rows]``: the per-row scales (float32 only
-                                              if a scale is not a float16 value, which the search's
-                                              quantizer never produces: see below)
-  ``quant::<group>::<i>::zero_point``         uint8 ``[rows]``, asymmetric options only
+  ``quant::<group>::<i>::scale``              float16 ``[rows]``: the per-row scales, or
+                                              ``[rows, cols / N]`` for an option with group-wise
+                                              scales of ``N`` columns (``4g128``: entry ``[r, j]``
+                                              scales columns ``j*N .. (j+1)*N - 1`` of row ``r`` of
+                                              the member slice); float32 only if a scale is not a
+                                              float16 value, which the search's quantizer never
+                                              produces: see below
+  ``quant::<group>::<i>::zero_point``         uint8, the shape of the scales, asymmetric options only
   ``quant::<group>::<i>::weight``             the member slice as float16 (16-bit groups) or in the
                                               model's dtype (32-bit groups)
   (nothing)                                   pruned groups: their weights are zeros
@@ -33,7 +37,8 @@ Artifact layout
   ``dtypes`` (each covered weight's dtype), ``aliases`` (tied state-dict names stored once),
   ``info`` (the caller's ``metadata``) and ``digest`` (SHA-256 of the other entries, so an edited
   header is refused with a clear message);
-* ``precision_map.json``: the map alone, group name → ``{"bits", "symmetric"}``. Group names are the
+* ``precision_map.json``: the map alone, group name → ``{"bits", "symmetric"}`` (and ``"group_size"``
+  for group-wise scales). Group names are the
   module name (``layer`` groups) or ``<parent module>/<head|ffn><index>`` (sub-layer groups);
 * ``config.json`` (from ``model.config``) and the tokenizer files of ``model_dir`` when given.
 
@@ -47,7 +52,8 @@ evaluated (``ModelAdapter.quantized(pmap, space)``) and reports exactly the same
 quantizer rounds every scale to a float16 value before choosing codes (:mod:`search.quant`), so the
 float16 scales in the file are exact and the packed weights take exactly the bytes
 :func:`search.cost.weight_bytes` counts: ``ceil(n * bits / 8)`` per member slice, 2 bytes a row for
-the scale and 1 more for an asymmetric zero point. ``export_artifact(..., verify=True)`` also checks
+the scale and 1 more for an asymmetric zero point (per group of ``N`` columns of a row with group-wise
+scales). ``export_artifact(..., verify=True)`` also checks
 every stored member against the model quantized by :meth:`ModelAdapter.quantized` before writing.
 
 Size: the file's tensors take exactly :class:`search.cost.CostModel`'s ``size_bytes`` plus 4 bytes
@@ -201,10 +207,11 @@ def export_artifact(
             for i, m in enumerate(g.members):
                 block = adapter.member_slice(m).detach()
                 qp = overrides.get(_member_key(g.name, i)) or quant.choose_qparams(
-                    block, opt.bits, symmetric=opt.symmetric, clip=clip  # type: ignore[arg-type]
+                    block, opt.bits, symmetric=opt.symmetric, clip=clip, group_size=opt.group_size  # type: ignore[arg-type]
                 )
                 if qp.scale.device != block.device:
-                    qp = quant.QParams(qp.scale.to(block.device), qp.zero_point.to(block.device), qp.bits, qp.symmetric)
+                    qp = quant.QParams(qp.scale.to(block.device), qp.zero_point.to(block.device), qp.bits, qp.symmetric,
+                                       qp.group_size)
                 codes = quant.quantize(block, qp)
                 stored.tensors[_qkey(g.name, i, "codes")] = quant.pack(codes, opt.bits).cpu()
                 scale = qp.scale.detach().cpu()
@@ -307,15 +314,22 @@ def _check_qparams(
         m, opt = members[key]
         if not opt.is_integer:
             raise InvalidInputError(f"qparams given for {key!r}, which the map does not quantize to integers", field="qparams")
-        if not isinstance(qp, quant.QParams) or qp.bits != opt.bits or qp.symmetric != opt.symmetric:
+        if (
+            not isinstance(qp, quant.QParams)
+            or qp.bits != opt.bits
+            or qp.symmetric != opt.symmetric
+            or qp.group_size != opt.group_size
+        ):
             raise InvalidInputError(f"qparams of {key!r} do not match its option {opt.key()}", field="qparams")
-        rows = m.out_channels
-        if qp.scale.shape != (rows,) or qp.zero_point.shape != (rows,):
-            raise InvalidInputError(f"qparams of {key!r} have {tuple(qp.scale.shape)} rows, expected {rows}", field="qparams")
+        shape = qp.shape_for((m.out_channels, m.in_features))
+        if qp.scale.shape != shape or qp.zero_point.shape != shape:
+            raise InvalidInputError(
+                f"qparams of {key!r} have shape {tuple(qp.scale.shape)}, expected {shape}", field="qparams"
+            )
         scale = qp.scale.detach().to(torch.float32)
         if not bool((scale > 0).all()) or not torch.equal(scale.to(torch.float16).to(torch.float32), scale):
             raise InvalidInputError(f"qparams of {key!r} must hold positive float16 scales", field="qparams")
-        out[key] = quant.QParams(scale, qp.zero_point.detach().to(torch.int32), qp.bits, qp.symmetric)
+        out[key] = quant.QParams(scale, qp.zero_point.detach().to(torch.int32), qp.bits, qp.symmetric, qp.group_size)
     return out
 
 
@@ -503,17 +517,19 @@ def load_artifact(path_or_dir: str | Path, model: nn.Module) -> nn.Module:
                 n_bytes = math.ceil(rows * cols * opt.bits / 8)
                 ck, sk, zk = (_qkey(g.name, i, x) for x in ("codes", "scale", "zero_point"))
                 packed = _expect(tensors, ck, (torch.uint8,), (n_bytes,))
-                scale = _expect(tensors, sk, (torch.float16, torch.float32), (rows,)).to(torch.float32)
+                shape = (rows,) if opt.group_size is None else (rows, cols // opt.group_size)
+                scale = _expect(tensors, sk, (torch.float16, torch.float32), shape).to(torch.float32)
                 used.update((ck, sk))
                 if opt.symmetric:
-                    zp = torch.zeros(rows, dtype=torch.int32)
+                    zp = torch.zeros(shape, dtype=torch.int32)
                 else:
-                    zp = _expect(tensors, zk, (torch.uint8,), (rows,)).to(torch.int32)
+                    zp = _expect(tensors, zk, (torch.uint8,), shape).to(torch.int32)
                     used.add(zk)
                 if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
                     raise _artifact_error(f"tensor {sk!r} holds scales that are not positive and finite")
                 codes = quant.unpack(packed, opt.bits, rows * cols, signed=opt.symmetric).view(rows, cols)
-                qp = quant.QParams(scale=scale, zero_point=zp, bits=opt.bits, symmetric=opt.symmetric)
+                qp = quant.QParams(scale=scale, zero_point=zp, bits=opt.bits, symmetric=opt.symmetric,
+                                   group_size=opt.group_size)
                 target.copy_(quant.dequantize(codes, qp, dtype=target.dtype))
             else:
                 wk = _qkey(g.name, i, "weight")

@@ -110,6 +110,8 @@ def _torchao_plan(
             continue
         widths = {m.in_features for _, _, m in members}
         width = math.gcd(*widths)  # every scale group of ours is a whole number of these columns
+        if opt.group_size is not None:
+            width = math.gcd(width, opt.group_size)  # group-wise scales: a group of ours is a whole number of these
         if opt.bits == 8:
             configs[name] = TorchaoConfig("Int8WeightOnlyConfig", {} if width == shape[1] else {"group_size": width})
         else:

@@ -13,10 +13,12 @@ group option             what the student's member slice is during training
 =======================  ===========================================================================
 2..8 bits (integer)      ``lsq_fake_quantize(latent, step, zero_point)``: a learned step size per
                          row of the member slice (the ``[out, in]`` layout, as :mod:`search.quant`
-                         quantizes it), initialised from :func:`search.quant.choose_qparams` (so step
-                         0 *is* the post-training point), gradient scaled by
-                         ``g = 1 / sqrt(n_weights_per_row * Q_p)``, rounding straight-through; the
-                         zero point of an asymmetric option stays the post-training one
+                         quantizes it), or per group of ``N`` columns of each row with group-wise
+                         scales (steps ``[rows, cols / N]``), initialised from
+                         :func:`search.quant.choose_qparams` (so step 0 *is* the post-training
+                         point), gradient scaled by ``g = 1 / sqrt(n_weights_per_scale * Q_p)``,
+                         rounding straight-through; the zero point of an asymmetric option stays
+                         the post-training one
 0 (pruned)               exactly zero: the slice (and the biases of its output channels) is masked in
                          the forward pass, so neither its value nor any gradient reaches it
 16 bits                  trained through a float16 round (straight-through) unless

@@ -24,7 +24,8 @@ class RefineResult:
     ``metrics``: the refined point's metrics on the evaluation batches; ``initial_metrics``: the
     post-training point's metrics on the validation batches (step 0); ``steps``: steps run;
     ``best_step``: the step whose state was kept (0: refinement never beat the post-training point);
-    ``qparams``: the learned per-row step sizes (float16 values) and zero points of every integer
+    ``qparams``: the learned step sizes (float16 values; ``[rows]`` per row, ``[rows, cols / N]`` with
+    group-wise scales) and zero points of every integer
     member slice, keyed :func:`member_key`; ``state_dict``: the refined student's state dict with the
     quantized-then-dequantized weights the metrics were measured with; ``model``: the refined student
     itself (those weights loaded); ``history``: one entry per evaluation; ``notes``: what was skipped

@@ -23,14 +23,20 @@ from search.ste import half_ste, lsq_fake_quantize, lsq_grad_scale
 __all__ = ["member_key"]
 
 
-def _exact_fake_quantize(w: torch.Tensor, step: torch.Tensor, zero_point: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
-    qp = _qparams(step, zero_point, bits, symmetric)
+def _exact_fake_quantize(
+    w: torch.Tensor, step: torch.Tensor, zero_point: torch.Tensor, bits: int, symmetric: bool, group_size: int | None
+) -> torch.Tensor:
+    qp = _qparams(step, zero_point, bits, symmetric, group_size)
     return quant.dequantize(quant.quantize(w, qp), qp, dtype=w.dtype)
 
 
-def _qparams(step: torch.Tensor, zero_point: torch.Tensor, bits: int, symmetric: bool) -> quant.QParams:
+def _qparams(
+    step: torch.Tensor, zero_point: torch.Tensor, bits: int, symmetric: bool, group_size: int | None = None
+) -> quant.QParams:
+    """The exact quantizer of learned step sizes: ``[rows]`` per row, ``[rows, cols / group_size]`` per group."""
     scale = step.detach().to(torch.float32).clamp(quant.SCALE_EPS, quant.SCALE_MAX).to(torch.float16).to(torch.float32)
-    return quant.QParams(scale=scale, zero_point=zero_point.detach().to(torch.int32), bits=bits, symmetric=symmetric)
+    return quant.QParams(scale=scale, zero_point=zero_point.detach().to(torch.int32), bits=bits, symmetric=symmetric,
+                         group_size=group_size)
 
 
 def member_key(group: str, index: int) -> str:
@@ -48,6 +54,7 @@ class _Slot:
     kind: Literal["int", "half", "float", "pruned", "frozen"]
     bits: int = 32
     symmetric: bool = True
+    group_size: int | None = None
     step_index: int = -1
     grad_scale: float = 1.0
 
@@ -93,7 +100,7 @@ class _QuantWeight(nn.Module):
                 step = self.steps[sl.step_index]
                 z = self.zero_point(sl.step_index)
                 if exact:
-                    out[idx] = _exact_fake_quantize(block, step, z, sl.bits, sl.symmetric)
+                    out[idx] = _exact_fake_quantize(block, step, z, sl.bits, sl.symmetric, sl.group_size)
                 else:
                     qmin, qmax = quant.code_range(sl.bits, sl.symmetric)
                     fq = lsq_fake_quantize(block.to(torch.float32), step, z, qmin, qmax, sl.grad_scale)
@@ -193,9 +200,12 @@ def _build_student(
                     bias_mask[m.start : m.stop] = False
             elif opt.is_integer:
                 block = wv[_view(wv, m)]
-                qp = quant.choose_qparams(block, opt.bits, symmetric=opt.symmetric, clip=clip)  # type: ignore[arg-type]
+                qp = quant.choose_qparams(
+                    block, opt.bits, symmetric=opt.symmetric, clip=clip, group_size=opt.group_size  # type: ignore[arg-type]
+                )
+                per_scale = block.shape[1] if opt.group_size is None else opt.group_size
                 slot = _Slot(
-                    key, m, "int", opt.bits, opt.symmetric, len(steps), lsq_grad_scale(block.shape[1], qp.qmax)
+                    key, m, "int", opt.bits, opt.symmetric, opt.group_size, len(steps), lsq_grad_scale(per_scale, qp.qmax)
                 )
                 steps.append(qp.scale.detach().clone().to(wv.device))
                 zps.append(qp.zero_point.detach().clone().to(wv.device))

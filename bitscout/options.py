@@ -1,0 +1,233 @@
+"""The vocabulary of a search space that the wire, the search library and the service share:
+the bit-option grammar and the tie kinds, written once.
+
+A dependency-free leaf (standard library only): :mod:`bitscout.schemas` validates a job's
+``space.bits`` and ``space.tie`` with it, ``search.space.BitOption.parse`` reads every option
+through it, and the service's store normalises precision-map entries with it.
+
+Bit options
+===========
+
+One grammar for every place a bit option is written (``--bits 4g128,8``, a job's ``space.bits``,
+the option keys of a sensitivity table)::
+
+    option  :=  <bits> [ "a" | "s" ] [ "g" <group columns> ]
+
+=============  =====================================================================================
+part           meaning
+=============  =====================================================================================
+``<bits>``     the width: 0 prunes, 2-8 integer grids, 16 half precision, 32 unchanged
+``a``          an asymmetric integer grid (a zero point per scale); ``s`` says symmetric explicitly;
+               without either the space's default grid applies (symmetric unless asked otherwise)
+``g<N>``       group-wise scales: one scale (and zero point) per ``N`` input columns of each row;
+               without it, one per row. Integer widths only.
+=============  =====================================================================================
+
+Examples: ``4`` (per row, symmetric), ``4a`` (per row, asymmetric), ``4g128`` (a scale per 128
+columns), ``4ag128``. The *canonical key* of an option (:func:`option_key`) is that spelling
+without ``s``: ``4``, ``4a``, ``4g128``, ``4ag128``; sensitivity tables and precision maps use it.
+Two extensions of the grammar are read but refused for now, so that a spelling never changes
+meaning later: activation bits at the end (``4a8``, ``4g128a8``: ``a`` followed by digits) and
+tensor-train options (``tt<rank>@<bits>``).
+
+On the wire a precision-map entry names the option field by field:
+``{"bits": 4, "symmetric": true, "group_size": 128}`` (``group_size`` absent or null per row).
+
+Ties
+====
+
+:data:`TIE_KINDS`: the kinds of sibling projections (matrices of one block that read the same
+input) that inference engines fuse into one matrix and that a search can tie to one option:
+``attention_inputs`` (the attention's input projections, q/k/v; short name ``qkv``) and
+``ffn_inputs`` (the feed-forward input projections, gate/up; short name ``gate_up``).
+:func:`parse_ties` reads ``"qkv,gate_up"``, ``["attention_inputs"]``, ``"none"``...
+
+Example::
+
+    >>> parse_option("4ag128")
+    OptionFields(bits=4, symmetric=False, group_size=128)
+    >>> option_key(4, True, 128)
+    '4g128'
+    >>> parse_ties("qkv,gate_up")
+    ('attention_inputs', 'ffn_inputs')
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "ALLOWED_BITS",
+    "INTEGER_BITS",
+    "MAX_GROUP_SIZE",
+    "OptionFields",
+    "OptionSyntaxError",
+    "TIE_ALIASES",
+    "TIE_KINDS",
+    "option_key",
+    "parse_option",
+    "parse_ties",
+    "wire_option",
+]
+
+#: Bit-widths a group may take. 0 prunes the group, 16 keeps it in half precision, 32 unchanged.
+ALLOWED_BITS: tuple[int, ...] = (0, 2, 3, 4, 5, 6, 8, 16, 32)
+#: Bit-widths that are integer quantization (pruning and float excluded).
+INTEGER_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+#: The largest group of input columns one scale may cover.
+MAX_GROUP_SIZE = 1 << 20
+
+#: Tie kind -> what it ties.
+TIE_KINDS: dict[str, str] = {
+    "attention_inputs": "the attention's input projections (q, k, v) of one block",
+    "ffn_inputs": "the feed-forward input projections (gate, up) of one block",
+}
+#: Short names of the tie kinds (``--tie qkv,gate_up``).
+TIE_ALIASES: dict[str, str] = {"qkv": "attention_inputs", "gate_up": "ffn_inputs"}
+
+_SYNTAX = "<bits>[a][g<N>], e.g. 4, 4a, 4g128, 4ag128"
+_OPTION_RE = re.compile(
+    r"(?P<tt>tt(?P<rank>\d+)@)?"  # tensor-train prefix (reserved)
+    r"(?P<bits>\d+)"
+    r"(?P<grid>[as](?!\d))?"  # a grid letter, unless it starts activation bits
+    r"(?:g(?P<group>\d+))?"
+    r"(?:a(?P<act>\d+))?"  # activation bits (reserved)
+)
+
+
+class OptionSyntaxError(ValueError):
+    """A bit option (or a tie list) that does not follow the grammar; the message says why."""
+
+
+@dataclass(frozen=True)
+class OptionFields:
+    """A parsed bit option: ``bits``; ``symmetric`` (None: the spelling names no grid, the space's
+    default applies); ``group_size`` (None: one scale per row)."""
+
+    bits: int
+    symmetric: bool | None = None
+    group_size: int | None = None
+
+    @property
+    def is_integer(self) -> bool:
+        return self.bits in INTEGER_BITS
+
+    def resolved(self, symmetric: bool = True) -> tuple[int, bool, int | None]:
+        """``(bits, symmetric, group_size)`` with the default grid ``symmetric`` filled in
+        (non-integer widths are always symmetric)."""
+        sym = symmetric if self.symmetric is None else self.symmetric
+        return self.bits, sym or not self.is_integer, self.group_size
+
+    def key(self, symmetric: bool = True) -> str:
+        """The canonical key under the default grid ``symmetric`` (:func:`option_key`)."""
+        return option_key(*self.resolved(symmetric))
+
+    def text(self) -> str:
+        """The spelling that keeps what was written: the canonical key, with ``s`` where a symmetric
+        grid was named explicitly (so that a space-wide asymmetric default does not apply)."""
+        grid = "" if self.symmetric is None or not self.is_integer else ("s" if self.symmetric else "a")
+        group = f"g{self.group_size}" if self.group_size is not None else ""
+        return f"{self.bits}{grid}{group}"
+
+
+def option_key(bits: int, symmetric: bool = True, group_size: int | None = None) -> str:
+    """The canonical key: ``"4"``, ``"4a"`` (asymmetric), ``"4g128"``, ``"4ag128"``, ``"0"``, ``"16"``."""
+    asym = "a" if bits in INTEGER_BITS and not symmetric else ""
+    group = f"g{group_size}" if group_size is not None else ""
+    return f"{bits}{asym}{group}"
+
+
+def _check(bits: Any, symmetric: Any, group_size: Any, spelled: str) -> OptionFields:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in ALLOWED_BITS:
+        raise OptionSyntaxError(f"unknown bit-width {bits!r} in {spelled}; allowed: {', '.join(map(str, ALLOWED_BITS))}")
+    if symmetric is not None and not isinstance(symmetric, bool):
+        raise OptionSyntaxError(f"symmetric must be true or false in {spelled}, got {symmetric!r}")
+    if group_size is not None:
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or not 1 <= group_size <= MAX_GROUP_SIZE:
+            raise OptionSyntaxError(
+                f"the group size in {spelled} must be an integer from 1 to {MAX_GROUP_SIZE}, got {group_size!r}"
+            )
+        if bits not in INTEGER_BITS:
+            raise OptionSyntaxError(
+                f"group-wise scales apply to integer widths (2 to 8 bits) only, not to {bits} bits ({spelled})"
+            )
+    if bits not in INTEGER_BITS:
+        symmetric = None if symmetric is None else True  # a grid means nothing for pruned or float groups
+    return OptionFields(bits, symmetric, group_size)
+
+
+def parse_option(value: Any) -> OptionFields:
+    """Read one bit option: an int (the width), a string in the grammar of the module docstring,
+    a mapping ``{"bits", "symmetric"?, "group_size"?}`` or an :class:`OptionFields`. Raises
+    :class:`OptionSyntaxError` with a message that says what is wrong."""
+    if isinstance(value, OptionFields):
+        return value
+    if isinstance(value, bool):
+        raise OptionSyntaxError(f"cannot read bit option {value!r} (the syntax is {_SYNTAX})")
+    if isinstance(value, int):
+        return _check(value, None, None, repr(value))
+    if isinstance(value, Mapping):
+        if "bits" not in value:
+            raise OptionSyntaxError("a bit option needs a 'bits' entry")
+        if value.get("act_bits") is not None:
+            raise OptionSyntaxError("activation bits are not supported yet")
+        return _check(value["bits"], value.get("symmetric"), value.get("group_size"), "the option")
+    if isinstance(value, str):
+        text = value.strip().lower()
+        m = _OPTION_RE.fullmatch(text)
+        if m is None:
+            raise OptionSyntaxError(f"cannot read bit option {value!r} (the syntax is {_SYNTAX})")
+        if m["tt"]:
+            raise OptionSyntaxError(f"tensor-train options (tt<rank>@<bits>, {value!r}) are not supported yet")
+        if m["act"] is not None:
+            raise OptionSyntaxError(
+                f"activation bits ('a{m['act']}' at the end of {value!r}) are not supported yet; "
+                "a bare 'a' right after the width means an asymmetric grid (e.g. 4a, 4ag128)"
+            )
+        grid = m["grid"]
+        return _check(
+            int(m["bits"]),
+            None if grid is None else grid == "s",
+            None if m["group"] is None else int(m["group"]),
+            repr(value),
+        )
+    raise OptionSyntaxError(f"cannot read bit option {value!r} (the syntax is {_SYNTAX})")
+
+
+def wire_option(value: Any) -> int | str:
+    """The form a job spec stores an entry of ``space.bits`` in: an int for a bare width (the
+    spec's ``symmetric`` applies to it, as always), else the spelling :meth:`OptionFields.text`."""
+    f = parse_option(value)
+    text = f.text()
+    return int(text) if text.isdigit() else text
+
+
+def parse_ties(value: str | Iterable[str] | None) -> tuple[str, ...]:
+    """The tie kinds of ``value``: a comma-separated string or a list of kinds (``attention_inputs``,
+    ``ffn_inputs``) or their short names (``qkv``, ``gate_up``); ``"none"`` (alone) or an empty list
+    ties nothing. Sorted, without duplicates."""
+    if value is None:
+        return ()
+    items = value.split(",") if isinstance(value, str) else list(value)
+    names = []
+    for item in items:
+        if not isinstance(item, str):
+            raise OptionSyntaxError(f"a tie kind is a name, got {item!r}")
+        name = item.strip().lower()
+        if name:
+            names.append(name)
+    if "none" in names:
+        if len(names) > 1:
+            raise OptionSyntaxError("'none' ties nothing and cannot be combined with tie kinds")
+        return ()
+    out = set()
+    for name in names:
+        kind = TIE_ALIASES.get(name, name)
+        if kind not in TIE_KINDS:
+            known = ", ".join([*TIE_ALIASES, *TIE_KINDS, "none"])
+            raise OptionSyntaxError(f"unknown tie kind {name!r}; known: {known}")
+        out.add(kind)
+    return tuple(sorted(out))
