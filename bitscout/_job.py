@@ -304,7 +304,9 @@ class Job(_JobBase):
         """Fake-quantize ``model`` in place under a point's precision map, with the space settings
         (granularity, FFN block size, globs) of this job; returns the model. Needs
         ``pip install 'bitscout[search]'``."""
-        from bitscout.apply import apply
+        # through the package, so that `bitscout.apply` stays the function (importing the submodule
+        # directly would bind the package's attribute to the module)
+        from bitscout import apply
 
         p = point if isinstance(point, ParetoPointRead) else self.point(point)
         options = {**self._apply_options(), **kwargs}
@@ -420,7 +422,7 @@ class AsyncJob(_JobBase):
 
     async def apply(self, model: Any, point: PointRef = "recommended", **kwargs: Any) -> Any:
         """Fake-quantize ``model`` under a point's map (see :meth:`Job.apply`)."""
-        from bitscout.apply import apply
+        from bitscout import apply  # the function, as in Job.apply
 
         p = point if isinstance(point, ParetoPointRead) else await self.point(point)
         options = {**self._apply_options(), **kwargs}

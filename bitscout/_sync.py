@@ -233,6 +233,10 @@ class Client(_BaseClient):
             ... )                                   # doctest: +SKIP
             >>> job.status                          # doctest: +SKIP
             <JobStatus.queued: 'queued'>
+            >>> llm = client.submit(                # group-wise scales, q/k/v and gate/up tied
+            ...     model="./my-llama", data="text.jsonl", methods=["kl"], budget={"max_size_mb": 300},
+            ...     space={"bits": ["4g128", 8, "3g64"], "tie": ["qkv", "gate_up"]},
+            ... )                                   # doctest: +SKIP
         """
         prepared = prepare_submission(
             model=model, data=data, methods=methods, budget=budget, task=task, space=space, metric=metric,

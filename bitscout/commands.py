@@ -18,6 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
+from bitscout import options as bit_options
 from bitscout._front import Front
 from bitscout._job import Job
 from bitscout._sync import Client
@@ -196,11 +197,20 @@ def _limits(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _csv_ints(text: str) -> list[int]:
+def _bit_options(text: str) -> list[int | str]:
+    """``--bits 4g128,8,3g64``: bit options in the grammar of :mod:`bitscout.options`."""
     try:
-        return [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        return [bit_options.wire_option(x) for x in text.replace(" ", "").split(",") if x]
+    except bit_options.OptionSyntaxError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _ties(text: str) -> list[str]:
+    """``--tie qkv,gate_up`` or ``--tie none`` (an empty list: nothing tied)."""
+    try:
+        return list(bit_options.parse_ties(text))
+    except bit_options.OptionSyntaxError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _refine_points(text: str) -> str | int:
@@ -266,7 +276,13 @@ def _submit_parser() -> _Parser:
     _add_limits(p)
     s = p.add_argument_group("search space")
     s.add_argument(
-        "--bits", type=_csv_ints, metavar="LIST", help="allowed bit-widths, e.g. 2,4,8,32 (0 prunes)"
+        "--bits", type=_bit_options, metavar="LIST",
+        help="allowed bit options, e.g. 2,4,8,32 (0 prunes) or 4g128,8,3g64 ('g<N>': a scale per N input columns, "
+        "'a': asymmetric)",
+    )
+    s.add_argument(
+        "--tie", type=_ties, metavar="KINDS",
+        help="sibling projections that take one option: qkv, gate_up or none (default: both for causal LMs)",
     )
     s.add_argument("--granularity", choices=["layer", "group"])
     s.add_argument("--ffn-block-size", type=int, metavar="N")
@@ -351,7 +367,7 @@ def submit_options(args: argparse.Namespace) -> dict[str, Any]:
         opts["methods"] = [m.strip() for item in args.methods for m in item.split(",") if m.strip()]
     _merge(opts, "budget", _limits(args))
     _merge(opts, "space", {
-        "bits": args.bits, "granularity": args.granularity, "ffn_block_size": args.ffn_block_size,
+        "bits": args.bits, "tie": args.tie, "granularity": args.granularity, "ffn_block_size": args.ffn_block_size,
         "symmetric": False if args.asymmetric else None, "include": args.include, "exclude": args.exclude,
     })  # fmt: skip
     _merge(opts, "data_options", {
@@ -638,6 +654,8 @@ def _resolve_summary(r: ResolveRead) -> str:
     counts: dict[str, int] = {}
     for opt in r.precision_map.values():
         key = "pruned" if opt.bits == 0 else f"{opt.bits}-bit{'' if opt.symmetric else ' asym'}"
+        if opt.group_size is not None:
+            key += f" g{opt.group_size}"
         counts[key] = counts.get(key, 0) + 1
     mix = ", ".join(f"{n} x {k}" for k, n in sorted(counts.items()))
     lines = [
@@ -664,7 +682,7 @@ def resolve_main(argv: Sequence[str]) -> int:
         if args.output:
             out = Path(args.output)
             out.write_text(
-                json.dumps({k: v.model_dump() for k, v in r.precision_map.items()}, indent=2) + "\n"
+                json.dumps({k: v.model_dump(exclude_none=True) for k, v in r.precision_map.items()}, indent=2) + "\n"
             )
             print(f"wrote {out}", file=sys.stderr)
         if args.json:

@@ -5,8 +5,9 @@ document is generated from them. ``...Spec`` / ``...Create`` / ``...Request`` ar
 sends (unknown fields are rejected); ``...Read`` are what the service answers (unknown fields are
 ignored, so an older SDK can read a newer server).
 
-A precision map on the wire is an object ``{group name: {"bits": int, "symmetric": bool}}``;
-group names are module names (``bert.encoder.layer.0.attention.self.query``) or sub-layer groups
+A precision map on the wire is an object ``{group name: {"bits": int, "symmetric": bool,
+"group_size": int | null}}`` (``group_size`` absent or null: one scale per row; the bit-option
+grammar is :mod:`bitscout.options`); group names are module names (``bert.encoder.layer.0.attention.self.query``) or sub-layer groups
 (``bert.encoder.layer.2/ffn7``). Sizes are in bytes or in megabytes of 10^6 bytes.
 
 Example::
@@ -31,6 +32,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from bitscout import options as _options
 from bitscout.methods import Method as Method
 from bitscout.methods import MethodOptionsSpec
 
@@ -38,7 +40,11 @@ from bitscout.methods import MethodOptionsSpec
 SCHEMA_VERSION = "1.0"
 
 #: Bit-widths a group may take: 0 prunes, 2-8 integer, 16 half precision, 32 unchanged.
-ALLOWED_BITS: tuple[int, ...] = (0, 2, 3, 4, 5, 6, 8, 16, 32)
+ALLOWED_BITS: tuple[int, ...] = _options.ALLOWED_BITS
+#: Bit options one space may list.
+MAX_BIT_OPTIONS = 32
+#: The bit options of a space that names none.
+DEFAULT_BITS: tuple[int | str, ...] = (2, 3, 4, 6, 8, 32)
 
 _NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 _PRINTABLE_RE = re.compile(r"^[\x20-\x7e]+$")
@@ -269,12 +275,14 @@ _Glob = Annotated[str, Field(min_length=1, max_length=256, description="A glob o
 class SearchSpaceSpec(_Request):
     """Which matrices are searched, at what granularity, and the options each may take."""
 
-    bits: list[int] = Field(
-        default_factory=lambda: [2, 3, 4, 6, 8, 32],
+    bits: list[int | str] = Field(
+        default_factory=lambda: list(DEFAULT_BITS),
         min_length=1,
-        max_length=len(ALLOWED_BITS),
-        description="Allowed bit-widths, from {0, 2, 3, 4, 5, 6, 8, 16, 32}: 0 prunes, 16 keeps half precision, "
-        "32 leaves a group unchanged.",
+        max_length=MAX_BIT_OPTIONS,
+        description="Allowed bit options: a width from {0, 2, 3, 4, 5, 6, 8, 16, 32} (0 prunes, 16 keeps half "
+        "precision, 32 leaves a group unchanged) or an option string '<bits>[a][g<N>]': 'a' an asymmetric grid, "
+        "'g<N>' one scale per N input columns of each row (e.g. '4g128', '4ag128'); plain widths take `symmetric`.",
+        examples=[[2, 3, 4, 8], ["4g128", 8, "3g64"]],
     )
     symmetric: bool = Field(
         default=True, description="Symmetric integer grids (true) or asymmetric with a zero point (false)."
@@ -309,18 +317,49 @@ class SearchSpaceSpec(_Request):
     )
     include_head: bool = Field(default=False, description="Also search the task head / lm_head.")
     include_embeddings: bool = Field(default=False, description="Also search the embedding matrices.")
+    tie: list[str] | None = Field(
+        default=None,
+        max_length=len(_options.TIE_KINDS) + len(_options.TIE_ALIASES),
+        description="Sibling projections that must take one option because inference engines fuse them: "
+        "'qkv' (attention_inputs: the attention's q/k/v projections) and 'gate_up' (ffn_inputs: the FFN's "
+        "gate/up projections), found structurally; ['none'] or [] ties nothing; null: the task's default "
+        "(both for causal LMs, none otherwise).",
+        examples=[["qkv", "gate_up"], ["none"]],
+    )
 
-    @field_validator("bits")
+    @field_validator("bits", mode="before")
     @classmethod
-    def _bits_ok(cls, v: list[int]) -> list[int]:
-        bad = [b for b in v if b not in ALLOWED_BITS]
-        if bad:
-            raise ValueError(f"unknown bit-width(s) {bad}; allowed: {', '.join(map(str, ALLOWED_BITS))}")
-        if len(set(v)) != len(v):
-            raise ValueError("bit-widths must be unique")
-        if all(b == 0 for b in v):
+    def _bits_ok(cls, v: Any) -> Any:
+        if not isinstance(v, list):
+            return v
+        out: list[int | str] = []
+        for i, b in enumerate(v):
+            try:
+                out.append(_options.wire_option(b))
+            except _options.OptionSyntaxError as exc:
+                raise ValueError(f"entry {i}: {exc}") from None
+        if len(set(out)) != len(out):
+            raise ValueError("bit options must be unique")
+        if all(_options.parse_option(b).bits == 0 for b in out):
             raise ValueError("at least one bit-width other than 0 (pruned) is needed")
-        return sorted(v)
+
+        def order(b: int | str) -> tuple[int, int, str]:
+            f = _options.parse_option(b)
+            return (f.bits, f.group_size or 0, str(b))
+
+        return sorted(out, key=order)
+
+    @field_validator("tie", mode="before")
+    @classmethod
+    def _tie_ok(cls, v: Any) -> Any:
+        if v is None:
+            return None
+        if isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+            try:
+                return list(_options.parse_ties(v))
+            except _options.OptionSyntaxError as exc:
+                raise ValueError(str(exc)) from None
+        return v
 
 
 class BudgetSpec(_Request):
@@ -535,10 +574,22 @@ class CostRead(_Read):
 
 
 class BitOptionRead(_Read):
-    """One group's choice: bits (0 pruned, 2-8 integer, 16 half, 32 unchanged) and grid symmetry."""
+    """One group's choice: bits (0 pruned, 2-8 integer, 16 half, 32 unchanged), grid symmetry and
+    the input columns that share one scale (null: one scale per row)."""
 
     bits: int = Field(description="Bit-width.")
     symmetric: bool = Field(default=True, description="Symmetric integer grid.")
+    group_size: int | None = Field(
+        default=None,
+        ge=1,
+        exclude_if=lambda v: v is None,  # a per-row option is written as it always was: {bits, symmetric}
+        description="Input columns per scale (group-wise scales); absent or null: one scale per row.",
+    )
+
+    def key(self) -> str:
+        """The option's canonical key (``"4"``, ``"4a"``, ``"4g128"``), as in sensitivity tables."""
+        return _options.option_key(self.bits, self.symmetric, self.group_size)
+
 
 
 class ParetoPointRead(_Read):
@@ -583,7 +634,7 @@ class SensitivityRead(_Read):
     method: str = Field(description="kl or hessian.")
     samples: int = Field(default=0, ge=0, description="Calibration sequences (or probes) used.")
     scores: dict[str, dict[str, float | None]] = Field(
-        description="scores[group][option key] (option keys: '4', '4a', '0')."
+        description="scores[group][option key] (option keys: '4', '4a', '4g128', '0')."
     )
     errors: dict[str, float | None] = Field(
         default_factory=dict, description="Standard error per group, where known."

@@ -58,6 +58,7 @@ def search_options(spec: JobSpec, *, method_options: Mapping[str, Mapping[str, A
         method_options={k: dict(v) for k, v in (spec.method_options.as_dict() if method_options is None
                                                 else method_options).items()},
         refine=None if spec.refine is None else RefineChoice(points=spec.refine.points, steps=spec.refine.steps),
+        tie=None if sp.tie is None else tuple(sp.tie),
     )
 
 

@@ -237,6 +237,7 @@
       const rows = [
         ["model", modelName(spec)], ["task", spec.task], ["methods", spec.methods.join(", ")],
         ["budget", budget], ["metric", spec.metric], ["bits", spec.space.bits.join(", ") + " (" + spec.space.granularity + ")"],
+        ["tie", spec.space.tie == null ? "task default" : (spec.space.tie.length ? spec.space.tie.join(", ") : "none")],
         ["submitted", new Date(job.created_at).toLocaleString() + " (" + age(job.created_at) + " ago)"],
         ["attempts", String(job.attempts)], ["points", String(job.n_points)],
       ];
@@ -484,9 +485,10 @@
             x: left + j * cw + 1, y: top + i * ch + 1, width: cw - 2, height: ch - 2,
             fill: BIT_COLORS[bits] || "#999", class: "cell", "data-group": cell.name, "data-bits": bits,
           });
-          rect.appendChild(svg("title", {}, `${cell.name}: ${bits === 0 ? "pruned" : bits + " bits"}${cell.opt.symmetric ? "" : " (asymmetric)"}`));
+          const group = cell.opt.group_size ? `, a scale per ${cell.opt.group_size} columns` : "";
+          rect.appendChild(svg("title", {}, `${cell.name}: ${bits === 0 ? "pruned" : bits + " bits"}${cell.opt.symmetric ? "" : " (asymmetric)"}${group}`));
           hm.appendChild(rect);
-          if (cw >= 22) hm.appendChild(svg("text", { x: left + j * cw + cw / 2, y: top + i * ch + 14, "text-anchor": "middle", fill: bits >= 16 || bits <= 3 ? "#fff" : "#222" }, bits === 0 ? "×" : bits));
+          if (cw >= 22) hm.appendChild(svg("text", { x: left + j * cw + cw / 2, y: top + i * ch + 14, "text-anchor": "middle", fill: bits >= 16 || bits <= 3 ? "#fff" : "#222" }, bits === 0 ? "×" : bits + (cell.opt.group_size ? "g" : "")));
         });
       });
       const legend = $("heatmap-legend");

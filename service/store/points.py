@@ -127,7 +127,7 @@ class PointsMixin(ArtifactsMixin):
 
     @staticmethod
     def _point_row(job_id: str, idx: int, p: PointRecord, budget: BudgetSpec) -> PointRow:
-        pmap = {k: o.model_dump() for k, o in p.precision_map.items()}
+        pmap = {k: o.model_dump(exclude_none=True) for k, o in p.precision_map.items()}
         size_bytes = p.cost.size_bytes
         avg_bits = p.cost.avg_bits
         bops = p.cost.bops

@@ -10,8 +10,8 @@ These models are the boundary of ``finish_job``: a mapping in the same shape is 
 them (:func:`point_records`, :func:`front_info_of`), and a malformed one raises
 :class:`~bitscout.errors.InvalidRequest` whose ``field`` is the dotted path of the bad value
 (``points.3.cost.avg_bits``) before anything is written. Values are normalised the way the rows
-store them: a precision-map entry becomes ``{bits, symmetric}``, non-finite metrics and
-predictions become None, and non-finite costs 0.
+store them: a precision-map entry becomes ``{bits, symmetric}`` (and ``group_size`` when set),
+non-finite metrics and predictions become None, and non-finite costs 0.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from bitscout import options as bit_options
 from bitscout.errors import Conflict, InvalidRequest
 from bitscout.schemas import JobRead
 from service.store._json import finite
@@ -55,33 +56,29 @@ def _as_dict(value: Any) -> Any:
 
 
 class PointOption(BaseModel):
-    """One precision-map entry: a bit-width and whether its integer grid is symmetric.
+    """One precision-map entry: a bit-width, whether its integer grid is symmetric, and the input
+    columns per scale (None: one scale per row).
 
-    Accepts ``{"bits": 4, "symmetric": False}``, ``4``, ``"4"``, ``"4a"`` (asymmetric) or ``"4s"``.
+    Accepts ``{"bits": 4, "symmetric": False, "group_size": 128}``, ``4``, ``"4"``, ``"4a"``
+    (asymmetric), ``"4s"`` or ``"4g128"`` (the grammar of :mod:`bitscout.options`).
     """
 
     model_config = ConfigDict(extra="ignore")
 
     bits: int
     symmetric: bool = True
+    group_size: int | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _parse(cls, value: Any) -> Any:
         if isinstance(value, Mapping):
             return value
-        if isinstance(value, bool):
-            raise ValueError(f"bad bit option {value!r}")
-        if isinstance(value, int):
-            return {"bits": value, "symmetric": True}
-        if isinstance(value, str):
-            text = value.strip()
-            try:
-                bits = int(text.rstrip("as"))
-            except ValueError:
-                raise ValueError(f"bad bit option {value!r}") from None
-            return {"bits": bits, "symmetric": not text.endswith("a")}
-        raise ValueError(f"bad bit option {value!r}")
+        try:
+            bits, symmetric, group_size = bit_options.parse_option(value).resolved()
+        except bit_options.OptionSyntaxError as exc:
+            raise ValueError(f"bad bit option {value!r}: {exc}") from None
+        return {"bits": bits, "symmetric": symmetric, "group_size": group_size}
 
 
 class PointCost(BaseModel):

@@ -188,6 +188,7 @@ def run_job(
         front_points=spec.front_points,
         metric=spec.metric.value if spec.metric else None,
         seed=spec.seed,
+        tie=None if space.tie is None else tuple(space.tie),
     )
     data = DataOptions(
         source=str(data_file),

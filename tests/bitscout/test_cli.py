@@ -108,7 +108,7 @@ def test_usage_errors_are_one_line_exit_2(
     for argv, needle in (
         (["submit", "--data", "dataset:x", "--max-size-mb", "1"], "--model is required"),
         (["submit", "--model", "server:m", "--data", "dataset:x"], "a budget is required"),
-        (["submit", *SERVER_SPEC, "--bits", "two"], "comma-separated integers"),
+        (["submit", *SERVER_SPEC, "--bits", "two"], "cannot read bit option"),
         (["submit", *SERVER_SPEC, "--max-size-mb", "-3"], "budget.max_size_mb"),
         (["submit", str(tmp_path / "missing.yaml")], "cannot read the job file"),
         (["status", "--bogus"], "unrecognized arguments"),

@@ -122,6 +122,32 @@ def test_sdk_in_process_end_to_end(
     assert exc.value.field == "budget.max_avg_bits"
 
 
+def test_group_wise_options_and_ties_through_the_service(
+    resolving_service: Service, tiny: dict[str, Path], tmp_path: Path
+) -> None:
+    """``space.bits`` with a group-wise option and ``space.tie`` go from the SDK to the search and back:
+    every stored map is tied, names its group size, resolves to a tied map and applies to its metric."""
+    service = resolving_service
+    client = service.client()
+    job_opts = {**TINY_JOB, "space": {"bits": ["4g16", 8, 2], "tie": "qkv", "granularity": "layer"}}
+    job = client.submit(model=tiny["model"], data=tiny["data"], **job_opts)
+    assert job.spec.space.bits == [2, "4g16", 8] and job.spec.space.tie == ["attention_inputs"]
+    t, out = _run_worker_in_background(service, job.id)
+    job.wait(poll_interval=0.02, timeout=120)
+    run = _joined(t, out)
+    assert job.succeeded and len(run.search.space.ties) == 2
+    ties = [t.groups for t in run.search.space.ties]
+    front = job.pareto()
+    assert any(o.group_size == 16 and o.key() == "4g16" for p in front for o in p.precision_map.values())
+    for p in front:
+        assert all(len({p.precision_map[g].key() for g in tie}) == 1 for tie in ties), p.id
+    r = job.resolve(max_avg_bits=5.0)
+    assert all(len({r.precision_map[g].key() for g in tie}) == 1 for tie in ties)
+    point = next(p for p in front if any(o.group_size for o in p.precision_map.values()) and p.method != "uniform")
+    got = evaluate_applied(run, job.apply(_load_model(run.model_dir), point))
+    assert got["accuracy"] == pytest.approx(point.metrics["accuracy"], abs=1e-9)
+
+
 def test_async_client_end_to_end(resolving_service: Service, tiny: dict[str, Path], tmp_path: Path) -> None:
     service = resolving_service
 
