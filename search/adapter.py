@@ -15,6 +15,13 @@ attention head (per key/value head under grouped-query attention) spanning the h
 and its columns of the output projection, and one group per block of FFN neurons spanning the rows of
 the up (and gate) projection and the columns of the down projection. Where the structure is not
 recognised the block falls back to ``layer`` groups with a warning.
+
+Ties (:meth:`ModelAdapter.find_siblings`, ``build_space(tie=...)``) are found structurally too: one
+forward pass of eight tokens, hooked at every linear layer, groups the matrices of a block that read
+the very same input tensor, and the autograd graph says which matrix consumes their outputs and
+whether an attention operation lies in between (q/k/v: ``attention_inputs``; gate/up:
+``ffn_inputs``). A tie applies to whole-matrix groups; a head or FFN group already spans its rows of
+every sibling.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 After "Automatic Mixed-Precision Quantization Search of BERT" (Zhao et al., IJCAI 2021): every group
 ``g`` of the search space carries architecture logits ``a_g`` over its allowed options (bit-widths,
-``0`` = pruned, ``16``/``32`` = float). One step of the search:
+``0`` = pruned, ``16``/``32`` = float); the groups of a tie (``SearchSpace.ties``: q/k/v, gate/up)
+share one set of logits (one per *decision*), whose costs and scores are the sums of theirs. One step of the search:
 
 1. **Mixture.** Draw Gumbel noise ``e`` (a seeded :class:`torch.Generator`) and form, per group,
    ``y_g = softmax((a_g + e_g) / tau)``; the group's weight is the mixture

@@ -115,6 +115,16 @@ def test_group_sizes_that_do_not_divide_the_columns_and_misfit_qparams_are_refus
         quant.dequantize(quant.quantize(w, per_row), quant.QParams(per_row.scale, per_row.zero_point, 4, True, 16))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_group_wise_quantization_on_cuda_matches_the_cpu():
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(3))
+    for bits, sym, n in ((4, True, 128), (3, False, 32), (8, True, 64)):
+        qc = quant.choose_qparams(w.cuda(), bits, symmetric=sym, group_size=n)
+        assert qc.scale.device.type == "cuda" and qc.scale.shape == (64, 256 // n)
+        fq = quant.fake_quantize(w.cuda(), bits, symmetric=sym, group_size=n)
+        assert torch.allclose(fq.cpu(), quant.fake_quantize(w, bits, symmetric=sym, group_size=n), atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------- options
 
 
