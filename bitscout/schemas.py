@@ -455,8 +455,8 @@ class JobSpec(_Request):
     budget: BudgetSpec = Field(description="The budget the recommended point must meet.")
     metric: Metric | None = Field(
         default=None,
-        description="Quality metric (default: accuracy for classification, cosine for embeddings, "
-        "perplexity for causal LMs). Filled in by the server.",
+        description="Quality metric (default: accuracy for sequence and token classification, mse for "
+        "regression, cosine for embeddings, perplexity for causal LMs). Filled in by the server.",
     )
     seed: int = Field(
         default=DEFAULTS.seed, ge=0, le=2**31 - 1, strict=True, description="Random seed (data split, probes, search)."

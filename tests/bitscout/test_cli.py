@@ -121,6 +121,14 @@ def test_usage_errors_are_one_line_exit_2(
         rc, out, err = run(capsys, *argv)
         assert rc == 2, (argv, err)
         assert needle in one_line_error(err), (argv, err)
+    # an error that names a field names it once (not "model.path: model.path: ...")
+    for argv, fld in (
+        (["submit", "--model", "server:../x", "--data", "dataset:x", "--max-size-mb", "1", "--task", "embeddings"],
+         "model.path"),
+        (["submit", *SERVER_SPEC, "--max-size-mb", "-3"], "budget.max_size_mb"),
+    ):  # fmt: skip
+        rc, _, err = run(capsys, *argv)
+        assert rc == 2 and one_line_error(err).count(fld) == 1, err
 
 
 def test_service_errors_are_one_line(
