@@ -207,7 +207,7 @@ def test_regression_searched_in_process_with_every_method(regressor: Path, score
         checked += 1
     assert checked >= 3
     [refined] = [p for p in result["points"] if p["refined"]]
-    origin = result["points"][next(iter(result["info"]["refined_from"].values()))]
+    origin = result["points"][refined["refined_from"]]
     assert refined["precision_map"] == origin["precision_map"] and refined["cost"] == origin["cost"]
     assert refined["metrics"]["mse"] != origin["metrics"]["mse"]  # the weights were fine-tuned
 

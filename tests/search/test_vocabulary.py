@@ -155,5 +155,5 @@ def test_search_refine_on_the_command_line(tmp_path: Path, trained_bert: Path, s
     assert rc == 0, capsys.readouterr().err
     result = SearchResult.from_json(out)
     assert sum(p.refined for p in result.points) == 1 and result.info["refine"]["steps"] == 2
-    [(new, origin)] = result.info["refined_from"].items()
-    assert result.points[int(new)].precision_map == result.points[origin].precision_map
+    [new] = [p for p in result.points if p.refined]
+    assert new.precision_map == result.points[new.refined_from].precision_map
