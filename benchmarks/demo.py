@@ -55,8 +55,8 @@ def run_local(a: argparse.Namespace, model_dir: Path, data: Path) -> int:
     out = Path(a.cache) / "demo-result.json"
     argv = [
         "--model", str(model_dir), "--data", str(data), "--label-field", "label",
-        "--max-size-mb", str(a.max_size_mb), "--calibration", str(a.calibration),
-        "--evaluation", str(a.evaluation), "--max-length", str(a.max_length),
+        "--max-size-mb", str(a.max_size_mb), "--calibration-size", str(a.calibration),
+        "--evaluation-size", str(a.evaluation), "--max-length", str(a.max_length),
         "--granularity", a.granularity, "--bits", a.bits, "--out", str(out), "--include-embeddings",
     ]
     for m in a.methods.split(","):

@@ -138,10 +138,12 @@ class AsyncClient(_BaseClient):
                 if fh is not None:
                     fh.close()
             if self.retry.should_retry_status(response.status_code, attempt=retry):
-                await response.aclose()
-                retry += 1
-                await self._sleep(self.retry.delay(retry, self._retry_after(response)))
-                continue
+                wait = self.retry.wait(retry + 1, self._retry_after(response))
+                if wait is not None:  # None: the service asked for a longer pause than we wait
+                    await response.aclose()
+                    retry += 1
+                    await self._sleep(wait)
+                    continue
             if response.is_error:
                 await response.aread()
                 await response.aclose()

@@ -21,6 +21,7 @@ import httpx2
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from bitscout._config import ClientConfig, resolve_config
+from bitscout.architectures import read_config, task_of, unsupported
 from bitscout.errors import (
     BitscoutError,
     ErrorCode,
@@ -75,40 +76,64 @@ class RetryPolicy:
 
     A request is retried, at most ``max_retries`` times, when the connection fails (connect or
     read errors, timeouts: the service was unreachable or went away) or when the service answers
-    one of ``retry_statuses`` (503 *unavailable*, and the gateway errors 502 / 504 a proxy
-    gives). It is never retried on a 4xx answer, which would not change. The n-th retry waits
-    ``backoff * 2**(n-1)`` seconds (at most ``max_backoff``, plus up to ``jitter`` of it at
-    random), or the ``Retry-After`` the service sent when that is longer.
+    one of ``retry_statuses``: 429 *rate limited*, 503 *unavailable*, and the gateway errors
+    502 / 504 a proxy gives. It is never retried on another 4xx answer, which would not change.
+
+    The n-th retry waits a random time in ``[(1 - jitter) * b, b]`` with the exponential backoff
+    ``b = min(max_backoff, backoff * 2**(n-1))``: the default ``jitter=1.0`` is *full jitter*
+    (uniform in ``[0, b]``), which spreads out clients that failed at the same moment; ``0``
+    waits exactly ``b``. When the service sent ``Retry-After`` (seconds, or an HTTP date) the
+    retry never comes sooner: it waits that long plus the jittered backoff (so that clients told
+    the same time do not all return at once), and a ``Retry-After`` longer than
+    ``max_retry_after`` is not waited for: the error is raised at once
+    (:class:`~bitscout.errors.RateLimited` carries ``retry_after``).
 
     Every request the SDK makes can be repeated safely: reads are reads, a submission carries an
     idempotency key (the SDK makes one when none is given), a cancel of a canceled job is a no-op.
 
     Example::
 
-        >>> RetryPolicy(max_retries=2, backoff=0.5).delay(2)
+        >>> RetryPolicy(max_retries=2, backoff=0.5, jitter=0).delay(2)
         1.0
+        >>> 0.0 <= RetryPolicy(backoff=0.5).delay(2) <= 1.0
+        True
         >>> RetryPolicy(max_retries=0).should_retry_status(503, attempt=0)
         False
+        >>> RetryPolicy(jitter=0).wait(1, retry_after=2.0), RetryPolicy().wait(1, retry_after=600.0)
+        (2.25, None)
     """
 
     max_retries: int = 3
     backoff: float = 0.25
     max_backoff: float = 8.0
-    jitter: float = 0.0
-    retry_statuses: tuple[int, ...] = (502, 503, 504)
+    jitter: float = 1.0
+    retry_statuses: tuple[int, ...] = (429, 502, 503, 504)
+    max_retry_after: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.jitter <= 1.0:
+            raise ValueError(f"jitter must be between 0 and 1, got {self.jitter!r}")
+        if self.max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {self.max_retries!r}")
 
     def delay(self, retry: int, retry_after: float | None = None) -> float:
-        """Seconds to wait before the ``retry``-th retry (1-based)."""
+        """Seconds to wait before the ``retry``-th retry (1-based), ``Retry-After`` honoured
+        whatever its length (see :meth:`wait` for the bounded form the clients use)."""
         base = min(self.max_backoff, self.backoff * (2 ** max(0, retry - 1)))
-        if self.jitter > 0:
-            base += random.uniform(0, self.jitter * base)  # noqa: S311 - not for security
-        if retry_after is not None and retry_after > base:
-            base = min(retry_after, max(self.max_backoff, base))
-        return float(base)
+        jittered = base - random.uniform(0, self.jitter * base) if self.jitter > 0 else base  # noqa: S311
+        if retry_after is not None and retry_after > 0:
+            return float(retry_after + jittered)
+        return float(jittered)
+
+    def wait(self, retry: int, retry_after: float | None = None) -> float | None:
+        """Like :meth:`delay`, or None when ``retry_after`` is over ``max_retry_after`` (give up now)."""
+        if retry_after is not None and retry_after > self.max_retry_after:
+            return None
+        return self.delay(retry, retry_after)
 
     def should_retry_status(self, status: int, *, attempt: int) -> bool:
         """Whether an answer with ``status`` after ``attempt`` earlier retries is tried again."""
-        return attempt < self.max_retries and status in self.retry_statuses and status >= 500
+        return attempt < self.max_retries and status in self.retry_statuses
 
     def should_retry_error(self, exc: Exception, *, attempt: int) -> bool:
         """Whether a transport failure is tried again (never a request the client got wrong)."""
@@ -173,6 +198,38 @@ class _Prepared:
                 p.unlink()
             except OSError:
                 pass
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: a number of seconds, or an HTTP date (then
+    the time until it, at least 0); None when absent or unreadable.
+
+    Example::
+
+        >>> parse_retry_after("3"), parse_retry_after("soon"), parse_retry_after(None)
+        (3.0, None, None)
+        >>> parse_retry_after("Wed, 21 Oct 2015 07:28:05 GMT", now=1445412480.0)
+        5.0
+    """
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        pass
+    else:
+        return max(0.0, seconds) if seconds == seconds and seconds != float("inf") else None
+    import time
+    from email.utils import parsedate_to_datetime
+
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 def _loc(loc: Sequence[Any]) -> str | None:
@@ -245,20 +302,23 @@ def _is_archive(p: Path) -> bool:
 
 
 def detect_task(model_dir: Path) -> Task | None:
-    """The task a saved transformers model is for, from ``config.json``'s ``architectures``."""
-    try:
-        cfg = json.loads((model_dir / "config.json").read_text())
-    except (OSError, ValueError):
+    """The task a saved transformers model is for, from its ``config.json``
+    (:func:`bitscout.architectures.task_of`); None when it names no architecture."""
+    cfg = read_config(model_dir)
+    if cfg is None or not cfg.get("architectures"):
         return None
-    archs = cfg.get("architectures") if isinstance(cfg, dict) else None
-    if not isinstance(archs, list) or not archs:
-        return None
-    for a in map(str, archs):
-        if a.endswith("ForSequenceClassification"):
-            return Task.sequence_classification
-        if a.endswith("ForCausalLM") or a.endswith("LMHeadModel"):
-            return Task.causal_lm
-    return Task.embeddings
+    return Task(task_of(cfg))
+
+
+def check_local_model(model_dir: Path, task: Task | str | None) -> None:
+    """Refuse a local model bitscout cannot search (for ``task``), before anything is uploaded
+    (:func:`bitscout.architectures.unsupported`)."""
+    cfg = read_config(model_dir)
+    if cfg is None:
+        return  # packing the directory says what is missing
+    reason = unsupported(cfg, None if task is None else _dump(task))
+    if reason is not None:
+        raise InvalidRequest(reason, field="model")
 
 
 def model_files(model_dir: Path) -> list[Path]:
@@ -428,12 +488,12 @@ def prepare_submission(
     """Check a submission completely (before anything is uploaded) and say what to upload."""
     model_src, model_up, model_dir = _model_source(model, progress=progress)
     data_fields, data_up = _data_source(data, data_options or {}, progress=progress)
+    if model_dir is not None:
+        check_local_model(model_dir, task)
     if task is None and model_dir is not None:
         task = detect_task(model_dir)
     if task is None:
-        raise InvalidRequest(
-            "task is required (sequence_classification, embeddings or causal_lm)", field="task"
-        )
+        raise InvalidRequest(f"task is required ({', '.join(t.value for t in Task)})", field="task")
     if isinstance(methods, str):
         methods = [m.strip() for m in methods.split(",") if m.strip()]
     if budget is None:
@@ -533,11 +593,7 @@ class _BaseClient:
         return args
 
     def _retry_after(self, response: httpx2.Response) -> float | None:
-        value = response.headers.get("retry-after")
-        try:
-            return float(value) if value is not None else None
-        except ValueError:
-            return None
+        return parse_retry_after(response.headers.get("retry-after"))
 
     # -- responses -----------------------------------------------------------------------------
     def _error(self, response: httpx2.Response) -> BitscoutError:

@@ -62,8 +62,9 @@ class Client(_BaseClient):
     The URL and the token come from the arguments, else ``BITSCOUT_URL`` / ``BITSCOUT_TOKEN``,
     else the config file ``bitscout serve`` writes (``~/.config/bitscout/config.json`` or
     ``$BITSCOUT_CONFIG``), else ``http://127.0.0.1:8000``. Requests that fail to connect or get
-    503 are retried with exponential backoff (``retries``: a count or a :class:`RetryPolicy`);
-    4xx answers never are. Errors are typed: :class:`NotFound`, :class:`InvalidRequest` (with
+    429, 502, 503 or 504 are retried with exponential backoff and full jitter, never sooner than
+    the service's ``Retry-After`` (``retries``: a count or a :class:`RetryPolicy`); other 4xx
+    answers never are. Errors are typed: :class:`NotFound`, :class:`InvalidRequest` (with
     ``.field``), :class:`Unauthorized`, :class:`Conflict`, :class:`ServiceUnavailable`...
     ``transport`` replaces the network (any ``httpx2.BaseTransport``, e.g. ``httpx2.MockTransport``
     or an in-process transport over the app).
@@ -140,10 +141,12 @@ class Client(_BaseClient):
                 if fh is not None:
                     fh.close()
             if self.retry.should_retry_status(response.status_code, attempt=retry):
-                response.close()
-                retry += 1
-                self._sleep(self.retry.delay(retry, self._retry_after(response)))
-                continue
+                wait = self.retry.wait(retry + 1, self._retry_after(response))
+                if wait is not None:  # None: the service asked for a longer pause than we wait
+                    response.close()
+                    retry += 1
+                    self._sleep(wait)
+                    continue
             if response.is_error:
                 response.read()
                 response.close()

@@ -7,7 +7,8 @@ so commands that need the search library, the service or the workers (``search``
 ``bitscout.commands`` (declared in ``pyproject.toml``): each entry point names a function
 ``main(argv: list[str]) -> int``. Missing optional dependencies give a one-line hint.
 
-Exit codes: 0 success, 1 a failed job, 2 bad usage (or any other error).
+Every command exits with the codes of :mod:`bitscout.exit_codes`: 0 success, 1 a runtime error,
+2 bad usage or input, 3 the job failed (``wait``, ``submit --wait``); 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -15,9 +16,7 @@ from __future__ import annotations
 import sys
 from importlib.metadata import EntryPoint, entry_points
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
+from bitscout.exit_codes import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, describe
 
 
 def _builtin_commands() -> dict[str, str]:
@@ -42,7 +41,7 @@ def _usage(plugins: dict[str, str]) -> str:
         lines.append(f"  {name:10}  {summary}")
     if plugins:
         lines.append(f"  {', '.join(sorted(plugins))}  (installed with bitscout[search] / bitscout[server])")
-    lines += ["", "Run 'bitscout COMMAND --help' for a command's options and an example."]
+    lines += ["", "Run 'bitscout COMMAND --help' for a command's options and an example.", describe()]
     return "\n".join(lines)
 
 
@@ -75,12 +74,12 @@ def main(argv: list[str] | None = None) -> int:
                 "install the full tool with: pip install 'bitscout[workers]'",
                 file=sys.stderr,
             )
-            return EXIT_USAGE
+            return EXIT_ERROR
     try:
         return int(func(rest) or 0)
     except KeyboardInterrupt:
         print(f"bitscout {name}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":  # pragma: no cover

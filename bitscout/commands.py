@@ -2,9 +2,12 @@
 download | events``. Each is a function ``main(argv) -> int`` that :mod:`bitscout.cli` dispatches to.
 
 Every command takes ``--url``, ``--token`` and ``--config`` (default: ``BITSCOUT_URL`` /
-``BITSCOUT_TOKEN``, then the config file ``bitscout serve`` writes). Exit codes: 0 success, 1 the
-job failed or was canceled, 2 bad usage or any other error (the service refused the request, it
-is unreachable, a wait timed out). Errors are one line on stderr, never a traceback.
+``BITSCOUT_TOKEN``, then the config file ``bitscout serve`` writes). ``submit`` takes the flags
+``bitscout search`` takes, with the same defaults (:mod:`bitscout.cli_options`). Exit codes
+(:mod:`bitscout.exit_codes`): 0 success, 1 a runtime error (the service is unreachable or failed,
+a rate limit, a wait timed out), 2 bad usage or input (a bad flag, a request the service refused
+as invalid, an unknown job), 3 the job failed or was canceled. Errors are one line on stderr,
+never a traceback.
 """
 
 from __future__ import annotations
@@ -18,18 +21,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
-from bitscout import options as bit_options
+from bitscout import cli_options as opt
 from bitscout._front import Front
 from bitscout._job import Job
 from bitscout._sync import Client
 from bitscout.errors import BitscoutError, InvalidRequest, JobFailed
+from bitscout.exit_codes import EXIT_ERROR, EXIT_JOB_FAILED, EXIT_OK, EXIT_USAGE, describe
 from bitscout.schemas import JobRead, JobStatus, ResolveRead
 
-__all__ = ["COMMANDS", "EXIT_FAILED", "EXIT_OK", "EXIT_USAGE"]
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
+__all__ = ["COMMANDS", "EXIT_ERROR", "EXIT_JOB_FAILED", "EXIT_OK", "EXIT_USAGE", "exit_code_of"]
 
 #: Keys a job file may hold (the keyword arguments of ``Client.submit``).
 JOB_FILE_KEYS = (
@@ -40,6 +40,15 @@ JOB_FILE_KEYS = (
 
 class UsageError(Exception):
     """Bad command-line usage (exit 2)."""
+
+
+def exit_code_of(exc: BitscoutError) -> int:
+    """The exit code of an error the service answered (or the SDK raised before sending): the job
+    failed -> 3; the request was refused for what it says (4xx other than 429: invalid input, an
+    unknown job, a bad token, a conflict) -> 2; anything else (unreachable, 429, 5xx) -> 1."""
+    if isinstance(exc, JobFailed):
+        return EXIT_JOB_FAILED
+    return EXIT_USAGE if 400 <= exc.status < 500 and exc.status != 429 else EXIT_ERROR
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,7 +62,7 @@ def _parser(name: str, description: str, example: str) -> _Parser:
     p = _Parser(
         prog=f"bitscout {name}",
         description=description,
-        epilog=f"example:\n  {example}\n\nexit codes: 0 success, 1 the job failed or was canceled, 2 bad usage or an error",
+        epilog=f"example:\n  {example}\n\n{describe()}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     g = p.add_argument_group("connection")
@@ -74,7 +83,7 @@ def _parser(name: str, description: str, example: str) -> _Parser:
         type=int,
         default=3,
         metavar="N",
-        help="retries on connection errors and 503 (default: 3)",
+        help="retries on connection errors, 429 and 5xx, with jittered backoff (default: 3)",
     )
     return p
 
@@ -127,25 +136,25 @@ def _run(
         return EXIT_USAGE
     except JobFailed as exc:
         _err(prog, str(exc))
-        return EXIT_FAILED
+        return EXIT_JOB_FAILED
     except BitscoutError as exc:
         code = exc.code.value
         _err(prog, f"{exc} ({code})" if code not in str(exc) else str(exc))
-        return EXIT_USAGE
+        return exit_code_of(exc)
     except TimeoutError as exc:
         _err(prog, str(exc))
-        return EXIT_USAGE
+        return EXIT_ERROR
     except ImportError as exc:
         _err(prog, str(exc))
-        return EXIT_USAGE
+        return EXIT_ERROR
     except OSError as exc:
         _err(prog, f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}")
-        return EXIT_USAGE
+        return EXIT_ERROR
     except Exception as exc:  # a bug: still one line, unless BITSCOUT_DEBUG=1 asks for the traceback
         if os.environ.get("BITSCOUT_DEBUG") == "1":
             raise
         _err(prog, f"unexpected error: {type(exc).__name__}: {exc} (BITSCOUT_DEBUG=1 shows the traceback)")
-        return EXIT_USAGE
+        return EXIT_ERROR
 
 
 def _when(dt: datetime | None) -> str:
@@ -175,64 +184,11 @@ def _finish_line(job: Job) -> str:
 
 # --------------------------------------------------------------------------- submit
 
-_LIMIT_FLAGS = (
-    ("max_size_mb", "MB", "largest model size in megabytes (10^6 bytes)"),
-    ("max_avg_bits", "BITS", "largest average bits per weight"),
-    ("max_bops", "BOPS", "largest bit operations per sequence"),
-    ("max_latency_ms", "MS", "largest modelled latency in milliseconds"),
-)
-
-
-def _add_limits(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("budget (at least one limit)")
-    for name, metavar, text in _LIMIT_FLAGS:
-        g.add_argument("--" + name.replace("_", "-"), dest=name, type=float, metavar=metavar, help=text)
-    g.add_argument("--device-profile", metavar="NAME", help="device profile latency is modelled on")
-
-
 def _limits(args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {n: getattr(args, n) for n, _, _ in _LIMIT_FLAGS if getattr(args, n) is not None}
+    out: dict[str, Any] = {n: getattr(args, n) for n in opt.LIMIT_NAMES if getattr(args, n) is not None}
     if args.device_profile:
         out["device_profile"] = args.device_profile
     return out
-
-
-def _bit_options(text: str) -> list[int | str]:
-    """``--bits 4g128,8,3g64``: bit options in the grammar of :mod:`bitscout.options`."""
-    try:
-        return [bit_options.wire_option(x) for x in text.replace(" ", "").split(",") if x]
-    except bit_options.OptionSyntaxError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _ties(text: str) -> list[str]:
-    """``--tie qkv,gate_up`` or ``--tie none`` (an empty list: nothing tied)."""
-    try:
-        return list(bit_options.parse_ties(text))
-    except bit_options.OptionSyntaxError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _refine_points(text: str) -> str | int:
-    if text == "recommended":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'recommended' or a number of points, got {text!r}") from None
-
-
-def _method_option(text: str) -> tuple[str, str, Any]:
-    """``METHOD.KEY=VALUE``; the value is read as JSON (numbers, true/false, lists), else kept as text."""
-    key, sep, raw = text.partition("=")
-    method, dot, name = key.strip().partition(".")
-    if not sep or not dot or not method or not name:
-        raise argparse.ArgumentTypeError(f"expected METHOD.KEY=VALUE such as hessian.max_probes=32, got {text!r}")
-    try:
-        value: Any = json.loads(raw)
-    except ValueError:
-        value = raw
-    return method, name, value
 
 
 def _submit_parser() -> _Parser:
@@ -251,58 +207,15 @@ def _submit_parser() -> _Parser:
     )
     p.add_argument("--data", help="local JSONL/JSON/CSV file, server:<file>, dataset:<name>, upload:<id>")
     p.add_argument(
-        "--task",
-        choices=["sequence_classification", "embeddings", "causal_lm"],
-        help="default: from the model's config",
-    )
-    p.add_argument(
-        "--method",
-        dest="methods",
-        action="append",
-        metavar="METHOD",
-        help="kl, hessian, dnas, nsga2 (repeat or comma-separate; default: kl)",
-    )
-    p.add_argument(
-        "--option", dest="method_options", action="append", type=_method_option, metavar="METHOD.KEY=VALUE",
-        help="an option of one method, e.g. hessian.max_probes=32 or dnas.epochs=2 (repeat)",
-    )
-    p.add_argument("--metric", help="accuracy, kl, cosine, perplexity (default: by task)")
-    p.add_argument("--seed", type=int)
-    p.add_argument(
         "--idempotency-key", metavar="KEY", help="resubmitting with the same key returns the same job"
     )
-    p.add_argument("--front-points", type=int, metavar="N", help="budgets in the sweep that traces the front")
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"])
-    _add_limits(p)
-    s = p.add_argument_group("search space")
-    s.add_argument(
-        "--bits", type=_bit_options, metavar="LIST",
-        help="allowed bit options, e.g. 2,4,8,32 (0 prunes) or 4g128,8,3g64 ('g<N>': a scale per N input columns, "
-        "'a': asymmetric)",
-    )
-    s.add_argument(
-        "--tie", type=_ties, metavar="KINDS",
-        help="sibling projections that take one option: qkv, gate_up or none (default: both for causal LMs)",
-    )
-    s.add_argument("--granularity", choices=["layer", "group"])
-    s.add_argument("--ffn-block-size", type=int, metavar="N")
-    s.add_argument("--asymmetric", action="store_true", default=None, help="asymmetric integer grids")
-    s.add_argument("--include", action="append", metavar="GLOB", help="only these modules (repeat)")
-    s.add_argument("--exclude", action="append", metavar="GLOB", help="leave these modules out (repeat)")
-    r = p.add_argument_group("refinement (knowledge distillation with learned step sizes, after the search)")
-    r.add_argument(
-        "--refine", metavar="POINTS", type=_refine_points,
-        help="'recommended' or K: refine the recommended point or the K best points of the front",
-    )  # fmt: skip
-    r.add_argument("--refine-steps", type=int, metavar="N", help="optimizer steps per refined point (default: 200)")
-    d = p.add_argument_group("data")
-    d.add_argument("--text-field", metavar="NAME")
-    d.add_argument("--label-field", metavar="NAME")
-    d.add_argument("--calibration-size", type=int, metavar="N")
-    d.add_argument("--evaluation-size", type=int, metavar="N")
-    d.add_argument("--max-length", type=int, metavar="N")
+    opt.add_search_options(p)
+    opt.add_budget_options(p)
+    opt.add_space_options(p)
+    opt.add_data_options(p)
+    opt.add_refine_options(p)
     w = p.add_argument_group("output")
-    w.add_argument("--wait", action="store_true", help="wait for the job to end (exit 1 if it fails)")
+    w.add_argument("--wait", action="store_true", help="wait for the job to end (exit 3 if it fails)")
     w.add_argument("--poll", type=float, default=2.0, metavar="S", help="seconds between polls with --wait")
     w.add_argument("--json", action="store_true", help="print the job as JSON")
     _progress_flag(p)
@@ -361,18 +274,22 @@ def submit_options(args: argparse.Namespace) -> dict[str, Any]:
     opts: dict[str, Any] = load_job_file(args.job_file) if args.job_file else {}
     for key in ("model", "data", "task", "metric", "seed", "idempotency_key", "front_points", "device"):
         value = getattr(args, key)
-        if value is not None:
+        if value is not None and not (key == "task" and value == "auto"):
             opts[key] = value
     if args.methods:
-        opts["methods"] = [m.strip() for item in args.methods for m in item.split(",") if m.strip()]
+        opts["methods"] = opt.methods_of(args.methods)
     _merge(opts, "budget", _limits(args))
     _merge(opts, "space", {
         "bits": args.bits, "tie": args.tie, "granularity": args.granularity, "ffn_block_size": args.ffn_block_size,
         "symmetric": False if args.asymmetric else None, "include": args.include, "exclude": args.exclude,
+        "include_head": args.include_head, "include_embeddings": args.include_embeddings,
+        "max_head_fraction": args.max_head_prune, "max_ffn_fraction": args.max_ffn_prune,
+        "keep_one_head": args.keep_one_head,
     })  # fmt: skip
     _merge(opts, "data_options", {
-        "text_field": args.text_field, "label_field": args.label_field, "calibration_size": args.calibration_size,
-        "evaluation_size": args.evaluation_size, "max_length": args.max_length,
+        "text_field": args.text_field, "label_field": args.label_field, "tokens_field": args.tokens_field,
+        "tags_field": args.tags_field, "calibration_size": args.calibration_size,
+        "evaluation_size": args.evaluation_size, "max_length": args.max_length, "batch_size": args.batch_size,
     })  # fmt: skip
     _merge(opts, "refine", {"points": args.refine, "steps": args.refine_steps})
     for method, name, value in args.method_options or ():
@@ -387,7 +304,7 @@ def submit_options(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(
             "a budget is required: --max-size-mb, --max-avg-bits, --max-bops or --max-latency-ms"
         )
-    opts.setdefault("methods", ["kl"])
+    opts.setdefault("methods", list(opt.DEFAULTS.methods))
     return opts
 
 
@@ -485,7 +402,7 @@ def status_main(argv: Sequence[str]) -> int:
 def _wait_parser() -> _Parser:
     p = _parser(
         "wait",
-        "Wait for a job to end, with a progress bar; exit 1 if it failed or was canceled.",
+        "Wait for a job to end, with a progress bar; exit 3 if it failed or was canceled.",
         "bitscout wait 3f2a9c... --timeout 3600",
     )
     p.add_argument("job", metavar="JOB", help="the job's id")
@@ -495,7 +412,7 @@ def _wait_parser() -> _Parser:
         dest="wait_timeout",
         type=float,
         metavar="S",
-        help="give up after S seconds (exit 2; the job goes on)",
+        help="give up after S seconds (exit 1; the job goes on)",
     )
     p.add_argument("--json", action="store_true", help="print the finished job as JSON")
     _progress_flag(p)
@@ -635,7 +552,7 @@ def _resolve_parser() -> _Parser:
         "bitscout resolve 3f2a9c... --max-size-mb 12 -o precision_map.json",
     )
     p.add_argument("job", metavar="JOB", help="the job's id")
-    _add_limits(p)
+    opt.add_budget_options(p)
     p.add_argument(
         "--method",
         dest="methods",
@@ -652,10 +569,10 @@ def _resolve_parser() -> _Parser:
 
 def _resolve_summary(r: ResolveRead) -> str:
     counts: dict[str, int] = {}
-    for opt in r.precision_map.values():
-        key = "pruned" if opt.bits == 0 else f"{opt.bits}-bit{'' if opt.symmetric else ' asym'}"
-        if opt.group_size is not None:
-            key += f" g{opt.group_size}"
+    for o in r.precision_map.values():
+        key = "pruned" if o.bits == 0 else f"{o.bits}-bit{'' if o.symmetric else ' asym'}"
+        if o.group_size is not None:
+            key += f" g{o.group_size}"
         counts[key] = counts.get(key, 0) + 1
     mix = ", ".join(f"{n} x {k}" for k, n in sorted(counts.items()))
     lines = [

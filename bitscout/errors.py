@@ -134,7 +134,11 @@ class BitscoutError(Exception):
         self.status: int = int(status) if status is not None else HTTP_STATUS[self.code]
 
     def __str__(self) -> str:
-        return f"{self.field}: {self.message}" if self.field else self.message
+        """The message, led by the field it names (once: a message that already starts with its
+        field is shown as it is)."""
+        if not self.field or self.message.startswith(f"{self.field}:") or self.message.startswith(f"{self.field} "):
+            return self.message
+        return f"{self.field}: {self.message}"
 
     def __repr__(self) -> str:
         return (

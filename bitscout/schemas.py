@@ -30,9 +30,17 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from bitscout import options as _options
+from bitscout.cli_options import DEFAULTS
 from bitscout.methods import Method as Method
 from bitscout.methods import MethodOptionsSpec
 
@@ -43,8 +51,6 @@ SCHEMA_VERSION = "1.0"
 ALLOWED_BITS: tuple[int, ...] = _options.ALLOWED_BITS
 #: Bit options one space may list.
 MAX_BIT_OPTIONS = 32
-#: The bit options of a space that names none.
-DEFAULT_BITS: tuple[int | str, ...] = (2, 3, 4, 6, 8, 32)
 
 _NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 _PRINTABLE_RE = re.compile(r"^[\x20-\x7e]+$")
@@ -71,9 +77,12 @@ def _check_rel_or_abs_path(value: str) -> str:
 
 
 class Task(StrEnum):
-    """What the model does, which decides how it is loaded and evaluated."""
+    """What the model does, which decides how it is loaded and evaluated (which checkpoints are
+    searched for which task: :mod:`bitscout.architectures`)."""
 
     sequence_classification = "sequence_classification"
+    token_classification = "token_classification"
+    regression = "regression"
     embeddings = "embeddings"
     causal_lm = "causal_lm"
 
@@ -85,6 +94,8 @@ class Metric(StrEnum):
     kl = "kl"
     cosine = "cosine"
     perplexity = "perplexity"
+    mse = "mse"
+    pearson = "pearson"
 
 
 #: Metrics where a higher value is better.
@@ -93,18 +104,24 @@ HIGHER_IS_BETTER: dict[Metric, bool] = {
     Metric.kl: False,
     Metric.cosine: True,
     Metric.perplexity: False,
+    Metric.mse: False,
+    Metric.pearson: True,
 }
 
 #: The metric a job gets when it names none.
 DEFAULT_METRIC: dict[Task, Metric] = {
     Task.sequence_classification: Metric.accuracy,
+    Task.token_classification: Metric.accuracy,
+    Task.regression: Metric.mse,
     Task.embeddings: Metric.cosine,
     Task.causal_lm: Metric.perplexity,
 }
 
-#: The metrics each task can measure.
+#: The metrics each task can measure (accuracy of token classification: over labeled tokens).
 TASK_METRICS: dict[Task, tuple[Metric, ...]] = {
     Task.sequence_classification: (Metric.accuracy, Metric.kl),
+    Task.token_classification: (Metric.accuracy, Metric.kl),
+    Task.regression: (Metric.mse, Metric.pearson),
     Task.embeddings: (Metric.cosine,),
     Task.causal_lm: (Metric.perplexity, Metric.kl),
 }
@@ -227,29 +244,47 @@ class DataSource(_Request):
         description="Dataset split.",
     )
     text_field: str = Field(
-        default="text", min_length=1, max_length=128, description="The column (or JSON key) holding the text."
-    )
+        default=DEFAULTS.text_field, min_length=1, max_length=128,
+        description="The column (or JSON key) holding the text.",
+    )  # fmt: skip
     label_field: str | None = Field(
-        default="label",
+        default=DEFAULTS.label_field,
         min_length=1,
         max_length=128,
-        description="The column holding the label (sequence classification); ignored by other tasks.",
+        description="The column holding the label: a class name or index (sequence classification) or a "
+        "number (regression); ignored by other tasks.",
     )
+    tokens_field: str = Field(
+        default=DEFAULTS.tokens_field, min_length=1, max_length=128,
+        description="Token classification: the key holding each row's list of words.",
+    )  # fmt: skip
+    tags_field: str | None = Field(
+        default=DEFAULTS.tags_field, min_length=1, max_length=128,
+        description="Token classification: the key holding each row's list of tags, one per word (class names "
+        "or indices, -100 for a word not counted); null for unlabeled data.",
+    )  # fmt: skip
     calibration_size: int = Field(
-        default=128,
+        default=DEFAULTS.calibration_size,
         ge=1,
         le=100_000,
+        strict=True,
         description="Rows used to measure sensitivities (and fine-tune, when refining).",
     )
     evaluation_size: int = Field(
-        default=512,
+        default=DEFAULTS.evaluation_size,
         ge=1,
         le=1_000_000,
+        strict=True,
         description="Rows used to evaluate candidate maps; disjoint from calibration.",
     )
     max_length: int = Field(
-        default=128, ge=8, le=32_768, description="Tokens per sequence (longer texts are cut)."
-    )
+        default=DEFAULTS.max_length, ge=8, le=32_768, strict=True,
+        description="Tokens per sequence (longer texts are cut).",
+    )  # fmt: skip
+    batch_size: int = Field(
+        default=DEFAULTS.batch_size, ge=1, le=4096, strict=True,
+        description="Sequences per batch when calibrating and evaluating.",
+    )  # fmt: skip
 
     @field_validator("path")
     @classmethod
@@ -272,11 +307,25 @@ class DataSource(_Request):
 _Glob = Annotated[str, Field(min_length=1, max_length=256, description="A glob over module / group names.")]
 
 
+def _bit_option(value: Any) -> int | str:
+    """One entry of ``space.bits``: an integer width, or an option string of :mod:`bitscout.options`
+    (``"4a"``, ``"4g128"``), stored in the form :func:`bitscout.options.wire_option` gives."""
+    if isinstance(value, str) and value.strip().isdigit():
+        raise ValueError(f"a bare bit-width is an integer: write {int(value)}, not {value!r}")
+    try:
+        return _options.wire_option(value)
+    except _options.OptionSyntaxError as exc:
+        raise ValueError(str(exc)) from None
+
+
+_BitOption = Annotated[int | str, BeforeValidator(_bit_option)]
+
+
 class SearchSpaceSpec(_Request):
     """Which matrices are searched, at what granularity, and the options each may take."""
 
-    bits: list[int | str] = Field(
-        default_factory=lambda: list(DEFAULT_BITS),
+    bits: list[_BitOption] = Field(
+        default_factory=lambda: list(DEFAULTS.bits),
         min_length=1,
         max_length=MAX_BIT_OPTIONS,
         description="Allowed bit options: a width from {0, 2, 3, 4, 5, 6, 8, 16, 32} (0 prunes, 16 keeps half "
@@ -292,8 +341,9 @@ class SearchSpaceSpec(_Request):
         description="'layer': one bit-width per weight matrix; 'group': per attention head and per block of FFN neurons.",
     )
     ffn_block_size: int = Field(
-        default=256, ge=1, le=65_536, description="FFN neurons per group at 'group' granularity."
-    )
+        default=DEFAULTS.ffn_block_size, ge=1, le=65_536, strict=True,
+        description="FFN neurons per group at 'group' granularity.",
+    )  # fmt: skip
     max_head_fraction: float | None = Field(
         default=None,
         ge=0.0,
@@ -327,27 +377,19 @@ class SearchSpaceSpec(_Request):
         examples=[["qkv", "gate_up"], ["none"]],
     )
 
-    @field_validator("bits", mode="before")
+    @field_validator("bits")
     @classmethod
-    def _bits_ok(cls, v: Any) -> Any:
-        if not isinstance(v, list):
-            return v
-        out: list[int | str] = []
-        for i, b in enumerate(v):
-            try:
-                out.append(_options.wire_option(b))
-            except _options.OptionSyntaxError as exc:
-                raise ValueError(f"entry {i}: {exc}") from None
-        if len(set(out)) != len(out):
+    def _bits_ok(cls, v: list[int | str]) -> list[int | str]:
+        if len(set(v)) != len(v):
             raise ValueError("bit options must be unique")
-        if all(_options.parse_option(b).bits == 0 for b in out):
+        if all(_options.parse_option(b).bits == 0 for b in v):
             raise ValueError("at least one bit-width other than 0 (pruned) is needed")
 
         def order(b: int | str) -> tuple[int, int, str]:
             f = _options.parse_option(b)
             return (f.bits, f.group_size or 0, str(b))
 
-        return sorted(out, key=order)
+        return sorted(v, key=order)
 
     @field_validator("tie", mode="before")
     @classmethod
@@ -420,11 +462,13 @@ class BudgetSpec(_Request):
 class RefineSpec(_Request):
     """Fine-tune chosen points after the search (knowledge distillation with learned step sizes)."""
 
-    points: Literal["recommended"] | Annotated[int, Field(ge=1, le=64)] = Field(
+    points: Literal["recommended"] | Annotated[int, Field(ge=1, le=64, strict=True)] = Field(
         default="recommended",
         description="'recommended' or the number of best front points (top-k) that meet the budget to refine.",
     )
-    steps: int = Field(default=200, ge=1, le=100_000, description="Optimizer steps per refined point.")
+    steps: int = Field(
+        default=DEFAULTS.refine_steps, ge=1, le=100_000, strict=True, description="Optimizer steps per refined point."
+    )
 
 
 class ResourceSpec(_Request):
@@ -454,12 +498,14 @@ class JobSpec(_Request):
     budget: BudgetSpec = Field(description="The budget the recommended point must meet.")
     metric: Metric | None = Field(
         default=None,
-        description="Quality metric (default: accuracy for classification, cosine for embeddings, "
-        "perplexity for causal LMs). Filled in by the server.",
+        description="Quality metric (default: accuracy for sequence and token classification, mse for "
+        "regression, cosine for embeddings, perplexity for causal LMs). Filled in by the server.",
     )
-    seed: int = Field(default=0, ge=0, le=2**31 - 1, description="Random seed (data split, probes, search).")
+    seed: int = Field(
+        default=DEFAULTS.seed, ge=0, le=2**31 - 1, strict=True, description="Random seed (data split, probes, search)."
+    )
     front_points: int = Field(
-        default=16, ge=4, le=64, description="Budgets in the sweep that traces the front."
+        default=DEFAULTS.front_points, ge=4, le=64, strict=True, description="Budgets in the sweep that traces the front."
     )
     device: Device = Field(default=Device.auto, description="Where the model runs.")
     resources: ResourceSpec = Field(

@@ -4,130 +4,61 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
-from bitscout import options as bit_options
+from bitscout import cli_options as opt
+from bitscout.exit_codes import EXIT_ERROR, EXIT_OK, EXIT_USAGE, describe
 from search.errors import SearchError
-from search.pipeline import SearchOptions
+from search.local import DataOptions
+from search.pipeline import RefineChoice, SearchOptions
 from search.result import Budget, SearchResult
 from search.space import PruneLimits
 
+#: the error codes of input the user can fix (exit 2); every other error exits 1
+_INPUT_CODES = ("invalid_request", "model_load_failed", "data_invalid", "budget_infeasible")
+
 EXAMPLE = """examples:
-  bitscout search --model ./my-bert --data reviews.jsonl --label-field label \\
+  bitscout search --model ./my-bert --data reviews.jsonl \\
       --method kl --max-size-mb 10 --out result.json
-  bitscout search --model ./my-bert --data reviews.jsonl --label-field label \\
+  bitscout search --model ./my-bert --data reviews.jsonl --label-field sentiment \\
       --method hessian --granularity group --bits 0,2,3,4,8 --max-avg-bits 3 \\
-      --option hessian.max_probes=32 --option hessian.weighting=rows
+      --option hessian.max_probes=32 --option hessian.weighting=rows --refine 2
   bitscout search --model ./my-llama --data text.jsonl --bits 4g128,8,3g64 --tie qkv,gate_up --max-size-mb 300
 """
-
-
-def _csv_ints(text: str) -> tuple[str, ...]:
-    parts = tuple(p.strip() for p in text.split(",") if p.strip())
-    if not parts:
-        raise argparse.ArgumentTypeError("expected a comma-separated list such as 2,3,4,8")
-    return parts
-
-
-def _bit_options(text: str) -> tuple[int | str, ...]:
-    """``--bits 4g128,8,3g64``: bit options in the grammar of :mod:`bitscout.options`."""
-    try:
-        return tuple(bit_options.wire_option(p) for p in _csv_ints(text))
-    except bit_options.OptionSyntaxError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _ties(text: str) -> tuple[str, ...]:
-    """``--tie qkv,gate_up`` or ``--tie none``."""
-    try:
-        return bit_options.parse_ties(text)
-    except bit_options.OptionSyntaxError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _method_option(text: str) -> tuple[str, str, object]:
-    """``METHOD.KEY=VALUE``; the value is read as JSON (numbers, true/false, lists), else kept as text."""
-    import json
-
-    key, sep, raw = text.partition("=")
-    method, dot, name = key.strip().partition(".")
-    if not sep or not dot or not method or not name:
-        raise argparse.ArgumentTypeError(f"expected METHOD.KEY=VALUE such as hessian.max_probes=32, got {text!r}")
-    try:
-        value: object = json.loads(raw)
-    except ValueError:
-        value = raw
-    return method, name, value
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bitscout search",
-        description="Search mixed-precision quantization maps of a transformers model in this process.",
-        epilog=EXAMPLE,
+        description="Search mixed-precision quantization maps of a transformers model in this process. "
+        "The flags and their defaults are those of `bitscout submit`.",
+        epilog=f"{EXAMPLE}\n{describe()}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", required=True, help="a transformers model directory (config.json + safetensors)")
     p.add_argument("--data", required=True, help="a JSONL or CSV file, or a local `datasets` name")
-    p.add_argument("--task", default="auto", choices=["auto", "sequence_classification", "embeddings", "causal_lm"])
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--label-field", default=None, help="the label column (classification accuracy)")
-    p.add_argument("--method", action="append", dest="methods", help="kl, hessian, dnas, nsga2 (repeatable; default kl)")
-    p.add_argument(
-        "--bits", type=_bit_options, default=(2, 3, 4, 8),
-        help="allowed bit options: widths (0 prunes), 'a' asymmetric, 'g<N>' a scale per N input columns, e.g. 2,3,4,8 "
-        "or 4g128,8,3g64",
-    )
-    p.add_argument(
-        "--tie", type=_ties, default=None, metavar="KINDS",
-        help="sibling projections that take one option, found structurally: qkv, gate_up, or none "
-        "(default: qkv,gate_up for causal LMs, none otherwise)",
-    )
-    p.add_argument("--asymmetric", action="store_true", help="asymmetric integer grids")
-    p.add_argument(
-        "--option", action="append", dest="method_options", type=_method_option, metavar="METHOD.KEY=VALUE",
-        help="an option of one method, e.g. hessian.max_probes=32, hessian.weighting=rows, dnas.epochs=2 (repeatable)",
-    )
-    p.add_argument("--granularity", choices=["layer", "group"], default="layer")
-    p.add_argument("--ffn-block-size", type=int, default=64)
-    p.add_argument("--max-head-prune", type=float, default=None, help="max fraction of heads pruned per block")
-    p.add_argument("--max-ffn-prune", type=float, default=None, help="max fraction of FFN groups pruned per block")
-    p.add_argument("--include", action="append", help="glob of module names to include (repeatable)")
-    p.add_argument("--exclude", action="append", help="glob of module names to exclude (repeatable)")
-    p.add_argument("--include-head", action="store_true")
-    p.add_argument("--include-embeddings", action="store_true")
-    p.add_argument("--max-size-mb", type=float)
-    p.add_argument("--max-avg-bits", type=float)
-    p.add_argument("--max-bops", type=float)
-    p.add_argument("--max-latency-ms", type=float)
-    p.add_argument("--device-profile", default="a100", help="latency profile: a100, h100, rtx4090, cpu-avx512, jetson-orin")
-    p.add_argument("--metric", default=None, help="accuracy, kl, cosine or perplexity (default: the task's)")
-    p.add_argument("--calibration", type=int, default=64, help="calibration sequences")
-    p.add_argument("--evaluation", type=int, default=256, help="evaluation sequences (disjoint from calibration)")
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--front-points", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--out", default=None, help="write the SearchResult JSON here")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    opt.add_search_options(p)
+    opt.add_budget_options(p)
+    opt.add_space_options(p)
+    opt.add_data_options(p)
+    opt.add_refine_options(p)
+    w = p.add_argument_group("output")
+    w.add_argument("--out", default=None, help="write the SearchResult JSON here")
+    w.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
 def options_from_args(a: argparse.Namespace) -> SearchOptions:
-    limits = None
-    if a.max_head_prune is not None or a.max_ffn_prune is not None:
-        limits = PruneLimits(max_head_fraction=a.max_head_prune, max_ffn_fraction=a.max_ffn_prune)
-    bits: tuple[int | str, ...] = tuple(a.bits)
-    method_options: dict[str, dict[str, object]] = {}
-    for method, name, value in a.method_options or ():
-        method_options.setdefault(method, {})[name] = value
+    a = opt.fill_defaults(a)
+    limits = PruneLimits(max_head_fraction=a.max_head_prune, max_ffn_fraction=a.max_ffn_prune,
+                         keep_one_head=a.keep_one_head)  # fmt: skip
     return SearchOptions(
-        method_options=method_options,
-        methods=tuple(a.methods or ["kl"]),
+        method_options=opt.method_options(a.method_options),
+        methods=tuple(opt.methods_of(list(a.methods))),
         granularity=a.granularity,
-        bits=bits,
+        bits=tuple(a.bits),
         symmetric=not a.asymmetric,
         ffn_block_size=a.ffn_block_size,
         prune_limits=limits,
@@ -143,7 +74,25 @@ def options_from_args(a: argparse.Namespace) -> SearchOptions:
         seed=a.seed,
         seq_len=a.max_length,
         device_profile=a.device_profile,
-        tie=a.tie,
+        tie=None if a.tie is None else tuple(a.tie),
+        refine=None if a.refine is None else RefineChoice(
+            points=a.refine, steps=a.refine_steps if a.refine_steps is not None else opt.DEFAULTS.refine_steps
+        ),
+    )
+
+
+def data_from_args(a: argparse.Namespace) -> DataOptions:
+    a = opt.fill_defaults(a)
+    return DataOptions(
+        source=a.data,
+        text_field=a.text_field,
+        label_field=a.label_field,
+        tokens_field=a.tokens_field,
+        tags_field=a.tags_field,
+        calibration=a.calibration_size,
+        evaluation=a.evaluation_size,
+        max_length=a.max_length,
+        batch_size=a.batch_size,
     )
 
 
@@ -181,18 +130,10 @@ def search_main(argv: Sequence[str] | None = None) -> int:
 
         transformers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()
-        from search.local import DataOptions, run_local
+        from search.local import prepare, run_info
 
         options = options_from_args(a)
-        data = DataOptions(
-            source=a.data,
-            text_field=a.text_field,
-            label_field=a.label_field,
-            calibration=a.calibration,
-            evaluation=a.evaluation,
-            max_length=a.max_length,
-            batch_size=a.batch_size,
-        )
+        data = data_from_args(a)
         bar = None
         if not a.quiet:
             from tqdm import tqdm
@@ -206,16 +147,25 @@ def search_main(argv: Sequence[str] | None = None) -> int:
                 bar.set_postfix_str(msg[:60])
 
         try:
-            result = run_local(a.model, data, options, task=a.task, device=a.device, on_progress=progress)
+            search = prepare(a.model, data, options, task=a.task, device=a.device or opt.DEFAULTS.device)
+            result = search.run(on_progress=progress)
+            result.info.update(run_info(search, a.model, data))
         finally:
             if bar is not None:
                 bar.close()
+        print(format_front(result))
+        if a.out:
+            result.to_json(a.out)
+            print(f"wrote {a.out}")
     except SearchError as exc:
         where = f" ({exc.field})" if exc.field else ""
         print(f"bitscout search: {exc.message}{where}", file=sys.stderr)
-        return 2
-    print(format_front(result))
-    if a.out:
-        result.to_json(a.out)
-        print(f"wrote {a.out}")
-    return 0
+        return EXIT_USAGE if exc.code in _INPUT_CODES else EXIT_ERROR
+    except Exception as exc:  # a runtime failure (out of memory, a full disk): one line, no traceback
+        if os.environ.get("BITSCOUT_DEBUG") == "1":
+            raise
+        text = str(exc).strip().splitlines()
+        print(f"bitscout search: {type(exc).__name__}: {text[0] if text else ''} (BITSCOUT_DEBUG=1 shows the traceback)",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_ERROR
+    return EXIT_OK

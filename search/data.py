@@ -11,12 +11,19 @@
   ``Dataset.save_to_disk``, when the ``datasets`` package is importable and the data is on this
   machine (nothing is downloaded when ``HF_HUB_OFFLINE=1``).
 
-Labels become integers. Integer labels (and strings that spell integers, as every CSV value
+Labels become integers (or floats, for regression: ``numeric_labels=True``). Integer labels (and strings that spell integers, as every CSV value
 is a string) are kept as they are. Other strings are mapped to the index of their name in
 ``label_names`` when given, else in the sorted list of the distinct labels found. **When the data
 feeds a classifier, pass the model's label order** (``[config.id2label[i] for i in range(n)]``)
 so that label ``i`` means what the model's output ``i`` means; the sorted order only happens to
 match where the model was trained with sorted names.
+
+``load_token_data`` reads token-classification data: JSON lines (or a local dataset) whose rows hold
+a list of words (``tokens``) and a list of tags, one per word (``tags``): class names or indices,
+``-100`` for a word no metric counts. Tags become integers the same way labels do.
+:func:`tokenize` labels the first sub-word token of each word with its tag and every other token
+(continuations, special tokens, padding) with :data:`IGNORE_INDEX`, as transformers' examples do;
+it needs a fast tokenizer (one that maps tokens back to words).
 
 Every problem with the data raises :class:`search.errors.DataError` whose ``field`` names the
 argument at fault (``source``, ``text_field``, ``label_field``, ``label_names``, ``data``) and whose
@@ -43,10 +50,12 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 __all__ = [
+    "IGNORE_INDEX",
     "TextExample",
     "TextData",
     "TokenizedBatch",
     "load_text_data",
+    "load_token_data",
     "split_data",
     "tokenize",
     "JSONL_SUFFIXES",
@@ -58,13 +67,23 @@ CSV_SUFFIXES: tuple[str, ...] = (".csv", ".tsv")
 
 _INT_RE = re.compile(r"^[+-]?\d+$")
 
+#: The label of a token (or a word) that no metric or loss counts.
+IGNORE_INDEX = -100
+
 
 @dataclass(frozen=True)
 class TextExample:
-    """One text and its integer label (``None`` for unlabeled data)."""
+    """One text and its label: an integer class, a float (regression), or ``None`` (unlabeled).
+
+    Token classification examples hold the ``words`` (``text`` is them joined by spaces) and one
+    integer ``tags`` entry per word (:data:`IGNORE_INDEX` where a word is not counted), or ``tags``
+    ``None`` when unlabeled.
+    """
 
     text: str
-    label: int | None = None
+    label: int | float | None = None
+    words: tuple[str, ...] | None = None
+    tags: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -85,12 +104,15 @@ class TextData:
         return [e.text for e in self.examples]
 
     @property
-    def labels(self) -> list[int | None]:
+    def labels(self) -> list[int | float | None]:
         return [e.label for e in self.examples]
 
     @property
     def has_labels(self) -> bool:
-        return bool(self.examples) and all(e.label is not None for e in self.examples)
+        """Every example has a label (or, for token classification, its tags)."""
+        return bool(self.examples) and (
+            all(e.label is not None for e in self.examples) or all(e.tags is not None for e in self.examples)
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,10 +135,12 @@ def load_text_data(
     label_field: str | None = None,
     limit: int | None = None,
     label_names: Sequence[str] | None = None,
+    numeric_labels: bool = False,
 ) -> TextData:
     """Load texts (and labels when ``label_field`` is given) from a file or a local HF dataset.
 
     ``limit`` keeps the first ``limit`` rows (in file order); only those are validated.
+    ``numeric_labels``: labels are real numbers (regression targets), kept as floats.
     """
     if not isinstance(text_field, str) or not text_field:
         raise InvalidInputError("text_field must be a non-empty string", field="text_field")
@@ -135,7 +159,8 @@ def load_text_data(
     for row in rows:
         texts.append(_text_of(row, text_field, describe))
         if label_field is not None:
-            raw_labels.append((row.where, _raw_label_of(row, label_field, describe)))
+            read = _float_label_of if numeric_labels else _raw_label_of
+            raw_labels.append((row.where, read(row, label_field, describe)))
         if limit is not None and len(texts) >= limit:
             break  # before the generator reads (and checks) the next row
     if not texts:
@@ -143,6 +168,8 @@ def load_text_data(
 
     if label_field is None:
         return TextData([TextExample(t, None) for t in texts], None)
+    if numeric_labels:
+        return TextData([TextExample(t, float(v)) for t, (_, v) in zip(texts, raw_labels, strict=True)], None)
     labels, out_names = _map_labels(raw_labels, names, label_field, describe)
     return TextData([TextExample(t, lab) for t, lab in zip(texts, labels, strict=True)], out_names)
 
@@ -354,7 +381,7 @@ def _read_hf(
     features = getattr(ds, "features", None)
     if label_field is not None and features is not None:
         feat = features.get(label_field) if hasattr(features, "get") else None
-        feat_names = getattr(feat, "names", None)
+        feat_names = getattr(feat, "names", None) or getattr(getattr(feat, "feature", None), "names", None)
         if feat_names:
             class_names = [str(n) for n in feat_names]
 
@@ -405,6 +432,96 @@ def _raw_label_of(row: _Row, label_field: str, describe: str) -> Any:
         f"{describe} {row.where}: label {value!r} is a {type(value).__name__}, not an integer or a string",
         field="label_field",
     )
+
+
+def _float_label_of(row: _Row, label_field: str, describe: str) -> float:
+    value = row.record.get(label_field)
+    if label_field not in row.record or value is None or (isinstance(value, str) and not value.strip()):
+        raise DataError(f"{describe} {row.where} has no label in {label_field!r}", field="label_field")
+    if isinstance(value, bool):
+        value = None
+    elif isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            value = None
+    if not isinstance(value, int | float) or not math.isfinite(float(value)):
+        raise DataError(
+            f"{describe} {row.where}: label {row.record.get(label_field)!r} in {label_field!r} is not a number "
+            "(a regression needs a real number per row)",
+            field="label_field",
+        )
+    return float(value)
+
+
+def load_token_data(
+    source: str | Path,
+    *,
+    tokens_field: str = "tokens",
+    tags_field: str | None = "tags",
+    tag_names: Sequence[str] | None = None,
+    limit: int | None = None,
+) -> TextData:
+    """Load token-classification data: a list of words and (when ``tags_field`` is given) a list of
+    tags, one per word, from every row of a JSON-lines file or a local HF dataset (see the module
+    docstring). Tag names are mapped to the index of their name in ``tag_names`` when given (pass
+    the model's ``id2label`` order), else in the sorted list of the distinct names found."""
+    for name, value in (("tokens_field", tokens_field), ("tags_field", tags_field)):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise InvalidInputError(f"{name} must be a non-empty string", field=name)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise InvalidInputError(f"limit must be a positive integer, got {limit!r}", field="limit")
+    names = _check_label_names(tag_names)
+    rows, describe, class_names = _read_source(source, text_field=tokens_field, label_field=tags_field)
+    if names is None and class_names is not None:
+        names = class_names
+    words_of: list[tuple[str, ...]] = []
+    raw_tags: list[list[tuple[str, Any]]] = []
+    for row in rows:
+        words = row.record.get(tokens_field)
+        if tokens_field not in row.record:
+            found = ", ".join(repr(k) for k in row.record) or "(none)"
+            raise DataError(f"{describe} {row.where} has no field {tokens_field!r}; fields found: {found}",
+                            field="tokens_field")  # fmt: skip
+        if not isinstance(words, list) or not words or not all(isinstance(w, str) and w.strip() for w in words):
+            raise DataError(
+                f"{describe} {row.where}: {tokens_field!r} must be a non-empty list of non-empty strings, "
+                f"not {_json_kind(words) if not isinstance(words, list) else 'a list holding ' + repr(words[:3])}",
+                field="tokens_field",
+            )
+        words_of.append(tuple(words))
+        if tags_field is not None:
+            tags = row.record.get(tags_field)
+            if not isinstance(tags, list):
+                raise DataError(
+                    f"{describe} {row.where}: {tags_field!r} must be a list of tags, one per word, not "
+                    f"{_json_kind(tags)}",
+                    field="tags_field",
+                )
+            if len(tags) != len(words):
+                raise DataError(
+                    f"{describe} {row.where}: {len(words)} words in {tokens_field!r} but {len(tags)} tags in "
+                    f"{tags_field!r}",
+                    field="tags_field",
+                )
+            raw_tags.append([
+                (f"{row.where} tag {j + 1}", _raw_label_of(_Row(row.where, {tags_field: t}), tags_field, describe))
+                for j, t in enumerate(tags)
+            ])  # fmt: skip
+        if limit is not None and len(words_of) >= limit:
+            break
+    if not words_of:
+        raise DataError(f"{describe} has no rows", field="source")
+    if tags_field is None:
+        return TextData([TextExample(" ".join(w), None, w, None) for w in words_of], None)
+    flat = [t for tags in raw_tags for t in tags if t[1] != IGNORE_INDEX]
+    mapped, out_names = _map_labels(flat, names, tags_field, describe) if flat else ([], names)
+    it = iter(mapped)
+    examples = []
+    for w, tags in zip(words_of, raw_tags, strict=True):
+        ints = tuple(IGNORE_INDEX if v == IGNORE_INDEX else next(it) for _, v in tags)
+        examples.append(TextExample(" ".join(w), None, w, ints))
+    return TextData(examples, out_names)
 
 
 def _map_labels(
@@ -542,7 +659,9 @@ def tokenize(
     """Tokenize ``data`` in order into batches of ``batch_size`` (the last may be smaller).
 
     Each batch is padded on the right to its longest sequence; sequences are truncated to
-    ``max_length`` tokens (special tokens included). Padding is done here, not by the tokenizer,
+    ``max_length`` tokens (special tokens included). Examples with ``words`` (token
+    classification) are tokenized as pre-split words, and their labels are ``[batch, length]``:
+    each word's tag on its first token, :data:`IGNORE_INDEX` elsewhere. Padding is done here, not by the tokenizer,
     so the tokenizer object is never changed: a tokenizer without a pad token (GPT-2, Llama) pads
     with its eos token id, and a tokenizer configured to pad on the left is still padded on the
     right. Labels become an int64 tensor when every example has one, else ``labels`` is ``None``.
@@ -556,16 +675,26 @@ def tokenize(
         raise DataError("no examples to tokenize", field="data")
     pad_id = _pad_id(tokenizer)
     with_labels = data.has_labels
+    split_words = all(ex.words is not None for ex in data.examples)
+    if split_words and not getattr(tokenizer, "is_fast", False):
+        from search.errors import ModelLoadError
+
+        raise ModelLoadError(
+            "token classification needs a fast tokenizer (a tokenizer.json), which maps tokens back to words",
+            field="model",
+        )
+    float_labels = any(isinstance(ex.label, float) for ex in data.examples)
     batches: list[TokenizedBatch] = []
     for start in range(0, len(data.examples), batch_size):
         chunk = data.examples[start : start + batch_size]
         try:
             enc = tokenizer(
-                [ex.text for ex in chunk],
+                [list(ex.words or ()) for ex in chunk] if split_words else [ex.text for ex in chunk],
                 truncation=True,
                 max_length=max_length,
                 padding=False,
                 return_attention_mask=True,
+                **({"is_split_into_words": True} if split_words else {}),
             )
         except Exception as exc:  # a tokenizer that rejects its input or its options
             raise DataError(
@@ -583,7 +712,17 @@ def tokenize(
         for j, (ids, mask) in enumerate(zip(ids_list, masks, strict=True)):
             input_ids[j, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             attention[j, : len(mask)] = torch.tensor(mask, dtype=torch.long)
-        labels = torch.tensor([ex.label for ex in chunk], dtype=torch.long) if with_labels else None
+        labels: torch.Tensor | None = None
+        if with_labels and split_words:
+            labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
+            for j, ex in enumerate(chunk):
+                previous = None
+                for pos, word in enumerate(enc.word_ids(j)):
+                    if word is not None and word != previous:
+                        labels[j, pos] = (ex.tags or ())[word]
+                    previous = word
+        elif with_labels:
+            labels = torch.tensor([ex.label for ex in chunk], dtype=torch.float32 if float_labels else torch.long)
         batches.append(TokenizedBatch(input_ids, attention, labels))
     return batches
 

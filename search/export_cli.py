@@ -20,9 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
+from bitscout.exit_codes import EXIT_ERROR, EXIT_OK, EXIT_USAGE
 
 
 class _UsageError(Exception):
@@ -156,7 +154,7 @@ def _run(args: argparse.Namespace) -> int:
         raise _UsageError(str(exc)) from exc
     except SearchError as exc:
         print(f"bitscout export: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return EXIT_ERROR
     (out / "torchao.json").write_text(
         json.dumps({"configs": {k: v.to_dict() for k, v in configs.items()}, "unsupported": unsupported}, indent=2)
         + "\n"
@@ -191,7 +189,7 @@ def export_main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except OSError as exc:
         print(f"bitscout export: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
-        return EXIT_FAILED
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -69,8 +69,10 @@ The loss is the mean over the calibration set (examples, or predicted tokens for
 traces do not depend on how the set is cut into batches:
 
 * ``sequence_classification`` with labels in every batch: cross-entropy of the logits;
+* ``token_classification`` with labels: cross-entropy per labeled token (the mean is over labeled tokens);
+* ``regression`` with labels: squared error to the labels;
 * ``causal_lm``: next-token cross-entropy (labels are the input ids shifted by one, over real tokens);
-* otherwise (classification without labels, ``embeddings``): *self-distillation* to the model's own
+* otherwise (classification or regression without labels, ``embeddings``): *self-distillation* to the model's own
   full-precision output, the discrepancy the KL method and the metrics use
   (:func:`search.tasks.discrepancy`: ``KL(p_ref || p)`` of the output distribution, ``1 - cosine`` of
   the mean-pooled embedding), with the reference being the detached output of the same forward pass.
@@ -163,7 +165,7 @@ from search.sensitivity import (
     calibrate_scores,
 )
 from search.space import SearchSpace
-from search.tasks import Task, discrepancy, eval_mode, model_output
+from search.tasks import IGNORE_INDEX, Task, discrepancy, eval_mode, has_task_loss, model_output, task_loss
 
 Weighting = Literal["trace", "members", "rows"]
 
@@ -180,20 +182,31 @@ _MAX_REPORTED_ERROR = 1e6
 # ------------------------------------------------------------------------------------------ loss
 
 
+_SUPERVISED_KIND = {
+    "sequence_classification": "cross_entropy",
+    "token_classification": "token_cross_entropy",
+    "regression": "squared_error",
+}
+
+
 def loss_kind(task: Task, batches: Sequence[TokenizedBatch]) -> str:
-    """``"cross_entropy"`` (labelled classification), ``"next_token"`` (causal LM) or
+    """``"cross_entropy"`` (labelled classification), ``"token_cross_entropy"`` (labelled token
+    classification), ``"squared_error"`` (labelled regression), ``"next_token"`` (causal LM) or
     ``"self_distillation"`` (everything else); see the module docstring."""
     if task == "causal_lm":
         return "next_token"
-    if task == "sequence_classification" and batches and all(b.labels is not None for b in batches):
-        return "cross_entropy"
+    if task in _SUPERVISED_KIND and has_task_loss(task, batches):
+        return _SUPERVISED_KIND[task]
     return "self_distillation"
 
 
 def loss_normaliser(task: Task, batches: Sequence[TokenizedBatch]) -> int:
-    """What the summed loss is divided by: predicted tokens for causal LMs, examples otherwise."""
+    """What the summed loss is divided by: predicted tokens for causal LMs, labeled tokens for
+    labelled token classification, examples otherwise."""
     if task == "causal_lm":
         return int(sum(int(b.attention_mask[:, 1:].sum()) for b in batches))
+    if loss_kind(task, batches) == "token_cross_entropy":
+        return int(sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches if b.labels is not None))
     return int(sum(int(b.input_ids.shape[0]) for b in batches))
 
 
@@ -206,9 +219,8 @@ def batch_loss(model: nn.Module, batch: TokenizedBatch, task: Task, kind: str) -
         mask = batch.attention_mask[:, 1:].reshape(-1).to(logits.dtype)
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
         return (nll * mask).sum()
-    if kind == "cross_entropy":
-        assert batch.labels is not None  # noqa: S101 - guaranteed by loss_kind
-        return F.cross_entropy(out, batch.labels, reduction="sum")
+    if kind in _SUPERVISED_KIND.values():
+        return task_loss(out, batch, task)[0]
     return discrepancy(out.detach(), out, batch, task).sum()
 
 

@@ -14,21 +14,30 @@ from pathlib import Path
 
 import torch
 
-from search.data import TextData, load_text_data, split_data, tokenize
+from bitscout.architectures import task_of
+from search.data import TextData, load_text_data, load_token_data, split_data, tokenize
 from search.errors import DataError, InvalidInputError, ModelLoadError
 from search.pipeline import Search, SearchOptions
 from search.result import SearchResult
 from search.sensitivity import ProgressFn, StopFn
-from search.tasks import TASKS, Task, load_model
+from search.tasks import TASKS, Task, check_supported, check_task, load_model
 
 
 @dataclass(frozen=True)
 class DataOptions:
-    """Where the data are and how much of them to use."""
+    """Where the data are and how much of them to use.
+
+    ``label_field`` is read by the tasks that have one label per row (``sequence_classification``:
+    class names or indices; ``regression``: numbers) and ignored by the others;
+    ``token_classification`` reads ``tokens_field`` (a list of words) and ``tags_field`` (a list
+    of tags, one per word; None: unlabeled).
+    """
 
     source: str
     text_field: str = "text"
     label_field: str | None = None
+    tokens_field: str = "tokens"
+    tags_field: str | None = "tags"
     calibration: int = 64
     evaluation: int = 256
     max_length: int = 128
@@ -46,21 +55,26 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
-def detect_task_from_dir(model_dir: str | Path) -> Task:
-    """The task a checkpoint was saved for, from ``config.json``'s ``architectures``."""
+def _read_config(model_dir: str | Path) -> dict[str, object]:
+    if not Path(model_dir).exists():
+        raise ModelLoadError(f"model directory {str(model_dir)!r} does not exist", field="model")
+    if not Path(model_dir).is_dir():
+        raise ModelLoadError(f"{str(model_dir)!r} is not a directory", field="model")
     cfg_file = Path(model_dir) / "config.json"
     try:
-        archs = json.loads(cfg_file.read_text()).get("architectures") or []
-    except FileNotFoundError:
+        data = json.loads(cfg_file.read_text())
+    except (FileNotFoundError, NotADirectoryError):
         raise ModelLoadError(f"{str(model_dir)!r} is not a transformers model: it has no config.json", field="model") from None
     except ValueError as exc:
         raise ModelLoadError(f"config.json in {str(model_dir)!r} is not valid JSON: {exc}", field="model") from exc
-    for a in archs:
-        if str(a).endswith("ForSequenceClassification"):
-            return "sequence_classification"
-        if str(a).endswith("ForCausalLM") or str(a).endswith("LMHeadModel"):
-            return "causal_lm"
-    return "embeddings"
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"config.json in {str(model_dir)!r} is not a JSON object", field="model")
+    return data
+
+
+def detect_task_from_dir(model_dir: str | Path) -> Task:
+    """The task a checkpoint was saved for, from ``config.json`` (:func:`bitscout.architectures.task_of`)."""
+    return check_task(task_of(_read_config(model_dir)))
 
 
 def _model_label_names(model_dir: Path) -> list[str] | None:
@@ -75,10 +89,32 @@ def _model_label_names(model_dir: Path) -> list[str] | None:
     return names
 
 
-def load_data(data: DataOptions, *, label_names: Sequence[str] | None = None) -> TextData:
-    return load_text_data(
-        data.source, text_field=data.text_field, label_field=data.label_field, label_names=label_names
-    )
+def load_data(data: DataOptions, task: str = "sequence_classification", *,
+              label_names: Sequence[str] | None = None) -> TextData:
+    """The rows of ``data`` as ``task`` reads them (see :class:`DataOptions`)."""
+    if task == "token_classification":
+        return load_token_data(data.source, tokens_field=data.tokens_field, tags_field=data.tags_field,
+                               tag_names=label_names)  # fmt: skip
+    label_field = data.label_field if task in ("sequence_classification", "regression") else None
+    return load_text_data(data.source, text_field=data.text_field, label_field=label_field,
+                          label_names=label_names, numeric_labels=task == "regression")  # fmt: skip
+
+
+def _check_classes(text: TextData, task: str, n_classes: int, data: DataOptions) -> None:
+    """Every class index of the data is an output of the model's head."""
+    if task == "token_classification":
+        found = [t for e in text.examples for t in (e.tags or ()) if t >= 0]
+        what = f"tag in {data.tags_field!r}"
+        fld = "tags_field"
+    else:
+        found = [int(e.label) for e in text.examples if isinstance(e.label, int)]
+        what = f"label in {data.label_field!r}"
+        fld = "label_field"
+    if found and max(found) >= n_classes:
+        raise DataError(
+            f"the data has the {what} {max(found)}, but the model's head has {n_classes} classes (0-{n_classes - 1})",
+            field=fld,
+        )
 
 
 def prepare(
@@ -92,22 +128,23 @@ def prepare(
     """Load the model and the data, split and tokenize the data, build the search; every check
     that can fail fast fails here."""
     model_dir = Path(model_dir)
-    if task in (None, "auto"):
-        task = detect_task_from_dir(model_dir)
-    if task not in TASKS:
-        raise InvalidInputError(f"unknown task {task!r}; known: {', '.join(TASKS)}", field="task")
+    config = _read_config(model_dir)
+    asked = None if task in (None, "auto") else task
+    if asked is not None and asked not in TASKS:
+        raise InvalidInputError(f"unknown task {asked!r}; known: {', '.join(TASKS)}", field="task")
+    check_supported(config, asked)  # before any work: a model that cannot be searched is refused here
+    task = asked or detect_task_from_dir(model_dir)
     dev = resolve_device(device)
-    label_names = None
-    if task == "sequence_classification" and data.label_field is not None:
-        label_names = _model_label_names(model_dir)
-    text = load_data(data, label_names=label_names)
-    if task == "sequence_classification" and data.label_field is not None and text.label_names:
-        n_labels = len(text.label_names)
-    else:
-        n_labels = None
+    classifies = task in ("sequence_classification", "token_classification")
+    labeled = data.tags_field is not None if task == "token_classification" else data.label_field is not None
+    label_names = _model_label_names(model_dir) if classifies and labeled else None
+    text = load_data(data, task, label_names=label_names)
+    n_labels = len(text.label_names) if classifies and labeled and text.label_names else None
     lm = load_model(
         model_dir, task, num_labels=n_labels, label_names=text.label_names if n_labels else None, device=dev
     )
+    if classifies and labeled and n_labels is None:
+        _check_classes(text, task, int(getattr(lm.model.config, "num_labels", 0) or 0), data)
     calib, evald = split_data(text, calibration=data.calibration, evaluation=data.evaluation, seed=options.seed)
     if data.max_length < 2:
         raise DataError("max_length must be at least 2", field="max_length")
@@ -132,14 +169,17 @@ def run_local(
     """The whole search in-process; the result's ``info`` names the model path and the task."""
     search = prepare(model_dir, data, options, task=task, device=device)
     result = search.run(on_progress=on_progress, should_stop=should_stop)
-    result.info.update(
-        {
-            "model_path": str(Path(model_dir).resolve()),
-            "task": search.task,
-            "data": data.source,
-            "clip": options.clip,
-            "device": str(search.device),
-            "label_names": search.label_names,
-        }
-    )
+    result.info.update(run_info(search, model_dir, data))
     return result
+
+
+def run_info(search: Search, model_dir: str | Path, data: DataOptions) -> dict[str, object]:
+    """What an in-process result's ``info`` records about the run: model path, task, data, device."""
+    return {
+        "model_path": str(Path(model_dir).resolve()),
+        "task": search.task,
+        "data": data.source,
+        "clip": search.options.clip,
+        "device": str(search.device),
+        "label_names": search.label_names,
+    }

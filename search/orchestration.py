@@ -148,6 +148,7 @@ def run_search(search: Search, hooks: SearchHooks | None = None) -> SearchResult
         if refined:
             points = points + refined
             result = search.assemble(points, tables)  # the front and the recommendation, refined included
+        result.info["refine"] = {**result.info.get("refine", {}), "refined": len(refined)}
     search.timings["total"] = time.perf_counter() - t0
     return replace(result, timings=dict(search.timings))
 

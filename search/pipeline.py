@@ -285,6 +285,8 @@ class Search:
                 "ties": len(self.space.ties),
                 "recommended": recommended_index(points, self.options.budget, self.metric, self.higher_is_better),
                 "seed": self.options.seed,
+                **({"refine": {"points": self.options.refine.points, "steps": self.options.refine.steps}}
+                   if self.options.refine is not None else {}),
             },
         )
 

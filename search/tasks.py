@@ -1,25 +1,33 @@
 """Tasks: loading a model for a task, reading its outputs, and the quality metrics.
 
-Three tasks are supported:
+Five tasks are supported (:mod:`bitscout.architectures` says which a checkpoint was saved for):
 
-==========================  ==========================================  =========================
+==========================  ==========================================  ===================================
 task                        output read from the model                  metrics
-==========================  ==========================================  =========================
+==========================  ==========================================  ===================================
 ``sequence_classification``  ``logits`` ``[B, C]``                       accuracy (labels), kl
+``token_classification``     ``logits`` ``[B, T, C]``                    accuracy on labeled tokens, kl
+``regression``               ``logits`` ``[B, 1]``                       mse, pearson (against the labels)
 ``embeddings``               mean of ``last_hidden_state`` over tokens   cosine (to full precision)
 ``causal_lm``                ``logits`` ``[B, T, V]``                    perplexity, kl
-==========================  ==========================================  =========================
+==========================  ==========================================  ===================================
 
 The *discrepancy* of a perturbed model is what sensitivity probes measure: the KL divergence of the
-full-precision output distribution to the perturbed one (per token, over real tokens, for causal LMs),
-or ``1 - cosine`` for embeddings.
+full-precision output distribution to the perturbed one (per token for causal LMs, over real tokens,
+and for token classification, over the scored tokens of :func:`scored_tokens`), the squared error to
+the full-precision output for regression, or ``1 - cosine`` for embeddings.
+
+Token classification labels only the first sub-word token of each word (the others, the special
+tokens and the padding carry :data:`IGNORE_INDEX`, as in transformers' examples): token accuracy
+and the task loss count the labeled tokens only. The Pearson correlation of a constant prediction
+(or of constant labels) is reported as 0: such a model explains none of the labels' variation.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,21 +37,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from search.data import TokenizedBatch
-from search.errors import InvalidInputError, ModelLoadError
+from bitscout.architectures import task_of, unsupported
+from search.data import IGNORE_INDEX, TokenizedBatch
+from search.errors import InvalidInputError, ModelLoadError, UnsupportedModelError
 
-Task = Literal["sequence_classification", "embeddings", "causal_lm"]
-TASKS: tuple[str, ...] = ("sequence_classification", "embeddings", "causal_lm")
+Task = Literal["sequence_classification", "token_classification", "regression", "embeddings", "causal_lm"]
+TASKS: tuple[str, ...] = ("sequence_classification", "token_classification", "regression", "embeddings", "causal_lm")
 
 #: metric name -> (tasks it applies to, higher is better)
 METRICS: dict[str, tuple[tuple[str, ...], bool]] = {
-    "accuracy": (("sequence_classification",), True),
-    "kl": (("sequence_classification", "causal_lm"), False),
+    "accuracy": (("sequence_classification", "token_classification"), True),
+    "kl": (("sequence_classification", "token_classification", "causal_lm"), False),
     "cosine": (("embeddings",), True),
     "perplexity": (("causal_lm",), False),
+    "mse": (("regression",), False),
+    "pearson": (("regression",), True),
 }
+#: the metrics measured against the data's labels
+LABEL_METRICS: tuple[str, ...] = ("accuracy", "mse", "pearson")
 DEFAULT_METRIC: dict[str, str] = {
     "sequence_classification": "accuracy",
+    "token_classification": "accuracy",
+    "regression": "mse",
     "embeddings": "cosine",
     "causal_lm": "perplexity",
 }
@@ -62,8 +77,9 @@ def check_metric(metric: str | None, task: str, *, has_labels: bool) -> str:
         raise InvalidInputError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}", field="metric")
     if task not in METRICS[metric][0]:
         raise InvalidInputError(f"metric {metric!r} does not apply to task {task!r}", field="metric")
-    if metric == "accuracy" and not has_labels:
-        raise InvalidInputError("metric 'accuracy' needs a label field in the data", field="label_field")
+    if metric in LABEL_METRICS and not has_labels:
+        what = "tags_field" if task == "token_classification" else "label_field"
+        raise InvalidInputError(f"metric {metric!r} needs labels in the data ({what})", field=what)
     return metric
 
 
@@ -72,13 +88,23 @@ def higher_is_better(metric: str) -> bool:
 
 
 def detect_task(model: nn.Module) -> Task:
-    """Guess the task from the model class (``...ForSequenceClassification``, ``...ForCausalLM``...)."""
-    name = type(model).__name__
-    if name.endswith("ForSequenceClassification"):
-        return "sequence_classification"
-    if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
-        return "causal_lm"
-    return "embeddings"
+    """The task of a loaded model, from its class (``...ForSequenceClassification``,
+    ``...ForTokenClassification``, ``...ForCausalLM``...) and its config (a one-output sequence
+    head is a regression); the rule of :func:`bitscout.architectures.task_of`."""
+    cfg = getattr(model, "config", None)
+    data: dict[str, object] = dict(cfg.to_dict()) if hasattr(cfg, "to_dict") else {}
+    data["architectures"] = [type(model).__name__]
+    if cfg is not None and hasattr(cfg, "num_labels"):
+        data["num_labels"] = int(cfg.num_labels)
+    return check_task(task_of(data))
+
+
+def check_supported(config: Mapping[str, object], task: str | None = None) -> None:
+    """Raise :class:`UnsupportedModelError` (field ``model``) when a model with ``config`` cannot be
+    searched for ``task`` (see :func:`bitscout.architectures.unsupported`)."""
+    reason = unsupported(config, task)
+    if reason is not None:
+        raise UnsupportedModelError(reason, field="model")
 
 
 @dataclass
@@ -116,9 +142,11 @@ def load_model(
     if not cfg_file.is_file():
         raise ModelLoadError(f"{str(p)!r} is not a transformers model: it has no config.json", field="model")
     try:
-        json.loads(cfg_file.read_text())
+        raw_config = json.loads(cfg_file.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
         raise ModelLoadError(f"config.json in {str(p)!r} is not valid JSON: {exc}", field="model") from exc
+    if isinstance(raw_config, dict):
+        check_supported(raw_config, task)
     if not any(p.glob("*.safetensors")):
         raise ModelLoadError(
             f"{str(p)!r} has no *.safetensors weights (pickled weights are never loaded)", field="model"
@@ -128,12 +156,21 @@ def load_model(
         kwargs["attn_implementation"] = attn_implementation
     try:
         config = transformers.AutoConfig.from_pretrained(str(p), trust_remote_code=False)
-        if task == "sequence_classification":
+        if task in ("sequence_classification", "token_classification"):
             if num_labels is not None and getattr(config, "num_labels", None) != num_labels:
                 kwargs["num_labels"] = num_labels
             if label_names is not None:
                 kwargs["id2label"] = dict(enumerate(label_names))
                 kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
+            cls = (
+                transformers.AutoModelForSequenceClassification
+                if task == "sequence_classification"
+                else transformers.AutoModelForTokenClassification
+            )
+        elif task == "regression":
+            if getattr(config, "num_labels", None) != 1:
+                kwargs["num_labels"] = 1
+            kwargs["problem_type"] = "regression"
             cls = transformers.AutoModelForSequenceClassification
         elif task == "causal_lm":
             cls = transformers.AutoModelForCausalLM
@@ -185,19 +222,69 @@ def model_output(model: nn.Module, batch: TokenizedBatch, task: Task) -> torch.T
     return logits.float()
 
 
+def scored_tokens(batch: TokenizedBatch, task: Task) -> torch.Tensor:
+    """The ``[B, T]`` mask of the tokens a per-token discrepancy averages over: for token
+    classification with labels, the labeled tokens (first sub-word of each word); otherwise the
+    real (not padding) tokens."""
+    if task == "token_classification" and batch.labels is not None and batch.labels.dim() == 2:
+        return batch.labels != IGNORE_INDEX
+    return batch.attention_mask.bool()
+
+
 def discrepancy(ref: torch.Tensor, out: torch.Tensor, batch: TokenizedBatch, task: Task) -> torch.Tensor:
     """Per-example discrepancy of ``out`` to the full-precision ``ref`` (see the module docstring)."""
     # float64: confident classifiers saturate the softmax, and float32 KL then rounds to 0
     ref, out = ref.double(), out.double()
     if task == "embeddings":
         return 1.0 - F.cosine_similarity(ref, out, dim=-1)
+    if task == "regression":
+        return (out - ref).square().sum(-1)
     logp_ref = F.log_softmax(ref, dim=-1)
     logp = F.log_softmax(out, dim=-1)
     kl = (logp_ref.exp() * (logp_ref - logp)).sum(-1)
-    if task == "causal_lm":
-        mask = batch.attention_mask.to(kl.dtype)
+    if task in ("causal_lm", "token_classification"):
+        mask = scored_tokens(batch, task).to(kl.dtype)
         return (kl * mask).sum(1) / mask.sum(1).clamp_min(1.0)
     return kl
+
+
+def has_task_loss(task: Task, batches: Sequence[TokenizedBatch]) -> bool:
+    """Whether :func:`task_loss` applies: a causal LM always (next-token prediction), classification
+    and regression when every batch has labels, embeddings never."""
+    if task == "causal_lm":
+        return True
+    if task == "embeddings":
+        return False
+    return bool(batches) and all(b.labels is not None for b in batches)
+
+
+def task_loss(out: torch.Tensor, batch: TokenizedBatch, task: Task) -> tuple[torch.Tensor, torch.Tensor]:
+    """The supervised loss of one batch, *summed*, and what it is summed over (examples, labeled
+    tokens, or predicted tokens): cross-entropy for classification (per labeled token for token
+    classification), squared error for regression, next-token cross-entropy for a causal LM.
+    Divide the two for the mean. Raises :class:`InvalidInputError` when the task has none here."""
+    if task == "causal_lm":
+        logits, target = out[:, :-1], batch.input_ids[:, 1:]
+        mask = batch.attention_mask[:, 1:].reshape(-1).to(logits.dtype)
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
+        return (nll * mask).sum(), mask.sum()
+    if batch.labels is None or task == "embeddings":
+        raise InvalidInputError(f"the task {task!r} has no loss without labels", field="label_field")
+    if task == "regression":
+        err = (out.reshape(-1) - batch.labels.reshape(-1).to(out.dtype)).square()
+        return err.sum(), out.new_tensor(float(err.numel()))
+    if task == "token_classification":
+        labels = batch.labels.reshape(-1)
+        loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        return loss, (labels != IGNORE_INDEX).sum().to(out.dtype)
+    return F.cross_entropy(out, batch.labels, reduction="sum"), out.new_tensor(float(out.shape[0]))
+
+
+def pearson(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """The Pearson correlation of two 1-d series (0 when either is constant)."""
+    x, y = pred.double() - pred.double().mean(), target.double() - target.double().mean()
+    den = float(x.square().sum().sqrt() * y.square().sum().sqrt())
+    return float((x * y).sum()) / den if den > 0 else 0.0
 
 
 @dataclass
@@ -223,6 +310,8 @@ def evaluate(
 ) -> dict[str, float]:
     """Every metric that applies to ``task`` on ``batches`` (KL / cosine need ``reference``)."""
     correct = n_cls = 0
+    preds: list[torch.Tensor] = []
+    targets: list[torch.Tensor] = []
     disc_sum = 0.0
     n_ex = 0
     nll_sum = 0.0
@@ -239,6 +328,13 @@ def evaluate(
         if task == "sequence_classification" and b.labels is not None:
             correct += int((out.argmax(-1) == b.labels).sum())
             n_cls += int(b.labels.numel())
+        if task == "token_classification" and b.labels is not None:
+            labeled = b.labels != IGNORE_INDEX
+            correct += int((out.argmax(-1)[labeled] == b.labels[labeled]).sum())
+            n_cls += int(labeled.sum())
+        if task == "regression" and b.labels is not None:
+            preds.append(out.reshape(-1).double().cpu())
+            targets.append(b.labels.reshape(-1).double().cpu())
         if task == "causal_lm":
             logits = out[:, :-1]
             target = b.input_ids[:, 1:]
@@ -249,10 +345,14 @@ def evaluate(
     metrics: dict[str, float] = {}
     if n_cls:
         metrics["accuracy"] = correct / n_cls
+    if preds:
+        p, t = torch.cat(preds), torch.cat(targets)
+        metrics["mse"] = float((p - t).square().mean())
+        metrics["pearson"] = pearson(p, t)
     if reference is not None and n_ex:
         if task == "embeddings":
             metrics["cosine"] = 1.0 - disc_sum / n_ex
-        else:
+        elif task != "regression":
             metrics["kl"] = disc_sum / n_ex
     if task == "causal_lm" and n_tok:
         metrics["perplexity"] = math.exp(min(nll_sum / n_tok, 50.0))

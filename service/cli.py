@@ -2,7 +2,8 @@
 token that ``bitscout serve`` creates on first start, and a helper that serves the API alone.
 
 Every command takes ``--database-url`` (default: ``BITSCOUT_DATABASE_URL`` / ``DATABASE_URL`` or
-the SQLite database in the data directory). Errors are one readable line, exit code 2.
+the SQLite database in the data directory). Errors are one readable line; exit codes are those of
+:mod:`bitscout.exit_codes` (1 a database that cannot be used, 2 bad usage).
 
 The client config file (``~/.config/bitscout/config.json``, or ``$BITSCOUT_CONFIG``) is JSON:
 ``{"url": "http://127.0.0.1:8000", "token": "bst_..."}``, readable only by its owner (mode 0600).
@@ -19,13 +20,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bitscout.errors import BitscoutError
+from bitscout.exit_codes import EXIT_ERROR, EXIT_OK, EXIT_USAGE
 from service.settings import Settings, default_config_path
 
 if TYPE_CHECKING:
     from service.store import Store
-
-EXIT_OK = 0
-EXIT_USAGE = 2
 
 
 def _settings(database_url: str | None) -> Settings:
@@ -88,16 +87,16 @@ def db_main(argv: list[str]) -> int:
             print(
                 f"schema at {current or 'empty'}, head is {head}: run `bitscout db upgrade`", file=sys.stderr
             )
-            return 1
+            return EXIT_ERROR
         diff = db.schema_diff(engine)
         if diff:
             print(f"the database differs from the models: {diff}", file=sys.stderr)
-            return 1
+            return EXIT_ERROR
         print(f"schema at {head}: up to date")
         return EXIT_OK
     except Exception as exc:  # noqa: BLE001 - one readable line for the user
         print(f"bitscout db {args.cmd}: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return EXIT_ERROR
     finally:
         engine.dispose()
 
@@ -144,7 +143,7 @@ def token_main(argv: list[str]) -> int:
         store = _open_store(settings)
     except Exception as exc:  # noqa: BLE001
         print(f"bitscout token: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return EXIT_ERROR
     try:
         if args.cmd == "create":
             info, secret = store.create_token(name=args.name, admin=args.admin)

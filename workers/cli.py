@@ -3,7 +3,8 @@
 
 Both read the service's settings (``BITSCOUT_DATA_DIR``, ``DATABASE_URL``...) and the workers'
 (``BITSCOUT_MAX_CONCURRENT_JOBS``, ``RAY_ADDRESS``...) from the environment; the options below
-override them. Errors are one readable line and exit code 2.
+override them. Errors are one readable line; exit codes are those of :mod:`bitscout.exit_codes`:
+2 for a bad option or setting, 1 for a database, a Ray cluster or a server that cannot be used.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-EXIT_OK = 0
-EXIT_USAGE = 2
+from bitscout.exit_codes import EXIT_ERROR, EXIT_OK, EXIT_USAGE
 
 SERVE_EXAMPLE = """examples:
   bitscout serve                                   # SQLite in ~/.local/share/bitscout, a local Ray
@@ -117,10 +117,14 @@ def _start(parser: argparse.ArgumentParser, argv: list[str], *, upgrade_sqlite: 
     _logging(args.log_level)
     try:
         settings, wsettings = _settings(args)
-        _prepare_database(settings, upgrade_sqlite=upgrade_sqlite)
-    except Exception as exc:  # noqa: BLE001 - one line for the user
+    except Exception as exc:  # noqa: BLE001 - a setting out of range: one line for the user
         print(f"{parser.prog}: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        _prepare_database(settings, upgrade_sqlite=upgrade_sqlite)
+    except Exception as exc:  # noqa: BLE001 - a database that cannot be used: one line for the user
+        print(f"{parser.prog}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     return args, settings, wsettings
 
 
@@ -156,7 +160,7 @@ def serve_main(argv: list[str]) -> int:
         app = create_app(settings, resolver=SearchResolver())
     except Exception as exc:  # noqa: BLE001
         print(f"bitscout serve: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return EXIT_ERROR
 
     dispatcher = None
     ray_info: dict[str, Any] = {}
@@ -166,7 +170,7 @@ def serve_main(argv: list[str]) -> int:
             dispatcher, ray_info = _start_dispatcher(settings, wsettings)
         except Exception as exc:  # noqa: BLE001
             print(f"bitscout serve: cannot start the dispatcher: {type(exc).__name__}: {exc}", file=sys.stderr)
-            return EXIT_USAGE
+            return EXIT_ERROR
 
     where_ray = (
         "no dispatcher here" if dispatcher is None
@@ -246,7 +250,7 @@ def dispatcher_main(argv: list[str]) -> int:
         info = init_ray(wsettings)
     except Exception as exc:  # noqa: BLE001
         print(f"bitscout dispatcher: cannot connect to Ray: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return EXIT_ERROR
     store = Store.from_settings(settings)
     dispatcher = Dispatcher(store, RunnerConfig.build(settings, wsettings), wsettings)
     stop = threading.Event()

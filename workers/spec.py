@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from bitscout.cli_options import DEFAULTS
 from bitscout.schemas import JobSpec, Task
 from search.errors import DataError
 from search.local import DataOptions
@@ -19,9 +20,7 @@ from search.result import Budget
 from search.space import PruneLimits
 
 #: what the search costs latency on when the budget names no device profile
-DEFAULT_DEVICE_PROFILE = "a100"
-#: sequences per batch when calibrating and evaluating
-BATCH_SIZE = 16
+DEFAULT_DEVICE_PROFILE = DEFAULTS.device_profile
 
 
 def budget_of(spec: JobSpec) -> Budget:
@@ -79,15 +78,17 @@ def data_source_name(spec: JobSpec) -> str | None:
 def data_options(spec: JobSpec, source: str) -> DataOptions:
     """The data options of ``spec`` reading from ``source`` (a local file, folder or dataset name)."""
     d = spec.data
-    label = d.label_field if spec.task == Task.sequence_classification else None
+    label = d.label_field if spec.task in (Task.sequence_classification, Task.regression) else None
     return DataOptions(
         source=source,
         text_field=d.text_field,
         label_field=label,
+        tokens_field=d.tokens_field,
+        tags_field=d.tags_field,
         calibration=d.calibration_size,
         evaluation=d.evaluation_size,
         max_length=d.max_length,
-        batch_size=BATCH_SIZE,
+        batch_size=d.batch_size,
     )
 
 

@@ -24,7 +24,7 @@ from search.plan import per_decision
 from search.sensitivity import StopFn
 from search.space import BitOption, Member, PrecisionMap, SearchSpace
 from search.ste import by_group, half_ste, round_ste
-from search.tasks import Task, discrepancy, model_output
+from search.tasks import Task, discrepancy, model_output, scored_tokens, task_loss
 
 __all__ = ["DNAS", "TargetRun"]
 
@@ -178,9 +178,10 @@ class DNAS:
             lg.requires_grad_(True)
         has_labels = all(b.labels is not None for b in self.batches)
         kind = self.options.loss
+        labelled = ("sequence_classification", "token_classification", "regression")
         if kind == "auto":
-            kind = "task+kd" if (task == "sequence_classification" and has_labels) else "kd"
-        if "task" in kind and task == "sequence_classification" and not has_labels:
+            kind = "task+kd" if (task in labelled and has_labels) else "kd"
+        if "task" in kind and task in labelled and not has_labels:
             raise InvalidInputError("the task loss needs labels in the calibration data", field="method_options.dnas.loss")
         if "task" in kind and task == "embeddings":
             raise InvalidInputError("embeddings have no task loss: use loss 'kd'", field="method_options.dnas.loss")
@@ -428,12 +429,14 @@ class DNAS:
 
         The discrepancy of a small change ``d`` of the weights is ``d^T F d / 2`` to second order, with
         ``F`` the Fisher information of the output distribution (the Hessian of the KL at the
-        reference; for embeddings that of ``1 - cosine``). For outputs ``z`` with that Hessian
+        reference; for embeddings that of ``1 - cosine``; for regression that of the squared error,
+        ``2 I``). For outputs ``z`` with that Hessian
         ``A A^T``, the gradient ``g`` of ``r^T A^T z`` for a random ``r`` with ``E[r r^T] = I`` has
         ``E[g g^T] = F``: for the KL, ``r^T A^T z`` is the log-likelihood of a label drawn from the
-        model's own prediction (per token for causal LMs, weighted ``1/sqrt(tokens)`` so that the
-        per-token mean is matched); for embeddings, a Gaussian direction orthogonal to the reference
-        embedding over its norm. The draws of different examples are independent and zero-mean, so
+        model's own prediction (per token for causal LMs and token classification, over the tokens
+        the discrepancy averages, weighted ``1/sqrt(tokens)`` so that the per-token mean is
+        matched); for embeddings, a Gaussian direction orthogonal to the reference embedding over
+        its norm; for regression, a Gaussian of variance 2 times the output. The draws of different examples are independent and zero-mean, so
         the gradient of a micro-batch's *sum* gives ``E[(g . d)^2] = sum of d^T F_i d`` over its
         examples: one backward pass per micro-batch estimates, for *every* option's whole change
         ``d = Q_k(w_g) - w_g`` at once (pruning: ``-w_g`` and the ``out`` members' biases), the full
@@ -504,12 +507,15 @@ class DNAS:
             r = torch.randn(ref.shape, generator=gen, dtype=torch.float32).to(ref.device)
             r = r - (r * u).sum(-1, keepdim=True) * u
             return ((r * out) / norm).sum()
+        if self.task == "regression":
+            r = torch.randn(out.shape, generator=gen, dtype=torch.float32).to(out.device) * math.sqrt(2.0)
+            return (r * out.float()).sum()
         logp = F.log_softmax(out.float(), dim=-1)
         probs = logp.detach().exp().reshape(-1, logp.shape[-1]).cpu()
         y = torch.multinomial(probs, 1, generator=gen).reshape(logp.shape[:-1]).to(logp.device)
         ll = logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-        if self.task == "causal_lm":
-            mask = b.attention_mask.to(ll.dtype)
+        if self.task in ("causal_lm", "token_classification"):
+            mask = scored_tokens(b, self.task).to(ll.dtype)
             ll = ll * mask / mask.sum(1, keepdim=True).clamp_min(1.0).sqrt()
         return ll.sum()
 
@@ -525,8 +531,9 @@ class DNAS:
         b = self.batches[i]
         terms = []
         if "task" in self.loss_kind:
-            if self.task == "sequence_classification":
-                terms.append(F.cross_entropy(out, b.labels))  # type: ignore[arg-type]
+            if self.task != "causal_lm":  # classification, token classification, regression: the mean loss
+                total, count = task_loss(out, b, self.task)
+                terms.append(total / count.clamp_min(1.0))
             else:  # causal_lm: next-token cross-entropy over real tokens
                 logits = out[:, :-1]
                 target = b.input_ids[:, 1:]

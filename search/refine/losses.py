@@ -12,7 +12,7 @@ from torch import nn
 
 from search.data import TokenizedBatch
 from search.refine.config import RefineConfig
-from search.tasks import Task
+from search.tasks import Task, has_task_loss, scored_tokens, task_loss
 
 
 def _forward(model: nn.Module, batch: TokenizedBatch, *, hidden: bool, attentions: bool) -> Any:
@@ -39,24 +39,23 @@ def _task_output(out: Any, batch: TokenizedBatch, task: Task) -> torch.Tensor:
 def _output_kd(s: torch.Tensor, t: torch.Tensor, batch: TokenizedBatch, task: Task, temperature: float) -> torch.Tensor:
     if task == "embeddings":
         return (1.0 - F.cosine_similarity(s, t, dim=-1)).mean()
+    if task == "regression":  # the squared error to the teacher's output (no distribution to soften)
+        return (s - t).square().sum(-1).mean()
     logp_t = F.log_softmax(t / temperature, dim=-1)
     logp_s = F.log_softmax(s / temperature, dim=-1)
     kl = (logp_t.exp() * (logp_t - logp_s)).sum(-1) * temperature**2
-    if task == "causal_lm":
-        mask = batch.attention_mask.to(kl.dtype)
+    if task in ("causal_lm", "token_classification"):
+        mask = scored_tokens(batch, task).to(kl.dtype)
         return (kl * mask).sum() / mask.sum().clamp_min(1.0)
     return kl.mean()
 
 
 def _task_loss(s: torch.Tensor, batch: TokenizedBatch, task: Task) -> torch.Tensor | None:
-    if task == "sequence_classification" and batch.labels is not None:
-        return F.cross_entropy(s, batch.labels)
-    if task == "causal_lm":
-        logits, target = s[:, :-1], batch.input_ids[:, 1:]
-        mask = batch.attention_mask[:, 1:].bool().reshape(-1)
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
-        return nll[mask].sum() / mask.sum().clamp_min(1)
-    return None
+    """The mean supervised loss of the batch (:func:`search.tasks.task_loss`), None without one."""
+    if not has_task_loss(task, [batch]):
+        return None
+    total, count = task_loss(s, batch, task)
+    return total / count.clamp_min(1.0)
 
 
 def _hidden_mse(hs: Sequence[torch.Tensor], ht: Sequence[torch.Tensor], batch: TokenizedBatch) -> torch.Tensor:

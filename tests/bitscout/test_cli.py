@@ -1,5 +1,6 @@
 """The command line against the real service over a real socket (uvicorn): every command, job
-files, exit codes (0 success, 1 a failed job, 2 bad usage or an error), one-line errors."""
+files, exit codes (0 success, 1 a runtime error, 2 bad usage or input, 3 a failed job), one-line
+errors."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 
+import bitscout
 from bitscout import cli
 from bitscout.commands import COMMANDS
 from tests.bitscout.conftest import Service
@@ -87,11 +89,11 @@ def test_plugins_come_from_entry_points(
     assert "serve" in out and "broken" in out
     assert run(capsys, "serve", "--port", "1")[0] == 7 and calls == [["--port", "1"]]
     rc, _, err = run(capsys, "broken")
-    assert rc == 2 and "pip install 'bitscout[workers]'" in one_line_error(err)
+    assert rc == 1 and "pip install 'bitscout[workers]'" in one_line_error(err)
     rc, _, err = run(capsys, "nope")
     assert rc == 2 and "unknown command 'nope'" in err
     rc, _, err = run(capsys, "status", "--url", "http://127.0.0.1:9", "--retries", "0", "x")
-    assert rc == 2 and "cannot reach" in one_line_error(err)
+    assert rc == 1 and "cannot reach" in one_line_error(err)  # a runtime error, not bad usage
 
 
 _CALLS: list[list[str]] = []
@@ -119,6 +121,14 @@ def test_usage_errors_are_one_line_exit_2(
         rc, out, err = run(capsys, *argv)
         assert rc == 2, (argv, err)
         assert needle in one_line_error(err), (argv, err)
+    # an error that names a field names it once (not "model.path: model.path: ...")
+    for argv, fld in (
+        (["submit", "--model", "server:../x", "--data", "dataset:x", "--max-size-mb", "1", "--task", "embeddings"],
+         "model.path"),
+        (["submit", *SERVER_SPEC, "--max-size-mb", "-3"], "budget.max_size_mb"),
+    ):  # fmt: skip
+        rc, _, err = run(capsys, *argv)
+        assert rc == 2 and one_line_error(err).count(fld) == 1, err
 
 
 def test_service_errors_are_one_line(
@@ -131,8 +141,9 @@ def test_service_errors_are_one_line(
     assert rc == 2 and "no job" in one_line_error(err) and "not_found" in err
     rc, _, err = run(capsys, "submit", *SERVER_SPEC[2:], "--model", "server:nope")
     assert rc == 2 and "model.path" in one_line_error(err)
+    assert err.count("model.path") == 1, err  # the field once, not "model.path: model.path: ..."
     rc, _, err = run(capsys, "resolve", job_id, "--max-size-mb", "3", "--retries", "0")
-    assert rc == 2 and "unavailable" in one_line_error(err)
+    assert rc == 1 and "unavailable" in one_line_error(err)  # the service cannot answer: a runtime error
     monkeypatch.setenv("BITSCOUT_TOKEN", service.tokens["bob"])
     rc, _, err = run(capsys, "cancel", job_id)
     assert rc == 2 and "no job" in one_line_error(err)
@@ -140,10 +151,10 @@ def test_service_errors_are_one_line(
     rc, _, err = run(capsys, "status")
     assert rc == 2 and "unknown or revoked token" in one_line_error(err)
     monkeypatch.setenv("BITSCOUT_TOKEN", service.tokens["alice"])
-    # a failed job: wait exits 1 with the job's error on one line
+    # a failed job: wait exits 3 with the job's error on one line
     service.store.fail_job(job_id=job_id, worker_id=None, code="out_of_memory", message="ran out of memory")
     rc, out, err = run(capsys, "wait", job_id, "--no-progress")
-    assert rc == 1 and "out_of_memory" in one_line_error(err) and "ran out of memory" in err
+    assert rc == 3 and "out_of_memory" in one_line_error(err) and "ran out of memory" in err
     rc, out, err = run(capsys, "cancel", job_id)
     assert rc == 2 and "already failed" in one_line_error(err)
     rc, out, _ = run(capsys, "submit", *SERVER_SPEC, "--seed", "4")
@@ -151,7 +162,7 @@ def test_service_errors_are_one_line(
     rc, out, _ = run(capsys, "cancel", other)
     assert rc == 0 and "canceled" in out
     rc, out, err = run(capsys, "wait", other, "--no-progress")
-    assert rc == 1 and "canceled" in one_line_error(err)
+    assert rc == 3 and "canceled" in one_line_error(err)
     rc, out, err = run(capsys, "status", other, "--json")
     assert rc == 0 and json.loads(out)["status"] == "canceled"
 
@@ -369,3 +380,53 @@ def test_submit_passes_method_options(env: str, capsys: pytest.CaptureFixture[st
     assert rc == 2 and "method_options" in one_line_error(err)
     rc, _, err = run(capsys, "submit", *SERVER_SPEC, "--option", "max_probes")
     assert rc == 2 and "METHOD.KEY=VALUE" in one_line_error(err)
+
+
+def test_exit_codes_are_defined_once() -> None:
+    from bitscout import exit_codes
+    from bitscout.commands import exit_code_of
+    from bitscout.errors import (
+        InternalError,
+        JobFailed,
+        NotFound,
+        RateLimited,
+        ServiceUnavailable,
+        Unauthorized,
+    )
+
+    assert (exit_codes.EXIT_OK, exit_codes.EXIT_ERROR, exit_codes.EXIT_USAGE, exit_codes.EXIT_JOB_FAILED) == (0, 1, 2, 3)
+    assert exit_code_of(JobFailed("x", job_id="j")) == 3
+    assert exit_code_of(bitscout.InvalidRequest("x", field="seed")) == exit_code_of(NotFound("x")) == 2
+    assert exit_code_of(Unauthorized("x")) == 2
+    for runtime in (ServiceUnavailable("x"), InternalError("x"), RateLimited("x")):
+        assert exit_code_of(runtime) == 1
+    import importlib
+
+    for module in ("bitscout.cli", "bitscout.commands", "search.cli", "search.export_cli", "service.cli", "workers.cli"):
+        m = importlib.import_module(module)
+        for name in ("EXIT_OK", "EXIT_USAGE"):
+            assert getattr(m, name) is getattr(exit_codes, name), (module, name)
+    assert "3 the job failed" in exit_codes.describe()
+
+
+def test_submit_wait_on_a_job_that_fails_exits_3(
+    env: str, service: Service, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def fail_it() -> None:
+        import time
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            claimed = service.store.claim_next_job(worker_id="w/fail")
+            if claimed is not None:
+                service.store.fail_job(job_id=claimed.id, worker_id="w/fail", code="data_invalid",
+                                       message="the data has no label")  # fmt: skip
+                return
+            time.sleep(0.02)
+
+    worker = threading.Thread(target=fail_it)
+    worker.start()
+    rc, out, err = run(capsys, "submit", *SERVER_SPEC, "--wait", "--poll", "0.05", "--no-progress")
+    worker.join(60)
+    assert rc == 3, err
+    assert "data_invalid" in err and "the data has no label" in err

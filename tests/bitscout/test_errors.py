@@ -178,7 +178,13 @@ def test_retries_connection_errors_then_succeeds(service: Service) -> None:
     client._sleep = slept.append
     assert client.jobs().total == 0
     assert flaky.calls == ["GET /api/v1/jobs"] * 3
-    assert slept == [0.01, 0.02]  # exponential backoff
+    # exponential backoff with full jitter (the default): a random wait up to 0.01, then up to 0.02
+    assert len(slept) == 2 and 0.0 <= slept[0] <= 0.01 and 0.0 <= slept[1] <= 0.02
+    steady = service.client(transport=FlakyTransport(service.transport(), fail=2),
+                            retries=bitscout.RetryPolicy(max_retries=3, backoff=0.01, jitter=0.0))  # fmt: skip
+    slept.clear()
+    steady._sleep = slept.append
+    assert steady.jobs().total == 0 and slept == [0.01, 0.02]  # no jitter: the backoff itself
 
 
 def test_retries_503_then_succeeds_and_gives_up(service: Service) -> None:

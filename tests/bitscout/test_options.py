@@ -10,7 +10,8 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from bitscout import commands, schemas
+from bitscout import cli_options, schemas
+from bitscout.commands import _submit_parser, submit_options
 from bitscout.options import (
     OptionFields,
     OptionSyntaxError,
@@ -91,10 +92,13 @@ def test_tie_kinds_by_name_or_short_name():
 
 
 def test_the_wire_takes_option_strings_and_ints_and_names_the_field():
-    spec = schemas.JobSpec.model_validate({**BASE, "space": {"bits": ["4g128", 8, "3g64", "4a", " 2 "]}})
+    spec = schemas.JobSpec.model_validate({**BASE, "space": {"bits": ["4g128", 8, "3g64", "4a", 2]}})
     assert spec.space.bits == [2, "3g64", "4a", "4g128", 8]
     assert schemas.JobSpec.model_validate(BASE).space.bits == [2, 3, 4, 6, 8, 32]  # the default: unchanged
-    for bad, says in ([["4a8"], "activation bits"], [["4g", 8], "cannot read"], [[4, "4"], "unique"], [[0], "other than 0"]):
+    for bad, says in (
+        [["4a8"], "activation bits"], [["4g", 8], "cannot read"], [[4, " 4g8", "4G8"], "unique"], [[0], "other than 0"],
+        [["4", 8], "an integer"], [[4.0, 8], "cannot read"],
+    ):
         with pytest.raises(ValidationError) as e:
             schemas.JobSpec.model_validate({**BASE, "space": {"bits": bad}})
         err = e.value.errors()[0]
@@ -130,10 +134,13 @@ def test_the_store_normalises_entries_with_the_same_grammar():
 
 
 def test_the_clis_read_bits_and_ties_with_the_grammar():
-    assert commands._bit_options("4g128,8,3g64") == ["4g128", 8, "3g64"]
-    assert commands._ties("none") == [] and commands._ties("qkv") == ["attention_inputs"]
+    assert cli_options.bit_list("4g128,8,3g64") == ["4g128", 8, "3g64"]
+    assert cli_options.tie_list("none") == [] and cli_options.tie_list("qkv") == ["attention_inputs"]
     with pytest.raises(argparse.ArgumentTypeError):
-        commands._bit_options("4a8")
+        cli_options.bit_list("4a8")
+    sub = _submit_parser().parse_args(["--model", "server:m", "--data", "server:d.jsonl", "--max-avg-bits", "4",
+                                       "--bits", "4g128,8", "--tie", "gate_up"])
+    assert submit_options(sub)["space"] == {"bits": ["4g128", 8], "tie": ["ffn_inputs"]}
     pytest.importorskip("torch", reason="the in-process search CLI needs the search extra")
     from search.cli import build_parser, options_from_args
 

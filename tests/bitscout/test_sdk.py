@@ -301,17 +301,20 @@ def test_wait_shows_stage_and_message(service: Service, capsys: pytest.CaptureFi
 
 
 def test_retry_policy() -> None:
-    p = bitscout.RetryPolicy(max_retries=3, backoff=0.5, max_backoff=1.5)
+    p = bitscout.RetryPolicy(max_retries=3, backoff=0.5, max_backoff=1.5, jitter=0.0)
     assert [p.delay(i) for i in (1, 2, 3, 4)] == [0.5, 1.0, 1.5, 1.5]
-    assert p.delay(1, retry_after=1.2) == 1.2 and p.delay(1, retry_after=60) == 1.5
+    # Retry-After is honoured (plus the backoff), and one longer than max_retry_after is not waited for
+    assert p.delay(1, retry_after=1.2) == 1.7 and p.wait(1, retry_after=1.2) == 1.7
+    assert p.wait(1, retry_after=p.max_retry_after + 1) is None and p.delay(1, retry_after=60) == 60.5
     assert p.should_retry_status(503, attempt=2) and not p.should_retry_status(503, attempt=3)
-    assert not any(p.should_retry_status(s, attempt=0) for s in (400, 401, 404, 409, 422, 429, 500))
+    assert all(p.should_retry_status(s, attempt=0) for s in (429, 502, 503, 504))
+    assert not any(p.should_retry_status(s, attempt=0) for s in (400, 401, 404, 409, 422, 500))
     req = httpx2.Request("GET", "http://x")
     assert p.should_retry_error(httpx2.ConnectError("x", request=req), attempt=0)
     assert p.should_retry_error(httpx2.ReadTimeout("x", request=req), attempt=0)
     assert not p.should_retry_error(httpx2.UnsupportedProtocol("x", request=req), attempt=0)
     jitter = bitscout.RetryPolicy(backoff=1.0, jitter=0.5)
-    assert all(1.0 <= jitter.delay(1) <= 1.5 for _ in range(20))
+    assert all(0.5 <= jitter.delay(1) <= 1.0 for _ in range(20))
 
 
 def test_apply_needs_the_search_extra(monkeypatch: pytest.MonkeyPatch) -> None:

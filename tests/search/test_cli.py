@@ -69,3 +69,19 @@ def test_method_options_on_the_command_line(tmp_path, trained_bert, sentiment_fi
         search_main([*base, "--option", "max_probes=4"])
     assert exc.value.code == 2
     assert "METHOD.KEY=VALUE" in capsys.readouterr().err
+
+
+def test_a_runtime_error_exits_1_on_one_line(tmp_path, trained_bert, sentiment_file, capsys):
+    """Input the user can fix exits 2; a failure of the run itself (here: the result cannot be
+    written, the path is a directory) exits 1, on one line without a traceback."""
+    rc = search_main(["--model", str(trained_bert), "--data", str(sentiment_file), "--calibration-size", "8",
+                      "--evaluation-size", "16", "--max-length", "12", "--front-points", "2", "--bits", "4,8",
+                      "--max-avg-bits", "8", "--out", str(tmp_path), "--quiet"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 1 and len(err) == 1 and "IsADirectoryError" in err[0] and "Traceback" not in err[0]
+    import torch
+
+    if not torch.cuda.is_available():  # asking for a GPU this machine lacks is input the user can fix
+        rc = search_main(["--model", str(trained_bert), "--data", str(sentiment_file), "--max-avg-bits", "8",
+                          "--device", "cuda", "--quiet"])
+        assert rc == 2 and "device" in capsys.readouterr().err
