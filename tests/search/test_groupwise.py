@@ -307,3 +307,38 @@ def test_a_group_wise_artifact_round_trips_bit_exactly_in_the_bytes_the_cost_mod
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, want[k]), k
     assert evaluate(loaded, batches, "sequence_classification", reference=ref) == want_metrics
+
+
+@pytest.mark.parametrize("lsq", [False, True], ids=["stacked", "lsq"])
+def test_the_dnas_mixture_of_a_tied_group_wise_space_is_the_quantized_model(tmp_path, sentiment_file, lsq):
+    """One-hot architecture weights (one per decision: q/k/v and gate/up tied) give the model the pipeline
+    evaluates for that map, group-wise scales included, whether the quantized versions are stacked
+    constants or recomputed from learned (LSQ) step sizes."""
+    import numpy as np
+
+    from search.dnas import DNAS, DNASOptions
+    from search.tasks import model_output
+
+    folder = build_model(tmp_path / "llama", "llama", task="causal_lm", hidden=32, heads=4, intermediate=64)
+    data = DataOptions(source=str(sentiment_file), calibration=8, evaluation=8, max_length=16, batch_size=8)
+    s = prepare(folder, data, SearchOptions(bits=(2, "4g16", 8)), task="causal_lm", device="cpu")
+    space = s.space
+    assert len(space.ties) == 4 and len(space.decisions) == len(space.groups) - 6
+    rng = np.random.default_rng(1)
+    choices = [int(rng.integers(len(o))) for o in space.decision_options]
+    choices[0] = space.decision_options[0].index(BitOption(4, True, 16))  # q/k/v of block 0 group-wise at least
+    pmap = space.from_choices(choices)
+    batch = s.calibration[0]
+    with DNAS(s.model, s.adapter, space, s.cost_model, s.task, s.calibration, metric="size_bytes",
+              options=DNASOptions(batch_size=None, loss="kd", lsq=lsq)) as dn:
+        assert len(dn.logits) == len(space.decisions)
+        ys = [torch.nn.functional.one_hot(torch.tensor(c), len(o)).float()
+              for c, o in zip(choices, space.decision_options, strict=True)]
+        with torch.no_grad():
+            mixed = torch.func.functional_call(dn._forward, dn._overrides(ys), (batch,))
+    with s.adapter.quantized(pmap, space), torch.no_grad():
+        expected = model_output(s.model, batch, s.task)
+    with torch.no_grad():
+        full = model_output(s.model, batch, s.task)
+    changed = float((full - expected).abs().max())
+    assert changed > 0 and float((mixed - expected).abs().max()) <= 1e-3 * changed
