@@ -140,19 +140,21 @@ def option_key(bits: int, symmetric: bool = True, group_size: int | None = None)
     return f"{bits}{asym}{group}"
 
 
-def _check(bits: Any, symmetric: Any, group_size: Any, spelled: str) -> OptionFields:
+def _check(bits: Any, symmetric: Any, group_size: Any, spelled: str | None) -> OptionFields:
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in ALLOWED_BITS:
-        raise OptionSyntaxError(f"unknown bit-width {bits!r} in {spelled}; allowed: {', '.join(map(str, ALLOWED_BITS))}")
+        where = f" in {spelled}" if spelled is not None else ""
+        raise OptionSyntaxError(f"unknown bit-width {bits!r}{where}; allowed: {', '.join(map(str, ALLOWED_BITS))}")
     if symmetric is not None and not isinstance(symmetric, bool):
-        raise OptionSyntaxError(f"symmetric must be true or false in {spelled}, got {symmetric!r}")
+        raise OptionSyntaxError(f"symmetric must be true or false, got {symmetric!r}")
     if group_size is not None:
         if isinstance(group_size, bool) or not isinstance(group_size, int) or not 1 <= group_size <= MAX_GROUP_SIZE:
             raise OptionSyntaxError(
-                f"the group size in {spelled} must be an integer from 1 to {MAX_GROUP_SIZE}, got {group_size!r}"
+                f"the group size in {spelled or bits} must be an integer from 1 to {MAX_GROUP_SIZE}, got {group_size!r}"
             )
         if bits not in INTEGER_BITS:
             raise OptionSyntaxError(
-                f"group-wise scales apply to integer widths (2 to 8 bits) only, not to {bits} bits ({spelled})"
+                f"group-wise scales apply to integer widths (2 to 8 bits) only, not to {bits} bits"
+                + (f" ({spelled})" if spelled is not None else "")
             )
     if bits not in INTEGER_BITS:
         symmetric = None if symmetric is None else True  # a grid means nothing for pruned or float groups
@@ -168,13 +170,13 @@ def parse_option(value: Any) -> OptionFields:
     if isinstance(value, bool):
         raise OptionSyntaxError(f"cannot read bit option {value!r} (the syntax is {_SYNTAX})")
     if isinstance(value, int):
-        return _check(value, None, None, repr(value))
+        return _check(value, None, None, None)
     if isinstance(value, Mapping):
         if "bits" not in value:
             raise OptionSyntaxError("a bit option needs a 'bits' entry")
         if value.get("act_bits") is not None:
             raise OptionSyntaxError("activation bits are not supported yet")
-        return _check(value["bits"], value.get("symmetric"), value.get("group_size"), "the option")
+        return _check(value["bits"], value.get("symmetric"), value.get("group_size"), None)
     if isinstance(value, str):
         text = value.strip().lower()
         m = _OPTION_RE.fullmatch(text)

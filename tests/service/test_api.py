@@ -496,7 +496,7 @@ BAD_JOBS: list[Any] = [
     ),
     pytest.param({"task": "translation"}, "task", id="unknown-task"),
     pytest.param({"metric": "perplexity"}, None, id="metric-does-not-fit-task"),
-    pytest.param({"space": {"bits": [7]}}, "space.bits", id="unknown-bits"),
+    pytest.param({"space": {"bits": [7]}}, "space.bits.0", id="unknown-bits"),
     pytest.param({"space": {"bits": [0]}}, "space.bits", id="only-pruning"),
     pytest.param({"space": {"bits": [4, 4]}}, "space.bits", id="duplicate-bits"),
     pytest.param({"space": {"granularity": "channel"}}, "space.granularity", id="bad-granularity"),
