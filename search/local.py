@@ -24,7 +24,9 @@ from search.tasks import TASKS, Task, load_model
 
 @dataclass(frozen=True)
 class DataOptions:
-    """Where the data are and how much of them to use."""
+    """Where the data are and how much of them to use. ``name`` is what error messages call the
+    source (default: ``source`` itself), e.g. the file name a user uploaded when ``source`` is
+    where a server keeps it."""
 
     source: str
     text_field: str = "text"
@@ -33,6 +35,7 @@ class DataOptions:
     evaluation: int = 256
     max_length: int = 128
     batch_size: int = 16
+    name: str | None = None
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -77,7 +80,8 @@ def _model_label_names(model_dir: Path) -> list[str] | None:
 
 def load_data(data: DataOptions, *, label_names: Sequence[str] | None = None) -> TextData:
     return load_text_data(
-        data.source, text_field=data.text_field, label_field=data.label_field, label_names=label_names
+        data.source, text_field=data.text_field, label_field=data.label_field, label_names=label_names,
+        name=data.name,
     )
 
 
