@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from bitscout.rules import selection_problem
 from search import methods
 from search.adapter import ModelAdapter
 from search.cost import CostModel, get_profile
@@ -115,6 +116,9 @@ class SearchOptions:
             raise InvalidInputError("front_points must be an integer between 2 and 64", field="front_points")
         if self.clip not in ("mse", "minmax"):
             raise InvalidInputError("clip must be 'mse' or 'minmax'", field="clip")
+        selection = selection_problem(self.include or (), self.exclude or ())
+        if selection is not None:
+            raise InvalidInputError(selection[1], field=selection[0])
 
 
 class Search:
