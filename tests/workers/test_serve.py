@@ -109,6 +109,7 @@ def test_serve_migrates_an_empty_database_of_either_kind_and_refuses_one_out_of_
     (their start-up path, without Ray): the same on SQLite and PostgreSQL."""
     import sqlalchemy as sa
 
+    from bitscout.exit_codes import EXIT_ERROR
     from service import db
     from workers.cli import _start
 
@@ -124,8 +125,9 @@ def test_serve_migrates_an_empty_database_of_either_kind_and_refuses_one_out_of_
     def start(prog: str, migrate_empty: bool) -> Any:
         return _start(argparse.ArgumentParser(prog=prog), argv, migrate_empty=migrate_empty)
 
-    # the dispatcher never migrates: an empty database is refused, with the command to run
-    assert start("bitscout dispatcher", False) == 2
+    # the dispatcher never migrates: an empty database is refused (a runtime error, exit 1), with the
+    # command to run
+    assert start("bitscout dispatcher", False) == EXIT_ERROR
     assert "bitscout db upgrade" in capsys.readouterr().err
     # serve's first start migrates the empty database
     assert not isinstance(start("bitscout serve", True), int)
@@ -141,7 +143,7 @@ def test_serve_migrates_an_empty_database_of_either_kind_and_refuses_one_out_of_
         with engine.begin() as conn:
             conn.execute(sa.text("UPDATE bitscout_alembic_version SET version_num = '0000'"))
         for prog, migrate in (("bitscout serve", True), ("bitscout dispatcher", False)):
-            assert start(prog, migrate) == 2
+            assert start(prog, migrate) == EXIT_ERROR
             err = capsys.readouterr().err
             assert err.startswith(f"{prog}: ") and "at revision 0000" in err and "bitscout db upgrade" in err
         assert db.current_revision(engine) == "0000"
