@@ -164,7 +164,7 @@ def uncertainty_csv(cache_dir: str | Path = DEFAULT_CACHE) -> Path:
     out = cache / "uncertainty-conll2010.csv"
     if out.is_file():
         return out
-    work = cache / f".{PATTERN_DEB}.{os.getpid()}"
+    work = (cache / f".{PATTERN_DEB}.{os.getpid()}").resolve()  # absolute: the commands run inside it
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:

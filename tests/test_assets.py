@@ -177,13 +177,16 @@ def test_uncertainty_csv_downloads_the_deb_unpacks_it_and_keeps_only_the_csv(
         if cmd[:2] == ["apt-get", "download"]:
             (Path(cwd) / "python3-pattern_2.6-4_all.deb").write_bytes(b"deb")
         if cmd[:2] == ["dpkg", "-x"]:
+            assert Path(cmd[2]).is_absolute() and Path(cmd[2]).is_file()  # it runs inside the scratch folder
             f = Path(cmd[3]) / assets.UNCERTAINTY_CSV_IN_DEB
             f.parent.mkdir(parents=True)
             f.write_text('"1","A"\n', encoding="utf-8")
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
     monkeypatch.setattr(assets, "_run", fake_run)
-    out = assets.uncertainty_csv(tmp_path)
+    monkeypatch.chdir(tmp_path.parent)
+    out = assets.uncertainty_csv(tmp_path.name)
+    out = tmp_path / out.name
     assert out == tmp_path / "uncertainty-conll2010.csv" and out.read_text(encoding="utf-8") == '"1","A"\n'
     # the package lists did not know it: apt-get update, then the download again
     assert [c[:2] for c in calls] == [["apt-get", "download"], ["apt-get", "update"], ["apt-get", "download"],
