@@ -478,3 +478,14 @@ def test_report_lists_parts_in_run_order_whatever_order_a_merge_left(tmp_path: P
     assert sorted(shown) == sorted(results["parts"]) and len(shown) >= 3
     assert shown == sorted(shown, key=order.index)
     assert "Of the last run, which merged its parts" in page
+
+
+def test_report_names_the_quick_parts_of_a_quick_run_merged_into_full_ones(tmp_path: Path) -> None:
+    results = _synthetic_results()
+    results["parts"]["quality"]["run"] = {"started": "2026-01-01", "mode": "full"}
+    results["parts"]["oracle"]["run"] = {"started": "2026-01-02", "mode": "quick"}
+    page = report.render(results, tmp_path)
+    assert "> **Quick-mode parts.** `oracle` was measured in quick mode" in page and "> **Quick mode.**" not in page
+    results["parts"]["quality"]["run"]["mode"] = "quick"
+    page = report.render(results, tmp_path)
+    assert "> **Quick mode.**" in page and "Quick-mode parts" not in page
