@@ -57,6 +57,7 @@ __all__ = [
     "PeerConfig",
     "configs_for",
     "ensure_peer_venv",
+    "peer_venv_ready",
     "format_bits",
     "from_peer_target",
     "peer_option",
@@ -200,6 +201,16 @@ def peer_requirements(modelopt_version: str = MODELOPT_VERSION) -> list[str]:
     return [f"nvidia-modelopt=={modelopt_version}", "requests", "torch==2.13.0", f"transformers=={transformers.__version__}"]
 
 
+def peer_venv_ready(cache: Path, modelopt_version: str = MODELOPT_VERSION) -> bool:
+    """Whether ``cache/peer-venv`` exists and was made for :func:`peer_requirements`."""
+    venv = cache / "peer-venv"
+    try:
+        info = json.loads((venv / "bitscout-peer.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (venv / "bin" / "python").is_file() and info.get("requirements") == peer_requirements(modelopt_version)
+
+
 def ensure_peer_venv(cache: Path, modelopt_version: str = MODELOPT_VERSION) -> tuple[Path, dict[str, Any]]:
     """``cache/peer-venv``'s Python and what was installed, creating the venv when it is missing or was
     made for other requirements. Raises RuntimeError with pip's output when the install fails or
@@ -208,13 +219,9 @@ def ensure_peer_venv(cache: Path, modelopt_version: str = MODELOPT_VERSION) -> t
     python = venv / "bin" / "python"
     marker = venv / "bitscout-peer.json"
     wanted = peer_requirements(modelopt_version)
-    if python.is_file() and marker.is_file():
-        try:
-            info = json.loads(marker.read_text(encoding="utf-8"))
-            if info.get("requirements") == wanted:
-                return python, {**info, "created": False}
-        except ValueError:
-            pass
+    if peer_venv_ready(cache, modelopt_version):
+        return python, {**json.loads(marker.read_text(encoding="utf-8")), "created": False}
+    if venv.exists():
         log(f"{venv} was made for other requirements: rebuilding it")
     shutil.rmtree(venv, ignore_errors=True)
     t0 = time.perf_counter()
@@ -534,6 +541,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--format-sets", default=None, help=f"ModelOpt format sets ({', '.join(FORMAT_SETS)})")
     p.add_argument("--no-peer", action="store_true", help="bitscout's side only (no ModelOpt venv)")
     p.add_argument("--modelopt-version", default=MODELOPT_VERSION)
+    p.add_argument("--setup", action="store_true",
+                   help="only create ModelOpt's venv in the cache (quick mode never creates it: minutes of downloads)")
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -566,9 +575,18 @@ def main(argv: list[str] | None = None) -> int:
     python: Path | None = None
     info: dict[str, Any] = {}
     why: str | None = "--no-peer" if a.no_peer else None
-    if not a.no_peer:
+    cache = a.cache if a.cache.is_absolute() else ROOT / a.cache
+    if a.setup:
+        python, info = ensure_peer_venv(cache, a.modelopt_version)
+        print(json.dumps({"python": str(python), **info}, indent=1))
+        return 0
+    if a.quick and not a.no_peer and not peer_venv_ready(cache, a.modelopt_version):
+        why = ("quick mode does not create ModelOpt's venv (minutes of downloads): the full part creates it, "
+               "or `python -m benchmarks.bench_peer --setup`")
+        log(why)
+    elif not a.no_peer:
         try:
-            python, info = ensure_peer_venv(a.cache if a.cache.is_absolute() else ROOT / a.cache, a.modelopt_version)
+            python, info = ensure_peer_venv(cache, a.modelopt_version)
             out["peer_venv"] = info
         except Exception as exc:  # noqa: BLE001 - recorded: bitscout's side still runs
             why = f"ModelOpt's venv could not be made: {type(exc).__name__}: {exc}"

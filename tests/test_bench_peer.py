@@ -173,8 +173,20 @@ def test_peer_venv_is_reused_when_its_marker_matches(tmp_path: Path) -> None:
     (venv / "bin" / "python").write_text("")
     (venv / "bitscout-peer.json").write_text(json.dumps({"requirements": bench_peer.peer_requirements(),
                                                          "versions": {"modelopt": "0.47.0"}}))
+    assert bench_peer.peer_venv_ready(tmp_path) and not bench_peer.peer_venv_ready(tmp_path, "0.1.0")
     python, info = bench_peer.ensure_peer_venv(tmp_path)
     assert python == venv / "bin" / "python" and info["created"] is False and info["versions"]["modelopt"] == "0.47.0"
+
+
+def test_quick_mode_does_not_create_the_peer_venv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[Path] = []
+    monkeypatch.setattr(bench_peer, "ensure_peer_venv", lambda cache, version: made.append(cache))
+    monkeypatch.setattr(bench_peer, "run_config", lambda cfg, **kw: {"name": cfg.name, "peer_skip": kw["peer_skip"],
+                                                                     "peer_python": kw["peer_python"]})
+    out = tmp_path / "peer.json"
+    assert bench_peer.main(["--quick", "--cache", str(tmp_path), "--out", str(out)]) == 0
+    (rec,) = json.loads(out.read_text())["configs"]
+    assert made == [] and rec["peer_python"] is None and "quick mode does not create" in rec["peer_skip"]
 
 
 @pytest.mark.slow
