@@ -551,13 +551,15 @@ def uncertainty_classifier(
     *,
     train: int = 2000,
     max_length: int = 64,
-    epochs: int = 2,
+    epochs: int = 1,
     lr: float = 1e-4,
     batch: int = 32,
     seed: int = 0,
 ) -> Path:
     """MiniLM fine-tuned on the CoNLL-2010 sentences, certain / uncertain (labels in sorted order:
-    ``certain``, ``uncertain``); a few minutes on CPU, built only when called.
+    ``certain``, ``uncertain``); built only when called. Measured with this recipe (2,000 sentences, one
+    epoch, ``python -m benchmarks.assets --uncertainty`` on 2 AMD EPYC cores at load 11, 2026-12-02):
+    held-out accuracy 0.778 on the other 1,000, 63 steps in 1,376 s (about 2 minutes unloaded).
 
     The held-out pool (the 1,000 sentences not trained on) is ``cache_dir/uncertainty_heldout.jsonl``.
     """
@@ -592,7 +594,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="cache folder (default: .cache)")
     parser.add_argument("--rt", action="store_true", help="also build the Rotten Tomatoes classifier (~6 min)")
     parser.add_argument("--uncertainty", action="store_true",
-                        help="also build the CoNLL-2010 uncertainty classifier (~4 min; downloads python3-pattern)")
+                        help="also build the CoNLL-2010 uncertainty classifier (~2 min; downloads python3-pattern)")
     parser.add_argument("--out", type=Path, default=None,
                         help="write what was built (or found up to date) and how long it took as JSON")
     args = parser.parse_args(argv)
