@@ -11,8 +11,9 @@ For each configuration (a model, a granularity, whether embeddings are quantized
   nearest to 4, 3 and 2.5 average bits (``<method>+refine`` points);
 * every point's cost (whole-model bytes, average bits of the quantized weights) and metrics.
 
-Models: the MiniLM classifier fine-tuned on BBC topics (accuracy), the MiniLM classifier fine-tuned
-on Rotten Tomatoes (accuracy; full mode only: its fine-tuning takes minutes), the MiniLM embedding
+Models: the MiniLM classifier fine-tuned on BBC topics (accuracy), the MiniLM classifiers fine-tuned
+on Rotten Tomatoes and on the CoNLL-2010 uncertainty sentences (accuracy; full mode only: their
+fine-tuning takes minutes), the MiniLM embedding
 model on BBC texts (cosine to the full-precision embeddings). The front, hypervolume and the
 user's table are computed from the points by :mod:`benchmarks.report`.
 
@@ -65,6 +66,7 @@ class QualityConfig:
 MODEL_LABELS = {
     "bbc": "all-MiniLM-L6-v2 fine-tuned on BBC topics (5 classes)",
     "rt": "all-MiniLM-L6-v2 fine-tuned on Rotten Tomatoes (fresh / rotten)",
+    "uncertainty": "all-MiniLM-L6-v2 fine-tuned on CoNLL-2010 sentences (certain / uncertain)",
     "embeddings": "all-MiniLM-L6-v2 sentence embeddings (BBC texts)",
 }
 
@@ -89,6 +91,8 @@ def configs_for(quick: bool) -> list[QualityConfig]:
                       method_options=full),
         QualityConfig("rt-layer", "rt", "layer", method_options=full, refine_bits=(3.0, 2.5)),
         QualityConfig("rt-group", "rt", "group", method_options=full, refine_bits=(3.0,)),
+        QualityConfig("uncertainty-layer", "uncertainty", "layer", method_options=full, refine_bits=(3.0, 2.5)),
+        QualityConfig("uncertainty-group", "uncertainty", "group", method_options=full, refine_bits=(3.0,)),
         QualityConfig("embeddings-layer", "embeddings", "layer", method_options=full, refine_bits=(3.0, 2.5)),
         QualityConfig("embeddings-group", "embeddings", "group", method_options=full, refine_bits=(3.0,)),
     ]
@@ -113,17 +117,14 @@ def method_available(name: str) -> str | None:
 
 
 def _model(cfg: QualityConfig, cache: Path) -> tuple[Path, Any, str]:
-    from benchmarks.assets import bbc_classifier, minilm_dir, rt_classifier
+    from benchmarks.assets import CLASSIFIERS, minilm_dir
     from search.local import DataOptions
 
     if cfg.model_dir is not None and cfg.data_file is not None:
         return Path(cfg.model_dir), DataOptions(source=cfg.data_file, label_field=cfg.label_field), cfg.task
-    if cfg.model == "bbc":
-        return bbc_classifier(cache), DataOptions(source=str(cache / "bbc_heldout.jsonl"), label_field="label"), \
-            "sequence_classification"
-    if cfg.model == "rt":
-        return rt_classifier(cache), DataOptions(source=str(cache / "rt_heldout.jsonl"), label_field="label"), \
-            "sequence_classification"
+    if cfg.model in CLASSIFIERS:
+        build, heldout = CLASSIFIERS[cfg.model]
+        return build(cache), DataOptions(source=str(cache / heldout), label_field="label"), "sequence_classification"
     if cfg.model == "embeddings":
         from benchmarks.assets import bbc_classifier as _build_data
 

@@ -103,10 +103,10 @@ def run_service(a: argparse.Namespace, model_dir: Path, data: Path) -> int:
             if "hessian" in a.methods else None,
             seed=0,
         )
-        print(f"submitted job {job.id}; watch it at {url}/jobs/{job.id}?token={token}", flush=True)
+        print(f"submitted job {job.id}; watch it at {url}/jobs/{job.id}#token={token}", flush=True)
         job.wait(progress=True)
         pareto_main([job.id])
-        print(f"\nthe job's page: {url}/jobs/{job.id}?token={token}")
+        print(f"\nthe job's page: {url}/jobs/{job.id}#token={token}")
         print(f"the SDK and CLI find this server with BITSCOUT_CONFIG={env['BITSCOUT_CONFIG']}")
         if a.exit:
             return 0

@@ -30,6 +30,7 @@ __all__ = [
     "main",
     "method_series",
     "metric_at_bits",
+    "peer_series",
     "render",
 ]
 
@@ -604,8 +605,8 @@ def _quality_section(results: Mapping[str, Any], img: Path, img_rel: str) -> tup
     if not configs:
         return lines, headline
     # a fixed reading order whatever order the parts ran or merged in: model, then granularity
-    order = {"bbc": 0, "rt": 1, "embeddings": 2}
-    configs.sort(key=lambda c: (order.get(str(c.get("model")), 3), bool(c.get("include_embeddings")),
+    order = {"bbc": 0, "rt": 1, "uncertainty": 2, "embeddings": 3}
+    configs.sort(key=lambda c: (order.get(str(c.get("model")), 4), bool(c.get("include_embeddings")),
                                 c.get("granularity") != "layer"))
     lines += [
         "Each configuration is one search over the same held-out rows (never used for calibration). "
@@ -675,6 +676,220 @@ def _quality_section(results: Mapping[str, Any], img: Path, img_rel: str) -> tup
     for name, err in errors.items():
         lines += [f"*Configuration `{name}` failed: {err}*", ""]
     return lines, headline
+
+
+#: ModelOpt's format sets, as the peer section names them
+PEER_FORMAT_SETS = {"int4-int8": "INT4 block-128 / INT8", "int2-int8": "INT2 / INT3 / INT4 block-128, INT8"}
+PEER_COLORS = {"gradient": "tab:red", "kl_div": "tab:brown"}
+
+
+def peer_series(rec: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The peer configuration's series, each ``{"name", "kind", "points": {budget: point}}`` with a point
+    ``{"avg_bits", "size_bytes", "accuracy", "kl"}`` (or ``{"infeasible": target}``): the best uniform map
+    within each budget, each bitscout method, and each ModelOpt run with its own quantizer and through
+    bitscout's."""
+    budgets = [float(b) for b in rec.get("budgets", [])]
+    out: list[dict[str, Any]] = []
+    uni = [u for u in rec.get("uniform", []) if _finite(u.get("avg_bits"))]
+    upts: dict[float, Any] = {}
+    for b in budgets:
+        ok = [u for u in uni if u["avg_bits"] <= b + 1e-9]
+        if ok:
+            upts[b] = max(ok, key=lambda u: u["avg_bits"])
+    out.append({"name": "uniform (widest within the budget)", "kind": "uniform", "points": upts})
+    for m, info in (rec.get("ours") or {}).items():
+        out.append({"name": f"bitscout `{m}`", "kind": "ours", "method": m,
+                    "points": {float(p["budget"]): p for p in info.get("points", [])}})
+    peer = rec.get("peer") or {}
+    for run in peer.get("runs", []):
+        fs = run.get("format_set")
+        label = f"ModelOpt `{run.get('method')}`, {PEER_FORMAT_SETS.get(fs, fs)}"
+        infeasible = {float(b): {"infeasible": t} for b, t in (peer.get("infeasible") or {}).get(fs, {}).items()}
+        own: dict[float, Any] = dict(infeasible)
+        via: dict[float, Any] = dict(infeasible)
+        for p in run.get("points", []):
+            b = float(p["budget"])
+            own[b] = {"avg_bits": p.get("avg_bits"), **(p.get("own") or {})}
+            via[b] = {"avg_bits": p.get("avg_bits"), **(p.get("ours") or {})}
+        if run.get("error"):
+            out.append({"name": label, "kind": "peer", "method": run.get("method"), "points": {},
+                        "error": run["error"]})
+            continue
+        out.append({"name": label + ", its quantizer", "kind": "peer", "method": run.get("method"),
+                    "format_set": fs, "points": own})
+        out.append({"name": label + ", through bitscout's quantizer", "kind": "peer-via-ours",
+                    "method": run.get("method"), "format_set": fs, "points": via})
+    return out
+
+
+def _peer_cell(p: Mapping[str, Any] | None) -> str:
+    if p is None:
+        return "–"
+    if "infeasible" in p:
+        return f"infeasible (target {_f(p['infeasible'], '.2f')})"
+    mb = p.get("size_bytes")
+    return (f"{_f(p.get('accuracy'))} / {_f(p.get('kl'), '.4f')} ({_f(p.get('avg_bits'), '.2f')} b, "
+            f"{_f(mb / 1e6 if _finite(mb) else None, '.1f')} MB)")
+
+
+def plot_peer(rec: Mapping[str, Any], path: Path) -> bool:
+    """Accuracy and output KL against bits per quantized weight: uniform, bitscout's methods, ModelOpt's
+    maps with its quantizer and through bitscout's; the top axis gives the size in MB."""
+    series = peer_series(rec)
+    if not any(s["points"] for s in series):
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))
+    uni = sorted((u for u in rec.get("uniform", []) if _finite(u.get("avg_bits")) and _finite(u.get("size_bytes"))),
+                 key=lambda u: u["avg_bits"])
+    for ax, key, label in ((axes[0], "accuracy", "accuracy (held-out)"), (axes[1], "kl", "output KL (held-out)")):
+        if uni:
+            ax.plot([u["avg_bits"] for u in uni], [u[key] for u in uni], "ks--", ms=5, lw=0.8, label="uniform")
+        for s in series:
+            if s["kind"] == "uniform":
+                continue
+            pts = sorted((p["avg_bits"], p[key]) for p in s["points"].values()
+                         if _finite(p.get("avg_bits")) and _finite(p.get(key)))
+            if not pts:
+                continue
+            if s["kind"] == "ours":
+                style = dict(marker="o", ls="-", color=COLORS.get(s["method"]), ms=4, lw=1.2)
+            else:
+                via = s["kind"] == "peer-via-ours"
+                style = dict(marker="+" if via else "x", ls=":" if via else "--", ms=7,
+                             color=PEER_COLORS.get(s["method"], "tab:gray"), lw=0.9,
+                             alpha=1.0 if s.get("format_set") == "int4-int8" else 0.55)
+            ax.plot(*zip(*pts, strict=True), label=s["name"].replace("`", ""), **style)
+        fp = (rec.get("fp32") or {}).get(key)
+        if key == "accuracy" and _finite(fp):
+            ax.axhline(fp, color="grey", lw=0.8, ls=":", label="full precision")
+            shown = [p["accuracy"] for s in series for p in s["points"].values() if _finite(p.get("accuracy"))]
+            if shown:  # the budgets' range, not the collapse of the narrowest uniform map
+                ax.set_ylim(max(min(shown) - 0.02, fp - 0.25), min(1.0, max(shown + [fp]) + 0.01))
+        if key == "kl":
+            ax.set_yscale("log")
+        ax.set_xlabel("average bits per quantized weight")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if len(uni) >= 2:  # size is linear in the average bits for per-row maps: the uniform maps fix the line
+            (b0, s0), (b1, s1) = (uni[0]["avg_bits"], uni[0]["size_bytes"] / 1e6), (uni[-1]["avg_bits"],
+                                                                                  uni[-1]["size_bytes"] / 1e6)
+            k = (s1 - s0) / (b1 - b0) if b1 != b0 else 1.0
+            top = ax.secondary_xaxis("top", functions=(lambda b, k=k, b0=b0, s0=s0: s0 + k * (b - b0),
+                                                       lambda m, k=k, b0=b0, s0=s0: b0 + (m - s0) / k))
+            top.set_xlabel("model size (MB, per-row scales)", fontsize=8)
+    axes[0].legend(fontsize=6, loc="lower right")
+    fig.suptitle(f"{rec.get('model_label', rec.get('name'))}: bitscout against ModelOpt auto_quantize", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _peer_cost_rows(rec: Mapping[str, Any]) -> list[list[str]]:
+    rows = []
+    for m, i in (rec.get("ours") or {}).items():
+        rows.append([f"bitscout `{m}`", f"{_f(i.get('score_seconds'), '.1f')} ({_f(i.get('score_epochs'), '.2f')})",
+                     f"{_f(i.get('whole_seconds'), '.1f')} ({_f(i.get('whole_epochs'), '.2f')})",
+                     f"table, allocation at {len(i.get('points', []))} budgets, evaluation of those maps"])
+    for r in (rec.get("peer") or {}).get("runs", []):
+        name = f"ModelOpt `{r.get('method')}`, {PEER_FORMAT_SETS.get(r.get('format_set'), r.get('format_set'))}"
+        if r.get("error") or r.get("skipped"):
+            rows.append([name, "–", "–", str(r.get("error") or r.get("skipped")).replace("|", "/")])
+            continue
+        rows.append([name, f"{_f(r.get('score_seconds'), '.1f')} ({_f(r.get('score_epochs'), '.2f')})",
+                     f"{_f(r.get('whole_seconds'), '.1f')} ({_f(r.get('whole_epochs'), '.2f')})",
+                     f"auto_quantize {_f(r.get('auto_quantize_seconds'), '.1f')} s (calibration of every format, "
+                     f"scores, search), re-solve and quantize at {len(r.get('points', []))} targets, evaluation; "
+                     f"its maps through bitscout's quantizer: {_f(r.get('through_ours_eval_seconds'), '.1f')} s more"])
+    return rows
+
+
+def _peer_section(results: Mapping[str, Any], img: Path, img_rel: str) -> list[str]:
+    """bitscout against ModelOpt's auto_quantize: per classifier, accuracy and output KL at each budget on
+    one axis (bits per quantized weight, MB), the budget conversion, the costs and a plot."""
+    names = [k for k, v in results.get("parts", {}).items() if v.get("kind") == "peer"] or ["peer"]
+    lines = ["## Against NVIDIA ModelOpt (auto_quantize)", ""]
+    configs: list[Mapping[str, Any]] = []
+    for name in names:
+        st = _status_line(results, name)
+        if st:
+            lines += [st, ""]
+        part = _part(results, name)
+        if part:
+            configs += [c for c in part.get("configs", []) if c.get("name") not in {x.get("name") for x in configs}]
+            for cname, err in (part.get("errors") or {}).items():
+                lines += [f"*Configuration `{cname}` failed: {err}*", ""]
+            venv = part.get("peer_venv") or {}
+            if venv.get("error"):
+                lines += [f"*ModelOpt did not run: {venv['error']}*", ""]
+    if not configs:
+        return lines
+    order = {"bbc": 0, "rt": 1, "uncertainty": 2}
+    configs.sort(key=lambda c: order.get(str(c.get("model")), 3))
+    first = configs[0]
+    ver = ((first.get("peer") or {}).get("versions") or {})
+    lines += [
+        "The same classifier, the same calibration rows and the same held-out evaluation rows, in one run: "
+        "bitscout's sensitivity methods (the allocator's optimal map at each budget) and uniform maps, "
+        f"and NVIDIA ModelOpt {ver.get('modelopt', '')} `auto_quantize` in its own virtual environment (its "
+        "`gradient` and `kl_div` scores, weight-only formats; its gradient score uses the cross-entropy of "
+        "the calibration rows' labels). ModelOpt's chosen maps are evaluated twice: with its own fake "
+        "quantizer (max calibration), and translated into bitscout precision maps through bitscout's "
+        "quantizer (MSE-chosen scales). Each cell is **accuracy / output KL (average bits per quantized "
+        "weight, model size)** on the held-out rows; both tools count bits the same way: scales are not "
+        "counted in the bits (they are in the MB), a layer left unquantized counts 16 bits.",
+        "",
+        "**The budget conversion.** ModelOpt's effective bits average over every linear layer it sees, "
+        "counting the ones bitscout does not search (the pooler and the classification head, passed to "
+        "ModelOpt as disabled layers) and any layer left unquantized at 16 bits. With *S* searched weights "
+        "and *X* excluded ones, a budget of *b* average bits is ModelOpt's target "
+        "*E = (b·S + 16·X) / (S + X)*, and back *b = (E·(S + X) − 16·X) / S*. A budget below ModelOpt's "
+        "narrowest format is infeasible for it.",
+        "",
+    ]
+    for rec in configs:
+        S, X = rec.get("searched_weights"), rec.get("excluded_weights")  # noqa: N806
+        peer = rec.get("peer") or {}
+        lines += [f"### {rec.get('name')}: {rec.get('model_label')}", ""]
+        fp = rec.get("fp32") or {}
+        lines += [f"{rec.get('groups')} layer groups, bitscout's options {', '.join(map(str, rec.get('bits', [])))} "
+                  f"(and 32); {rec.get('calibration_rows')} calibration and {rec.get('evaluation_rows')} evaluation "
+                  f"rows of {rec.get('max_length')} tokens. Full precision: accuracy {_f(fp.get('accuracy'), '.4f')}, "
+                  f"{_f((fp.get('size_bytes') or math.nan) / 1e6, '.1f')} MB. *S* = {S:,}, *X* = {X:,} "
+                  f"({', '.join(rec.get('excluded_layers', []))}).", ""]
+        if peer.get("skipped"):
+            lines += [f"*ModelOpt not run: {peer['skipped']}.*", ""]
+        if peer.get("error"):
+            lines += [f"*ModelOpt's process failed ({peer['error']}); the runs below are what it wrote before.*", ""]
+        budgets = [float(b) for b in rec.get("budgets", [])]
+        targets = rec.get("targets") or {}
+        lines += _table(["budget (average bits)", *[f"{b:g}" for b in budgets]],
+                        [["ModelOpt's target (effective bits)", *[_f(targets.get(str(b)), ".4f") for b in budgets]]])
+        rows = [[s["name"] + (f" (failed: {s['error']})" if s.get("error") else ""),
+                 *[_peer_cell(s["points"].get(b)) for b in budgets]] for s in peer_series(rec)]
+        lines += _table(["series", *[f"≤ {b:g} bits" for b in budgets]], rows)
+        if peer.get("int4_as") == "4 bits per row":
+            lines += ["*ModelOpt's INT4 block-128 layers go through bitscout's quantizer as 4 bits per row: "
+                      "bitscout's options have no group size yet, so those maps have fewer scales there (and a "
+                      "smaller size) than ModelOpt's own.*", ""]
+        if peer.get("fp32_logits_max_abs_diff") is not None:
+            lines += [f"Both processes run the same model on the same rows: the full-precision logits differ by at "
+                      f"most {_f(peer['fp32_logits_max_abs_diff'], '.1e')}"
+                      + ("; ModelOpt's cost denominator equals *S + X*." if peer.get("cost_denominator_matches")
+                         else ".") , ""]
+        lines += [f"Cost: wall seconds and, in parentheses, fine-tuning epochs (one epoch of plain fine-tuning "
+                  f"of the classifier on its training split, {_f(rec.get('finetune_epoch_seconds'), '.1f')} s in "
+                  f"this run; one evaluation pass over the held-out rows {_f(rec.get('eval_unit_seconds'), '.1f')} s).",
+                  ""]
+        lines += _table(["series", "scoring s (epochs)", "whole search s (epochs)", "what the whole search holds"],
+                        _peer_cost_rows(rec))
+        if rec.get("skipped"):
+            lines += ["Not measured here: " + "; ".join(f"`{k}`: {v}" for k, v in rec["skipped"].items()), ""]
+        png = f"peer_{rec.get('name')}.png"
+        if plot_peer(rec, img / png):
+            lines += [f"![peer {rec.get('name')}]({img_rel}/{png})", ""]
+    return lines
 
 
 def _oracle_section(results: Mapping[str, Any], img: Path, img_rel: str) -> list[str]:
@@ -894,7 +1109,16 @@ def render(results: Mapping[str, Any], docs: Path, *, img_rel: str = "img") -> s
         "(the small suite, about 10 minutes), or rebuild this page alone with `python -m benchmarks.report`.",
         "",
     ]
-    if quick:
+    parts = results.get("parts", {})
+    stamped = {k: v["run"].get("mode") for k, v in parts.items() if isinstance(v.get("run"), Mapping)}
+    quick_parts = sorted(k for k, m in stamped.items() if m == "quick")
+    if quick and quick_parts and any(m == "full" for m in stamped.values()):
+        # a quick run merged into a file of full-mode parts: only its own parts are coarse
+        lines += [f"> **Quick-mode parts.** {', '.join(f'`{k}`' for k in quick_parts)} "
+                  f"{'was' if len(quick_parts) == 1 else 'were'} measured in quick mode (fewer calibration and "
+                  "evaluation rows, fewer methods and budgets): coarser than the full-mode parts around "
+                  "them; the parts table says which run measured what.", ""]
+    elif quick:
         lines += ["> **Quick mode.** Fewer calibration and evaluation rows, fewer methods per configuration, a "
                   "shorter refinement and no Rotten Tomatoes model: the fronts are coarser than a full run's.", ""]
     busy = _finite(load0[0]) and machine.get("cores") and load0[0] > 1.5 * machine["cores"]
@@ -913,7 +1137,6 @@ def render(results: Mapping[str, Any], docs: Path, *, img_rel: str = "img") -> s
     if meta.get("merged_from"):
         lines += ["Of the last run, which merged its parts into an earlier results file; each part's own run is "
                   "in the parts table below.", ""]
-    parts = results.get("parts", {})
     part_devices = {k: (v.get("data") or {}).get("device") for k, v in parts.items() if isinstance(v.get("data"), dict)}
     rows = [
         ["CPU", f"{machine.get('cpu_model', '?')}, {machine.get('cores', '?')} cores"],
@@ -942,6 +1165,7 @@ def render(results: Mapping[str, Any], docs: Path, *, img_rel: str = "img") -> s
     q_lines, headline = _quality_section(results, img, img_rel)
     lines += _headline(headline)
     lines += q_lines
+    lines += _peer_section(results, img, img_rel)
     lines += _oracle_section(results, img, img_rel)
     lines += _cost_section(results, img, img_rel)
     lines += _service_section(results, img, img_rel)

@@ -53,7 +53,7 @@ class Part:
     timeout_s: float = 3600.0
     quick_timeout_s: float = 180.0
     in_quick: bool = True
-    kind: str = "cost"  # "quality" | "oracle" | "cost" | "service"
+    kind: str = "cost"  # "quality" | "peer" | "oracle" | "cost" | "service"
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -62,10 +62,13 @@ class Part:
 #: took 40 minutes; Rotten Tomatoes 15 (layer) and 30 (group), the embedding model's group granularity 31 on
 #: session 6's machine (26 and about 38 for Rotten Tomatoes on session 5's, three times slower).
 QUALITY_BBC = ("bbc-layer", "bbc-group")
+#: the quick peer part's limit (the BBC classifier; ModelOpt's venv is made once, in the cache)
+PEER_QUICK_TIMEOUT_S = 300.0
 QUALITY_EMBEDDINGS = ("bbc-layer-embeddings", "embeddings-layer")
 #: The parts in the order they run. Cost parts belong to other modules; missing ones are skipped.
 PARTS: tuple[Part, ...] = (
-    Part("assets", "benchmarks.assets", args=("--rt",), quick_args=(), timeout_s=3600, quick_timeout_s=300,
+    Part("assets", "benchmarks.assets", args=("--rt", "--uncertainty"), quick_args=(), timeout_s=3600,
+         quick_timeout_s=300,
          notes=("the fine-tuned classifiers every other part reads: built once, then found up to date",)),
     Part("quality", "benchmarks.bench_quality", args=("--configs", *QUALITY_BBC),
          quick_args=("--quick", "--configs", "bbc-layer"), timeout_s=3600, quick_timeout_s=330, kind="quality"),
@@ -73,11 +76,21 @@ PARTS: tuple[Part, ...] = (
          in_quick=False, kind="quality"),
     Part("quality-rt-group", "benchmarks.bench_quality", args=("--configs", "rt-group"), timeout_s=3600,
          in_quick=False, kind="quality"),
+    Part("quality-uncertainty", "benchmarks.bench_quality", args=("--configs", "uncertainty-layer"),
+         timeout_s=3600, in_quick=False, kind="quality"),
+    Part("quality-uncertainty-group", "benchmarks.bench_quality", args=("--configs", "uncertainty-group"),
+         timeout_s=3600, in_quick=False, kind="quality"),
     Part("quality-embeddings", "benchmarks.bench_quality", args=("--configs", *QUALITY_EMBEDDINGS),
          quick_args=("--quick", "--configs", *QUALITY_EMBEDDINGS), timeout_s=3600,
          quick_timeout_s=240, kind="quality"),
     Part("quality-embeddings-group", "benchmarks.bench_quality", args=("--configs", "embeddings-group"),
          timeout_s=3600, in_quick=False, kind="quality"),
+    Part("peer", "benchmarks.bench_peer", args=("--configs", "bbc"), quick_args=("--quick", "--configs", "bbc"),
+         timeout_s=3600, quick_timeout_s=PEER_QUICK_TIMEOUT_S, kind="peer",
+         notes=("NVIDIA ModelOpt auto_quantize in its own venv, side by side on the same rows",)),
+    Part("peer-rt", "benchmarks.bench_peer", args=("--configs", "rt"), timeout_s=3600, in_quick=False, kind="peer"),
+    Part("peer-uncertainty", "benchmarks.bench_peer", args=("--configs", "uncertainty"), timeout_s=3600,
+         in_quick=False, kind="peer"),
     Part("oracle", "benchmarks.bench_oracle", timeout_s=1800, quick_timeout_s=120, kind="oracle"),
     Part("kl", "benchmarks.bench_kl", quick_timeout_s=150),
     Part("hessian", "benchmarks.bench_hessian", quick_timeout_s=90),

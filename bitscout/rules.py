@@ -12,6 +12,13 @@ service stores what it decides, the SDK answers ``Front.best`` with it.
   budget; ties go to the smaller size, then to the earlier point.
 * **The 2-D Pareto front** — :func:`pareto_front`: the points no other point beats on both a cost
   (lower is better) and a quality metric; of identical points the first is kept.
+* **Stored text** — :func:`text_problem` / :func:`text_problems`: every string the service stores
+  must be UTF-8 text without NUL characters (PostgreSQL refuses U+0000 in text and JSON columns,
+  and a lone surrogate has no UTF-8 form), on every database alike.
+* **Module-name globs** — :func:`selection_problem`: what is wrong with a space's ``include`` /
+  ``exclude`` patterns before any model is seen: a pattern that cannot match a module name
+  (:func:`glob_problem`), or an ``exclude`` that leaves nothing to search (a pattern that matches
+  every name, :func:`matches_every_name`, or every ``include`` pattern excluded as it is).
 
 Example::
 
@@ -23,14 +30,31 @@ Example::
     1
     >>> pareto_front([(10.0, 0.9), (12.0, 0.95), (11.0, 0.8)], higher_is_better=True)
     [0, 1]
+    >>> list(text_problems({"data": {"text_field": "te\\x00xt"}}))
+    [(('data', 'text_field'), 'contains a NUL character (U+0000), which is not allowed')]
+    >>> selection_problem(["*.query"], ["*"])
+    ('exclude', "the pattern '*' matches every module name: nothing would be left to search")
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
-__all__ = ["BUDGET_FIELDS", "RTOL", "budget_field_of", "cost_limits", "meets", "pareto_front", "recommended"]
+__all__ = [
+    "BUDGET_FIELDS",
+    "RTOL",
+    "budget_field_of",
+    "cost_limits",
+    "glob_problem",
+    "matches_every_name",
+    "meets",
+    "pareto_front",
+    "recommended",
+    "selection_problem",
+    "text_problem",
+    "text_problems",
+]
 
 #: Budget field -> (the cost it limits, the factor from the budget's unit to the cost's unit).
 BUDGET_FIELDS: dict[str, tuple[str, float]] = {
@@ -109,3 +133,88 @@ def pareto_front(points: Sequence[tuple[float, float]], *, higher_is_better: boo
             out.append(i)
             best = q
     return out
+
+
+# --------------------------------------------------------------------------- stored text
+
+
+def text_problem(value: str) -> str | None:
+    """Why ``value`` cannot be stored as text, or None when it can: a NUL character (U+0000, which
+    PostgreSQL's text and JSON columns refuse) or a lone surrogate (which has no UTF-8 form)."""
+    if "\x00" in value:
+        return "contains a NUL character (U+0000), which is not allowed"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid Unicode text (it holds a lone surrogate)"
+    return None
+
+
+def text_problems(value: object, path: tuple[str | int, ...] = ()) -> Iterator[tuple[tuple[str | int, ...], str]]:
+    """Every string inside ``value`` (nested mappings' keys and values, list and tuple items) that
+    :func:`text_problem` refuses, as ``(path, problem)``; a refused key is reported at its mapping's
+    path. Values of other types are not looked into."""
+    if isinstance(value, str):
+        problem = text_problem(value)
+        if problem is not None:
+            yield path, problem
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            if isinstance(k, str) and (problem := text_problem(k)) is not None:
+                yield path, f"a key {problem}"
+            yield from text_problems(v, (*path, k if isinstance(k, str | int) else str(k)))
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            yield from text_problems(v, (*path, i))
+
+
+# --------------------------------------------------------------------------- module-name globs
+
+
+def glob_problem(pattern: str) -> str | None:
+    """Why ``pattern`` (an ``fnmatch`` glob over module names, ``*`` matching dots too) can match no
+    module name, or None: it is empty, holds whitespace or control characters (module names have
+    none), or opens a ``[`` character class it never closes (which ``fnmatch`` would read as a
+    literal ``[``)."""
+    if not pattern:
+        return "is empty"
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in pattern):
+        return "holds whitespace or control characters, which no module name has"
+    i, n = 0, len(pattern)
+    while i < n:
+        if pattern[i] == "[":
+            j = i + 1
+            if j < n and pattern[j] == "!":
+                j += 1
+            if j < n and pattern[j] == "]":
+                j += 1
+            while j < n and pattern[j] != "]":
+                j += 1
+            if j >= n:
+                return f"opens a character class at position {i} ('[') that is never closed"
+            i = j
+        i += 1
+    return None
+
+
+def matches_every_name(pattern: str) -> bool:
+    """True when ``pattern`` is made of wildcards only and holds a ``*`` (``*``, ``**``, ``?*``...):
+    it matches every module name (of at least as many characters as it has ``?``)."""
+    return "*" in pattern and set(pattern) <= {"*", "?"}
+
+
+def selection_problem(include: Sequence[str], exclude: Sequence[str]) -> tuple[str, str] | None:
+    """The first problem of an ``include`` / ``exclude`` selection that is knowable without the model,
+    as ``(list name, message)``, or None: a malformed pattern (:func:`glob_problem`), an exclude
+    pattern that matches every name, or every include pattern also among the exclude patterns."""
+    for which, patterns in (("include", include), ("exclude", exclude)):
+        for i, pattern in enumerate(patterns):
+            problem = glob_problem(pattern)
+            if problem is not None:
+                return which, f"pattern {i} ({pattern[:80]!r}) {problem}"
+    every = [p for p in exclude if matches_every_name(p)]
+    if every:
+        return "exclude", f"the pattern {every[0]!r} matches every module name: nothing would be left to search"
+    if include and set(include) <= set(exclude):
+        return "exclude", "every include pattern is also an exclude pattern: nothing would be left to search"
+    return None

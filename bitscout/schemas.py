@@ -35,14 +35,18 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from bitscout import options as _options
 from bitscout.cli_options import DEFAULTS
 from bitscout.methods import Method as Method
 from bitscout.methods import MethodOptionsSpec
+from bitscout.rules import selection_problem, text_problems
 
 #: Version of these wire schemas; bumped on any incompatible change.
 SCHEMA_VERSION = "1.0"
@@ -57,7 +61,31 @@ _PRINTABLE_RE = re.compile(r"^[\x20-\x7e]+$")
 
 
 class _Request(BaseModel):
+    """Base of what a client sends: unknown fields are refused, and so is every string (values,
+    list items and mapping keys, at any depth) that cannot be stored as text
+    (:func:`bitscout.rules.text_problem`: a NUL character or a lone surrogate), with its full path."""
+
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=False, use_enum_values=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _storable_text(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        problems = list(text_problems(data))
+        if problems:
+            raise ValidationError.from_exception_data(
+                cls.__name__,
+                [
+                    InitErrorDetails(
+                        type=PydanticCustomError("text_not_storable", "{problem}", {"problem": problem}),
+                        loc=path,
+                        input=data,
+                    )
+                    for path, problem in problems[:20]
+                ],
+            )
+        return data
 
 
 class _Read(BaseModel):
@@ -376,6 +404,22 @@ class SearchSpaceSpec(_Request):
         "(both for causal LMs, none otherwise).",
         examples=[["qkv", "gate_up"], ["none"]],
     )
+
+    @field_validator("include")
+    @classmethod
+    def _include_ok(cls, v: list[str]) -> list[str]:
+        problem = selection_problem(v, [])
+        if problem is not None:
+            raise ValueError(problem[1])
+        return v
+
+    @field_validator("exclude")
+    @classmethod
+    def _exclude_ok(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        problem = selection_problem(info.data.get("include") or [], v)
+        if problem is not None:
+            raise ValueError(problem[1])
+        return v
 
     @field_validator("bits")
     @classmethod

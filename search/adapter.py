@@ -113,6 +113,7 @@ class ModelAdapter:
         self.block_list_name, self.blocks = self._find_blocks()
         self.matrices: dict[str, MatrixInfo] = {}
         seen: set[int] = set()
+        included = 0  # matrices the include patterns select, before the exclude patterns
         for name, module in model.named_modules():
             info = self._matrix_info(name, module)
             if info is None:
@@ -123,6 +124,7 @@ class ModelAdapter:
                 continue
             if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
                 continue
+            included += 1
             if exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude):
                 continue
             ptr = module.weight.data_ptr()
@@ -132,6 +134,10 @@ class ModelAdapter:
             seen.add(ptr)
             self.matrices[name] = info
         if not self.matrices:
+            if included:
+                raise InvalidInputError(
+                    f"the exclude patterns leave out all {included} matrices the selection holds", field="exclude"
+                )
             raise InvalidInputError(
                 "no quantizable matrix matches the selection (check include/exclude patterns)", field="include"
             )

@@ -136,11 +136,14 @@ def load_text_data(
     limit: int | None = None,
     label_names: Sequence[str] | None = None,
     numeric_labels: bool = False,
+    name: str | None = None,
 ) -> TextData:
     """Load texts (and labels when ``label_field`` is given) from a file or a local HF dataset.
 
     ``limit`` keeps the first ``limit`` rows (in file order); only those are validated.
-    ``numeric_labels``: labels are real numbers (regression targets), kept as floats.
+    ``numeric_labels``: labels are real numbers (regression targets), kept as floats. ``name`` is
+    what error messages call a file or dataset folder (default: ``source`` as given), e.g. the name a
+    user knows a file by when it is read from elsewhere.
     """
     if not isinstance(text_field, str) or not text_field:
         raise InvalidInputError("text_field must be a non-empty string", field="text_field")
@@ -150,7 +153,7 @@ def load_text_data(
         raise InvalidInputError(f"limit must be a positive integer, got {limit!r}", field="limit")
     names = _check_label_names(label_names)
 
-    rows, describe, class_names = _read_source(source, text_field=text_field, label_field=label_field)
+    rows, describe, class_names = _read_source(source, text_field=text_field, label_field=label_field, name=name)
     if names is None and class_names is not None:
         names = class_names
 
@@ -189,27 +192,29 @@ def _check_label_names(label_names: Sequence[str] | None) -> list[str] | None:
 
 
 def _read_source(
-    source: str | Path, *, text_field: str, label_field: str | None
+    source: str | Path, *, text_field: str, label_field: str | None, name: str | None = None
 ) -> tuple[Iterator[_Row], str, list[str] | None]:
-    """Open ``source``; return its rows (lazily), a description for messages, class names if known."""
+    """Open ``source``; return its rows (lazily), a description for messages (naming the source
+    ``name``, default ``source``), class names if known."""
     if not isinstance(source, str | Path) or not str(source).strip():
         raise DataError("source must be a file path or a dataset name", field="source")
     path = Path(source)
+    label = str(source) if name is None else name
     suffix = path.suffix.lower()
     if path.is_dir():
-        return _read_hf(str(source), from_disk=True, text_field=text_field, label_field=label_field)
+        return _read_hf(str(source), from_disk=True, text_field=text_field, label_field=label_field, label=label)
     if path.is_file():
         if suffix in JSONL_SUFFIXES:
-            return _read_jsonl(path), f"file {str(path)!r}", None
+            return _read_jsonl(path, label), f"file {label!r}", None
         if suffix in CSV_SUFFIXES:
-            return _read_csv(path, text_field, label_field), f"file {str(path)!r}", None
+            return _read_csv(path, text_field, label_field, label), f"file {label!r}", None
         raise DataError(
-            f"file {str(path)!r} has an unsupported extension {suffix or '(none)'!r}; "
+            f"file {label!r} has an unsupported extension {suffix or '(none)'!r}; "
             f"use one of {', '.join(JSONL_SUFFIXES + CSV_SUFFIXES)}",
             field="source",
         )
     if isinstance(source, Path) or suffix in JSONL_SUFFIXES + CSV_SUFFIXES or _looks_like_path(str(source)):
-        raise DataError(f"file {str(path)!r} not found", field="source")
+        raise DataError(f"file {label!r} not found", field="source")
     return _read_hf(str(source), from_disk=False, text_field=text_field, label_field=label_field)
 
 
@@ -223,27 +228,27 @@ def _looks_like_path(s: str) -> bool:
     )
 
 
-def _read_text_file(path: Path) -> str:
+def _read_text_file(path: Path, label: str) -> str:
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise DataError(f"cannot read file {str(path)!r}: {exc.strerror or exc}", field="source") from exc
+        raise DataError(f"cannot read file {label!r}: {exc.strerror or exc}", field="source") from exc
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise DataError(
-            f"file {str(path)!r} is not UTF-8 text (undecodable byte on line {line})", field="source"
+            f"file {label!r} is not UTF-8 text (undecodable byte on line {line})", field="source"
         ) from exc
 
 
-def _read_jsonl(path: Path) -> Iterator[_Row]:
-    content = _read_text_file(path)
+def _read_jsonl(path: Path, label: str) -> Iterator[_Row]:
+    content = _read_text_file(path, label)
     if not content.strip():
-        raise DataError(f"file {str(path)!r} is empty", field="source")
+        raise DataError(f"file {label!r} is empty", field="source")
     stripped = content.lstrip()
     if path.suffix.lower() == ".json" and stripped.startswith("["):
-        yield from _read_json_array(path, content)
+        yield from _read_json_array(label, content)
         return
     # Split on "\n" only: JSON strings may hold U+2028 and other characters str.splitlines() splits on.
     for lineno, line in enumerate(content.split("\n"), start=1):
@@ -253,31 +258,31 @@ def _read_jsonl(path: Path) -> Iterator[_Row]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(
-                f"file {str(path)!r} line {lineno} is not valid JSON ({exc.msg} at column {exc.colno})",
+                f"file {label!r} line {lineno} is not valid JSON ({exc.msg} at column {exc.colno})",
                 field="source",
             ) from exc
         if not isinstance(record, dict):
             raise DataError(
-                f"file {str(path)!r} line {lineno} is a JSON {_json_kind(record)}, not an object",
+                f"file {label!r} line {lineno} is a JSON {_json_kind(record)}, not an object",
                 field="source",
             )
         yield _Row(f"line {lineno}", record)
 
 
-def _read_json_array(path: Path, content: str) -> Iterator[_Row]:
+def _read_json_array(label: str, content: str) -> Iterator[_Row]:
     try:
         records = json.loads(content)
     except json.JSONDecodeError as exc:
         raise DataError(
-            f"file {str(path)!r} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})",
+            f"file {label!r} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})",
             field="source",
         ) from exc
     if not isinstance(records, list):
-        raise DataError(f"file {str(path)!r} holds a JSON {_json_kind(records)}, not a list", field="source")
+        raise DataError(f"file {label!r} holds a JSON {_json_kind(records)}, not a list", field="source")
     for i, record in enumerate(records, start=1):
         if not isinstance(record, dict):
             raise DataError(
-                f"file {str(path)!r} item {i} is a JSON {_json_kind(record)}, not an object", field="source"
+                f"file {label!r} item {i} is a JSON {_json_kind(record)}, not an object", field="source"
             )
         yield _Row(f"item {i}", record)
 
@@ -288,10 +293,10 @@ def _json_kind(value: Any) -> str:
     )
 
 
-def _read_csv(path: Path, text_field: str, label_field: str | None) -> Iterator[_Row]:
-    content = _read_text_file(path)
+def _read_csv(path: Path, text_field: str, label_field: str | None, label: str) -> Iterator[_Row]:
+    content = _read_text_file(path, label)
     if not content.strip():
-        raise DataError(f"file {str(path)!r} is empty", field="source")
+        raise DataError(f"file {label!r} is empty", field="source")
     tsv = path.suffix.lower() == ".tsv"
     # Long texts (whole articles) exceed csv's default field limit of 128 KiB.
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
@@ -303,14 +308,14 @@ def _read_csv(path: Path, text_field: str, label_field: str | None) -> Iterator[
     try:
         header = next(reader)
     except csv.Error as exc:  # pragma: no cover - a header line alone rarely fails
-        raise DataError(f"file {str(path)!r} line 1 is not valid CSV ({exc})", field="source") from exc
+        raise DataError(f"file {label!r} line 1 is not valid CSV ({exc})", field="source") from exc
     header = [h.strip() for h in header]
     kind = "TSV" if tsv else "CSV"
     for name, arg in ((text_field, "text_field"), (label_field, "label_field")):
         if name is not None and name not in header:
             found = ", ".join(repr(h) for h in header) or "(none)"
             raise DataError(
-                f"{kind} file {str(path)!r} has no column {name!r}; columns found: {found}", field=arg
+                f"{kind} file {label!r} has no column {name!r}; columns found: {found}", field=arg
             )
     index = {h: i for i, h in reversed(list(enumerate(header)))}  # first column wins on duplicates
     rowno = 0
@@ -321,7 +326,7 @@ def _read_csv(path: Path, text_field: str, label_field: str | None) -> Iterator[
             break
         except csv.Error as exc:
             raise DataError(
-                f"{kind} file {str(path)!r} line {reader.line_num} is malformed ({exc})", field="source"
+                f"{kind} file {label!r} line {reader.line_num} is malformed ({exc})", field="source"
             ) from exc
         if not values or all(not v.strip() for v in values):
             continue  # blank line
@@ -331,13 +336,13 @@ def _read_csv(path: Path, text_field: str, label_field: str | None) -> Iterator[
 
 
 def _read_hf(
-    name: str, *, from_disk: bool, text_field: str, label_field: str | None
+    name: str, *, from_disk: bool, text_field: str, label_field: str | None, label: str | None = None
 ) -> tuple[Iterator[_Row], str, list[str] | None]:
     """Rows of a ``datasets`` dataset available on this machine; DataError if it cannot be had."""
     try:
         import datasets
     except ImportError as exc:
-        what = f"folder {name!r}" if from_disk else f"{name!r}"
+        what = f"folder {(label or name)!r}" if from_disk else f"{name!r}"
         raise DataError(
             f"{what} is not an existing data file (.jsonl, .csv, .tsv), and the 'datasets' package, "
             "needed to load it as a Hugging Face dataset, is not installed",
@@ -345,7 +350,7 @@ def _read_hf(
         ) from exc
     split: str | None = None
     if from_disk:
-        describe = f"dataset folder {name!r}"
+        describe = f"dataset folder {(label or name)!r}"
         try:
             ds = datasets.load_from_disk(name)
         except Exception as exc:
@@ -461,18 +466,20 @@ def load_token_data(
     tags_field: str | None = "tags",
     tag_names: Sequence[str] | None = None,
     limit: int | None = None,
+    name: str | None = None,
 ) -> TextData:
     """Load token-classification data: a list of words and (when ``tags_field`` is given) a list of
     tags, one per word, from every row of a JSON-lines file or a local HF dataset (see the module
     docstring). Tag names are mapped to the index of their name in ``tag_names`` when given (pass
-    the model's ``id2label`` order), else in the sorted list of the distinct names found."""
-    for name, value in (("tokens_field", tokens_field), ("tags_field", tags_field)):
+    the model's ``id2label`` order), else in the sorted list of the distinct names found. ``name``
+    is what error messages call the source (as in :func:`load_text_data`)."""
+    for fld, value in (("tokens_field", tokens_field), ("tags_field", tags_field)):
         if value is not None and (not isinstance(value, str) or not value):
-            raise InvalidInputError(f"{name} must be a non-empty string", field=name)
+            raise InvalidInputError(f"{fld} must be a non-empty string", field=fld)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise InvalidInputError(f"limit must be a positive integer, got {limit!r}", field="limit")
     names = _check_label_names(tag_names)
-    rows, describe, class_names = _read_source(source, text_field=tokens_field, label_field=tags_field)
+    rows, describe, class_names = _read_source(source, text_field=tokens_field, label_field=tags_field, name=name)
     if names is None and class_names is not None:
         names = class_names
     words_of: list[tuple[str, ...]] = []

@@ -30,7 +30,9 @@ class DataOptions:
     ``label_field`` is read by the tasks that have one label per row (``sequence_classification``:
     class names or indices; ``regression``: numbers) and ignored by the others;
     ``token_classification`` reads ``tokens_field`` (a list of words) and ``tags_field`` (a list
-    of tags, one per word; None: unlabeled).
+    of tags, one per word; None: unlabeled). ``name`` is what error messages call the source
+    (default: ``source`` itself), e.g. the file name a user uploaded when ``source`` is where a
+    server keeps it.
     """
 
     source: str
@@ -42,6 +44,7 @@ class DataOptions:
     evaluation: int = 256
     max_length: int = 128
     batch_size: int = 16
+    name: str | None = None
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -94,10 +97,11 @@ def load_data(data: DataOptions, task: str = "sequence_classification", *,
     """The rows of ``data`` as ``task`` reads them (see :class:`DataOptions`)."""
     if task == "token_classification":
         return load_token_data(data.source, tokens_field=data.tokens_field, tags_field=data.tags_field,
-                               tag_names=label_names)  # fmt: skip
+                               tag_names=label_names, name=data.name)  # fmt: skip
     label_field = data.label_field if task in ("sequence_classification", "regression") else None
     return load_text_data(data.source, text_field=data.text_field, label_field=label_field,
-                          label_names=label_names, numeric_labels=task == "regression")  # fmt: skip
+                          label_names=label_names, numeric_labels=task == "regression",
+                          name=data.name)  # fmt: skip
 
 
 def _check_classes(text: TextData, task: str, n_classes: int, data: DataOptions) -> None:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from bitscout import options as options_grammar
+from bitscout.rules import selection_problem
 from search import methods
 from search.adapter import ModelAdapter
 from search.cost import CostModel, get_profile
@@ -124,6 +125,9 @@ class SearchOptions:
             raise InvalidInputError("front_points must be an integer between 2 and 64", field="front_points")
         if self.clip not in ("mse", "minmax"):
             raise InvalidInputError("clip must be 'mse' or 'minmax'", field="clip")
+        selection = selection_problem(self.include or (), self.exclude or ())
+        if selection is not None:
+            raise InvalidInputError(selection[1], field=selection[0])
         for b in self.bits:
             BitOption.parse(b)  # a spelling outside the grammar fails here, before the model loads
         if self.tie is not None:

@@ -5,6 +5,7 @@
 * the app's collaborators on ``app.state`` (settings, store, resolver, token verifier, rate
   limiters, metrics, the migrations' head), which :mod:`service.deps` hands to the routes;
 * the exception handlers of :mod:`service.errors` and the middleware of :mod:`service.middleware`;
+* the redaction of tokens from the access log (:mod:`service.logs`);
 * one router per resource from :mod:`service.routes` (the API's own paths start with :data:`API_PREFIX`);
 * the bearer scheme in the OpenAPI document.
 
@@ -28,6 +29,7 @@ from bitscout.schemas import SCHEMA_VERSION
 from service import db
 from service.deps import MAX_PAGE, Resolver, principal_from_headers
 from service.errors import ERROR_RESPONSES, install_error_handlers
+from service.logs import install_access_log_redaction
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware, install_middleware
 from service.routes import API_PREFIX, artifacts, health, jobs, results, uploads
@@ -113,6 +115,7 @@ def create_app(
 
     install_error_handlers(app)
     install_middleware(app, settings, metrics)
+    install_access_log_redaction()
     app.include_router(health.router)
     if metrics is not None:
         app.include_router(health.metrics_router)

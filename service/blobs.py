@@ -2,7 +2,8 @@
 
 A blob lives at ``<root>/<sha[:2]>/<sha>``; the database only keeps the checksum. Writing is
 atomic (a temporary file in ``<root>/tmp`` renamed into place), and storing the same content twice
-keeps one copy.
+keeps one copy. Directories the store creates (and the data directory above it, when missing) are
+readable by their owner only (:func:`make_private_dir`, 0700); blobs are 0640.
 """
 
 from __future__ import annotations
@@ -21,6 +22,18 @@ from typing import BinaryIO
 CHUNK = 1024 * 1024
 
 
+def make_private_dir(path: Path) -> None:
+    """Create ``path`` and each of its missing parents with mode 0700 (existing ones are left as
+    they are)."""
+    missing: list[Path] = []
+    p = path
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        d.mkdir(mode=0o700, exist_ok=True)
+
+
 class BlobStore:
     """Files stored by SHA-256 under ``root``."""
 
@@ -30,7 +43,8 @@ class BlobStore:
     @property
     def tmp_dir(self) -> Path:
         d = self.root / "tmp"
-        d.mkdir(parents=True, exist_ok=True)
+        if not d.is_dir():
+            make_private_dir(d)
         return d
 
     def path(self, sha256: str) -> Path:
@@ -56,7 +70,8 @@ class BlobStore:
     def adopt(self, tmp_path: Path, sha256: str) -> Path:
         """Move a finished temporary file into place under its checksum; returns the blob path."""
         dest = self.path(sha256)
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        if not dest.parent.is_dir():
+            make_private_dir(dest.parent)
         if dest.exists():
             tmp_path.unlink(missing_ok=True)
         else:

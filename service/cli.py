@@ -2,8 +2,11 @@
 token that ``bitscout serve`` creates on first start, and a helper that serves the API alone.
 
 Every command takes ``--database-url`` (default: ``BITSCOUT_DATABASE_URL`` / ``DATABASE_URL`` or
-the SQLite database in the data directory). Errors are one readable line; exit codes are those of
-:mod:`bitscout.exit_codes` (1 a database that cannot be used, 2 bad usage).
+the SQLite database in the data directory), before or after its subcommand (``bitscout db
+--database-url URL upgrade`` and ``bitscout db upgrade --database-url URL`` are the same). Errors
+are one readable line; exit codes are those of :mod:`bitscout.exit_codes` (1 a database that
+cannot be used, 2 bad usage). A token's name is stored text: one that holds a NUL character or an
+undecodable byte is refused, as the API refuses such strings.
 
 The client config file (``~/.config/bitscout/config.json``, or ``$BITSCOUT_CONFIG``) is JSON:
 ``{"url": "http://127.0.0.1:8000", "token": "bst_..."}``, readable only by its owner (mode 0600).
@@ -25,6 +28,27 @@ from service.settings import Settings, default_config_path
 
 if TYPE_CHECKING:
     from service.store import Store
+
+
+_DATABASE_URL_HELP = "SQLAlchemy URL (default: from the environment or the data dir)"
+
+
+def _database_url_option(parser: argparse.ArgumentParser, *, subcommand: bool = False) -> None:
+    """``--database-url`` on the command and on each subcommand: a subcommand's copy defaults to
+    nothing (``SUPPRESS``) so that it never hides the one given before the subcommand."""
+    parser.add_argument(
+        "--database-url", default=argparse.SUPPRESS if subcommand else None, help=_DATABASE_URL_HELP
+    )
+
+
+def _stored_text(value: str) -> str:
+    """An argparse type: text that can be stored (:func:`bitscout.rules.text_problem`)."""
+    from bitscout.rules import text_problem
+
+    problem = text_problem(value)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return value
 
 
 def _settings(database_url: str | None) -> Settings:
@@ -52,14 +76,14 @@ def db_main(argv: list[str]) -> int:
         description="Manage the service's database schema.",
         epilog="example: bitscout db upgrade --database-url postgresql://postgres@127.0.0.1/bitscout",
     )
-    parser.add_argument(
-        "--database-url", help="SQLAlchemy URL (default: from the environment or the data dir)"
-    )
+    _database_url_option(parser)
     sub = parser.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("upgrade", help="apply the migrations up to the newest (or --revision)")
     up.add_argument("--revision", default="head")
-    sub.add_parser("current", help="print the database's revision and the newest")
-    sub.add_parser("check", help="exit 1 unless the schema is at the newest revision and matches the models")
+    cur = sub.add_parser("current", help="print the database's revision and the newest")
+    chk = sub.add_parser("check", help="exit 1 unless the schema is at the newest revision and matches the models")
+    for p in (up, cur, chk):
+        _database_url_option(p, subcommand=True)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
@@ -120,20 +144,22 @@ def token_main(argv: list[str]) -> int:
         description="Manage API tokens. Tokens are stored hashed: a new token is shown once.",
         epilog="example: bitscout token create --name alice",
     )
-    parser.add_argument(
-        "--database-url", help="SQLAlchemy URL (default: from the environment or the data dir)"
-    )
+    _database_url_option(parser)
     sub = parser.add_subparsers(dest="cmd", required=True)
     cr = sub.add_parser("create", help="create a token and print it")
-    cr.add_argument("--name", required=True, help="the user the token belongs to (jobs are per user)")
+    cr.add_argument(
+        "--name", required=True, type=_stored_text, help="the user the token belongs to (jobs are per user)"
+    )
     cr.add_argument("--admin", action="store_true", help="an admin token sees every user's jobs")
     cr.add_argument("--json", action="store_true", help="print JSON")
     ls = sub.add_parser("list", help="list tokens (never the secrets)")
     ls.add_argument("--all", action="store_true", help="include revoked tokens")
     ls.add_argument("--json", action="store_true", help="print JSON")
     rv = sub.add_parser("revoke", help="revoke a token by id (or prefix), or every token of --name")
-    rv.add_argument("token_id", nargs="?", help="the token's id or its shown prefix")
-    rv.add_argument("--name", help="revoke every token of this user")
+    rv.add_argument("token_id", nargs="?", type=_stored_text, help="the token's id or its shown prefix")
+    rv.add_argument("--name", type=_stored_text, help="revoke every token of this user")
+    for p in (cr, ls, rv):
+        _database_url_option(p, subcommand=True)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:

@@ -6,11 +6,18 @@
 * The schema belongs to the Alembic migrations in ``migrations/`` (version table
   ``bitscout_alembic_version``). :func:`upgrade` applies them; :func:`check_schema` raises
   :class:`SchemaOutOfDate` with the command to run when the database is not at head.
+* :func:`prepare_schema` is the start-up rule, the same for SQLite and PostgreSQL: an empty
+  database (no bitscout revision, no bitscout table) is migrated at the first start; one at head
+  is used as it is; any other (out of date, or bitscout tables without a revision) is refused
+  with the command to run, and is never changed behind its operator's back.
+* A SQLite database file is created readable by its owner only (0600, its directory 0700), like
+  the config file that holds the admin token.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +26,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.pool import StaticPool
 
+from service.blobs import make_private_dir
 from service.models import VERSION_TABLE
 from service.settings import normalize_database_url
 
@@ -60,7 +68,7 @@ def make_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Engine:
         if database in ("", ":memory:"):
             kwargs["poolclass"] = StaticPool
         else:
-            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            _create_private_file(Path(database).expanduser())
             kwargs["pool_size"] = max(pool_size, 5)
             kwargs["max_overflow"] = 20
         engine = sa.create_engine(url, echo=echo, **kwargs)
@@ -75,6 +83,20 @@ def make_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Engine:
         # server restart) is invalidated by the failing statement, answered 503, and replaced.
         pool_recycle=1800,
     )
+
+
+def _create_private_file(path: Path) -> None:
+    """Create the SQLite database file (and its missing directories) readable by its owner only:
+    0600, directories 0700. SQLite gives its ``-wal`` and ``-shm`` files the database's mode. An
+    existing file keeps the mode its operator gave it."""
+    if path.exists():
+        return
+    make_private_dir(path.parent)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # created meanwhile by another process
+        return
+    os.close(fd)
 
 
 def _setup_sqlite(engine: Engine) -> None:
@@ -138,6 +160,32 @@ def check_schema(engine: Engine) -> None:
     current = current_revision(engine)
     if current != head:
         raise SchemaOutOfDate(current, head)
+
+
+def is_empty(engine: Engine) -> bool:
+    """True when the database holds no bitscout revision and none of bitscout's tables (other
+    applications' tables do not count)."""
+    from service.models import Base
+
+    if current_revision(engine) is not None:
+        return False
+    present = set(sa.inspect(engine).get_table_names())
+    return not (present & set(Base.metadata.tables))
+
+
+def prepare_schema(engine: Engine, *, migrate_empty: bool) -> bool:
+    """The start-up rule (see the module docstring): migrate an empty database when
+    ``migrate_empty``, then require the schema at head. Returns True when it migrated.
+
+    Raises :class:`SchemaOutOfDate` (its message says to run ``bitscout db upgrade``) for a database
+    that is not empty and not at head, or empty while ``migrate_empty`` is False.
+    """
+    migrated = False
+    if migrate_empty and is_empty(engine):
+        upgrade(engine)
+        migrated = True
+    check_schema(engine)
+    return migrated
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:

@@ -8,22 +8,28 @@ I/O of its own, so none costs a thread hop; the one that may touch the database,
 miss.
 
 * :data:`CurrentUser` — the authenticated :class:`~service.store.Principal` (401 otherwise);
-  :func:`owner_of` is the owner filter its requests see (admins see every job).
+  :func:`owner_of` is the owner filter its requests see (admins see every job);
+  :data:`MetricsScraper` — only an admin token or ``Settings.metrics_token`` may read ``/metrics``.
 * :data:`StoreDep`, :data:`SettingsDep`, :data:`ResolverDep` (None when the server has no
   allocator), :data:`SubmitLimit`, :data:`UploadLimit`, :data:`MetricsDep`, :data:`SchemaHead`.
-* :data:`JobId`, :data:`PointId`, :data:`UploadId` — path parameters with their bounds;
-  :data:`PageDep` — ``limit`` / ``offset`` of the job list.
+* :data:`JobId`, :data:`PointId`, :data:`UploadId` — path parameters with their bounds (a string
+  parameter holds only text the database can store: :func:`storable_text`); :data:`PageDep` —
+  ``limit`` / ``offset`` of the job list.
 * :class:`Resolver` — the protocol of the allocator behind ``POST /jobs/{id}/resolve`` (the workers
   package implements it; the service never imports the search library).
 """
 
+import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Protocol, runtime_checkable
 
 from fastapi import Depends, FastAPI, Path, Query, Request
+from pydantic import AfterValidator
 from starlette.concurrency import run_in_threadpool
 
+from bitscout.errors import Forbidden
+from bitscout.rules import text_problem
 from service.metrics import Metrics
 from service.security import RateLimiter, TokenVerifier
 from service.settings import Settings
@@ -34,6 +40,7 @@ __all__ = [
     "CurrentUser",
     "JobId",
     "MetricsDep",
+    "MetricsScraper",
     "Page",
     "PageDep",
     "PointId",
@@ -47,7 +54,9 @@ __all__ = [
     "UploadLimit",
     "owner_of",
     "principal",
+    "metrics_scraper",
     "principal_from_headers",
+    "storable_text",
 ]
 
 #: The largest page of jobs one request may ask for.
@@ -149,6 +158,25 @@ def owner_of(user: Principal) -> str | None:
     return None if user.admin else user.name
 
 
+async def metrics_scraper(request: Request) -> None:
+    """Who may read ``/metrics``: a bearer of ``Settings.metrics_token`` or of an admin API token;
+    raises ``Unauthorized`` without a valid token, ``Forbidden`` for another user's token."""
+    settings: Settings = request.app.state.settings
+    header = request.headers.get("authorization") or ""
+    if settings.metrics_token is not None:
+        scheme, _, secret = header.partition(" ")
+        given = secret.strip().encode("utf-8", "surrogateescape")
+        expected = settings.metrics_token.get_secret_value().encode()
+        if scheme.lower() == "bearer" and hmac.compare_digest(given, expected):
+            return
+    user = await principal(request)
+    if not user.admin:
+        raise Forbidden("the metrics are for admins and the metrics scraper (Settings.metrics_token)")
+
+
+MetricsScraper = Depends(metrics_scraper)
+
+
 def principal_from_headers(app: FastAPI, headers: Mapping[str, str]) -> Principal:
     """Authenticate outside a route (e.g. a websocket): raises ``Unauthorized``."""
     verifier: TokenVerifier = app.state.verifier
@@ -157,9 +185,20 @@ def principal_from_headers(app: FastAPI, headers: Mapping[str, str]) -> Principa
 
 # --------------------------------------------------------------------------- parameters
 
-JobId = Annotated[str, Path(min_length=1, max_length=64, description="The job's id.")]
+
+def storable_text(value: Any) -> Any:
+    """A string parameter the database can be asked about (:func:`bitscout.rules.text_problem`:
+    no NUL character, no lone surrogate); a 422 naming the parameter otherwise."""
+    if isinstance(value, str) and (problem := text_problem(value)) is not None:
+        raise ValueError(problem)
+    return value
+
+
+JobId = Annotated[str, Path(min_length=1, max_length=64, description="The job's id."), AfterValidator(storable_text)]
 PointId = Annotated[int, Path(ge=0, le=1_000_000, description="The point's id within the job.")]
-UploadId = Annotated[str, Path(min_length=1, max_length=64, description="The upload's id.")]
+UploadId = Annotated[
+    str, Path(min_length=1, max_length=64, description="The upload's id."), AfterValidator(storable_text)
+]
 
 
 @dataclass(frozen=True)

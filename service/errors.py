@@ -5,10 +5,12 @@
 * a :class:`~bitscout.errors.BitscoutError` (what the store and the routes raise) answers its own
   status and body; ``rate_limited`` adds ``Retry-After``, 401 adds ``WWW-Authenticate: Bearer``;
 * a request that fails validation answers 422 ``invalid_request`` with ``field`` set to the
-  dotted path of the first offending input (``budget.max_size_mb``, ``limit``) and every problem
-  in ``details.errors``;
+  dotted path of the first offending input (``budget.max_size_mb``, ``limit``), or ``body`` when
+  the body as a whole is wrong (not JSON, not an object, missing), and every problem in
+  ``details.errors``;
 * the framework's own HTTP errors (unknown path, wrong method, a body it cannot parse) map to the
-  matching code; its 400 becomes 422, the one status of ``invalid_request``;
+  matching code; its 400 (a body it cannot parse: not UTF-8, a broken multipart) becomes 422,
+  the one status of ``invalid_request``, with ``field`` ``body``;
 * a database that cannot be reached answers 503 ``unavailable``; any other exception 500
   ``internal``.
 
@@ -72,33 +74,62 @@ async def send_error(send: Send, err: BitscoutError) -> None:
 
 def _loc_to_field(loc: tuple[Any, ...] | list[Any]) -> str | None:
     parts = [str(p) for p in loc]
-    if parts and parts[0] in ("body", "query", "path", "header", "cookie", "form"):
+    source = parts[0] if parts and parts[0] in ("body", "query", "path", "header", "cookie", "form") else None
+    if source is not None:
         parts = parts[1:]
     # Drop pydantic's union / validator tags such as "function-after[...]" or "literal['x']".
     parts = [p for p in parts if not any(c in p for c in "[(")]
+    if not parts and source == "body":
+        return "body"  # the body as a whole (not an object, missing)
     return ".".join(parts) or None
 
 
-def validation_error(exc: RequestValidationError) -> BitscoutError:
-    """The ``invalid_request`` error of a failed request validation (``field``: the first problem)."""
+#: Messages for problems with the body as a whole (pydantic's type -> what to say).
+_WHOLE_BODY: dict[str, str] = {
+    "missing": "the request has no body: send a JSON object",
+    "model_attributes_type": "the body must be a JSON object",
+    "dict_type": "the body must be a JSON object",
+    "model_type": "the body must be a JSON object",
+}
+
+
+def validation_error(exc: RequestValidationError, content_type: str | None = None) -> BitscoutError:
+    """The ``invalid_request`` error of a failed request validation (``field``: the first problem;
+    ``body`` when the body as a whole is wrong: not JSON, not an object, missing). ``content_type``
+    (the request's) lets the message say when a body was not sent as JSON."""
     errors = list(exc.errors())
     items = []
     for e in errors[:20]:
         msg = str(e.get("msg", "invalid value"))
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
-        items.append(
-            {"field": _loc_to_field(e.get("loc", ())), "message": msg, "type": str(e.get("type", ""))}
-        )
-    first = items[0] if items else {"field": None, "message": "invalid request"}
+        field = _loc_to_field(e.get("loc", ()))
+        kind = str(e.get("type", ""))
+        if field == "body" and list(e.get("loc", ())) == ["body"] and kind in _WHOLE_BODY:
+            msg = _WHOLE_BODY[kind]
+            media = (content_type or "").split(";")[0].strip().lower()
+            if kind != "missing" and media and media != "application/json" and not media.endswith("+json"):
+                msg += f", sent with Content-Type: application/json (not {media[:64]})"
+        items.append({"field": field, "message": msg, "type": kind})
+    first = items[0] if items else {"field": "body", "message": "invalid request"}
     if first.get("type") == "json_invalid":
         first = {**first, "field": "body", "message": "the body is not valid JSON"}
     message = str(first["message"])
-    if first["field"]:
+    if first["field"] and first["field"] != "body":
         message = f"{first['field']}: {message}"
     if len(items) > 1:
         message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
     return InvalidRequest(message, field=first["field"], details={"errors": items})
+
+
+def _unparsable_body(exc: StarletteHTTPException) -> str:
+    """What to say about a body the framework could not parse (its 400), from the cause."""
+    cause = exc.__cause__
+    if isinstance(cause, UnicodeDecodeError):
+        return "the body is not valid UTF-8 text"
+    if cause is not None and type(cause).__name__ == "MultiPartException":
+        return f"the multipart body cannot be parsed: {cause}"
+    return "the body cannot be parsed"
 
 
 _STATUS_CODES: dict[int, ErrorCode] = {
@@ -124,8 +155,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(validation_error(exc))
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(validation_error(exc, request.headers.get("content-type")))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -133,14 +164,17 @@ def install_error_handlers(app: FastAPI) -> None:
             exc.status_code, ErrorCode.invalid_request if exc.status_code < 500 else ErrorCode.internal
         )
         message = str(exc.detail) if exc.detail else code.value
+        field = None
         if exc.status_code == 404:
             message = "no such resource"
         elif exc.status_code == 405:
             message = "method not allowed on this resource"
-        # Every invalid request answers 422 (the one status of invalid_request), also when the
-        # framework itself refuses a body (e.g. multipart without a boundary: Starlette's 400).
+        elif exc.status_code == 400:
+            # The framework refused the body itself (not UTF-8, multipart without a boundary).
+            field, message = "body", _unparsable_body(exc)
+        # Every invalid request answers 422 (the one status of invalid_request).
         status = HTTP_STATUS[ErrorCode.invalid_request] if exc.status_code == 400 else exc.status_code
-        resp = error_response(BitscoutError(code, message, status=status))
+        resp = error_response(BitscoutError(code, message, field=field, status=status))
         if exc.headers:
             resp.headers.update(exc.headers)
         return resp

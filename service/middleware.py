@@ -4,9 +4,10 @@
 
 1. ``TrustedHostMiddleware`` (only when ``Settings.allowed_hosts`` is set and not ``*``): a
    request for another host answers 400 before anything else runs.
-2. :class:`BodyLimitMiddleware`: a body over the limit answers 413 ``payload_too_large`` with an
-   ``ErrorBody``, refused from its ``Content-Length`` before it is read, or as soon as more
-   arrives than it declared; no route ever sees a body over the limit.
+2. :class:`BodyLimitMiddleware`: the one size limit of request bodies. A body over the limit
+   answers 413 ``payload_too_large`` with an ``ErrorBody``, refused from its ``Content-Length``
+   before it is read, or, sent chunked (or longer than it declared), as soon as more arrives than
+   the limit; no route ever sees a body over the limit.
 3. :class:`MetricsMiddleware` (when metrics are on): every request counted and timed per route
    template, whatever it answered.
 """
@@ -34,7 +35,14 @@ class _BodyTooLarge(Exception):
 
 class BodyLimitMiddleware:
     """Refuses bodies over the limit (413) before or while they arrive: uploads get
-    ``max_upload`` (plus multipart overhead), everything else ``max_request``."""
+    ``max_upload`` (plus multipart overhead), everything else ``max_request``.
+
+    A body that declares its length is refused from its ``Content-Length`` before a byte is read;
+    one sent without (``Transfer-Encoding: chunked``) is counted as it arrives and refused as soon
+    as it passes the limit. Either way the answer is 413 ``payload_too_large``, never whatever the
+    framework would have made of a body cut short (the route's body parsing fails first, so no
+    route ever runs with a body over the limit).
+    """
 
     def __init__(self, app: ASGIApp, *, max_upload: int, max_request: int) -> None:
         self.app = app
@@ -56,28 +64,43 @@ class BodyLimitMiddleware:
                     await send_error(send, PayloadTooLarge(_too_large_message(limit)))
                     return
         received = 0
-        started = False
+        over = False  # more arrived than the limit allows
+        app_started = False  # the app's own response began before that
+        refused = False  # our 413 went out
+
+        async def refuse() -> None:
+            nonlocal refused
+            if not refused and not app_started:
+                refused = True
+                await send_error(send, PayloadTooLarge(_too_large_message(limit)))
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, over
+            if over:
+                raise _BodyTooLarge
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
+                    over = True
                     raise _BodyTooLarge
             return message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
+        async def guarded_send(message: Message) -> None:
+            nonlocal app_started
+            if over and not app_started:
+                # The framework caught the cut-short body and answers with its own error: the
+                # answer is 413, and the app's response is dropped.
+                await refuse()
+                return
             if message["type"] == "http.response.start":
-                started = True
+                app_started = True
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, tracking_send)
+            await self.app(scope, limited_receive, guarded_send)
         except _BodyTooLarge:
-            if not started:
-                await send_error(send, PayloadTooLarge(_too_large_message(limit)))
+            await refuse()
 
 
 def _too_large_message(limit: int) -> str:

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -85,7 +85,15 @@ class Settings(BaseSettings):
     )
     check_schema: bool = Field(default=True, description="Refuse to start when the schema is not at head.")
     auto_upgrade: bool = Field(default=False, description="Apply migrations at start instead of refusing.")
-    metrics: bool = Field(default=True, description="Serve Prometheus metrics at /metrics.")
+    metrics: bool = Field(
+        default=True, description="Serve Prometheus metrics at /metrics (to admin tokens and metrics_token)."
+    )
+    metrics_token: SecretStr | None = Field(
+        default=None,
+        min_length=16,
+        description="A secret that lets a Prometheus scraper read /metrics ('Authorization: Bearer <secret>', "
+        "e.g. its bearer_token_file) without an API token; admin API tokens are always accepted.",
+    )
     otel: bool = Field(default=False, description="Keep FastAPI's native OpenTelemetry instrumentation on.")
     pool_size: int = Field(default=10, ge=1, description="Database connections per process (PostgreSQL).")
 

@@ -145,3 +145,51 @@ def test_main_writes_what_it_built_and_what_was_up_to_date(monkeypatch: pytest.M
     second = json.loads(out.read_text())["models"]
     assert calls == ["bbc", "bbc", "rt"]
     assert second["bbc"]["built"] is False and second["rt"]["built"] is True
+
+
+def test_write_uncertainty_jsonl_reads_the_conll_csv_with_its_byte_order_mark(tmp_path: Path) -> None:
+    src = tmp_path / "uncertainty.csv"
+    src.write_bytes("\ufeff".encode() + b'"1","Prelingual deafness"\r\n"-1","It may, perhaps, rain"\r\n'
+                    b'"1","  "\r\n"-1","Possibly ""quoted"" text"')
+    out = tmp_path / "u.jsonl"
+    assert assets.write_uncertainty_jsonl(src, out) == 3
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert rows == [{"text": "Prelingual deafness", "label": "certain"},
+                    {"text": "It may, perhaps, rain", "label": "uncertain"},
+                    {"text": 'Possibly "quoted" text', "label": "uncertain"}]
+    data = load_text_data(out, label_field="label")
+    assert data.label_names == ["certain", "uncertain"] and data.labels == [0, 1, 1]
+    bad = tmp_path / "bad.csv"
+    bad.write_text('"0","neither"\n', encoding="utf-8")
+    with pytest.raises(RuntimeError, match="row 1"):
+        assets.write_uncertainty_jsonl(bad, tmp_path / "b.jsonl")
+
+
+def test_uncertainty_csv_downloads_the_deb_unpacks_it_and_keeps_only_the_csv(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    calls: list[list[str]] = []
+
+    def fake_run(cmd, cwd):
+        calls.append(list(cmd))
+        if cmd[:2] == ["apt-get", "download"] and len([c for c in calls if c[:2] == ["apt-get", "download"]]) == 1:
+            return subprocess.CompletedProcess(cmd, 100, "", "E: Unable to locate package python3-pattern")
+        if cmd[:2] == ["apt-get", "download"]:
+            (Path(cwd) / "python3-pattern_2.6-4_all.deb").write_bytes(b"deb")
+        if cmd[:2] == ["dpkg", "-x"]:
+            assert Path(cmd[2]).is_absolute() and Path(cmd[2]).is_file()  # it runs inside the scratch folder
+            f = Path(cmd[3]) / assets.UNCERTAINTY_CSV_IN_DEB
+            f.parent.mkdir(parents=True)
+            f.write_text('"1","A"\n', encoding="utf-8")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(assets, "_run", fake_run)
+    monkeypatch.chdir(tmp_path.parent)
+    out = assets.uncertainty_csv(tmp_path.name)
+    out = tmp_path / out.name
+    assert out == tmp_path / "uncertainty-conll2010.csv" and out.read_text(encoding="utf-8") == '"1","A"\n'
+    # the package lists did not know it: apt-get update, then the download again
+    assert [c[:2] for c in calls] == [["apt-get", "download"], ["apt-get", "update"], ["apt-get", "download"],
+                                      ["dpkg", "-x"]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["uncertainty-conll2010.csv"]  # no scratch left
+    assert assets.uncertainty_csv(tmp_path) == out and len(calls) == 4  # cached: nothing runs

@@ -286,12 +286,13 @@ def test_run_merge_keeps_parts_not_rerun(tmp_path: Path) -> None:
     assert merged["meta"]["merged_from"] == "earlier"
 
 
-def test_assets_part_runs_first_and_builds_the_rt_classifier_only_in_full_mode(tmp_path: Path) -> None:
+def test_assets_part_runs_first_and_builds_the_rt_and_uncertainty_classifiers_only_in_full_mode(tmp_path: Path) -> None:
     assert run.PARTS[0].name == "assets"
     part = run.PARTS[0]
     full = run.part_command(part, quick=False, cache=tmp_path, out=tmp_path / "a.json")
     quick = run.part_command(part, quick=True, cache=tmp_path, out=tmp_path / "a.json")
-    assert full[1:4] == ["-m", "benchmarks.assets", "--rt"] and "--rt" not in quick and "--quick" not in quick
+    assert full[1:5] == ["-m", "benchmarks.assets", "--rt", "--uncertainty"]
+    assert "--rt" not in quick and "--uncertainty" not in quick and "--quick" not in quick
     for cmd in (full, quick):
         assert cmd[-4:] == ["--cache", str(tmp_path), "--out", str(tmp_path / "a.json")]
 
@@ -477,3 +478,14 @@ def test_report_lists_parts_in_run_order_whatever_order_a_merge_left(tmp_path: P
     assert sorted(shown) == sorted(results["parts"]) and len(shown) >= 3
     assert shown == sorted(shown, key=order.index)
     assert "Of the last run, which merged its parts" in page
+
+
+def test_report_names_the_quick_parts_of_a_quick_run_merged_into_full_ones(tmp_path: Path) -> None:
+    results = _synthetic_results()
+    results["parts"]["quality"]["run"] = {"started": "2026-01-01", "mode": "full"}
+    results["parts"]["oracle"]["run"] = {"started": "2026-01-02", "mode": "quick"}
+    page = report.render(results, tmp_path)
+    assert "> **Quick-mode parts.** `oracle` was measured in quick mode" in page and "> **Quick mode.**" not in page
+    results["parts"]["quality"]["run"]["mode"] = "quick"
+    page = report.render(results, tmp_path)
+    assert "> **Quick mode.**" in page and "Quick-mode parts" not in page

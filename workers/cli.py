@@ -5,6 +5,11 @@ Both read the service's settings (``BITSCOUT_DATA_DIR``, ``DATABASE_URL``...) an
 (``BITSCOUT_MAX_CONCURRENT_JOBS``, ``RAY_ADDRESS``...) from the environment; the options below
 override them. Errors are one readable line; exit codes are those of :mod:`bitscout.exit_codes`:
 2 for a bad option or setting, 1 for a database, a Ray cluster or a server that cannot be used.
+
+The database: ``bitscout serve`` migrates an empty database (SQLite or PostgreSQL alike) at its
+first start; a database that is not empty and not at the newest schema is refused with the
+command to run (``bitscout db upgrade``), as ``bitscout dispatcher`` refuses any database not
+at the newest schema (it never migrates).
 """
 
 from __future__ import annotations
@@ -71,19 +76,16 @@ def _redact(url: str) -> str:
         return "<database>"
 
 
-def _prepare_database(settings: Any, *, upgrade_sqlite: bool) -> None:
-    """Apply the migrations to the embedded SQLite database if needed; refuse any other database
-    whose schema is not at head (raises ``SchemaOutOfDate`` with the command to run)."""
+def _prepare_database(settings: Any, *, migrate_empty: bool) -> None:
+    """The start-up rule of :func:`service.db.prepare_schema`, the same for SQLite and PostgreSQL:
+    an empty database is migrated when ``migrate_empty`` (``bitscout serve``'s first start); any
+    database not at head otherwise is refused (``SchemaOutOfDate`` names the command to run)."""
     from service import db
 
     engine = db.make_engine(settings.url)
     try:
-        if upgrade_sqlite and settings.is_sqlite and db.current_revision(engine) != db.head_revision():
-            before = db.current_revision(engine)
-            db.upgrade(engine)
-            print(f"database {_redact(settings.url)}: migrated {before or 'empty'} -> {db.head_revision()}",
-                  file=sys.stderr)  # fmt: skip
-        db.check_schema(engine)
+        if db.prepare_schema(engine, migrate_empty=migrate_empty):
+            print(f"database {_redact(settings.url)}: migrated empty -> {db.head_revision()}", file=sys.stderr)
     finally:
         engine.dispose()
 
@@ -106,7 +108,7 @@ def _logging(level: str) -> None:
 # --------------------------------------------------------------------------- serve
 
 
-def _start(parser: argparse.ArgumentParser, argv: list[str], *, upgrade_sqlite: bool) -> Any:
+def _start(parser: argparse.ArgumentParser, argv: list[str], *, migrate_empty: bool) -> Any:
     """Parse ``argv``, set up logging, build the settings and check the database: ``(args, settings,
     worker settings)``, or the exit code (after a one-line error naming the command)."""
     _common(parser)
@@ -121,7 +123,7 @@ def _start(parser: argparse.ArgumentParser, argv: list[str], *, upgrade_sqlite: 
         print(f"{parser.prog}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        _prepare_database(settings, upgrade_sqlite=upgrade_sqlite)
+        _prepare_database(settings, migrate_empty=migrate_empty)
     except Exception as exc:  # noqa: BLE001 - a database that cannot be used: one line for the user
         print(f"{parser.prog}: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -140,7 +142,7 @@ def serve_main(argv: list[str]) -> int:
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--no-dispatcher", action="store_true", help="serve the API only (run `bitscout dispatcher` "
                         "elsewhere)")  # fmt: skip
-    started = _start(parser, argv, upgrade_sqlite=True)
+    started = _start(parser, argv, migrate_empty=True)
     if isinstance(started, int):
         return started
     args, settings, wsettings = started
@@ -235,7 +237,7 @@ def dispatcher_main(argv: list[str]) -> int:
         epilog=DISPATCHER_EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    started = _start(parser, argv, upgrade_sqlite=False)
+    started = _start(parser, argv, migrate_empty=False)
     if isinstance(started, int):
         return started
     args, settings, wsettings = started

@@ -12,9 +12,10 @@ exported as an artifact. It then stores every point and the job's success in ONE
 
 Progress and the heartbeat go through :class:`workers.progress.Reporter` (a background thread,
 bounded rate); cancellation is the heartbeat's answer. Every failure ends the job with an error
-code: the search library's errors carry theirs (``exc.code``), running out of memory is
-``out_of_memory``, anything else is ``internal`` with a one-line message (the traceback goes to
-the worker's log). A runner that lost its job (re-queued as stale, claimed elsewhere) stops and
+code: the search library's errors carry theirs (``exc.code``, the field named by the job spec's
+path), running out of memory is ``out_of_memory``, anything else is ``internal`` with a one-line
+message (the traceback goes to the worker's log). Messages name the user's inputs as the user
+knows them, never the server's paths (:class:`workers.sources.ServerPaths`). A runner that lost its job (re-queued as stale, claimed elsewhere) stops and
 writes nothing more.
 
 :func:`run_job` is what the dispatcher's Ray task (:data:`workers.tasks.run_job_task`) runs; Ray
@@ -50,7 +51,7 @@ from workers import sources
 from workers.pool import EvalPool
 from workers.progress import Reporter
 from workers.settings import RunnerConfig
-from workers.spec import data_options, notes, search_options
+from workers.spec import data_options, notes, search_options, wire_field
 
 log = logging.getLogger("bitscout.workers.runner")
 
@@ -102,10 +103,13 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
-def error_of(exc: BaseException) -> tuple[str, str]:
-    """``(error code, message for the user)`` of an exception that ended a job."""
+def error_of(exc: BaseException, spec: JobSpec | None = None) -> tuple[str, str]:
+    """``(error code, message for the user)`` of an exception that ended a job; a search error's
+    field is named by the job spec's path (``space.include``, :func:`workers.spec.wire_field`)
+    when ``spec`` is given."""
     if isinstance(exc, SearchError):
-        return str(exc.code), str(exc)
+        field = exc.field if spec is None else wire_field(spec, exc.field)
+        return str(exc.code), f"{field}: {exc.message}" if field else exc.message
     if _is_oom(exc):
         return (
             ErrorCode.out_of_memory.value,
@@ -136,6 +140,8 @@ class JobRunner:
         self._refined_artifacts: dict[int, Path] = {}
         #: point index -> exported model directory (refined points), stored with the points
         self.artifacts: dict[int, Path] = {}
+        #: what the job's messages call the server's paths (the user never reads them)
+        self.paths = sources.ServerPaths(config)
 
     @contextmanager
     def _books(self) -> Iterator[None]:
@@ -151,7 +157,9 @@ class JobRunner:
         assert self.store is not None  # noqa: S101
         try:
             with self._books():
-                self.store.add_event(job_id=self.job_id, kind=kind, stage=stage, message=message, data=data)
+                self.store.add_event(
+                    job_id=self.job_id, kind=kind, stage=stage, message=self.paths.scrub(message), data=data
+                )
         except Exception as exc:  # noqa: BLE001 - the log is best effort
             log.warning("job %s: could not write event %s: %s", self.job_id, kind, exc)
 
@@ -160,11 +168,12 @@ class JobRunner:
 
     def _progress(self, lo: float, hi: float) -> Any:
         rep = self.reporter
+        scrub = self.paths.scrub
 
         def report(stage: str, fraction: float, message: str) -> None:
             if rep is not None:
                 f = min(max(float(fraction), 0.0), 1.0)
-                rep.report(stage, lo + (hi - lo) * f, message)
+                rep.report(stage, lo + (hi - lo) * f, scrub(message))
 
         return report
 
@@ -246,7 +255,8 @@ class JobRunner:
             if canceled:
                 store.mark_canceled(job_id=self.job_id, worker_id=self.worker_id)
                 return Outcome("canceled", self.job_id, self.worker_id, code=ErrorCode.canceled.value)
-            code, message = error_of(exc)
+            code, message = error_of(exc, self.spec)
+            message = self.paths.scrub(message)
             if code == ErrorCode.internal.value:
                 log.error("job %s failed:\n%s", self.job_id, "".join(traceback.format_exception(exc)))
             else:
@@ -265,10 +275,15 @@ class JobRunner:
         rep.report("loading", 0.0, "loading the model and the data")
         t_load = time.perf_counter()
         with self._books():
+            model_name, data_name = sources.model_name(spec, store), sources.data_name(spec, store)
             model_dir = sources.model_dir(spec, store, cfg)
+            self.paths.name(model_dir, model_name)
             data_src = sources.data_source(spec, store, cfg)
+            if data_name is not None:
+                self.paths.name(data_src, data_name)
         options = search_options(spec)
-        search = prepare(model_dir, data_options(spec, data_src), options, task=spec.task.value, device=spec.device.value)
+        data = data_options(spec, data_src, name=data_name)
+        search = prepare(model_dir, data, options, task=spec.task.value, device=spec.device.value)
         self._event(
             "loaded",
             f"model and data loaded in {time.perf_counter() - t_load:.1f} s: {len(search.space.groups)} groups, "
@@ -411,4 +426,5 @@ def run_job(job_id: str, worker_id: str, config: RunnerConfig, threads: int = 1)
         return JobRunner(job_id, worker_id, config).run().to_dict()
     except Exception as exc:  # noqa: BLE001 - reported to the dispatcher, which re-queues the job
         log.exception("job %s: the runner crashed", job_id)
-        return Outcome("crashed", job_id, worker_id, ErrorCode.internal.value, _one_line(exc)).to_dict()
+        message = sources.ServerPaths(config).scrub(_one_line(exc))
+        return Outcome("crashed", job_id, worker_id, ErrorCode.internal.value, message).to_dict()

@@ -10,16 +10,24 @@
 
 Failures raise the search library's :class:`~search.errors.ModelLoadError` /
 :class:`~search.errors.DataError`, so the runner reports ``model_load_failed`` / ``data_invalid``.
+
+What a job's user reads never shows the server's paths: :func:`model_name` and :func:`data_name`
+are the user's own names for the job's model and data (the upload's file name, the path as the
+user gave it, the Hugging Face id), which the search library's messages use, and
+:class:`ServerPaths` rewrites whatever path still reaches a message (the located model and data
+to those names; the work directory, the file store, the data directory, the roots and the
+Hugging Face cache to ``<work dir>``, ``<file store>``...).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
-from bitscout.errors import BitscoutError
+from bitscout.errors import BitscoutError, NotFound
 from bitscout.schemas import JobSpec
 from search.errors import DataError, ModelLoadError
 from service.store import Store
@@ -132,3 +140,89 @@ def _linked_upload(upload_id: str, store: Store, config: RunnerConfig) -> Path:
             shutil.copyfile(blob, tmp)
         os.replace(tmp, target)
     return target
+
+
+# --------------------------------------------------------------------------- what the user calls them
+
+
+def _upload_name(store: Store, upload_id: str) -> str:
+    try:
+        return store.get_upload(upload_id=upload_id).filename
+    except NotFound:
+        return f"upload {upload_id}"
+
+
+def model_name(spec: JobSpec, store: Store) -> str:
+    """What the job's user calls its model: the uploaded archive's file name, ``model.path`` as
+    given, or ``hf_id@revision``."""
+    m = spec.model
+    if m.upload_id is not None:
+        return _upload_name(store, m.upload_id)
+    if m.path is not None:
+        return m.path
+    return f"{m.hf_id}@{(m.revision or '')[:12]}"
+
+
+def data_name(spec: JobSpec, store: Store) -> str | None:
+    """What the job's user calls its data file: the upload's file name or ``data.path`` as given
+    (None for a dataset, which is called by its own name)."""
+    d = spec.data
+    if d.upload_id is not None:
+        return _upload_name(store, d.upload_id)
+    return d.path
+
+
+class ServerPaths:
+    """Rewrites the server's paths in a message into what the job's user knows.
+
+    It starts with the server's own places (``<work dir>``, ``<file store>``, ``<data dir>``,
+    ``<model root>``, ``<data root>``, ``<Hugging Face cache>``); :meth:`name` adds a located
+    model or data path with the user's name for it. :meth:`scrub` replaces the longest known path
+    first, only where it ends at a path boundary (``/srv/work`` is not rewritten in
+    ``/srv/workspace``), its resolved form (links followed) as well as the given one.
+    """
+
+    def __init__(self, config: RunnerConfig) -> None:
+        self._names: dict[str, str] = {}
+        self._pattern: re.Pattern[str] | None = None
+        blob = Path(config.blob_dir)
+        places = [
+            (blob.parent, "<data dir>"),
+            (blob, "<file store>"),
+            (Path(config.work_dir), "<work dir>"),
+            (_root(config.model_root), "<model root>"),
+            (_root(config.data_root), "<data root>"),
+            (_hf_cache(), "<Hugging Face cache>"),
+        ]
+        for path, shown in places:
+            if path is not None:
+                self.name(path, shown)
+
+    def name(self, path: str | os.PathLike[str], shown: str) -> None:
+        """Call ``path`` (and everything under it) ``shown`` in messages."""
+        forms = {str(path)}
+        try:
+            forms.add(str(Path(path).resolve()))
+        except (OSError, RuntimeError):  # pragma: no cover - a loop of links
+            pass
+        for form in forms:
+            if len(form) > 1:  # never "/" itself
+                self._names[form.rstrip("/") or form] = shown
+        self._pattern = None
+
+    def scrub(self, text: str) -> str:
+        """``text`` with every known path replaced by its name."""
+        if not self._names or not text:
+            return text
+        if self._pattern is None:
+            alternatives = "|".join(re.escape(p) for p in sorted(self._names, key=len, reverse=True))
+            self._pattern = re.compile(rf"(?<![\w./-])({alternatives})(?![\w.-])")
+        return self._pattern.sub(lambda m: self._names[m.group(1)], text)
+
+
+def _hf_cache() -> Path | None:
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - installed with transformers
+        return None
+    return Path(constants.HF_HUB_CACHE)

@@ -1,9 +1,13 @@
-"""The one place where a wire :class:`~bitscout.schemas.JobSpec` becomes search options.
+"""The one place where a wire :class:`~bitscout.schemas.JobSpec` becomes search options, and the
+search library's field names become the spec's again.
 
 :func:`search_options` gives the :class:`~search.pipeline.SearchOptions` and :func:`data_options`
 the :class:`~search.local.DataOptions` of a job, given where its data file lies on this machine
 (:mod:`workers.sources` finds it). :func:`notes` lists what a job asks for that this version
 does not do, so the runner can say so in the job's log instead of silently dropping it.
+:data:`WIRE_FIELDS` and :func:`wire_field` map the ``field`` of a search error (``include``,
+``text_field``, ``source``) to the job spec's path the user wrote (``space.include``,
+``data.text_field``, ``data.upload_id``), so a failed job names its input as the API does.
 """
 
 from __future__ import annotations
@@ -75,8 +79,9 @@ def data_source_name(spec: JobSpec) -> str | None:
     return f"{d.dataset}:{d.split}" if d.split else d.dataset
 
 
-def data_options(spec: JobSpec, source: str) -> DataOptions:
-    """The data options of ``spec`` reading from ``source`` (a local file, folder or dataset name)."""
+def data_options(spec: JobSpec, source: str, *, name: str | None = None) -> DataOptions:
+    """The data options of ``spec`` reading from ``source`` (a local file, folder or dataset name);
+    ``name`` is what messages call it (the user's name for it: :func:`workers.sources.data_name`)."""
     d = spec.data
     label = d.label_field if spec.task in (Task.sequence_classification, Task.regression) else None
     return DataOptions(
@@ -89,6 +94,7 @@ def data_options(spec: JobSpec, source: str) -> DataOptions:
         evaluation=d.evaluation_size,
         max_length=d.max_length,
         batch_size=d.batch_size,
+        name=name,
     )
 
 
@@ -98,3 +104,45 @@ def notes(spec: JobSpec) -> list[str]:
     if spec.device.value == "cuda" and spec.resources.gpus == 0:
         out.append("device 'cuda' but resources.gpus is 0: Ray gives the job no GPU, so it will fail to find one")
     return out
+
+
+#: The search library's field names (of :class:`search.errors.SearchError`) -> the job spec's paths.
+#: ``source`` and ``model`` depend on the job's source: :func:`wire_field`.
+WIRE_FIELDS: dict[str, str] = {
+    "include": "space.include",
+    "exclude": "space.exclude",
+    "bits": "space.bits",
+    "granularity": "space.granularity",
+    "ffn_block_size": "space.ffn_block_size",
+    "include_head": "space.include_head",
+    "include_embeddings": "space.include_embeddings",
+    "text_field": "data.text_field",
+    "label_field": "data.label_field",
+    "calibration": "data.calibration_size",
+    "calibration_size": "data.calibration_size",
+    "evaluation": "data.evaluation_size",
+    "evaluation_size": "data.evaluation_size",
+    "max_length": "data.max_length",
+    "max_size_mb": "budget.max_size_mb",
+    "max_avg_bits": "budget.max_avg_bits",
+    "max_bops": "budget.max_bops",
+    "max_latency_ms": "budget.max_latency_ms",
+    "device_profile": "budget.device_profile",
+}
+
+#: Fields that are the spec's own paths already (the runner's and the wire's).
+_WIRE_ROOTS = tuple(f"{name}." for name in JobSpec.model_fields)
+
+
+def wire_field(spec: JobSpec, field: str | None) -> str | None:
+    """The job spec's path of a search error's ``field`` (None stays None; a name the table does not
+    know is returned as it is)."""
+    if field is None or field.startswith(_WIRE_ROOTS):
+        return field
+    if field == "source":
+        d = spec.data
+        return "data.upload_id" if d.upload_id is not None else "data.path" if d.path is not None else "data.dataset"
+    if field == "model":
+        m = spec.model
+        return "model.upload_id" if m.upload_id is not None else "model.path" if m.path is not None else "model.hf_id"
+    return WIRE_FIELDS.get(field, field)

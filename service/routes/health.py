@@ -2,9 +2,11 @@
 
 ``/healthz`` answers as long as the process runs; ``/readyz`` only when the database is reachable
 and its schema is at the migrations' head (503 ``unavailable`` otherwise, the message saying
-why); ``/metrics`` is the Prometheus scrape (:data:`metrics_router`, included only when metrics
-are on); ``/api/v1/version`` (:data:`api_router`, public) the server's, the wire schema's and
-the migrations' versions. None of them needs a token.
+why); ``/api/v1/version`` (:data:`api_router`, public) the server's, the wire schema's and the
+migrations' versions. None of these needs a token. ``/metrics`` is the Prometheus scrape
+(:data:`metrics_router`, included only when metrics are on), for an admin token or the scraper's
+``Settings.metrics_token`` only (401 without a token, 403 for a user's token): it tells how many
+jobs there are and which routes are called.
 """
 
 import logging
@@ -15,7 +17,7 @@ from fastapi.responses import Response
 from bitscout.errors import ErrorBody, ServiceUnavailable
 from bitscout.schemas import SCHEMA_VERSION
 from service import db
-from service.deps import MetricsDep, SchemaHead, StoreDep
+from service.deps import MetricsDep, MetricsScraper, SchemaHead, StoreDep
 from service.routes import API_PREFIX
 
 log = logging.getLogger("bitscout.service")
@@ -47,7 +49,7 @@ def readyz(store: StoreDep, head: SchemaHead) -> dict[str, str]:
     return {"status": "ready", "schema": str(current)}
 
 
-@metrics_router.get("/metrics", include_in_schema=False)
+@metrics_router.get("/metrics", include_in_schema=False, dependencies=[MetricsScraper])
 def metrics(registry: MetricsDep) -> Response:
     from prometheus_client import CONTENT_TYPE_LATEST
 

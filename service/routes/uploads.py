@@ -3,8 +3,10 @@
 ``POST /uploads`` streams the file into a temporary file of the file store (413 as soon as it is
 over ``Settings.max_upload_mb``), refuses an empty one, checks it (:mod:`service.uploads`: archive
 members, sizes and kinds; data file formats), and only then adopts it under its checksum and
-records it. A refused upload leaves nothing behind. ``kind`` is inferred from the file name when
-not given. Uploads are rate limited per user; a user sees only their own (an admin every one).
+records it. A refused upload leaves nothing behind. The file's name must be storable text
+(:func:`bitscout.rules.text_problem`), like every string that reaches the database. ``kind`` is
+inferred from the file name when not given. Uploads are rate limited per user; a user sees only
+their own (an admin every one).
 """
 
 import hashlib
@@ -15,6 +17,7 @@ from fastapi import APIRouter, File, Form, UploadFile
 from fastapi.responses import Response
 
 from bitscout.errors import InvalidRequest, PayloadTooLarge
+from bitscout.rules import text_problem
 from bitscout.schemas import UploadKind, UploadRead
 from service.deps import CurrentUser, SettingsDep, StoreDep, UploadId, UploadLimit, owner_of
 from service.errors import ERROR_RESPONSES, responses
@@ -46,6 +49,9 @@ def upload(
     limit.hit(user.name)
     max_upload = int(settings.max_upload_mb * 1e6)
     name = os.path.basename((file.filename or "").replace("\\", "/"))[:256] or "upload"
+    problem = text_problem(name)
+    if problem is not None:
+        raise InvalidRequest(f"the file's name {problem}", field="file")
     if kind is None:
         guessed = infer_kind(name)
         if guessed is None:

@@ -2,9 +2,12 @@
 
 Plain HTML, CSS and vanilla JavaScript served from ``service/static`` (no CDN, no build step).
 The pages hold no data: their script calls the REST API with the bearer token the user typed
-into the login form (kept in ``localStorage``) or passed once as ``?token=``. Every page is
-served with ``Cache-Control: no-store`` and a strict Content-Security-Policy (scripts, styles and
-connections from this origin only).
+into the login form or passed once in the address's fragment (``/#token=...``: browsers never
+send a fragment, so the token never reaches the server's request line or its access log; the
+page removes it from the address bar at once), kept in ``localStorage``. A token in the query
+string (``?token=``) is never used (and :mod:`service.logs` keeps it out of the access log).
+Every page is served with ``Cache-Control: no-store`` and a strict Content-Security-Policy
+(scripts, styles and connections from this origin only).
 """
 
 from pathlib import Path

@@ -1,5 +1,7 @@
 // bitscout status pages: the job list and a job's page. Vanilla JS, no dependencies.
-// Data come from the REST API with the bearer token kept in localStorage (or given once as ?token=).
+// Data come from the REST API with the bearer token kept in localStorage: typed into the login form,
+// or given once in the address's fragment (/#token=..., which browsers never send to the server);
+// the page takes it from there and removes it from the address bar at once.
 // Untrusted strings are only ever written with textContent.
 "use strict";
 
@@ -62,14 +64,24 @@
 
   // ------------------------------------------------------------------ token and API
 
+  // Returns a message for the login form when the address carried a token the page did not use.
   function takeTokenFromUrl() {
     const url = new URL(window.location.href);
-    const t = url.searchParams.get("token");
-    if (t) {
-      localStorage.setItem(TOKEN_KEY, t);
-      url.searchParams.delete("token");
-      window.history.replaceState(null, "", url.pathname + url.search + url.hash);
+    let note = "";
+    const fragment = new URLSearchParams(url.hash.replace(/^#/, ""));
+    const t = fragment.get("token");
+    if (t !== null) {
+      if (t.trim()) localStorage.setItem(TOKEN_KEY, t.trim());
+      fragment.delete("token");
+      url.hash = fragment.toString();
     }
+    if (url.searchParams.has("token")) {
+      // A token in the query string travels to the server (and its logs): never used.
+      url.searchParams.delete("token");
+      note = "A token in the address goes after '#' (/#token=...), never after '?': paste it here instead.";
+    }
+    if (t !== null || note) window.history.replaceState(null, "", url.pathname + url.search + url.hash);
+    return note;
   }
   function token() { return localStorage.getItem(TOKEN_KEY); }
 
@@ -90,7 +102,9 @@
     return body;
   }
 
+  let loginNote = "";  // said on the login form when the address carried a token in its query string
   function showLogin(message) {
+    message = message || loginNote;
     $("content").classList.add("hidden");
     $("login").classList.remove("hidden");
     $("logout").classList.add("hidden");
@@ -509,7 +523,7 @@
   }
 
   document.addEventListener("DOMContentLoaded", () => {
-    takeTokenFromUrl();
+    loginNote = takeTokenFromUrl();
     const page = document.body.getAttribute("data-page");
     if (page === "index") indexPage(); else if (page === "job") jobPage();
   });

@@ -32,7 +32,7 @@ from bitscout.schemas import JobRead, JobSpec, JobStatus
 from service.blobs import BlobStore
 from service.db import SQLITE_IMMEDIATE, SQLITE_NO_BEGIN, make_engine
 from service.models import JobEventRow, JobRow, utcnow
-from service.store._json import json_safe
+from service.store._json import json_safe, storable
 from service.store.records import JobNotOwned, JobRecord
 
 
@@ -156,9 +156,9 @@ class StoreBase:
         ev = JobEventRow(
             job_id=job_id,
             at=at or utcnow(),
-            kind=kind[:32],
-            stage=stage[:128] if stage else stage,
-            message=message,
+            kind=storable(kind[:32]),
+            stage=storable(stage[:128]) if stage else stage,
+            message=storable(message) if message else message,
             data=json_safe(dict(data)) if data else None,
         )
         s.add(ev)

@@ -33,7 +33,7 @@ from bitscout.errors import Conflict, ErrorCode, NotFound
 from bitscout.schemas import JobList, JobRead, JobSpec, JobStatus
 from service.models import JobEventRow, JobRow, utcnow
 from service.store._base import StoreBase
-from service.store._json import finite, json_safe
+from service.store._json import finite, json_safe, storable
 from service.store.records import JobRecord
 
 
@@ -291,10 +291,10 @@ class JobsMixin(StoreBase):
                 if p is not None:
                     row.progress = min(max(p, 0.0), 1.0)
             if stage is not None and stage != row.stage:
-                row.stage = stage[:128]
+                row.stage = storable(stage[:128])
                 self._event(s, job_id, "stage", stage=row.stage, message=message)
             if message is not None:
-                row.message = message[:2000]
+                row.message = storable(message[:2000])
             return not row.cancel_requested
 
     def add_event(
@@ -344,6 +344,7 @@ class JobsMixin(StoreBase):
             code_value = ErrorCode(code).value
         except ValueError:
             code_value = ErrorCode.internal.value
+        message = storable(message)
         with self._write() as s:
             row = self._owned(s, job_id, worker_id)
             if JobStatus(row.status).finished:
@@ -435,6 +436,7 @@ class JobsMixin(StoreBase):
         return changed
 
     def _requeue_row(self, s: Session, row: JobRow, reason: str, max_attempts: int | None) -> None:
+        reason = storable(reason)
         now = utcnow()
         previous = row.claimed_by
         row.updated_at = now

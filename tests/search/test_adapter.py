@@ -131,6 +131,9 @@ def test_include_exclude_patterns(loaded):
     with pytest.raises(InvalidInputError) as e:
         ModelAdapter(lm.model, include=["nothing.matches"])
     assert e.value.field == "include"
+    with pytest.raises(InvalidInputError) as e:  # the include patterns select some, the exclude ones remove all
+        ModelAdapter(lm.model, include=["*.0.*"], exclude=["*.0.*.*", "*.0.*"])
+    assert e.value.field == "exclude" and f"all {len(ad.matrices)} matrices" in e.value.message
 
 
 def test_tied_lm_head_is_not_selected_twice(tmp_path):

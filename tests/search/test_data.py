@@ -159,6 +159,27 @@ def test_invalid_jsonl_names_line(tmp_path: Path) -> None:
     assert "line 2" in e.message and "array" in e.message
 
 
+def test_messages_call_the_source_by_the_name_given(tmp_path: Path) -> None:
+    cases = [
+        ("d.jsonl", '{"text": "a"}\n{"text": "b",}\n', {}, "file 'reviews.jsonl' line 2 is not valid JSON"),
+        ("d.json", '[{"text": "a"}, 3]', {}, "file 'reviews.jsonl' item 2 is a JSON number"),
+        ("d.csv", "sentence\na\n", {}, "CSV file 'reviews.jsonl' has no column 'text'"),
+        ("d.jsonl", '{"text": ""}\n', {}, "file 'reviews.jsonl' line 1 has an empty 'text'"),
+        ("d.jsonl", "\n", {}, "file 'reviews.jsonl' is empty"),
+        ("d.jsonl", '{"text": "a"}\n', {"label_field": "label"}, "file 'reviews.jsonl' line 1 has no label"),
+    ]
+    for file, content, kw, words in cases:
+        p = tmp_path / file
+        p.write_text(content, encoding="utf-8")
+        e = _err(p, name="reviews.jsonl", **kw)
+        assert words in e.message and str(tmp_path) not in e.message, (file, e.message)
+    with pytest.raises(DataError) as exc:
+        load_text_data(tmp_path / "missing.jsonl", name="gone.jsonl")
+    assert exc.value.message == "file 'gone.jsonl' not found"
+    (tmp_path / "d.jsonl").write_text("\n", encoding="utf-8")
+    assert str(tmp_path) in _err(tmp_path / "d.jsonl").message  # without a name: the path as given
+
+
 def test_not_utf8(tmp_path: Path) -> None:
     p = tmp_path / "d.jsonl"
     p.write_bytes(b'{"text": "a"}\n{"text": "\xa3 5"}\n')

@@ -116,6 +116,20 @@ def test_bad_input_fails_fast_with_the_field(tmp_path, trained_bert, sentiment_f
     assert e.value.field == "methods"
 
 
+def test_a_selection_that_leaves_nothing_is_refused_before_any_model_is_loaded():
+    for include, exclude, field in [
+        (None, ("*",), "exclude"),
+        (None, ("*.query", "?*"), "exclude"),
+        (("*.query",), ("*.query",), "exclude"),
+        (("*.[qk",), None, "include"),
+        (None, ("*. dense",), "exclude"),
+    ]:
+        with pytest.raises(InvalidInputError) as e:
+            SearchOptions(include=include, exclude=exclude)
+        assert e.value.field == field, (include, exclude)
+    SearchOptions(include=("*.[qk]*",), exclude=("*.0.*",))  # can match
+
+
 def test_group_front_at_least_as_good_as_layer_front(trained_bert, sentiment_file):
     data = _data(sentiment_file, calibration=48, evaluation=64)
     fronts = {}

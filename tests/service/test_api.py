@@ -632,7 +632,7 @@ def test_health_ready_metrics_version(api: Api) -> None:
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
     api.submit()
     api.client.get(f"{API}/jobs", headers=api.h())
-    text = api.client.get("/metrics").text
+    text = api.client.get("/metrics", headers=api.h("admin")).text
     assert 'bitscout_jobs{status="queued"} 1.0' in text
     assert 'route="/api/v1/jobs"' in text and "bitscout_http_request_duration_seconds_bucket" in text
     v = api.client.get(f"{API}/version").json()

@@ -77,6 +77,72 @@ def test_db_cli(empty_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert db_main(["nonsense"]) == 2
 
 
+def test_db_and_token_take_the_database_url_before_or_after_the_subcommand(
+    empty_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert db_main(["upgrade", "--database-url", empty_url]) == 0
+    assert "empty -> 0001" in capsys.readouterr().out
+    assert db_main(["check", "--database-url", empty_url]) == 0
+    assert db_main(["current", "--database-url", empty_url]) == 0
+    assert "up to date" in capsys.readouterr().out
+    # the subcommand's copy wins over the command's
+    unreachable = "postgresql://nobody@127.0.0.1:1/nothing"
+    assert db_main(["--database-url", unreachable, "check", "--database-url", empty_url]) == 0
+    capsys.readouterr()
+    assert token_main(["create", "--name", "alice", "--database-url", empty_url]) == 0
+    assert capsys.readouterr().out.startswith("bst_")
+    assert token_main(["list", "--json", "--database-url", empty_url]) == 0
+    assert [t["name"] for t in json.loads(capsys.readouterr().out)] == ["alice"]
+
+
+def test_a_token_name_that_cannot_be_stored_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    db_main(["upgrade", "--database-url", url])
+    capsys.readouterr()
+    # an argument with an undecodable byte reaches Python as a lone surrogate (surrogateescape)
+    assert token_main(["create", "--name", "al\udcffice", "--database-url", url]) == 2
+    assert "--name" in capsys.readouterr().err
+    assert token_main(["create", "--name", "a\x00", "--database-url", url]) == 2
+    assert "NUL" in capsys.readouterr().err
+    assert token_main(["revoke", "--name", "a\x00", "--database-url", url]) == 2
+    store = Store(db.make_engine(url), blob_dir=tmp_path / "b")
+    try:
+        assert store.list_tokens(include_revoked=True) == []
+    finally:
+        store.close()
+
+
+def test_the_sqlite_database_and_the_data_dir_are_private(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data" / "bitscout")
+    engine = db.make_engine(settings.url)
+    try:
+        db.upgrade(engine)
+        with engine.begin() as conn:
+            conn.execute(sa.text("SELECT 1 FROM jobs"))
+    finally:
+        engine.dispose()
+    db_file = settings.data_dir / "bitscout.db"
+    assert stat.S_IMODE(db_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(settings.data_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "data").stat().st_mode) == 0o700  # a missing parent too
+    for extra in ("bitscout.db-wal", "bitscout.db-shm"):
+        if (settings.data_dir / extra).exists():
+            assert stat.S_IMODE((settings.data_dir / extra).stat().st_mode) == 0o600, extra
+    store = Store.from_settings(settings)
+    try:
+        sha, _ = store.blobs.put_bytes(b"weights")
+        for d in (settings.blob_dir, settings.blob_dir / "tmp", settings.blob_dir / sha[:2]):
+            assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+    finally:
+        store.close()
+    # a PostgreSQL deployment's data directory (blobs only) is private too
+    pg_like = Settings(data_dir=tmp_path / "pg-data", database_url="postgresql://u@h/x")
+    from service.blobs import BlobStore
+
+    BlobStore(pg_like.blob_dir).put_bytes(b"x")
+    assert stat.S_IMODE(pg_like.data_dir.stat().st_mode) == 0o700
+
+
 def test_token_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     url = f"sqlite:///{tmp_path / 'cli.db'}"
     assert token_main(["--database-url", url, "list"]) == 1  # a database that cannot be used: a runtime error

@@ -1,11 +1,14 @@
 """The web status page in a real browser (Debian's Chromium, headless, driven by Playwright).
 
-The app is served by uvicorn on a free localhost port; a finished job is written through the
-store; the test opens the pages and checks that the plot and the table show the stored points.
+The app is served by uvicorn on a free localhost port, with uvicorn's own logging configuration
+and its access log captured; a finished job is written through the store; the test opens the pages
+and checks that the plot and the table show the stored points, and that no token ever reaches the
+access log.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -40,10 +43,24 @@ def _free_port() -> int:
 
 
 class Served:
-    def __init__(self, base: str, store: Any, token: str) -> None:
+    def __init__(self, base: str, store: Any, token: str, access: list[str]) -> None:
         self.base = base
         self.store = store
         self.token = token
+        #: the access log's lines, as uvicorn formats them
+        self.access = access
+
+
+class _Lines(logging.Handler):
+    def __init__(self, lines: list[str]) -> None:
+        from uvicorn.logging import AccessFormatter
+
+        super().__init__()
+        self.lines = lines
+        self.setFormatter(AccessFormatter('%(client_addr)s - "%(request_line)s" %(status_code)s', use_colors=False))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
 
 
 @pytest.fixture
@@ -61,9 +78,13 @@ def served(tmp_path: Path, sqlite_template: Path) -> Iterator[Served]:
     store = Store.from_settings(settings)
     _, token = store.create_token(name="alice")
     port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings, store=store), host="127.0.0.1", port=port, log_level="warning")
-    )
+    # uvicorn configures its loggers here (its default configuration, access log on) ...
+    config = uvicorn.Config(create_app(settings, store=store), host="127.0.0.1", port=port, log_level="info")
+    # ... and its access logger then gets one more handler, which keeps every line it writes.
+    access: list[str] = []
+    handler = _Lines(access)
+    logging.getLogger("uvicorn.access").addHandler(handler)
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -71,10 +92,11 @@ def served(tmp_path: Path, sqlite_template: Path) -> Iterator[Served]:
         time.sleep(0.02)
     assert server.started
     try:
-        yield Served(f"http://127.0.0.1:{port}", store, token)
+        yield Served(f"http://127.0.0.1:{port}", store, token, access)
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+        logging.getLogger("uvicorn.access").removeHandler(handler)
         store.close()
 
 
@@ -118,10 +140,10 @@ def _finished_job(store: Any, n: int = 6) -> tuple[str, list[dict[str, Any]]]:
 def test_job_list_and_finished_job_page(served: Served, page: Any) -> None:
     job_id, points = _finished_job(served.store)
     served.store.create_job(owner="alice", spec=job_spec())  # a queued one too
-    page.goto(f"{served.base}/?token={served.token}")
+    page.goto(f"{served.base}/#token={served.token}")
     page.wait_for_selector(f"#jobs tbody tr[data-job='{job_id}']")
     assert page.locator("#jobs tbody tr").count() == 2
-    assert "token=" not in page.url  # the token left the address bar
+    assert "token" not in page.url  # the token left the address bar
     row = page.locator(f"#jobs tbody tr[data-job='{job_id}']")
     assert "succeeded" in row.inner_text() and "kl, hessian" in row.inner_text()
 
@@ -177,7 +199,7 @@ def test_job_list_and_finished_job_page(served: Served, page: Any) -> None:
 def test_running_job_page_refreshes(served: Served, page: Any) -> None:
     served.store.create_job(owner="alice", spec=job_spec())
     rec = served.store.claim_next_job(worker_id="w")
-    page.goto(f"{served.base}/jobs/{rec.id}?token={served.token}")
+    page.goto(f"{served.base}/jobs/{rec.id}#token={served.token}")
     page.wait_for_selector("#status.running")
     served.store.heartbeat(
         job_id=rec.id, worker_id="w", progress=0.6, stage="evaluation", message="map 3 of 5"
@@ -214,7 +236,7 @@ def test_refined_points_are_marked_even_when_recommended(served: Served, page: A
     served.store.finish_job(job_id=rec.id, worker_id="w", points=points)
     pareto = served.store.get_pareto(job_id=rec.id)
     assert pareto.recommended == 4  # the refined point is the best under the budget
-    page.goto(f"{served.base}/jobs/{rec.id}?token={served.token}")
+    page.goto(f"{served.base}/jobs/{rec.id}#token={served.token}")
     page.wait_for_selector("#points tbody tr[data-point='4']")
     cell = page.locator("#points tbody tr[data-point='4'] td").last.inner_text()
     assert "recommended" in cell and "refined from #0" in cell
@@ -222,3 +244,46 @@ def test_refined_points_are_marked_even_when_recommended(served: Served, page: A
     assert page.locator("#plot circle.refined[data-point='4']").count() == 1
     page.locator("#plot [data-point='4']").hover()
     assert "(refined from #0)" in page.locator("#tooltip").inner_text()
+
+
+def test_the_token_never_reaches_the_access_log(served: Served, page: Any) -> None:
+    job_id, _ = _finished_job(served.store)
+    # the link the demo prints: the token in the fragment, which the browser never sends
+    page.goto(f"{served.base}/jobs/{job_id}#token={served.token}")
+    page.wait_for_selector("#plot [data-point]")
+    assert "token" not in page.url
+    assert page.evaluate("localStorage.getItem('bitscout_token')") == served.token
+    page.goto(f"{served.base}/")
+    page.wait_for_selector(f"#jobs tbody tr[data-job='{job_id}']")  # still signed in
+    # a token in the query string reaches the server: it is never used, and never logged
+    page.evaluate("localStorage.clear()")
+    _, other = served.store.create_token(name="bob")
+    page.goto(f"{served.base}/?token={other}")
+    page.wait_for_selector("#login:not(.hidden)")
+    assert "after '#'" in page.locator("#login-error").inner_text() and "token" not in page.url
+    assert page.evaluate("localStorage.getItem('bitscout_token')") is None
+    _wait_for(lambda: any("/?token=" in line for line in served.access))
+    lines = "\n".join(served.access)
+    assert f"GET /jobs/{job_id} HTTP/1.1" in lines and "/api/v1/jobs" in lines  # the log was captured
+    assert served.token not in lines and other not in lines
+    assert "/?token=[redacted]" in lines
+
+
+def test_the_access_log_redacts_tokens_in_query_strings(served: Served) -> None:
+    """Without a browser: whatever a client puts in a query string, the access log hides its token."""
+    import httpx2 as httpx
+
+    secret = served.token
+    for path in (f"/?token={secret}", f"/jobs/x?a=1&token={secret}&b=2", f"/api/v1/jobs?access_token={secret}"):
+        httpx.get(served.base + path, timeout=10)
+    _wait_for(lambda: len([line for line in served.access if "redacted" in line]) >= 3)
+    lines = "\n".join(served.access)
+    assert secret not in lines
+    assert "/jobs/x?a=1&token=[redacted]&b=2" in lines and "access_token=[redacted]" in lines
+
+
+def _wait_for(condition: Any, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)

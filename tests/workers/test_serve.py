@@ -3,6 +3,7 @@ over REST runs to the end; Ctrl-C stops everything cleanly."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -17,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import require_or_skip
+from tests.service.conftest import PgDatabases, pg_reachable
 from tests.workers.conftest import tiny_spec
 
 pytestmark = pytest.mark.ray
@@ -96,3 +99,53 @@ def test_serve_runs_a_job_submitted_over_rest_and_stops_on_ctrl_c(tmp_path: Path
     assert "bitscout serve: stopped" in out and "Traceback" not in out
     # the embedded SQLite database was created and migrated on the first start
     assert "migrated" in out
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_serve_migrates_an_empty_database_of_either_kind_and_refuses_one_out_of_date(
+    backend: str, tmp_path: Path, pg_databases: PgDatabases | None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What ``bitscout serve`` and ``bitscout dispatcher`` do with the database before anything else
+    (their start-up path, without Ray): the same on SQLite and PostgreSQL."""
+    import sqlalchemy as sa
+
+    from bitscout.exit_codes import EXIT_ERROR
+    from service import db
+    from workers.cli import _start
+
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'serve.db'}"
+    else:
+        if pg_databases is None:
+            require_or_skip(False, pg_reachable()[1])
+        assert pg_databases is not None
+        url = pg_databases.create()
+    argv = ["--database-url", url, "--data-dir", str(tmp_path / "data"), "--log-level", "warning"]
+
+    def start(prog: str, migrate_empty: bool) -> Any:
+        return _start(argparse.ArgumentParser(prog=prog), argv, migrate_empty=migrate_empty)
+
+    # the dispatcher never migrates: an empty database is refused (a runtime error, exit 1), with the
+    # command to run
+    assert start("bitscout dispatcher", False) == EXIT_ERROR
+    assert "bitscout db upgrade" in capsys.readouterr().err
+    # serve's first start migrates the empty database
+    assert not isinstance(start("bitscout serve", True), int)
+    assert "migrated empty -> " in capsys.readouterr().err
+    engine = db.make_engine(url)
+    try:
+        assert db.current_revision(engine) == db.head_revision() and db.schema_diff(engine) == []
+        # at head: used as it is, by both
+        assert not isinstance(start("bitscout serve", True), int)
+        assert not isinstance(start("bitscout dispatcher", False), int)
+        assert "migrated" not in capsys.readouterr().err
+        # not empty and out of date: refused by both the same way, and left as it is
+        with engine.begin() as conn:
+            conn.execute(sa.text("UPDATE bitscout_alembic_version SET version_num = '0000'"))
+        for prog, migrate in (("bitscout serve", True), ("bitscout dispatcher", False)):
+            assert start(prog, migrate) == EXIT_ERROR
+            err = capsys.readouterr().err
+            assert err.startswith(f"{prog}: ") and "at revision 0000" in err and "bitscout db upgrade" in err
+        assert db.current_revision(engine) == "0000"
+    finally:
+        engine.dispose()

@@ -83,6 +83,17 @@ def test_error_codes_of_what_ends_a_job():
     assert error_of(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"))[0] == "out_of_memory"
     code, msg = error_of(KeyError("x\nsecond line"))
     assert code == "internal" and "KeyError" in msg and "\n" not in msg
+    # with the job's spec, a search error names the spec's path of its field
+    from search.errors import InvalidInputError
+
+    spec = JobSpec.model_validate(tiny_spec())
+    assert error_of(InvalidInputError("none left", field="exclude"), spec)[1] == "space.exclude: none left"
+    assert error_of(InvalidInputError("none", field="include"), spec)[1] == "space.include: none"
+    assert error_of(DataError("no column", field="text_field"), spec)[1] == "data.text_field: no column"
+    assert error_of(DataError("bad line", field="source"), spec)[1] == "data.path: bad line"
+    assert error_of(ModelLoadError("no config", field="model"), spec)[1] == "model.path: no config"
+    assert error_of(InfeasibleBudgetError("small", field="max_avg_bits"), spec)[1] == "budget.max_avg_bits: small"
+    assert error_of(DataError("bad", field="data.upload_id"), spec)[1] == "data.upload_id: bad"
 
 
 # ---------------------------------------------------------------------------------- sources
@@ -210,6 +221,62 @@ def test_the_runner_in_process_ends_jobs_with_their_codes(env: Env):
     env.store.claim_next_job(worker_id="w/other")
     out = JobRunner(other.id, "w/not-me", env.config(eval_workers=0), store=env.store).run()
     assert out.status == "lost" and env.store.get_job(job_id=other.id).status is JobStatus.running
+
+
+def test_failed_jobs_name_the_users_inputs_and_never_the_servers_paths(env: Env, assets: Path, tmp_path: Path):
+    """Real runs (no Ray) that end on bad data, a bad model and a selection that leaves nothing: each
+    message names the input as the user gave it, with the job spec's path, and holds no server path."""
+    import dataclasses
+    import json as _json
+
+    root = tmp_path / "inputs"
+    (root / "broken").mkdir(parents=True)
+    rows = [_json.dumps({"text": "good movie", "label": "pos"}), _json.dumps({"text": "bad", "label": "neg"})]
+    (root / "broken" / "bad.jsonl").write_text(rows[0] + "\n{not json\n" + rows[1] + "\n")
+    cfg = dataclasses.replace(env.config(eval_workers=0), data_root=str(root))
+    up = env.store.put_upload(owner="alice", filename="reviews.jsonl", kind="data",
+                              source=(rows[0] + "\n" + rows[1] + "\n[1, 2]\n").encode())  # fmt: skip
+    server_paths = [str(p) for p in (env.settings.data_dir, env.settings.data_dir.resolve(), root, assets,
+                                     cfg.work_dir, cfg.blob_dir)] + [up.sha256]  # fmt: skip
+
+    def failed(**overrides) -> tuple[str | None, str]:
+        job = env.submit(**overrides)
+        env.store.claim_next_job(worker_id="w/paths")
+        out = JobRunner(job.id, "w/paths", cfg, store=env.store).run()
+        assert out.status == "failed", out
+        read = env.store.get_job(job_id=job.id)
+        texts = [read.error_message or ""] + [e.message or "" for e in env.events(job.id)]
+        for text in texts:
+            assert not any(p in text for p in server_paths), text
+        return read.error_code, read.error_message or ""
+
+    code, msg = failed(data={"path": None, "upload_id": up.id})
+    assert code == "data_invalid" and msg.startswith("data.upload_id: file 'reviews.jsonl' line 3 is a JSON array")
+    code, msg = failed(data={"path": "broken/bad.jsonl"})
+    assert code == "data_invalid" and msg.startswith("data.path: file 'broken/bad.jsonl' line 2 is not valid JSON")
+    (root / "ok.jsonl").write_bytes((assets / "inputs" / "sentiment.jsonl").read_bytes())
+    code, msg = failed(model={"path": "not-a-model"}, data={"path": "ok.jsonl"})
+    assert code == "model_load_failed" and msg.startswith("model.path: 'not-a-model' is not a transformers model"), msg
+    code, msg = failed(data={"path": "ok.jsonl"}, space={"include": ["nothing.*"]})
+    assert code == "invalid_request" and msg.startswith("space.include: no quantizable matrix"), msg
+    code, msg = failed(data={"path": "ok.jsonl"}, space={"include": ["*.layer.0.*"], "exclude": ["*.0.*"]})
+    assert code == "invalid_request" and msg.startswith("space.exclude: the exclude patterns leave out all"), msg
+
+
+def test_server_paths_are_rewritten_at_path_boundaries_only(tmp_path: Path):
+    from workers.sources import ServerPaths
+
+    work = tmp_path / "srv" / "work"
+    cfg = RunnerConfig(database_url="sqlite://", blob_dir=str(tmp_path / "srv" / "blobs"), work_dir=str(work),
+                       model_root=str(tmp_path / "models"))  # fmt: skip
+    paths = ServerPaths(cfg)
+    paths.name(work / "data" / "abc.jsonl", "reviews.jsonl")
+    text = (f"cannot read '{work}/data/abc.jsonl': no; see {work}/models/x, {tmp_path}/models-old/x, "
+            f"{tmp_path}/models/bert/config.json, {tmp_path / 'srv'} and {tmp_path / 'srv' / 'blobs'}/ab/cd")  # fmt: skip
+    assert paths.scrub(text) == (
+        f"cannot read 'reviews.jsonl': no; see <work dir>/models/x, {tmp_path}/models-old/x, "
+        "<model root>/bert/config.json, <data dir> and <file store>/ab/cd"
+    )
 
 
 def test_the_runner_refines_the_recommended_point(env: Env):
