@@ -250,7 +250,7 @@ def _submit_parser() -> _Parser:
         dest="methods",
         action="append",
         metavar="METHOD",
-        help="kl, hessian, dnas, nsga2 (repeat or comma-separate; default: kl)",
+        help="kl, hessian, fisher, dnas, nsga2 (repeat or comma-separate; default: kl)",
     )
     p.add_argument(
         "--option", dest="method_options", action="append", type=_method_option, metavar="METHOD.KEY=VALUE",

@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="auto", choices=["auto", "sequence_classification", "embeddings", "causal_lm"])
     p.add_argument("--text-field", default="text")
     p.add_argument("--label-field", default=None, help="the label column (classification accuracy)")
-    p.add_argument("--method", action="append", dest="methods", help="kl, hessian, dnas, nsga2 (repeatable; default kl)")
+    p.add_argument("--method", action="append", dest="methods", help="kl, hessian, fisher, dnas, nsga2 (repeatable; default kl)")
     p.add_argument("--bits", type=_csv_ints, default=("2", "3", "4", "8"), help="allowed bit-widths (0 prunes), e.g. 2,3,4,8")
     p.add_argument("--asymmetric", action="store_true", help="asymmetric integer grids")
     p.add_argument(

@@ -50,7 +50,7 @@ from search.tasks import (
 )
 
 #: methods whose candidates come from a sensitivity table + the allocator
-SENSITIVITY_METHODS = ("kl", "hessian")
+SENSITIVITY_METHODS = ("kl", "hessian", "fisher")
 #: the order in which a budget's limits pick the metric the front is swept over
 SWEEP_ORDER = ("size_bytes", "avg_bits", "bops", "latency_ms")
 UNIFORM_BASELINES: tuple[int, ...] = (8, 6, 4, 3, 2)

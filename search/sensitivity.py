@@ -1,7 +1,7 @@
 """Sensitivity methods: a score per (group, option) saying how much quantizing that group alone hurts.
 
 Every method implements :class:`SensitivityMethod`; the pipeline finds them by name in
-:data:`METHODS` (``kl`` here, ``hessian`` in :mod:`search.hessian`). A method
+:data:`METHODS` (``kl`` here, ``hessian`` in :mod:`search.hessian`, ``fisher`` in :mod:`search.fisher`). A method
 
 * reads the model, the adapter, the search space and the calibration batches from a
   :class:`SensitivityContext`, and leaves the model exactly as it found it;
@@ -87,6 +87,7 @@ def register(cls: type[SensitivityMethod]) -> type[SensitivityMethod]:
 def get_method(name: str, **options: Any) -> SensitivityMethod:
     if name not in METHODS:
         # methods in other modules register on import
+        import search.fisher  # noqa: F401
         import search.hessian  # noqa: F401
     if name not in METHODS:
         raise InvalidInputError(f"unknown sensitivity method {name!r}; known: {', '.join(sorted(METHODS))}", field="methods")
