@@ -369,3 +369,12 @@ def test_submit_passes_method_options(env: str, capsys: pytest.CaptureFixture[st
     assert rc == 2 and "method_options" in one_line_error(err)
     rc, _, err = run(capsys, "submit", *SERVER_SPEC, "--option", "max_probes")
     assert rc == 2 and "METHOD.KEY=VALUE" in one_line_error(err)
+
+
+def test_submit_asks_for_the_fisher_method(env: str, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = run(capsys, "submit", *SERVER_SPEC, "--method", "fisher", "--option", "fisher.weighting=rows",
+                       "--option", "fisher.micro_batch=8", "--json")
+    assert rc == 0, err
+    spec = json.loads(out)["spec"]
+    assert spec["methods"] == ["fisher"]
+    assert spec["method_options"] == {"fisher": {"weighting": "rows", "micro_batch": 8}}
