@@ -42,6 +42,7 @@ __all__ = [
     "Method",
     "MethodOptionsSpec",
     "DNASOptions",
+    "FisherOptions",
     "HessianOptions",
     "KLOptions",
     "MethodOptions",
@@ -95,6 +96,32 @@ class HessianOptions(MethodOptions):
     def _probe_range(cls, v: int, info: ValidationInfo) -> int:
         if v < info.data.get("min_probes", 2):
             raise ValueError("max_probes must be at least min_probes")
+        return v
+
+
+class FisherOptions(MethodOptions):
+    """``fisher``: the diagonal Fisher from per-example gradients of one forward and one backward
+    pass per calibration (micro-)batch, weighing every weight's quantization error."""
+
+    labels: Literal["sampled", "model", "data"] = Field(
+        default="sampled",
+        description="Labels whose log-likelihood gradients build the Fisher: drawn from the model's own prediction "
+        "(the true Fisher), its argmax, or the data's labels.",
+    )
+    weighting: Literal["elements", "rows", "members"] = Field(
+        default="elements", description="How the Fisher weighs the squared error: per element, per row, per member slice."
+    )
+    micro_batch: _Count | None = Field(default=None, description="Examples per forward/backward pass (memory).")
+    draws: _Count = Field(default=1, description="Label draws per forward pass (labels 'sampled' only).")
+    calibrate: StrictBool = Field(
+        default=False, description="Rescale the narrow widths' scores from measured uniform maps, as the Hessian's."
+    )
+
+    @field_validator("draws")
+    @classmethod
+    def _draws_need_sampling(cls, v: int, info: ValidationInfo) -> int:
+        if v > 1 and info.data.get("labels", "sampled") != "sampled":
+            raise ValueError("draws > 1 needs labels 'sampled' (other labels are the same at every draw)")
         return v
 
 
@@ -245,6 +272,7 @@ class Method(StrEnum):
 
     kl = "kl"
     hessian = "hessian"
+    fisher = "fisher"
     dnas = "dnas"
     nsga2 = "nsga2"
 
@@ -260,6 +288,7 @@ class MethodOptionsSpec(MethodOptions):
 
     kl: KLOptions | None = None
     hessian: HessianOptions | None = None
+    fisher: FisherOptions | None = None
     dnas: DNASOptions | None = None
     nsga2: NSGA2Options | None = None
 

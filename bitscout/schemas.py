@@ -686,7 +686,7 @@ class ParetoPointRead(_Read):
     """An evaluated precision map."""
 
     id: int = Field(ge=0, description="The point's id within its job (its index).")
-    method: str = Field(description="How it was found: kl, hessian, dnas, nsga2, or uniform (a baseline).")
+    method: str = Field(description="How it was found: kl, hessian, fisher, dnas, nsga2, or uniform (a baseline).")
     label: str = Field(default="", description="A short name, e.g. 'uniform 4-bit'.")
     precision_map: dict[str, BitOptionRead] = Field(description="Group name -> chosen option.")
     cost: CostRead = Field(description="What the map costs.")
@@ -721,7 +721,7 @@ class ParetoRead(_Read):
 class SensitivityRead(_Read):
     """A sensitivity table: a score per (group, option) and how it was obtained."""
 
-    method: str = Field(description="kl or hessian.")
+    method: str = Field(description="kl, hessian or fisher.")
     samples: int = Field(default=0, ge=0, description="Calibration sequences (or probes) used.")
     scores: dict[str, dict[str, float | None]] = Field(
         description="scores[group][option key] (option keys: '4', '4a', '4g128', '0')."

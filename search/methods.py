@@ -61,6 +61,8 @@ REGISTRY: dict[str, MethodEntry] = {
                     "output KL (or 1 - cosine) of each group quantized alone, with block replay"),
         MethodEntry("hessian", "sensitivity", "search.hessian:HessianSensitivity",
                     "Hutchinson Hessian curvature weighing each option's quantization error"),
+        MethodEntry("fisher", "sensitivity", "search.fisher:FisherSensitivity",
+                    "diagonal Fisher of one forward and backward pass per batch weighing each weight's error"),
         MethodEntry("dnas", "proposer", "search.dnas:dnas_candidates",
                     "differentiable search over a supernet of every group's options (0 bits prunes)"),
         MethodEntry("nsga2", "proposer", "search.nsga2:nsga2_candidates",

@@ -225,9 +225,13 @@ def _codes(
 def _row_sq_error(
     w32: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
 ) -> torch.Tensor:
-    """Squared error of every row (float64 sums of float32 squares) under the given parameters."""
-    deq = (_codes(w32, scale, zero_point, qmin, qmax) - zero_point[:, None]) * scale[:, None]
-    return (w32 - deq).square_().sum(dim=1, dtype=torch.float64)
+    """Squared error of every row (float64 sums of float32 squares) under the given parameters.
+
+    The arithmetic of :func:`_codes` and :func:`dequantize`, in place in one temporary (the MSE search
+    calls this once per clip ratio: a quarter of the time of the out-of-place expression)."""
+    err = torch.div(w32, scale[:, None])
+    err.round_().add_(zero_point[:, None]).clamp_(qmin, qmax).sub_(zero_point[:, None]).mul_(scale[:, None])
+    return err.sub_(w32).square_().sum(dim=1, dtype=torch.float64)
 
 
 def choose_qparams(

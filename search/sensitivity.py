@@ -1,7 +1,8 @@
 """Sensitivity methods: a score per (group, option) saying how much quantizing that group alone hurts.
 
 Every method implements :class:`SensitivityMethod`; the pipeline finds them by name in
-:data:`search.methods.REGISTRY` (``kl`` here, ``hessian`` in :mod:`search.hessian`). A method
+:data:`search.methods.REGISTRY` (``kl`` here, ``hessian`` in :mod:`search.hessian`, ``fisher`` in
+:mod:`search.fisher`). A method
 
 * reads the model, the adapter, the search space and the calibration batches from a
   :class:`SensitivityContext`, and leaves the model exactly as it found it;

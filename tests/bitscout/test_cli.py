@@ -430,3 +430,12 @@ def test_submit_wait_on_a_job_that_fails_exits_3(
     worker.join(60)
     assert rc == 3, err
     assert "data_invalid" in err and "the data has no label" in err
+
+
+def test_submit_asks_for_the_fisher_method(env: str, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = run(capsys, "submit", *SERVER_SPEC, "--method", "fisher", "--option", "fisher.weighting=rows",
+                       "--option", "fisher.micro_batch=8", "--json")
+    assert rc == 0, err
+    spec = json.loads(out)["spec"]
+    assert spec["methods"] == ["fisher"]
+    assert spec["method_options"] == {"fisher": {"weighting": "rows", "micro_batch": 8}}

@@ -1,0 +1,36 @@
+"""A job asking for the ``fisher`` method, run by the runner in-process (no Ray): its table is stored,
+its maps are on the front, and a bad option fails the job naming the option."""
+
+from __future__ import annotations
+
+from bitscout.schemas import JobStatus
+from tests.workers.conftest import Env
+from workers.runner import JobRunner
+
+
+def _run(env: Env, job_id: str, worker: str):
+    claim = env.store.claim_next_job(worker_id=worker)
+    assert claim is not None and claim.id == job_id
+    return JobRunner(job_id, worker, env.config(eval_workers=0), store=env.store).run()
+
+
+def test_a_fisher_job_stores_its_table_and_front(env: Env):
+    job = env.submit(methods=["fisher", "kl"], method_options={"fisher": {"weighting": "rows"}})
+    out = _run(env, job.id, "w/fisher")
+    assert out.status == "succeeded", out
+    assert env.store.get_job(job_id=job.id).status is JobStatus.succeeded
+    tables = {t.method: t for t in env.store.get_sensitivities(job_id=job.id)}
+    assert set(tables) == {"fisher", "kl"}
+    fisher = tables["fisher"]
+    assert fisher.extra["weighting"] == "rows" and fisher.extra["forwards"] >= 1
+    assert all(row["32"] == 0.0 for row in fisher.scores.values())
+    assert fisher.scores.keys() == tables["kl"].scores.keys()
+    points = env.store.get_points(job_id=job.id)
+    assert any(p.method == "fisher" for p in points)
+
+
+def test_a_bad_fisher_option_fails_the_job_naming_it(env: Env):
+    job = env.submit(methods=["fisher"], method_options={"fisher": {"labels": "gold"}})
+    out = _run(env, job.id, "w/bad")
+    assert out.status == "failed" and out.code == "invalid_request"
+    assert "labels" in (env.store.get_job(job_id=job.id).error_message or "")
