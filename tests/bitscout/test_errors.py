@@ -152,7 +152,7 @@ def test_bad_input_is_refused_before_any_request(service: Service, tmp_path: Pat
         ({"methods": ["kl", "kl"]}, "methods"),
         ({"methods": ["magic"]}, "methods.0"),
         ({"metric": "perplexity"}, None),
-        ({"space": {"bits": [7]}}, "space.bits"),
+        ({"space": {"bits": [7]}}, "space.bits.0"),
         ({"model": model_dir, "task": None}, "task"),
         ({"model": "./does/not/exist"}, "model"),
         ({"data": tmp_path / "missing.jsonl"}, "data"),

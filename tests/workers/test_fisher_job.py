@@ -1,7 +1,10 @@
 """A job asking for the ``fisher`` method, run by the runner in-process (no Ray): its table is stored,
-its maps are on the front, and a bad option fails the job naming the option."""
+its maps are on the front, and a bad option is refused when the job is written."""
 
 from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
 
 from bitscout.schemas import JobStatus
 from tests.workers.conftest import Env
@@ -29,8 +32,12 @@ def test_a_fisher_job_stores_its_table_and_front(env: Env):
     assert any(p.method == "fisher" for p in points)
 
 
-def test_a_bad_fisher_option_fails_the_job_naming_it(env: Env):
-    job = env.submit(methods=["fisher"], method_options={"fisher": {"labels": "gold"}})
-    out = _run(env, job.id, "w/bad")
-    assert out.status == "failed" and out.code == "invalid_request"
-    assert "labels" in (env.store.get_job(job_id=job.id).error_message or "")
+def test_a_bad_fisher_option_is_refused_before_a_job_exists(env: Env):
+    """The options are typed in the job spec: a bad one is refused when the job is written, naming
+    the option, and no row is stored."""
+    before = env.store.list_jobs(owner="alice").total
+    with pytest.raises(ValidationError) as exc:
+        env.submit(methods=["fisher"], method_options={"fisher": {"labels": "gold"}})
+    locs = [".".join(str(p) for p in e["loc"]) for e in exc.value.errors()]
+    assert locs == ["method_options.fisher.labels"], locs
+    assert env.store.list_jobs(owner="alice").total == before
