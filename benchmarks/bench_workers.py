@@ -22,7 +22,7 @@ Submission to running, on a warm Ray: small jobs are submitted one at a time; fo
 from the POST until ``GET /jobs/{id}`` says ``running`` (claimed by the dispatcher), and until the
 runner's own ``runner`` event (the runner process is executing the job).
 
-Targets (issue 6): overhead at most 5 % on a job of a few minutes; submission to running at most
+Targets: overhead at most 5 % on a job of a few minutes; submission to running at most
 2 s on a warm Ray.
 
     python -m benchmarks.bench_workers [--quick] [--cache .cache] [--out benchmarks/results/parts/workers.json]

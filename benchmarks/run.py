@@ -59,8 +59,8 @@ class Part:
 
 #: quality configurations of the classifier; of embeddings (the classifier's quantized, the embedding model).
 #: Each part holds what fits an hour on 2 cores with every method: the BBC classifier's two granularities
-#: took 40 minutes; Rotten Tomatoes 15 (layer) and 30 (group), the embedding model's group granularity 31 on
-#: session 6's machine (26 and about 38 for Rotten Tomatoes on session 5's, three times slower).
+#: took 40 minutes; Rotten Tomatoes 15 (layer) and 30 (group), the embedding model's group granularity 31
+#: (full mode on a 2-core AMD EPYC; about three times as long on a slower 2-core machine).
 QUALITY_BBC = ("bbc-layer", "bbc-group")
 #: the quick peer part's limit (the BBC classifier; ModelOpt's venv is made once, in the cache)
 PEER_QUICK_TIMEOUT_S = 300.0
