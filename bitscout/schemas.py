@@ -6,7 +6,8 @@ sends (unknown fields are rejected); ``...Read`` are what the service answers (u
 ignored, so an older SDK can read a newer server).
 
 A precision map on the wire is an object ``{group name: {"bits": int, "symmetric": bool,
-"group_size": int | null}}`` (``group_size`` absent or null: one scale per row; the bit-option
+"group_size": int | null, "act_bits": int | null}}`` (``group_size`` null: one scale per row;
+``act_bits`` null: activations not quantized; the bit-option
 grammar is :mod:`bitscout.options`); group names are module names (``bert.encoder.layer.0.attention.self.query``) or sub-layer groups
 (``bert.encoder.layer.2/ffn7``). Sizes are in bytes or in megabytes of 10^6 bytes.
 
@@ -664,21 +665,25 @@ class CostRead(_Read):
 
 
 class BitOptionRead(_Read):
-    """One group's choice: bits (0 pruned, 2-8 integer, 16 half, 32 unchanged), grid symmetry and
-    the input columns that share one scale (null: one scale per row)."""
+    """One group's choice: bits (0 pruned, 2-8 integer, 16 half, 32 unchanged), grid symmetry, the
+    input columns that share one scale (null: one scale per row) and the width its input
+    activations are quantized to (null: not quantized). Every field is always named."""
 
     bits: int = Field(description="Bit-width.")
     symmetric: bool = Field(default=True, description="Symmetric integer grid.")
     group_size: int | None = Field(
         default=None,
         ge=1,
-        exclude_if=lambda v: v is None,  # a per-row option is written as it always was: {bits, symmetric}
-        description="Input columns per scale (group-wise scales); absent or null: one scale per row.",
+        description="Input columns per scale (group-wise scales); null: one scale per row.",
+    )
+    act_bits: int | None = Field(
+        default=None,
+        description="Bits of the group's input activations (2-8 integer, 16 half precision); null: not quantized.",
     )
 
     def key(self) -> str:
-        """The option's canonical key (``"4"``, ``"4a"``, ``"4g128"``), as in sensitivity tables."""
-        return _options.option_key(self.bits, self.symmetric, self.group_size)
+        """The option's canonical key (``"4"``, ``"4a"``, ``"4g128"``, ``"4a8"``), as in sensitivity tables."""
+        return _options.option_key(self.bits, self.symmetric, self.group_size, self.act_bits)
 
 
 
