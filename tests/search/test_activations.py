@@ -9,8 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from search import quant
-from search.actquant import activations_quantized, fake_quantize_activation
+from search.actquant import fake_quantize_activation
 from search.adapter import ModelAdapter
 from search.cost import CostModel, LatencyTable
 from search.errors import InvalidInputError
@@ -72,10 +71,10 @@ def test_a8_in_a_model_matches_the_direct_computation_whole_matrices_and_slices(
             mod = adapter.module(module)
             # the input as the model makes it (a pre-hook that runs before the quantizer's), and the
             # output after every hook of the quantizer (a hook registered after them)
-            hx = mod.register_forward_pre_hook(lambda m, a: seen.update(x=a[0].clone()))
+            hx = mod.register_forward_pre_hook(lambda m, a, seen=seen: seen.update(x=a[0].clone()))
             try:
                 with adapter.quantized(pmap, space, clip="minmax"):
-                    hy = mod.register_forward_hook(lambda m, a, o: seen.update(y=o.clone()))
+                    hy = mod.register_forward_hook(lambda m, a, o, seen=seen: seen.update(y=o.clone()))
                     model(**_inputs(model))
                     hy.remove()
                     w = adapter.weight(module).clone()
