@@ -54,9 +54,11 @@ import argparse
 import json
 import re
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from bitscout import options as bit_options
+from bitscout.latency import LatencyTableError, check_device_profile, parse_latency_table
 
 __all__ = [
     "DEFAULTS",
@@ -142,6 +144,48 @@ def bit_list(text: str) -> list[int | str]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def act_bit_list(text: str) -> list[int]:
+    """``8,16`` -> ``[8, 16]``: activation widths crossed with the integer options of ``--bits``."""
+    try:
+        return list(bit_options.parse_act_bits(text))
+    except bit_options.OptionSyntaxError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def json_file(text: str) -> dict[str, Any]:
+    """The JSON object in file ``text`` (a latency table, a device profile)."""
+    try:
+        data = json.loads(Path(text).read_text())
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {text!r}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} does not hold a JSON object")
+    return data
+
+
+def device_profile_arg(text: str) -> str | dict[str, Any]:
+    """A profile name (``a100``), or a JSON file of a custom profile's figures
+    (:data:`bitscout.latency.DEVICE_PROFILE_FIELDS`), checked here (a bad figure is named)."""
+    if not text.lower().endswith(".json"):
+        return text
+    data = json_file(text)
+    try:
+        return check_device_profile(data)
+    except LatencyTableError as exc:
+        raise argparse.ArgumentTypeError(f"{text}: device_profile.{exc.field}: {exc}") from None
+
+
+def latency_table_arg(text: str) -> dict[str, Any]:
+    """A latency table file (``bitscout profile --out``), checked here (the bad field is named)."""
+    data = json_file(text)
+    try:
+        return parse_latency_table(data)
+    except LatencyTableError as exc:
+        raise argparse.ArgumentTypeError(f"{text}: latency_table.{exc.field}: {exc}") from None
+
+
 def tie_list(text: str) -> list[str]:
     """``qkv,gate_up`` -> ``["attention_inputs", "ffn_inputs"]``; ``none`` -> ``[]`` (nothing tied)."""
     try:
@@ -221,8 +265,14 @@ def add_budget_options(p: argparse.ArgumentParser) -> None:
     for name, metavar, text in _LIMITS:
         g.add_argument(_flag(name), dest=name, type=float, metavar=metavar, help=text)
     g.add_argument(
-        "--device-profile", metavar="NAME",
-        help=f"the device latency is modelled on: a100, h100, rtx4090, cpu-avx512, jetson-orin (default: {DEFAULTS.device_profile})",
+        "--device-profile", metavar="NAME|FILE.json", type=device_profile_arg,
+        help="the device latency is modelled on: a100, h100, rtx4090, cpu-avx512, jetson-orin, or a JSON file of a "
+        "custom profile (memory_bandwidth_gbs, int8_tops, int4_tops, fp16_tflops, fp32_tflops) "
+        f"(default: {DEFAULTS.device_profile})",
+    )  # fmt: skip
+    g.add_argument(
+        "--latency-table", metavar="FILE.json", type=latency_table_arg,
+        help="a latency table measured by `bitscout profile`: latency from its times instead of the device profile",
     )  # fmt: skip
 
 
@@ -233,6 +283,16 @@ def add_space_options(p: argparse.ArgumentParser) -> None:
         "--bits", type=bit_list, metavar="LIST",
         help="allowed bit options: widths (0 prunes, 32 unchanged), 'a' an asymmetric grid, 'g<N>' a scale per N "
         f"input columns, e.g. 4g128,8,3g64 (default: {','.join(map(str, DEFAULTS.bits))})",
+    )  # fmt: skip
+    g.add_argument(
+        "--act-bits", type=act_bit_list, metavar="LIST",
+        help="activation widths searched with every integer option, e.g. 8,16 (4 becomes 4a8 and 4a16); "
+        "or name them in --bits (4a8) (default: weights only)",
+    )  # fmt: skip
+    g.add_argument(
+        "--act-scales", choices=("dynamic", "static"),
+        help="activation scales: per token at run time, or static ones calibrated on the calibration rows "
+        "(default: dynamic)",
     )  # fmt: skip
     g.add_argument(
         "--tie", type=tie_list, metavar="KINDS",

@@ -188,6 +188,8 @@ def _limits(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {n: getattr(args, n) for n in opt.LIMIT_NAMES if getattr(args, n) is not None}
     if args.device_profile:
         out["device_profile"] = args.device_profile
+    if getattr(args, "latency_table", None) is not None:
+        out["latency_table"] = args.latency_table  # a checked table; uploaded by submit before the job
     return out
 
 
@@ -284,7 +286,7 @@ def submit_options(args: argparse.Namespace) -> dict[str, Any]:
         "symmetric": False if args.asymmetric else None, "include": args.include, "exclude": args.exclude,
         "include_head": args.include_head, "include_embeddings": args.include_embeddings,
         "max_head_fraction": args.max_head_prune, "max_ffn_fraction": args.max_ffn_prune,
-        "keep_one_head": args.keep_one_head,
+        "keep_one_head": args.keep_one_head, "act_bits": args.act_bits, "act_scales": args.act_scales,
     })  # fmt: skip
     _merge(opts, "data_options", {
         "text_field": args.text_field, "label_field": args.label_field, "tokens_field": args.tokens_field,
@@ -308,6 +310,16 @@ def submit_options(args: argparse.Namespace) -> dict[str, Any]:
     return opts
 
 
+def _upload_latency_table(client: Any, table: Mapping[str, Any]) -> str:
+    """Upload a checked latency table (``kind=latency_table``); its upload id."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "latency-table.json"
+        path.write_text(json.dumps(table))
+        return str(client.upload(path, kind="latency_table").id)
+
+
 def submit_main(argv: Sequence[str]) -> int:
     """``bitscout submit``."""
 
@@ -315,6 +327,9 @@ def submit_main(argv: Sequence[str]) -> int:
         opts = submit_options(args)
         progress = _show_progress(args)
         with _client(args) as client:
+            table = (opts.get("budget") or {}).get("latency_table")
+            if isinstance(table, Mapping):
+                opts["budget"] = {**opts["budget"], "latency_table": _upload_latency_table(client, table)}
             job = client.submit(**opts, progress=progress)
             print(f"submitted job {job.id} ({job.status.value})", file=sys.stderr)
             if args.wait:

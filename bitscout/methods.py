@@ -37,8 +37,12 @@ from pydantic import (
     model_serializer,
 )
 
+from bitscout.options import parse_option
+
 __all__ = [
+    "ACTIVATION_METHODS",
     "OPTIONS",
+    "activation_problem",
     "Method",
     "MethodOptionsSpec",
     "DNASOptions",
@@ -339,6 +343,29 @@ OPTIONS: dict[str, type[MethodOptions]] = {
     name: next(a for a in getattr(f.annotation, "__args__", ()) if isinstance(a, type) and issubclass(a, MethodOptions))
     for name, f in MethodOptionsSpec.model_fields.items()
 }
+
+
+#: The methods that score (``kl``: each option probed with its activations quantized) or propose
+#: and evaluate (``nsga2``) options with activation bits (``4a8``); the others (``hessian``,
+#: ``fisher``: curvature of the weights' error; ``dnas``: a supernet of weight options) do not see
+#: activations, and a job with activation widths refuses them (field ``methods``).
+ACTIVATION_METHODS: frozenset[str] = frozenset({"kl", "nsga2"})
+
+
+def activation_problem(methods: Any, options: Any) -> str | None:
+    """Why ``methods`` cannot search ``options`` (bit options of :mod:`bitscout.options`): a message
+    naming the first method that does not score activation widths, when an option names one; else None."""
+    with_act = [o for o in options if parse_option(o).act_bits is not None]
+    if not with_act:
+        return None
+    for m in methods:
+        name = str(getattr(m, "value", m))
+        if name not in ACTIVATION_METHODS:
+            return (
+                f"method {name} does not score activation widths (option {with_act[0]}); methods that do: "
+                f"{', '.join(sorted(ACTIVATION_METHODS))}"
+            )
+    return None
 
 
 def options_model(method: str) -> type[MethodOptions]:

@@ -11,7 +11,7 @@ Bit options
 One grammar for every place a bit option is written (``--bits 4g128,8``, a job's ``space.bits``,
 the option keys of a sensitivity table)::
 
-    option  :=  <bits> [ "a" | "s" ] [ "g" <group columns> ]
+    option  :=  <bits> [ "a" | "s" ] [ "g" <group columns> ] [ "a" <activation bits> ]
 
 =============  =====================================================================================
 part           meaning
@@ -21,17 +21,23 @@ part           meaning
                without either the space's default grid applies (symmetric unless asked otherwise)
 ``g<N>``       group-wise scales: one scale (and zero point) per ``N`` input columns of each row;
                without it, one per row. Integer widths only.
+``a<A>``       the input activations of the group's matrices quantized to ``A`` bits (2-8 integer,
+               16 half precision): ``4a8`` is W4A8, ``4g128a8`` W4A8 with group-wise weight
+               scales; without it the activations stay as the model runs them. Integer weight
+               widths only (float and pruned groups run at their own width).
 =============  =====================================================================================
 
 Examples: ``4`` (per row, symmetric), ``4a`` (per row, asymmetric), ``4g128`` (a scale per 128
-columns), ``4ag128``. The *canonical key* of an option (:func:`option_key`) is that spelling
-without ``s``: ``4``, ``4a``, ``4g128``, ``4ag128``; sensitivity tables and precision maps use it.
-Two extensions of the grammar are read but refused for now, so that a spelling never changes
-meaning later: activation bits at the end (``4a8``, ``4g128a8``: ``a`` followed by digits) and
-tensor-train options (``tt<rank>@<bits>``).
+columns), ``4ag128``, ``8a8``, ``4aa8`` (asymmetric weights, 8-bit activations). The *canonical
+key* of an option (:func:`option_key`) is that spelling without ``s``: ``4``, ``4a``, ``4g128``,
+``4ag128``, ``4a8``; sensitivity tables and precision maps use it. ``a`` directly followed by
+digits always means activation bits; a bare ``a`` right after the width is the asymmetric grid.
+One extension of the grammar is read but refused for now, so that a spelling never changes
+meaning later: tensor-train options (``tt<rank>@<bits>``).
 
 On the wire a precision-map entry names the option field by field:
-``{"bits": 4, "symmetric": true, "group_size": 128}`` (``group_size`` absent or null per row).
+``{"bits": 4, "symmetric": true, "group_size": 128, "act_bits": 8}`` (``group_size`` null per
+row, ``act_bits`` null when the activations are not quantized).
 
 Ties
 ====
@@ -45,7 +51,9 @@ input) that inference engines fuse into one matrix and that a search can tie to 
 Example::
 
     >>> parse_option("4ag128")
-    OptionFields(bits=4, symmetric=False, group_size=128)
+    OptionFields(bits=4, symmetric=False, group_size=128, act_bits=None)
+    >>> parse_option("4a8")
+    OptionFields(bits=4, symmetric=None, group_size=None, act_bits=8)
     >>> option_key(4, True, 128)
     '4g128'
     >>> parse_ties("qkv,gate_up")
@@ -60,6 +68,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "ACT_BITS",
     "ALLOWED_BITS",
     "INTEGER_BITS",
     "MAX_GROUP_SIZE",
@@ -71,12 +80,16 @@ __all__ = [
     "parse_option",
     "parse_ties",
     "wire_option",
+    "parse_act_bits",
+    "with_activation_bits",
 ]
 
 #: Bit-widths a group may take. 0 prunes the group, 16 keeps it in half precision, 32 unchanged.
 ALLOWED_BITS: tuple[int, ...] = (0, 2, 3, 4, 5, 6, 8, 16, 32)
 #: Bit-widths that are integer quantization (pruning and float excluded).
 INTEGER_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+#: Activation widths an option may name (``a<A>``): integer grids and half precision.
+ACT_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 8, 16)
 #: The largest group of input columns one scale may cover.
 MAX_GROUP_SIZE = 1 << 20
 
@@ -88,13 +101,13 @@ TIE_KINDS: dict[str, str] = {
 #: Short names of the tie kinds (``--tie qkv,gate_up``).
 TIE_ALIASES: dict[str, str] = {"qkv": "attention_inputs", "gate_up": "ffn_inputs"}
 
-_SYNTAX = "<bits>[a][g<N>], e.g. 4, 4a, 4g128, 4ag128"
+_SYNTAX = "<bits>[a][g<N>][a<A>], e.g. 4, 4a, 4g128, 4ag128, 4a8"
 _OPTION_RE = re.compile(
     r"(?P<tt>tt(?P<rank>\d+)@)?"  # tensor-train prefix (reserved)
     r"(?P<bits>\d+)"
     r"(?P<grid>[as](?!\d))?"  # a grid letter, unless it starts activation bits
     r"(?:g(?P<group>\d+))?"
-    r"(?:a(?P<act>\d+))?"  # activation bits (reserved)
+    r"(?:a(?P<act>\d+))?"  # activation bits
 )
 
 
@@ -105,21 +118,23 @@ class OptionSyntaxError(ValueError):
 @dataclass(frozen=True)
 class OptionFields:
     """A parsed bit option: ``bits``; ``symmetric`` (None: the spelling names no grid, the space's
-    default applies); ``group_size`` (None: one scale per row)."""
+    default applies); ``group_size`` (None: one scale per row); ``act_bits`` (None: activations
+    not quantized)."""
 
     bits: int
     symmetric: bool | None = None
     group_size: int | None = None
+    act_bits: int | None = None
 
     @property
     def is_integer(self) -> bool:
         return self.bits in INTEGER_BITS
 
-    def resolved(self, symmetric: bool = True) -> tuple[int, bool, int | None]:
-        """``(bits, symmetric, group_size)`` with the default grid ``symmetric`` filled in
+    def resolved(self, symmetric: bool = True) -> tuple[int, bool, int | None, int | None]:
+        """``(bits, symmetric, group_size, act_bits)`` with the default grid ``symmetric`` filled in
         (non-integer widths are always symmetric)."""
         sym = symmetric if self.symmetric is None else self.symmetric
-        return self.bits, sym or not self.is_integer, self.group_size
+        return self.bits, sym or not self.is_integer, self.group_size, self.act_bits
 
     def key(self, symmetric: bool = True) -> str:
         """The canonical key under the default grid ``symmetric`` (:func:`option_key`)."""
@@ -130,17 +145,24 @@ class OptionFields:
         grid was named explicitly (so that a space-wide asymmetric default does not apply)."""
         grid = "" if self.symmetric is None or not self.is_integer else ("s" if self.symmetric else "a")
         group = f"g{self.group_size}" if self.group_size is not None else ""
-        return f"{self.bits}{grid}{group}"
+        act = f"a{self.act_bits}" if self.act_bits is not None else ""
+        return f"{self.bits}{grid}{group}{act}"
 
 
-def option_key(bits: int, symmetric: bool = True, group_size: int | None = None) -> str:
-    """The canonical key: ``"4"``, ``"4a"`` (asymmetric), ``"4g128"``, ``"4ag128"``, ``"0"``, ``"16"``."""
+def option_key(
+    bits: int, symmetric: bool = True, group_size: int | None = None, act_bits: int | None = None
+) -> str:
+    """The canonical key: ``"4"``, ``"4a"`` (asymmetric), ``"4g128"``, ``"4ag128"``, ``"4a8"``,
+    ``"4aa8"``, ``"0"``, ``"16"``."""
     asym = "a" if bits in INTEGER_BITS and not symmetric else ""
     group = f"g{group_size}" if group_size is not None else ""
-    return f"{bits}{asym}{group}"
+    act = f"a{act_bits}" if act_bits is not None else ""
+    return f"{bits}{asym}{group}{act}"
 
 
-def _check(bits: Any, symmetric: Any, group_size: Any, spelled: str | None) -> OptionFields:
+def _check(
+    bits: Any, symmetric: Any, group_size: Any, spelled: str | None, act_bits: Any = None
+) -> OptionFields:
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in ALLOWED_BITS:
         where = f" in {spelled}" if spelled is not None else ""
         raise OptionSyntaxError(f"unknown bit-width {bits!r}{where}; allowed: {', '.join(map(str, ALLOWED_BITS))}")
@@ -156,14 +178,25 @@ def _check(bits: Any, symmetric: Any, group_size: Any, spelled: str | None) -> O
                 f"group-wise scales apply to integer widths (2 to 8 bits) only, not to {bits} bits"
                 + (f" ({spelled})" if spelled is not None else "")
             )
+    if act_bits is not None:
+        if isinstance(act_bits, bool) or not isinstance(act_bits, int) or act_bits not in ACT_BITS:
+            where = f" in {spelled}" if spelled is not None else ""
+            raise OptionSyntaxError(
+                f"unknown activation width {act_bits!r}{where}; allowed: {', '.join(map(str, ACT_BITS))}"
+            )
+        if bits not in INTEGER_BITS:
+            raise OptionSyntaxError(
+                f"activation bits apply to integer weight widths (2 to 8 bits) only, not to {bits} bits"
+                + (f" ({spelled})" if spelled is not None else "")
+            )
     if bits not in INTEGER_BITS:
         symmetric = None if symmetric is None else True  # a grid means nothing for pruned or float groups
-    return OptionFields(bits, symmetric, group_size)
+    return OptionFields(bits, symmetric, group_size, act_bits)
 
 
 def parse_option(value: Any) -> OptionFields:
     """Read one bit option: an int (the width), a string in the grammar of the module docstring,
-    a mapping ``{"bits", "symmetric"?, "group_size"?}`` or an :class:`OptionFields`. Raises
+    a mapping ``{"bits", "symmetric"?, "group_size"?, "act_bits"?}`` or an :class:`OptionFields`. Raises
     :class:`OptionSyntaxError` with a message that says what is wrong."""
     if isinstance(value, OptionFields):
         return value
@@ -174,9 +207,7 @@ def parse_option(value: Any) -> OptionFields:
     if isinstance(value, Mapping):
         if "bits" not in value:
             raise OptionSyntaxError("a bit option needs a 'bits' entry")
-        if value.get("act_bits") is not None:
-            raise OptionSyntaxError("activation bits are not supported yet")
-        return _check(value["bits"], value.get("symmetric"), value.get("group_size"), None)
+        return _check(value["bits"], value.get("symmetric"), value.get("group_size"), None, value.get("act_bits"))
     if isinstance(value, str):
         text = value.strip().lower()
         m = _OPTION_RE.fullmatch(text)
@@ -184,17 +215,13 @@ def parse_option(value: Any) -> OptionFields:
             raise OptionSyntaxError(f"cannot read bit option {value!r} (the syntax is {_SYNTAX})")
         if m["tt"]:
             raise OptionSyntaxError(f"tensor-train options (tt<rank>@<bits>, {value!r}) are not supported yet")
-        if m["act"] is not None:
-            raise OptionSyntaxError(
-                f"activation bits ('a{m['act']}' at the end of {value!r}) are not supported yet; "
-                "a bare 'a' right after the width means an asymmetric grid (e.g. 4a, 4ag128)"
-            )
         grid = m["grid"]
         return _check(
             int(m["bits"]),
             None if grid is None else grid == "s",
             None if m["group"] is None else int(m["group"]),
             repr(value),
+            None if m["act"] is None else int(m["act"]),
         )
     raise OptionSyntaxError(f"cannot read bit option {value!r} (the syntax is {_SYNTAX})")
 
@@ -205,6 +232,40 @@ def wire_option(value: Any) -> int | str:
     f = parse_option(value)
     text = f.text()
     return int(text) if text.isdigit() else text
+
+
+def parse_act_bits(value: Any) -> tuple[int, ...]:
+    """Activation widths (``--act-bits 8,16``, a job's ``space.act_bits``): a comma-separated string
+    or a list of widths from :data:`ACT_BITS`; sorted, without duplicates."""
+    items = value.split(",") if isinstance(value, str) else list(value or ())
+    out = set()
+    for item in items:
+        text = item.strip() if isinstance(item, str) else item
+        if text == "":
+            continue
+        if isinstance(text, str) and text.isdigit():
+            text = int(text)
+        if isinstance(text, bool) or not isinstance(text, int) or text not in ACT_BITS:
+            raise OptionSyntaxError(f"unknown activation width {item!r}; allowed: {', '.join(map(str, ACT_BITS))}")
+        out.add(text)
+    return tuple(sorted(out))
+
+
+def with_activation_bits(bits: Iterable[Any], act_bits: Iterable[int]) -> list[int | str]:
+    """The options of ``bits`` with activation widths: every integer option that names none is
+    replaced by one option per width of ``act_bits`` (``4`` with ``(8, 16)``: ``4a8``, ``4a16``);
+    options that name their own width, float and pruned options stay as they are. No widths: the
+    options unchanged. Entries in the form of :func:`wire_option`."""
+    widths = parse_act_bits(list(act_bits))
+    out: list[int | str] = []
+    for b in bits:
+        f = parse_option(b)
+        if not widths or not f.is_integer or f.act_bits is not None:
+            out.append(wire_option(f))
+            continue
+        for a in widths:
+            out.append(OptionFields(f.bits, f.symmetric, f.group_size, a).text())
+    return list(dict.fromkeys(out))
 
 
 def parse_ties(value: str | Iterable[str] | None) -> tuple[str, ...]:

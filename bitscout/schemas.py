@@ -6,7 +6,8 @@ sends (unknown fields are rejected); ``...Read`` are what the service answers (u
 ignored, so an older SDK can read a newer server).
 
 A precision map on the wire is an object ``{group name: {"bits": int, "symmetric": bool,
-"group_size": int | null}}`` (``group_size`` absent or null: one scale per row; the bit-option
+"group_size": int | null, "act_bits": int | null}}`` (``group_size`` null: one scale per row;
+``act_bits`` null: activations not quantized; the bit-option
 grammar is :mod:`bitscout.options`); group names are module names (``bert.encoder.layer.0.attention.self.query``) or sub-layer groups
 (``bert.encoder.layer.2/ffn7``). Sizes are in bytes or in megabytes of 10^6 bytes.
 
@@ -34,7 +35,9 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -45,7 +48,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from bitscout import options as _options
 from bitscout.cli_options import DEFAULTS
 from bitscout.methods import Method as Method
-from bitscout.methods import MethodOptionsSpec
+from bitscout.methods import MethodOptionsSpec, activation_problem
 from bitscout.rules import selection_problem, text_problems
 
 #: Version of these wire schemas; bumped on any incompatible change.
@@ -180,10 +183,12 @@ class JobStatus(StrEnum):
 
 class UploadKind(StrEnum):
     """What an upload holds: a model archive (safetensors weights + config + tokenizer, as .tar,
-    .tar.gz or .zip) or a data file (JSONL, JSON or CSV)."""
+    .tar.gz or .zip), a data file (JSONL, JSON or CSV) or a latency table (JSON written by
+    ``bitscout profile``; name the kind, a ``.json`` file is taken for data otherwise)."""
 
     model = "model"
     data = "data"
+    latency_table = "latency_table"
 
 
 # --------------------------------------------------------------------------- sources
@@ -395,6 +400,19 @@ class SearchSpaceSpec(_Request):
     )
     include_head: bool = Field(default=False, description="Also search the task head / lm_head.")
     include_embeddings: bool = Field(default=False, description="Also search the embedding matrices.")
+    act_bits: list[int] = Field(
+        default_factory=list,
+        max_length=len(_options.ACT_BITS),
+        description="Activation widths searched with every integer option of `bits` (2-8 integer, 16 half "
+        "precision): [8, 16] turns 4 into '4a8' and '4a16' (the input activations of a group's matrices "
+        "quantized to that width); options may also name theirs ('4a8'). Empty: weights only.",
+        examples=[[8], [8, 16]],
+    )
+    act_scales: Literal["dynamic", "static"] = Field(
+        default="dynamic",
+        description="Activation scales: 'dynamic' (per token, at run time) or 'static' (one per matrix input, "
+        "calibrated on the calibration rows).",
+    )
     tie: list[str] | None = Field(
         default=None,
         max_length=len(_options.TIE_KINDS) + len(_options.TIE_ALIASES),
@@ -435,6 +453,20 @@ class SearchSpaceSpec(_Request):
 
         return sorted(v, key=order)
 
+    @field_validator("act_bits", mode="before")
+    @classmethod
+    def _act_bits_ok(cls, v: Any) -> Any:
+        if isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+            try:
+                return list(_options.parse_act_bits(v))
+            except _options.OptionSyntaxError as exc:
+                raise ValueError(str(exc)) from None
+        return v
+
+    def searched_bits(self) -> list[int | str]:
+        """``bits`` with ``act_bits`` crossed in (:func:`bitscout.options.with_activation_bits`)."""
+        return _options.with_activation_bits(self.bits, self.act_bits)
+
     @field_validator("tie", mode="before")
     @classmethod
     def _tie_ok(cls, v: Any) -> Any:
@@ -446,6 +478,34 @@ class SearchSpaceSpec(_Request):
             except _options.OptionSyntaxError as exc:
                 raise ValueError(str(exc)) from None
         return v
+
+
+class DeviceProfileSpec(_Request):
+    """A custom roofline device profile: peak memory bandwidth and dense throughput per compute
+    class (every figure positive and finite; :data:`bitscout.latency.DEVICE_PROFILE_FIELDS`)."""
+
+    name: str = Field(default="custom", min_length=1, max_length=64, pattern=_NAME_RE, description="Its name.")
+    description: str = Field(default="", max_length=256, description="What it is.")
+    memory_bandwidth_gbs: float = Field(gt=0, le=1e9, allow_inf_nan=False, description="Peak memory bandwidth in GB/s.")
+    int8_tops: float = Field(gt=0, le=1e9, allow_inf_nan=False, description="Dense int8 throughput in TOPS.")
+    int4_tops: float = Field(
+        gt=0, le=1e9, allow_inf_nan=False, description="Dense int4 throughput in TOPS (the int8 figure without a faster int4 path)."
+    )
+    fp16_tflops: float = Field(gt=0, le=1e9, allow_inf_nan=False, description="Dense fp16 throughput in TFLOPS.")
+    fp32_tflops: float = Field(gt=0, le=1e9, allow_inf_nan=False, description="Dense fp32 throughput in TFLOPS.")
+
+
+def _profile_kind(value: Any) -> str:
+    return "profile[custom]" if isinstance(value, dict | DeviceProfileSpec) else "profile[name]"
+
+
+# a name or a custom profile's figures; the tags hold brackets, so a bad figure is named as
+# budget.device_profile.int8_tops (service.errors drops such tags from the field's path)
+_DeviceProfile = Annotated[
+    Annotated[Annotated[str, Field(min_length=1, max_length=64, pattern=_NAME_RE)], Tag("profile[name]")]
+    | Annotated[DeviceProfileSpec, Tag("profile[custom]")],
+    Discriminator(_profile_kind),
+]
 
 
 class BudgetSpec(_Request):
@@ -479,12 +539,20 @@ class BudgetSpec(_Request):
         allow_inf_nan=False,
         description="Largest modelled latency in milliseconds under device_profile.",
     )
-    device_profile: str | None = Field(
+    device_profile: _DeviceProfile | None = (
+        Field(
+            default=None,
+            description="The device latency is modelled on: a named profile (a100, h100, rtx4090, cpu-avx512, "
+            "jetson-orin), or a custom one's figures; the server's default if null.",
+            examples=["a100", {"name": "edge", "memory_bandwidth_gbs": 100, "int8_tops": 20, "int4_tops": 40,
+                               "fp16_tflops": 10, "fp32_tflops": 2}],
+        )
+    )
+    latency_table: str | None = Field(
         default=None,
-        min_length=1,
-        max_length=64,
-        pattern=_NAME_RE,
-        description="The named device profile latency is modelled on (the server's default if null).",
+        pattern=r"^[0-9a-f]{32}$",
+        description="The id of an uploaded latency table (POST /api/v1/uploads with kind=latency_table, written "
+        "by `bitscout profile`): latency from its measured times instead of device_profile's roofline.",
     )
 
     @model_validator(mode="after")
@@ -580,6 +648,17 @@ class JobSpec(_Request):
         return self
 
     @model_validator(mode="after")
+    def _methods_score_activations(self) -> JobSpec:
+        problem = activation_problem(self.methods, self.space.searched_bits())
+        if problem is not None:
+            raise ValidationError.from_exception_data(
+                type(self).__name__,
+                [InitErrorDetails(type=PydanticCustomError("value_error", "{problem}", {"problem": problem}),
+                                  loc=("methods",), input=[m.value for m in self.methods])],
+            )
+        return self
+
+    @model_validator(mode="after")
     def _metric_fits_task(self) -> JobSpec:
         if self.metric is None:
             self.metric = DEFAULT_METRIC[self.task]
@@ -664,21 +743,25 @@ class CostRead(_Read):
 
 
 class BitOptionRead(_Read):
-    """One group's choice: bits (0 pruned, 2-8 integer, 16 half, 32 unchanged), grid symmetry and
-    the input columns that share one scale (null: one scale per row)."""
+    """One group's choice: bits (0 pruned, 2-8 integer, 16 half, 32 unchanged), grid symmetry, the
+    input columns that share one scale (null: one scale per row) and the width its input
+    activations are quantized to (null: not quantized). Every field is always named."""
 
     bits: int = Field(description="Bit-width.")
     symmetric: bool = Field(default=True, description="Symmetric integer grid.")
     group_size: int | None = Field(
         default=None,
         ge=1,
-        exclude_if=lambda v: v is None,  # a per-row option is written as it always was: {bits, symmetric}
-        description="Input columns per scale (group-wise scales); absent or null: one scale per row.",
+        description="Input columns per scale (group-wise scales); null: one scale per row.",
+    )
+    act_bits: int | None = Field(
+        default=None,
+        description="Bits of the group's input activations (2-8 integer, 16 half precision); null: not quantized.",
     )
 
     def key(self) -> str:
-        """The option's canonical key (``"4"``, ``"4a"``, ``"4g128"``), as in sensitivity tables."""
-        return _options.option_key(self.bits, self.symmetric, self.group_size)
+        """The option's canonical key (``"4"``, ``"4a"``, ``"4g128"``, ``"4a8"``), as in sensitivity tables."""
+        return _options.option_key(self.bits, self.symmetric, self.group_size, self.act_bits)
 
 
 

@@ -40,6 +40,7 @@ from torch import nn
 
 from bitscout import options as options_grammar
 from search import quant
+from search.actquant import StaticScales, activations_quantized, calibrate_static
 from search.errors import InvalidInputError, UnsupportedModelError
 from search.space import (
     FULL_PRECISION,
@@ -349,6 +350,8 @@ class ModelAdapter:
         ``"4a"`` or ``"4g128"``, or BitOptions); those whose spelling names no grid take ``symmetric``.
         Pruning (0) applies to sub-layer groups only: ``layer`` groups never take it.
         Full precision (32) is always allowed so that every budget sweep can reach the unquantized model.
+        Activation widths (``"4a8"``) apply to matrices that read activations: an embedding takes the
+        option's weights alone (its input is token ids).
         A group-wise option whose group size does not fit a group's columns is refused
         (:class:`InvalidInputError`, ``space.bits``); with ``strict=False`` that group goes without it.
         ``tie`` names the tie kinds (:data:`bitscout.options.TIE_KINDS`, or their short names ``qkv``,
@@ -393,6 +396,8 @@ class ModelAdapter:
             allowed = opts_all if g.kind != "layer" else opts_layer
             if not strict:
                 allowed = tuple(o for o in allowed if check_option_fits(g, o) is None)
+            if any(self.matrices[m].kind == "embedding" for m in g.modules):
+                allowed = tuple(sorted({o.weight_only for o in allowed}))  # an embedding's input is token ids
             group_options.append(allowed)
         if any(not o for o in group_options):
             raise InvalidInputError("no allowed bit-width besides pruning for whole-matrix groups", field="bits")
@@ -576,14 +581,24 @@ class ModelAdapter:
                 self._write_group(g, opt, clip)
 
     @contextmanager
-    def quantized(self, pmap: PrecisionMap, space: SearchSpace, *, clip: str = "mse") -> Iterator[nn.Module]:
-        """Context manager: the model fake-quantized under ``pmap``, restored exactly on exit."""
+    def quantized(
+        self, pmap: PrecisionMap, space: SearchSpace, *, clip: str = "mse", act_static: StaticScales | None = None
+    ) -> Iterator[nn.Module]:
+        """Context manager: the model fake-quantized under ``pmap`` (weights, and the inputs of the
+        matrices whose option names activation bits: :mod:`search.actquant`, static scales
+        ``act_static`` or per token), restored exactly on exit."""
         saved = self.snapshot(self._touched(pmap, space))
         try:
             self.apply(pmap, space, clip=clip)
-            yield self.model
+            with activations_quantized(self._modules, space, pmap, static=act_static):
+                yield self.model
         finally:
             self.restore(saved)
+
+    def calibrate_activations(self, space: SearchSpace, batches: Sequence[Any], forward: Any) -> StaticScales:
+        """Static activation ranges of every searched matrix input over ``batches``
+        (:func:`search.actquant.calibrate_static`)."""
+        return calibrate_static(self.model, self._modules, space, batches, forward)
 
     @torch.no_grad()
     def snapshot(self, modules: Iterable[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:

@@ -26,6 +26,9 @@ EXAMPLE = """examples:
       --method hessian --granularity group --bits 0,2,3,4,8 --max-avg-bits 3 \\
       --option hessian.max_probes=32 --option hessian.weighting=rows --refine 2
   bitscout search --model ./my-llama --data text.jsonl --bits 4g128,8,3g64 --tie qkv,gate_up --max-size-mb 300
+  bitscout profile --device cpu --model ./my-bert --bits 4,8,16,32 --act-bits 8 --out table.json
+  bitscout search --model ./my-bert --data reviews.jsonl --bits 4,8 --act-bits 8,16 \
+      --latency-table table.json --max-latency-ms 2
 """
 
 
@@ -74,6 +77,9 @@ def options_from_args(a: argparse.Namespace) -> SearchOptions:
         seed=a.seed,
         seq_len=a.max_length,
         device_profile=a.device_profile,
+        latency_table=a.latency_table,
+        activation_bits=tuple(a.act_bits or ()),
+        act_scales=a.act_scales or "dynamic",
         tie=None if a.tie is None else tuple(a.tie),
         refine=None if a.refine is None else RefineChoice(
             points=a.refine, steps=a.refine_steps if a.refine_steps is not None else opt.DEFAULTS.refine_steps

@@ -37,19 +37,32 @@ Offset: ``space.other_params * o / 8`` (embeddings, norms, *all* biases, exclude
 ``g`` is ``n_g * b_g / sum n``; the offset is 0.
 
 **bops** (bit operations of one forward pass over ``T`` tokens; BOPs = MACs × weight bits ×
-activation bits): group contribution ``T * c_g * b * a`` for integer ``b``; ``T * c_g * b * b``
-for float options (16 × 16, 32 × 32: activations run at the weights' float width); 0 when
-pruned. Offset: ``T * space.other_macs_per_token * o * o``.
+activation bits): group contribution ``T * c_g * b * a_g`` for integer ``b``, where ``a_g`` is the
+option's searched activation width (``4a8``: 8, ``4a16``: 16) and, for a weight-only option
+(``4``), the cost model's ``act_bits``; ``T * c_g * b * b`` for float options (16 × 16, 32 × 32:
+activations run at the weights' float width); 0 when pruned. Offset: ``T *
+space.other_macs_per_token * o * o``.
 
 **latency_ms** (a roofline per group): ``max(bytes_g / bandwidth, ops_g / throughput) * 1e3``,
 where ``bytes_g`` is the group's weight storage above *without* the bias term (weights are read
 once per forward pass), ``ops_g = 2 * T * c_g`` (one MAC is two operations), and the throughput is
-the profile's for the option's compute class (:meth:`DeviceProfile.throughput_tops`); a pruned
+the profile's for the option's compute class (:meth:`DeviceProfile.throughput_tops`, with the
+option's activation width ``a_g`` as above: W4A16 runs fp16 kernels, W4A8 int8); a pruned
 group costs 0. Offset: the same roofline for the excluded part (``space.other_params * o / 8``
 bytes, ``2 * T * space.other_macs_per_token`` operations at ``o`` bits). Groups are costed
 separately so the cost stays additive; a sum of per-group maxima upper-bounds the max of the
 summed traffic and compute, and is the usual per-layer model of kernels that run one after
 another.
+
+**latency_ms from a measured table** (``CostModel(latency_table=...)``, a
+:class:`LatencyTable` that ``bitscout profile`` measured; format in :mod:`bitscout.latency`):
+the group's contribution is the sum over its members of the table's time for the member's
+``(out_channels, in_features)`` at the option's key and ``T`` tokens; a member slice whose own
+shape the table lacks takes its whole matrix's time scaled by its share of the matrix's weights.
+A pruned group costs 0, and the offset is 0: the table times the searched matrices only, the
+part no map changes (embeddings, norms, attention scores, excluded layers) is left out. A map
+whose (shape, option, tokens) the table lacks is refused when the cost model is built
+(``latency_table``), never guessed.
 
 Device profiles
 ===============
@@ -76,7 +89,9 @@ jetson-orin    204.8       85       170      42.5     5.3      Jetson AGX Orin 6
 =============  ==========  =======  =======  =======  =======  =============================================
 
 The default profile is ``a100``. Custom hardware: ``DeviceProfile(...)`` or
-``DeviceProfile.from_dict({...})`` / ``get_profile({...})``.
+``DeviceProfile.from_dict({...})`` / ``get_profile({...})`` with the figures of
+:data:`bitscout.latency.DEVICE_PROFILE_FIELDS` (``--device-profile profile.json`` on the command
+line, an object as a job's ``budget.device_profile``).
 """
 
 from __future__ import annotations
@@ -89,11 +104,21 @@ from typing import Any
 
 import numpy as np
 
+from bitscout import latency as latency_format
 from search.errors import InvalidInputError
 from search.result import COST_METRICS, Cost
 from search.space import BitOption, Group, Member, PrecisionMap, SearchSpace
 
-__all__ = ["DEFAULT_PROFILE", "PROFILES", "CostModel", "DeviceProfile", "get_profile", "n_scales", "weight_bytes"]
+__all__ = [
+    "DEFAULT_PROFILE",
+    "PROFILES",
+    "CostModel",
+    "DeviceProfile",
+    "LatencyTable",
+    "get_profile",
+    "n_scales",
+    "weight_bytes",
+]
 
 _METRICS: tuple[str, ...] = tuple(COST_METRICS)
 
@@ -153,21 +178,14 @@ class DeviceProfile:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DeviceProfile:
-        if not isinstance(data, Mapping):
-            raise InvalidInputError("a device profile is an object of its figures", field="device_profile")
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise InvalidInputError(
-                f"unknown device profile field(s): {', '.join(sorted(map(str, unknown)))}",
-                field="device_profile",
-            )
-        missing = {f.name for f in fields(cls) if f.name != "description"} - set(data)
-        if missing:
-            raise InvalidInputError(
-                f"device profile lacks field(s): {', '.join(sorted(missing))}", field="device_profile"
-            )
-        return cls(**dict(data))
+        """A profile from its figures (:func:`bitscout.latency.check_device_profile`: a bad one is
+        refused naming the field, ``device_profile.int8_tops``)."""
+        try:
+            checked = latency_format.check_device_profile(data)
+        except latency_format.LatencyTableError as exc:
+            where = f"device_profile.{exc.field}" if exc.field else "device_profile"
+            raise InvalidInputError(str(exc), field=where) from None
+        return cls(**checked)
 
 
 #: Named profiles (figures and sources in the module docstring).
@@ -234,13 +252,67 @@ def n_scales(member: Member, option: BitOption) -> int:
     return member.out_channels * (member.in_features // option.group_size)
 
 
+class LatencyTable:
+    """Measured times of matrix shapes at options (format: :mod:`bitscout.latency`), what
+    ``CostModel(latency_table=...)`` prices latency with. Built from the JSON object
+    (:meth:`from_dict`; a bad table is refused naming the field, ``latency_table.entries.3.ms``)."""
+
+    def __init__(self, data: Mapping[str, Any]) -> None:
+        try:
+            self.data = latency_format.parse_latency_table(data)
+        except latency_format.LatencyTableError as exc:
+            where = f"latency_table.{exc.field}" if exc.field else "latency_table"
+            raise InvalidInputError(f"latency table: {exc}", field=where) from None
+        self._ms: dict[tuple[int, int, int, str], float] = {
+            (e["tokens"], e["shape"][0], e["shape"][1], e["option"]): e["ms"] for e in self.data["entries"]
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | LatencyTable) -> LatencyTable:
+        return data if isinstance(data, LatencyTable) else cls(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.data)
+
+    @property
+    def device(self) -> str:
+        return str(self.data["device"])
+
+    def tokens(self) -> list[int]:
+        return sorted({k[0] for k in self._ms})
+
+    def ms(self, tokens: int, shape: tuple[int, int], option: str) -> float | None:
+        """The measured time of ``shape`` at ``option`` (a key) over ``tokens`` rows, None when absent."""
+        return self._ms.get((tokens, int(shape[0]), int(shape[1]), option))
+
+    def member_ms(self, tokens: int, member: Member, option: BitOption) -> float:
+        """A member slice's time: its own shape's, else its matrix's scaled by its share of the weights."""
+        key = option.key()
+        own = self.ms(tokens, (member.out_channels, member.in_features), key)
+        if own is not None:
+            return own
+        whole = self.ms(tokens, member.shape, key)
+        if whole is None:
+            have = ", ".join(map(str, self.tokens()))
+            raise InvalidInputError(
+                f"the latency table ({self.device}) has no time for {member.module} {list(member.shape)} at option "
+                f"{key} over {tokens} tokens (it holds {have} tokens); profile the model with that option and "
+                "token count (bitscout profile --bits ... --tokens ...)",
+                field="latency_table",
+            )
+        return whole * member.n_params / (member.shape[0] * member.shape[1])
+
+
 @dataclass(frozen=True)
 class CostModel:
     """Prices precision maps of ``space`` (definitions in the module docstring).
 
     ``seq_len`` tokens per sequence and ``batch`` sequences make one forward pass (BOPs and
-    latency); ``act_bits`` is the activation width of integer options; ``profile`` is a
-    :class:`DeviceProfile`, a profile name or a mapping (read by :func:`get_profile`).
+    latency); ``act_bits`` is the activation width assumed for integer options that name none
+    (weight-only ``4``; an option's own width, ``4a8``, always wins); ``profile`` is a
+    :class:`DeviceProfile`, a profile name or a mapping (read by :func:`get_profile`);
+    ``latency_table`` (a :class:`LatencyTable` or its JSON object) replaces the roofline for
+    latency, and must hold every group's (shape, option) at ``seq_len * batch`` tokens.
     """
 
     space: SearchSpace
@@ -248,6 +320,7 @@ class CostModel:
     act_bits: int = 8
     batch: int = 1
     profile: DeviceProfile = field(default_factory=lambda: PROFILES[DEFAULT_PROFILE])
+    latency_table: LatencyTable | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.space, SearchSpace):
@@ -256,17 +329,25 @@ class CostModel:
         _check_positive_int(self.batch, "batch")
         _check_positive_int(self.act_bits, "act_bits", upper=32)
         object.__setattr__(self, "profile", get_profile(self.profile))
+        if self.latency_table is not None:
+            object.__setattr__(self, "latency_table", LatencyTable.from_dict(self.latency_table))
+            _ = self._tables  # every (shape, option) of the space is looked up now: a gap fails here
+
+    def option_act_bits(self, option: BitOption) -> int:
+        """The activation width ``option`` runs at: its own, the weights' float width, or ``act_bits``."""
+        if option.is_float:
+            return option.bits
+        return self.act_bits if option.act_bits is None else option.act_bits
 
     @property
     def tokens(self) -> int:
         """Tokens in one forward pass: ``seq_len * batch``."""
         return self.seq_len * self.batch
 
-    def _latency_ms(self, n_bytes: float, macs_per_token: int, bits: int) -> float:
+    def _latency_ms(self, n_bytes: float, macs_per_token: int, bits: int, act_bits: int | None = None) -> float:
+        act = self.act_bits if act_bits is None else act_bits
         memory_s = n_bytes / (self.profile.memory_bandwidth_gbs * 1e9)
-        compute_s = (
-            2 * self.tokens * macs_per_token / (self.profile.throughput_tops(bits, self.act_bits) * 1e12)
-        )
+        compute_s = 2 * self.tokens * macs_per_token / (self.profile.throughput_tops(bits, act) * 1e12)
         return max(memory_s, compute_s) * 1e3
 
     def option_cost(self, group: Group, option: BitOption) -> dict[str, float]:
@@ -280,13 +361,17 @@ class CostModel:
                 "latency_ms": 0.0,
             }
         n_bytes = weight_bytes(group, option)
-        act = b if option.is_float else self.act_bits
+        act = self.option_act_bits(option)
         total = self.space.n_params
+        if self.latency_table is not None:
+            latency = sum(self.latency_table.member_ms(self.tokens, m, option) for m in group.members)
+        else:
+            latency = self._latency_ms(n_bytes, group.macs_per_token, b, act)
         return {
             "size_bytes": float(n_bytes),
             "avg_bits": group.n_params * b / total if total else 0.0,
             "bops": float(self.tokens * group.macs_per_token * b * act),
-            "latency_ms": self._latency_ms(n_bytes, group.macs_per_token, b),
+            "latency_ms": float(latency),
         }
 
     @cached_property
@@ -313,7 +398,9 @@ class CostModel:
             "size_bytes": float(other_bytes),
             "avg_bits": 0.0,
             "bops": float(self.tokens * sp.other_macs_per_token * sp.other_bits * sp.other_bits),
-            "latency_ms": self._latency_ms(other_bytes, sp.other_macs_per_token, sp.other_bits),
+            "latency_ms": 0.0
+            if self.latency_table is not None
+            else self._latency_ms(other_bytes, sp.other_macs_per_token, sp.other_bits),
         }
 
     def offsets(self) -> dict[str, float]:

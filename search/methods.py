@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from bitscout.methods import MethodOptions, options_model
+from bitscout.methods import ACTIVATION_METHODS, MethodOptions, options_model
 from search.errors import InvalidInputError
 
 MethodKind = Literal["sensitivity", "proposer"]
@@ -41,6 +41,12 @@ class MethodEntry:
     kind: MethodKind
     implementation: str
     summary: str
+
+    @property
+    def activations(self) -> bool:
+        """Whether the method scores or proposes options with activation bits (``4a8``) with their
+        activations quantized (:data:`bitscout.methods.ACTIVATION_METHODS`)."""
+        return self.name in ACTIVATION_METHODS
 
     @property
     def options(self) -> type[MethodOptions]:

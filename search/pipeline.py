@@ -21,10 +21,12 @@ import torch
 from torch import nn
 
 from bitscout import options as options_grammar
+from bitscout.methods import activation_problem
 from bitscout.rules import selection_problem
 from search import methods
+from search.actquant import ACT_SCALES, StaticScales
 from search.adapter import ModelAdapter
-from search.cost import CostModel, get_profile
+from search.cost import CostModel, LatencyTable, get_profile
 from search.data import TokenizedBatch
 from search.errors import InvalidInputError
 from search.pareto import front as pareto_front
@@ -46,6 +48,7 @@ from search.tasks import (
     check_task,
     evaluate,
     higher_is_better,
+    model_output,
     reference_outputs,
 )
 
@@ -83,6 +86,12 @@ class SearchOptions:
     ``tie`` names the sibling projections tied to one option (``("qkv", "gate_up")``, the kinds of
     :data:`bitscout.options.TIE_KINDS`); ``()`` ties nothing; None is the task's default:
     :data:`DEFAULT_TIES` for causal LMs, nothing otherwise.
+    ``activation_bits`` crosses every integer option of ``bits`` with activation widths (``(8, 16)``:
+    ``4`` becomes ``4a8`` and ``4a16``; :func:`bitscout.options.with_activation_bits`); ``act_scales``
+    is ``"dynamic"`` (per-token scales) or ``"static"`` (one scale per matrix input, calibrated on
+    the calibration rows): :mod:`search.actquant`. ``act_bits`` is the activation width the cost
+    model assumes for weight-only integer options. ``latency_table`` (a measured table, the JSON
+    object of :mod:`bitscout.latency`) replaces the ``device_profile`` roofline for latency.
     """
 
     methods: tuple[str, ...] = ("kl",)
@@ -101,7 +110,10 @@ class SearchOptions:
     seed: int = 0
     seq_len: int = 128
     act_bits: int = 8
+    activation_bits: tuple[int, ...] = ()
+    act_scales: str = "dynamic"
     device_profile: str | Mapping[str, Any] = "a100"
+    latency_table: Mapping[str, Any] | None = None
     uniform_baselines: tuple[int, ...] = UNIFORM_BASELINES
     clip: str = "mse"
     method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -130,11 +142,27 @@ class SearchOptions:
             raise InvalidInputError(selection[1], field=selection[0])
         for b in self.bits:
             BitOption.parse(b)  # a spelling outside the grammar fails here, before the model loads
+        try:
+            object.__setattr__(self, "activation_bits", options_grammar.parse_act_bits(self.activation_bits))
+        except options_grammar.OptionSyntaxError as exc:
+            raise InvalidInputError(str(exc), field="space.act_bits") from None
+        if self.act_scales not in ACT_SCALES:
+            raise InvalidInputError(
+                f"act_scales must be one of {', '.join(ACT_SCALES)}, got {self.act_scales!r}", field="space.act_scales"
+            )
+        problem = activation_problem(self.methods, self.searched_bits)
+        if problem is not None:
+            raise InvalidInputError(problem, field="methods")
         if self.tie is not None:
             try:
                 object.__setattr__(self, "tie", options_grammar.parse_ties(self.tie))
             except options_grammar.OptionSyntaxError as exc:
                 raise InvalidInputError(str(exc), field="space.tie") from None
+
+    @property
+    def searched_bits(self) -> list[int | str]:
+        """``bits`` with ``activation_bits`` crossed in (:func:`bitscout.options.with_activation_bits`)."""
+        return options_grammar.with_activation_bits(self.bits, self.activation_bits)
 
     def ties_for(self, task: str) -> tuple[str, ...]:
         """The tie kinds of a search of ``task``: :attr:`tie`, or the task's default."""
@@ -184,16 +212,26 @@ class Search:
         )
         self.space = self.adapter.build_space(
             granularity=options.granularity,
-            bits=options.bits,
+            bits=options.searched_bits,
             symmetric=options.symmetric,
             ffn_block_size=options.ffn_block_size,
             prune_limits=options.prune_limits,
             tie=options.ties_for(self.task),
         )
         self.cost_model = CostModel(
-            self.space, seq_len=options.seq_len, act_bits=options.act_bits, profile=get_profile(options.device_profile)
+            self.space,
+            seq_len=options.seq_len,
+            act_bits=options.act_bits,
+            profile=get_profile(options.device_profile),
+            latency_table=None if options.latency_table is None else LatencyTable.from_dict(options.latency_table),
         )
         check_budget(self.space, self.cost_model, options.budget)
+        #: static activation scales (``act_scales="static"`` and a space with activation widths)
+        self.act_static: StaticScales | None = None
+        if options.act_scales == "static" and any(o.act_bits is not None for row in self.space.options for o in row):
+            self.act_static = self.adapter.calibrate_activations(
+                self.space, self.calibration, lambda m, b: model_output(m, b, self.task)
+            )
         self.timings: dict[str, float] = {}
         #: where the model was loaded from and the data's label names (set by :func:`search.local.prepare`)
         self.model_path: str | None = None
@@ -211,6 +249,11 @@ class Search:
                 "act_bits": self.cost_model.act_bits,
                 "batch": self.cost_model.batch,
                 "profile": self.cost_model.profile.to_dict(),
+                **(
+                    {"latency_table": self.cost_model.latency_table.to_dict()}
+                    if self.cost_model.latency_table is not None
+                    else {}
+                ),
             },
         }
 
@@ -224,7 +267,8 @@ class Search:
     ) -> SensitivityTable:
         t0 = time.perf_counter()
         ctx = SensitivityContext(
-            self.model, self.adapter, self.space, self.task, self.calibration, self.device, self.options.seed, self.options.clip
+            self.model, self.adapter, self.space, self.task, self.calibration, self.device, self.options.seed,
+            self.options.clip, self.act_static,
         )
         table = methods.sensitivity_method(method, self.options.method_options.get(method)).compute(
             ctx, on_progress=on_progress, should_stop=should_stop
@@ -246,7 +290,7 @@ class Search:
     def evaluate(self, pmap: PrecisionMap, *, should_stop: StopFn | None = None) -> dict[str, float]:
         """Every metric of the model fake-quantized under ``pmap`` on the evaluation batches."""
         reference = self.reference()  # full-precision outputs: computed before the weights change
-        with self.adapter.quantized(pmap, self.space, clip=self.options.clip):
+        with self.adapter.quantized(pmap, self.space, clip=self.options.clip, act_static=self.act_static):
             return evaluate(self.model, self.evaluation, self.task, reference=reference, should_stop=should_stop)
 
     def evaluate_candidate(self, c: Candidate, *, should_stop: StopFn | None = None) -> ParetoPoint:

@@ -218,8 +218,8 @@ def _narrowest_cost(space: SearchSpace, problem: alloc.Problem, metric: str) -> 
 
 def uniform_candidates(space: SearchSpace, baselines: Sequence[int], symmetric: bool = True) -> list[Candidate]:
     """The uniform reference maps: every searched group at one option, for each width of ``baselines``
-    and each option of that width (and grid) the space offers (per row, group-wise), when every group
-    of ``space`` allows it (groups kept at full precision aside)."""
+    and each option of that width (and grid) the space offers (per row, group-wise, with activation
+    widths), when every group of ``space`` allows it (groups kept at full precision aside)."""
     out = []
     offered = sorted({o for opts in space.options for o in opts})
     for b in baselines:
@@ -227,7 +227,7 @@ def uniform_candidates(space: SearchSpace, baselines: Sequence[int], symmetric: 
         for opt in at_width or [BitOption(b, symmetric)]:
             pmap = space.uniform(opt)
             if all(p == opt or p.bits == 32 for p in pmap.values()):
-                label = f"uniform {b}-bit" if opt.per_row else f"uniform {opt.key()}"
+                label = f"uniform {b}-bit" if opt.per_row and opt.act_bits is None else f"uniform {opt.key()}"
                 out.append(Candidate(pmap, "uniform", None, {}, label))
     return out
 
@@ -265,6 +265,7 @@ def resolve(
         act_bits=int(cm.get("act_bits", 8)),
         batch=int(cm.get("batch", 1)),
         profile=get_profile(cm.get("profile")),
+        latency_table=cm.get("latency_table"),
     )
     problem, plimits = build_problem(space, cost_model, table)
     try:

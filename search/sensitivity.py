@@ -16,7 +16,9 @@ distribution, or ``1 - cosine`` for embeddings; :func:`search.tasks.discrepancy`
 full-precision model and the model with only that group quantized. The inputs of every transformer
 block are computed once per calibration batch; a probe of a group in block ``i`` replays only the
 blocks from ``i`` on (the blocks before it are swapped for stubs that return their cached outputs),
-so its cost is about ``(n_blocks - i) / n_blocks`` of a forward pass.
+so its cost is about ``(n_blocks - i) / n_blocks`` of a forward pass. An option with activation
+bits (``4a8``) is probed with its weights *and* the inputs of the group's matrices quantized
+(:mod:`search.actquant`), so the score is that of the whole W/A option.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 from torch import nn
 
 from bitscout.methods import KLOptions, MethodOptions
+from search.actquant import StaticScales, quantize_activations_of
 from search.adapter import ModelAdapter
 from search.data import TokenizedBatch
 from search.errors import CanceledError, InvalidInputError
@@ -56,6 +59,8 @@ class SensitivityContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
     clip: str = "mse"
+    #: static activation scales of options with activation bits (None: per-token dynamic scales)
+    act_static: StaticScales | None = None
 
     @property
     def n_samples(self) -> int:
@@ -204,6 +209,9 @@ class KLSensitivity(SensitivityMethod):
                 start = min(max(group.block, 0), n_blocks) if self.replay else 0
                 saved = adapter.snapshot(group.modules)
                 originals = list(block_list)
+                act_hooks = quantize_activations_of(
+                    adapter._modules, space, {group.name: opt}, static=ctx.act_static, groups=(gi,)
+                )
                 try:
                     adapter._write_group(group, opt, ctx.clip)
                     if start > 0:
@@ -216,6 +224,8 @@ class KLSensitivity(SensitivityMethod):
                         out = model_output(model, b, ctx.task)
                         total_disc += float(discrepancy(refs[bi], out, b, ctx.task).sum())
                 finally:
+                    for h in act_hooks:
+                        h.remove()
                     for j in range(start):
                         block_list[j] = originals[j]
                     adapter.restore(saved)

@@ -53,18 +53,22 @@ class BitOption:
     16 keeps it in half precision; 32 leaves it unchanged. ``symmetric`` and ``group_size`` only
     matter for integer bit-widths: ``group_size`` None keeps one scale (and zero point) per row,
     ``N`` one per ``N`` input columns of each row (the grammar is :mod:`bitscout.options`).
+    ``act_bits`` quantizes the input activations of the group's matrices (2-8 integer grids with
+    per-token scales, 16 half precision; None leaves them as the model runs them: weight-only
+    quantization); integer weight widths only.
     Options sort by bits, then asymmetric before symmetric, then per row before group-wise (larger
-    groups first).
+    groups first), then weight-only before activation widths (narrower first).
     """
 
     bits: int
     symmetric: bool = True
     group_size: int | None = None
+    act_bits: int | None = None
 
     def __post_init__(self) -> None:
         try:
             f = options_grammar.parse_option(
-                {"bits": self.bits, "symmetric": self.symmetric, "group_size": self.group_size}
+                {"bits": self.bits, "symmetric": self.symmetric, "group_size": self.group_size, "act_bits": self.act_bits}
             )
         except options_grammar.OptionSyntaxError as exc:
             raise InvalidInputError(str(exc), field="bits") from None
@@ -72,8 +76,9 @@ class BitOption:
             # Asymmetry means nothing for pruned or float groups; normalise so equal choices compare equal.
             object.__setattr__(self, "symmetric", True)
 
-    def _sort_key(self) -> tuple[int, bool, int, int]:
-        return (self.bits, self.symmetric, self.group_size is not None, -(self.group_size or 0))
+    def _sort_key(self) -> tuple[int, bool, int, int, int]:
+        act = 0 if self.act_bits is None else self.act_bits
+        return (self.bits, self.symmetric, self.group_size is not None, -(self.group_size or 0), act)
 
     def __lt__(self, other: object) -> bool:
         if not isinstance(other, BitOption):
@@ -98,20 +103,29 @@ class BitOption:
         return self.group_size is None
 
     def key(self) -> str:
-        """Short text form: ``"4"``, ``"4a"`` (asymmetric), ``"4g128"``, ``"4ag128"``, ``"0"``, ``"16"``, ``"32"``."""
-        return options_grammar.option_key(self.bits, self.symmetric, self.group_size)
+        """Short text form: ``"4"``, ``"4a"`` (asymmetric), ``"4g128"``, ``"4ag128"``, ``"4a8"``, ``"0"``,
+        ``"16"``, ``"32"``."""
+        return options_grammar.option_key(self.bits, self.symmetric, self.group_size, self.act_bits)
+
+    @property
+    def weight_only(self) -> BitOption:
+        """The same weights with the activations left alone (``act_bits`` None)."""
+        return self if self.act_bits is None else BitOption(self.bits, self.symmetric, self.group_size)
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"bits", "symmetric"}``, plus ``"group_size"`` for group-wise scales."""
-        out: dict[str, Any] = {"bits": self.bits, "symmetric": self.symmetric}
-        if self.group_size is not None:
-            out["group_size"] = self.group_size
-        return out
+        """Every field named: ``{"bits", "symmetric", "group_size", "act_bits"}`` (``group_size`` None
+        per row, ``act_bits`` None when the activations are not quantized)."""
+        return {
+            "bits": self.bits,
+            "symmetric": self.symmetric,
+            "group_size": self.group_size,
+            "act_bits": self.act_bits,
+        }
 
     @classmethod
     def parse(cls, value: BitOption | int | str | Mapping[str, Any], *, symmetric: bool = True) -> BitOption:
-        """Accept ``4``, ``"4"``, ``"4a"``, ``"4g128"``, ``"4ag128"``, ``{"bits": 4, "symmetric": False,
-        "group_size": 128}`` or a BitOption (the grammar of :mod:`bitscout.options`). ``symmetric`` is
+        """Accept ``4``, ``"4"``, ``"4a"``, ``"4g128"``, ``"4ag128"``, ``"4a8"``, ``{"bits": 4, "symmetric": False,
+        "group_size": 128, "act_bits": 8}`` or a BitOption (the grammar of :mod:`bitscout.options`). ``symmetric`` is
         the grid of integer options whose spelling names none (ints, ``"4"``, ``"4g128"``)."""
         if isinstance(value, BitOption):
             return value
@@ -381,7 +395,8 @@ class SearchSpace:
 
     def uniform(self, option: BitOption | int | str) -> PrecisionMap:
         """The map that gives every group ``option`` (groups that do not allow it keep their closest:
-        the nearest width, then the same grid, then the nearest group size)."""
+        the nearest width, then the same grid, then the nearest group size, then the nearest activation
+        width)."""
         opt = BitOption.parse(option)
         chosen = {}
         for g, opts in zip(self.groups, self.options, strict=True):
@@ -395,6 +410,8 @@ class SearchSpace:
                         o.symmetric != opt.symmetric,
                         o.group_size != opt.group_size,
                         abs((o.group_size or 0) - (opt.group_size or 0)),
+                        o.act_bits != opt.act_bits,
+                        abs((o.act_bits or 32) - (opt.act_bits or 32)),
                     ),
                 )
         return PrecisionMap(chosen)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from bitscout.errors import InvalidRequest, PayloadTooLarge
+from bitscout.latency import LatencyTableError, parse_latency_table
 
 #: File name endings a model archive may contain.
 MODEL_FILE_SUFFIXES: tuple[str, ...] = (
@@ -252,6 +253,27 @@ def extract_model_archive(
             tf.close()
     configs = sorted(root.rglob("config.json"), key=lambda p: len(p.parts))
     return configs[0].parent if configs else root
+
+
+#: the largest latency table accepted (bytes)
+MAX_LATENCY_TABLE_BYTES = 16 * 1024 * 1024
+
+
+def check_latency_table_file(path: str | os.PathLike[str]) -> dict[str, object]:
+    """Check an uploaded latency table (the JSON of :mod:`bitscout.latency`, as ``bitscout profile``
+    writes it): every entry is checked, and a bad one is named (field ``file.entries.3.ms``)."""
+    p = Path(path)
+    if p.stat().st_size > MAX_LATENCY_TABLE_BYTES:
+        raise InvalidRequest(f"a latency table is at most {MAX_LATENCY_TABLE_BYTES} bytes", field="file")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InvalidRequest(f"the latency table is not UTF-8 JSON: {exc}", field="file") from None
+    try:
+        table = parse_latency_table(data)
+    except LatencyTableError as exc:
+        raise InvalidRequest(f"latency table: {exc}", field=f"file.{exc.field}" if exc.field else "file") from None
+    return {"device": table["device"], "entries": len(table["entries"])}
 
 
 def check_data_file(path: str | os.PathLike[str], filename: str) -> dict[str, object]:

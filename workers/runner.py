@@ -281,7 +281,8 @@ class JobRunner:
             data_src = sources.data_source(spec, store, cfg)
             if data_name is not None:
                 self.paths.name(data_src, data_name)
-        options = search_options(spec)
+            table = sources.latency_table(spec, store)
+        options = search_options(spec, latency_table=table)
         data = data_options(spec, data_src, name=data_name)
         search = prepare(model_dir, data, options, task=spec.task.value, device=spec.device.value)
         self._event(

@@ -21,11 +21,13 @@ Hugging Face cache to ``<work dir>``, ``<file store>``...).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from bitscout.errors import BitscoutError, NotFound
 from bitscout.schemas import JobSpec
@@ -140,6 +142,28 @@ def _linked_upload(upload_id: str, store: Store, config: RunnerConfig) -> Path:
             shutil.copyfile(blob, tmp)
         os.replace(tmp, target)
     return target
+
+
+def latency_table(spec: JobSpec, store: Store) -> dict[str, Any] | None:
+    """The latency table the job's ``budget.latency_table`` names (an upload of kind
+    ``latency_table``), read as JSON; None when the budget names none. Raises :class:`DataError`
+    (``budget.latency_table``) for a missing upload or one of another kind."""
+    upload_id = spec.budget.latency_table
+    if upload_id is None:
+        return None
+    try:
+        up = store.get_upload(upload_id=upload_id)
+        if up.kind != "latency_table":
+            raise DataError(
+                f"upload {upload_id} is a {up.kind} upload, not a latency table (upload it with kind=latency_table)",
+                field="budget.latency_table",
+            )
+        data = json.loads(store.upload_path(upload_id=upload_id).read_text(encoding="utf-8"))
+    except BitscoutError as exc:
+        raise DataError(exc.message, field="budget.latency_table") from None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read the latency table {upload_id}: {exc}", field="budget.latency_table") from None
+    return data if isinstance(data, dict) else {"entries": data}
 
 
 # --------------------------------------------------------------------------- what the user calls them

@@ -34,9 +34,23 @@ def budget_of(spec: JobSpec) -> Budget:
     )
 
 
-def search_options(spec: JobSpec, *, method_options: Mapping[str, Mapping[str, Any]] | None = None) -> SearchOptions:
+def device_profile_of(spec: JobSpec) -> str | dict[str, Any]:
+    """The budget's device profile: a name, or a custom profile's figures."""
+    p = spec.budget.device_profile
+    if p is None:
+        return DEFAULT_DEVICE_PROFILE
+    return p if isinstance(p, str) else p.model_dump()
+
+
+def search_options(
+    spec: JobSpec,
+    *,
+    method_options: Mapping[str, Mapping[str, Any]] | None = None,
+    latency_table: Mapping[str, Any] | None = None,
+) -> SearchOptions:
     """The search options of ``spec``: its method options (validated on the wire by the same models
-    the methods read; ``method_options`` replaces them when given) and its refinement."""
+    the methods read; ``method_options`` replaces them when given), its refinement, and the latency
+    table its ``budget.latency_table`` names (read from the upload by the runner)."""
     sp = spec.space
     limits = PruneLimits(
         max_head_fraction=sp.max_head_fraction, max_ffn_fraction=sp.max_ffn_fraction, keep_one_head=sp.keep_one_head
@@ -57,7 +71,10 @@ def search_options(spec: JobSpec, *, method_options: Mapping[str, Mapping[str, A
         metric=spec.metric.value if spec.metric is not None else None,
         seed=spec.seed,
         seq_len=spec.data.max_length,
-        device_profile=spec.budget.device_profile or DEFAULT_DEVICE_PROFILE,
+        device_profile=device_profile_of(spec),
+        latency_table=latency_table,
+        activation_bits=tuple(sp.act_bits),
+        act_scales=sp.act_scales,
         method_options={k: dict(v) for k, v in (spec.method_options.as_dict() if method_options is None
                                                 else method_options).items()},
         refine=None if spec.refine is None else RefineChoice(points=spec.refine.points, steps=spec.refine.steps),
@@ -128,6 +145,8 @@ WIRE_FIELDS: dict[str, str] = {
     "max_bops": "budget.max_bops",
     "max_latency_ms": "budget.max_latency_ms",
     "device_profile": "budget.device_profile",
+    "latency_table": "budget.latency_table",
+    "act_bits": "space.act_bits",
 }
 
 #: Fields that are the spec's own paths already (the runner's and the wire's).

@@ -120,6 +120,30 @@ class _Mask(nn.Module):
         return torch.where(self.mask, bias, torch.zeros_like(bias))
 
 
+class _ActLSQ:
+    """A forward pre-hook quantizing a matrix's input with a learned static step (LSQ on the
+    activation scale, as KDLSQ-BERT): ``step`` is the module's parameter ``act_step``, initialised
+    on the first batch it sees to LSQ's ``2 * mean|x| / sqrt(qmax)``; 16 bits round through float16."""
+
+    def __init__(self, bits: int) -> None:
+        self.bits = bits
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> Any:
+        x = args[0]
+        if self.bits >= 16:
+            return (half_ste(x), *args[1:])
+        q = 2 ** (self.bits - 1) - 1
+        step = module.act_step
+        if float(step.detach()) <= 0:
+            with torch.no_grad():
+                step.copy_((2 * x.detach().abs().mean() / q**0.5).clamp_min(2.0**-24).reshape(step.shape))
+        fq = lsq_fake_quantize(  # one step for the whole input: a [1, numel] "row"
+            x.reshape(1, -1).to(torch.float32), step, torch.zeros(1, device=x.device),
+            -q, q, lsq_grad_scale(x.numel(), q), half_scales=False,
+        )
+        return (fq.reshape(x.shape).to(x.dtype), *args[1:])
+
+
 @dataclass
 class _Student:
     model: nn.Module
@@ -129,12 +153,15 @@ class _Student:
     pruned: list[str]
     masked_bias: list[str]
     other: list[nn.Parameter]
+    #: module name -> learned activation step (whole-matrix groups with activation bits)
+    act_steps: dict[str, nn.Parameter] | None = None
 
     def trainable(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
     def step_params(self) -> set[int]:
-        return {id(q.steps[s.step_index]) for _, q, s in self.int_slots.values()}
+        ids = {id(q.steps[s.step_index]) for _, q, s in self.int_slots.values()}
+        return ids | {id(p) for p in (self.act_steps or {}).values()}
 
 
 def _check_pmap(pmap: PrecisionMap | Mapping[str, Any], space: SearchSpace) -> PrecisionMap:
@@ -225,10 +252,41 @@ def _build_student(
         if bias_mask is not None and not bool(bias_mask.all()):
             parametrize.register_parametrization(module, "bias", _Mask(bias_mask), unsafe=True)
             masked_bias.append(name)
+    act_steps = _activation_quantizers(model, modules, space, pmap)
     other = [
-        p for n, p in model.named_parameters() if p.requires_grad and ".parametrizations." not in f".{n}"
+        p for n, p in model.named_parameters()
+        if p.requires_grad and ".parametrizations." not in f".{n}" and not n.endswith("act_step")
     ]
-    return _Student(model, modules, int_slots, pruned, masked_bias, other)
+    return _Student(model, modules, int_slots, pruned, masked_bias, other, act_steps)
+
+
+def _activation_quantizers(
+    model: nn.Module, modules: dict[str, nn.Module], space: SearchSpace, pmap: PrecisionMap
+) -> dict[str, nn.Parameter]:
+    """Activation quantization of the student: a learned step (:class:`_ActLSQ`) on the input of
+    every whole-matrix group with activation bits; groups that are slices of a matrix (``group``
+    granularity) keep the search's per-token scales (:mod:`search.actquant`), not learned."""
+    from search.actquant import quantize_activations_of
+
+    steps: dict[str, nn.Parameter] = {}
+    sliced: dict[str, Any] = {}
+    for g in space.groups:
+        opt = pmap.get(g.name, FULL_PRECISION)
+        if opt.act_bits is None or opt.pruned:
+            continue
+        if len(g.members) == 1 and g.members[0].axis == "all":
+            name = g.members[0].module
+            module = modules[name]
+            ref = next(module.parameters())
+            step = nn.Parameter(torch.zeros(1, device=ref.device, dtype=torch.float32))
+            module.register_parameter("act_step", step)
+            module.register_forward_pre_hook(_ActLSQ(opt.act_bits))
+            steps[name] = step
+        else:
+            sliced[g.name] = opt
+    if sliced:
+        quantize_activations_of(modules, space, PrecisionMap(sliced))
+    return steps
 
 
 @torch.no_grad()

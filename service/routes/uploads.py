@@ -23,7 +23,7 @@ from service.deps import CurrentUser, SettingsDep, StoreDep, UploadId, UploadLim
 from service.errors import ERROR_RESPONSES, responses
 from service.routes import API_PREFIX
 from service.routes._render import json_response
-from service.uploads import check_data_file, check_model_archive, infer_kind
+from service.uploads import check_data_file, check_latency_table_file, check_model_archive, infer_kind
 
 router = APIRouter(prefix=API_PREFIX, tags=["uploads"])
 
@@ -32,10 +32,11 @@ router = APIRouter(prefix=API_PREFIX, tags=["uploads"])
     "/uploads",
     status_code=201,
     response_model=UploadRead,
-    summary="Upload a model archive or a data file (multipart).",
+    summary="Upload a model archive, a data file or a latency table (multipart).",
     description="Model archives (.zip, .tar, .tar.gz): safetensors weights, config and tokenizer "
-    "files only. Data: .jsonl, .json, .csv, .tsv (UTF-8). `kind` is inferred from the file name "
-    "when not given.",
+    "files only. Data: .jsonl, .json, .csv, .tsv (UTF-8). Latency tables (kind=latency_table): the JSON "
+    "`bitscout profile` writes, named by a job's budget.latency_table. `kind` is inferred from the file "
+    "name when not given (model or data).",
     responses=responses(413, 429),
 )
 def upload(
@@ -44,7 +45,9 @@ def upload(
     settings: SettingsDep,
     limit: UploadLimit,
     file: Annotated[UploadFile, File(description="The file.")],
-    kind: Annotated[UploadKind | None, Form(description="model or data (default: from the name).")] = None,
+    kind: Annotated[
+        UploadKind | None, Form(description="model, data or latency_table (default: model or data, from the name).")
+    ] = None,
 ) -> Response:
     limit.hit(user.name)
     max_upload = int(settings.max_upload_mb * 1e6)
@@ -83,6 +86,8 @@ def upload(
                 max_files=settings.max_archive_files,
                 max_unpacked_bytes=int(settings.max_archive_unpacked_mb * 1e6),
             )
+        elif kind is UploadKind.latency_table:
+            meta = check_latency_table_file(tmp)
         else:
             meta = check_data_file(tmp, name)
         sha = digest.hexdigest()

@@ -57,10 +57,11 @@ def _as_dict(value: Any) -> Any:
 
 class PointOption(BaseModel):
     """One precision-map entry: a bit-width, whether its integer grid is symmetric, and the input
-    columns per scale (None: one scale per row).
+    columns per scale (None: one scale per row), and the activation width (None: activations not
+    quantized).
 
-    Accepts ``{"bits": 4, "symmetric": False, "group_size": 128}``, ``4``, ``"4"``, ``"4a"``
-    (asymmetric), ``"4s"`` or ``"4g128"`` (the grammar of :mod:`bitscout.options`).
+    Accepts ``{"bits": 4, "symmetric": False, "group_size": 128, "act_bits": 8}``, ``4``, ``"4"``,
+    ``"4a"`` (asymmetric), ``"4s"``, ``"4g128"`` or ``"4a8"`` (the grammar of :mod:`bitscout.options`).
     """
 
     model_config = ConfigDict(extra="ignore")
@@ -68,6 +69,7 @@ class PointOption(BaseModel):
     bits: int
     symmetric: bool = True
     group_size: int | None = None
+    act_bits: int | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -75,10 +77,10 @@ class PointOption(BaseModel):
         if isinstance(value, Mapping):
             return value
         try:
-            bits, symmetric, group_size = bit_options.parse_option(value).resolved()
+            bits, symmetric, group_size, act_bits = bit_options.parse_option(value).resolved()
         except bit_options.OptionSyntaxError as exc:
             raise ValueError(f"bad bit option {value!r}: {exc}") from None
-        return {"bits": bits, "symmetric": symmetric, "group_size": group_size}
+        return {"bits": bits, "symmetric": symmetric, "group_size": group_size, "act_bits": act_bits}
 
 
 class PointCost(BaseModel):

@@ -44,6 +44,11 @@ BASE = {
         (8, OptionFields(8), "8"),
         ({"bits": 4, "symmetric": False, "group_size": 32}, OptionFields(4, False, 32), "4ag32"),
         ({"bits": 4, "symmetric": True, "group_size": None}, OptionFields(4, True), "4"),
+        ("4a8", OptionFields(4, None, None, 8), "4a8"),  # 'a' followed by digits: activation bits
+        ("4aa8", OptionFields(4, False, None, 8), "4aa8"),
+        ("4g128a16", OptionFields(4, None, 128, 16), "4g128a16"),
+        ("4ag128a8", OptionFields(4, False, 128, 8), "4ag128a8"),
+        ({"bits": 8, "symmetric": True, "group_size": None, "act_bits": 8}, OptionFields(8, True, None, 8), "8a8"),
     ],
 )
 def test_the_grammar_reads_widths_grids_and_group_sizes(text, fields, key):
@@ -62,8 +67,11 @@ def test_keys_and_the_default_grid():
 @pytest.mark.parametrize(
     "bad,says",
     [
-        ("4a8", "activation bits"),
-        ("4g128a8", "activation bits"),
+        ("4a7", "activation width 7"),
+        ("4a32", "activation width 32"),
+        ("16a8", "integer weight widths"),
+        ({"bits": 0, "act_bits": 8}, "integer weight widths"),
+        ({"bits": 4, "act_bits": True}, "activation width"),
         ("tt8@4", "tensor-train"),
         ("16g128", "integer widths"),
         ("0g64", "integer widths"),
@@ -94,9 +102,10 @@ def test_tie_kinds_by_name_or_short_name():
 def test_the_wire_takes_option_strings_and_ints_and_names_the_field():
     spec = schemas.JobSpec.model_validate({**BASE, "space": {"bits": ["4g128", 8, "3g64", "4a", 2]}})
     assert spec.space.bits == [2, "3g64", "4a", "4g128", 8]
+    assert schemas.JobSpec.model_validate({**BASE, "space": {"bits": ["8a8", "4a8"]}}).space.bits == ["4a8", "8a8"]
     assert schemas.JobSpec.model_validate(BASE).space.bits == [2, 3, 4, 6, 8, 32]  # the default: unchanged
     for bad, says in (
-        [["4a8"], "activation bits"], [["4g", 8], "cannot read"], [[4, " 4g8", "4G8"], "unique"], [[0], "other than 0"],
+        [["4a7"], "activation width"], [["4g", 8], "cannot read"], [[4, " 4g8", "4G8"], "unique"], [[0], "other than 0"],
         [["4", 8], "an integer"], [[4.0, 8], "cannot read"],
     ):
         with pytest.raises(ValidationError) as e:
@@ -115,29 +124,38 @@ def test_the_wire_takes_tie_kinds_and_leaves_the_default_to_the_task():
     assert e.value.errors()[0]["loc"][:2] == ("space", "tie")
 
 
-def test_a_point_names_its_group_size_and_its_key():
+def test_a_point_names_every_field_and_its_key():
     opt = schemas.BitOptionRead.model_validate({"bits": 4, "symmetric": True, "group_size": 128})
     assert opt.key() == "4g128"
+    assert opt.model_dump() == {"bits": 4, "symmetric": True, "group_size": 128, "act_bits": None}
     assert schemas.BitOptionRead.model_validate({"bits": 4, "symmetric": False}).group_size is None
+    w4a8 = schemas.BitOptionRead.model_validate({"bits": 4, "symmetric": True, "group_size": None, "act_bits": 8})
+    assert w4a8.key() == "4a8"
 
 
 def test_the_store_normalises_entries_with_the_same_grammar():
     pytest.importorskip("sqlalchemy", reason="the service's store needs the server extra")
     from service.store.records import PointOption
 
-    assert PointOption.model_validate("4ag64").model_dump() == {"bits": 4, "symmetric": False, "group_size": 64}
+    assert PointOption.model_validate("4ag64").model_dump() == {
+        "bits": 4, "symmetric": False, "group_size": 64, "act_bits": None,
+    }  # fmt: skip
+    assert PointOption.model_validate("4a8").model_dump() == {
+        "bits": 4, "symmetric": True, "group_size": None, "act_bits": 8,
+    }  # fmt: skip
     assert PointOption.model_validate({"bits": 4, "symmetric": True}).model_dump(exclude_none=True) == {
         "bits": 4, "symmetric": True,
     }  # fmt: skip
     with pytest.raises(ValidationError):
-        PointOption.model_validate("4a8")
+        PointOption.model_validate("4a7")
 
 
 def test_the_clis_read_bits_and_ties_with_the_grammar():
     assert cli_options.bit_list("4g128,8,3g64") == ["4g128", 8, "3g64"]
     assert cli_options.tie_list("none") == [] and cli_options.tie_list("qkv") == ["attention_inputs"]
+    assert cli_options.bit_list("4a8,8") == ["4a8", 8]
     with pytest.raises(argparse.ArgumentTypeError):
-        cli_options.bit_list("4a8")
+        cli_options.bit_list("4a7")
     sub = _submit_parser().parse_args(["--model", "server:m", "--data", "server:d.jsonl", "--max-avg-bits", "4",
                                        "--bits", "4g128,8", "--tie", "gate_up"])
     assert submit_options(sub)["space"] == {"bits": ["4g128", 8], "tie": ["ffn_inputs"]}

@@ -276,7 +276,7 @@ def test_resolve(api: Api) -> None:
     r = api.client.post(f"{API}/jobs/{jid}/resolve", json=body, headers=api.h())
     assert r.status_code == 200, r.text
     out = r.json()
-    assert out["precision_map"] == {"a": {"bits": 4, "symmetric": True}} and out["cost"]["size_mb"] == 2.0
+    assert out["precision_map"] == {"a": {"bits": 4, "symmetric": True, "group_size": None, "act_bits": None}} and out["cost"]["size_mb"] == 2.0
     assert out["exact"] is True and out["budget"]["max_size_mb"] == 5
     call = api.resolver.calls[-1]
     assert call["space"] == {"groups": ["a"]} and call["sensitivities"][0]["scores"] == {"a": {"4": 0.1}}
@@ -659,3 +659,55 @@ def test_readyz_reports_schema_drift(api: Api, settings: Settings) -> None:
         with engine.begin() as conn:
             conn.execute(sa.text("UPDATE bitscout_alembic_version SET version_num = '0001'"))
         engine.dispose()
+
+
+# --------------------------------------------------------------------------- latency: custom profiles, tables
+
+CUSTOM_PROFILE = {
+    "name": "edge", "memory_bandwidth_gbs": 100, "int8_tops": 20, "int4_tops": 40, "fp16_tflops": 10, "fp32_tflops": 2,
+}  # fmt: skip
+TABLE = {
+    "format": "bitscout-latency-table/1",
+    "device": "cpu",
+    "entries": [{"tokens": 16, "shape": [32, 32], "option": "8a8", "ms": 0.01, "kernel": "int8 _int_mm"}],
+}
+
+
+def test_a_custom_device_profile_is_accepted_and_a_bad_one_refused_naming_the_field(api: Api) -> None:
+    job = api.submit(budget={"max_latency_ms": 5.0, "device_profile": CUSTOM_PROFILE})
+    assert job["spec"]["budget"]["device_profile"]["int8_tops"] == 20.0
+    assert api.submit(budget={"max_latency_ms": 5.0, "device_profile": "h100"})["spec"]["budget"]["device_profile"] == "h100"
+    for bad, field in (
+        ({**CUSTOM_PROFILE, "int8_tops": -1}, "budget.device_profile.int8_tops"),
+        ({**CUSTOM_PROFILE, "fp32_tflops": "fast"}, "budget.device_profile.fp32_tflops"),
+        ({k: v for k, v in CUSTOM_PROFILE.items() if k != "memory_bandwidth_gbs"}, "budget.device_profile.memory_bandwidth_gbs"),
+        ({**CUSTOM_PROFILE, "tdp_w": 300}, "budget.device_profile.tdp_w"),
+    ):
+        r = api.client.post(
+            f"{API}/jobs", json=job_spec(budget={"max_latency_ms": 5.0, "device_profile": bad}), headers=api.h()
+        )
+        assert r.status_code == 422, r.text
+        assert r.json()["field"] == field, r.json()
+
+
+def test_a_latency_table_upload_is_checked_and_a_job_names_it(api: Api) -> None:
+    r = api.client.post(
+        f"{API}/uploads", files={"file": ("t.json", json.dumps(TABLE).encode())}, data={"kind": "latency_table"},
+        headers=api.h(),
+    )  # fmt: skip
+    assert r.status_code == 201, r.text
+    up = r.json()
+    assert up["kind"] == "latency_table"
+    job = api.submit(budget={"max_latency_ms": 1.0, "latency_table": up["id"]}, space={"bits": [8], "act_bits": [8]})
+    assert job["spec"]["budget"]["latency_table"] == up["id"] and job["spec"]["space"]["act_bits"] == [8]
+    bad = {**TABLE, "entries": [{**TABLE["entries"][0], "ms": 0}]}
+    for content, field in ((bad, "file.entries.0.ms"), ({**TABLE, "format": "x"}, "file.format")):
+        r = api.client.post(
+            f"{API}/uploads", files={"file": ("t.json", json.dumps(content).encode())}, data={"kind": "latency_table"},
+            headers=api.h(),
+        )  # fmt: skip
+        assert r.status_code == 422 and r.json()["field"] == field, r.text
+    r = api.client.post(
+        f"{API}/jobs", json=job_spec(methods=["hessian"], space={"bits": [4, 8], "act_bits": [8]}), headers=api.h()
+    )
+    assert r.status_code == 422 and r.json()["field"] == "methods", r.text
