@@ -26,12 +26,16 @@ part           meaning
 Examples: ``4`` (per row, symmetric), ``4a`` (per row, asymmetric), ``4g128`` (a scale per 128
 columns), ``4ag128``. The *canonical key* of an option (:func:`option_key`) is that spelling
 without ``s``: ``4``, ``4a``, ``4g128``, ``4ag128``; sensitivity tables and precision maps use it.
-Two extensions of the grammar are read but refused for now, so that a spelling never changes
-meaning later: activation bits at the end (``4a8``, ``4g128a8``: ``a`` followed by digits) and
-tensor-train options (``tt<rank>@<bits>``).
+
+Tensor-train options: ``tt<rank>@<bits>[a|s]`` (``tt16@4``, ``tt32@8a``) factorise the matrix into
+the cores of a TT-matrix of TT rank ``<rank>`` (1 to :data:`MAX_TT_RANK`) and store the cores at
+``<bits>`` (2-8 integer, 16, 32; not 0; no group-wise scales): see ``docs/methods/tensor_train.md``.
+Activation bits at the end (``4a8``, ``4g128a8``: ``a`` followed by digits) are read but refused
+for now, so that a spelling never changes meaning later.
 
 On the wire a precision-map entry names the option field by field:
-``{"bits": 4, "symmetric": true, "group_size": 128}`` (``group_size`` absent or null per row).
+``{"bits": 4, "symmetric": true, "group_size": 128}`` (``group_size`` absent or null per row),
+``{"bits": 4, "symmetric": true, "tt_rank": 16}`` (``tt_rank`` absent or null for a plain option).
 
 Ties
 ====
@@ -63,6 +67,7 @@ __all__ = [
     "ALLOWED_BITS",
     "INTEGER_BITS",
     "MAX_GROUP_SIZE",
+    "MAX_TT_RANK",
     "OptionFields",
     "OptionSyntaxError",
     "TIE_ALIASES",
@@ -79,6 +84,8 @@ ALLOWED_BITS: tuple[int, ...] = (0, 2, 3, 4, 5, 6, 8, 16, 32)
 INTEGER_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
 #: The largest group of input columns one scale may cover.
 MAX_GROUP_SIZE = 1 << 20
+#: The largest tensor-train rank an option may name.
+MAX_TT_RANK = 4096
 
 #: Tie kind -> what it ties.
 TIE_KINDS: dict[str, str] = {
@@ -88,9 +95,9 @@ TIE_KINDS: dict[str, str] = {
 #: Short names of the tie kinds (``--tie qkv,gate_up``).
 TIE_ALIASES: dict[str, str] = {"qkv": "attention_inputs", "gate_up": "ffn_inputs"}
 
-_SYNTAX = "<bits>[a][g<N>], e.g. 4, 4a, 4g128, 4ag128"
+_SYNTAX = "<bits>[a][g<N>] or tt<rank>@<bits>[a], e.g. 4, 4a, 4g128, 4ag128, tt16@4"
 _OPTION_RE = re.compile(
-    r"(?P<tt>tt(?P<rank>\d+)@)?"  # tensor-train prefix (reserved)
+    r"(?P<tt>tt(?P<rank>\d+)@)?"  # tensor-train prefix
     r"(?P<bits>\d+)"
     r"(?P<grid>[as](?!\d))?"  # a grid letter, unless it starts activation bits
     r"(?:g(?P<group>\d+))?"
@@ -105,11 +112,13 @@ class OptionSyntaxError(ValueError):
 @dataclass(frozen=True)
 class OptionFields:
     """A parsed bit option: ``bits``; ``symmetric`` (None: the spelling names no grid, the space's
-    default applies); ``group_size`` (None: one scale per row)."""
+    default applies); ``group_size`` (None: one scale per row); ``tt_rank`` (None: a plain option;
+    else the TT rank of a tensor-train factorisation whose cores take ``bits``)."""
 
     bits: int
     symmetric: bool | None = None
     group_size: int | None = None
+    tt_rank: int | None = None
 
     @property
     def is_integer(self) -> bool:
@@ -130,14 +139,30 @@ class OptionFields:
         grid was named explicitly (so that a space-wide asymmetric default does not apply)."""
         grid = "" if self.symmetric is None or not self.is_integer else ("s" if self.symmetric else "a")
         group = f"g{self.group_size}" if self.group_size is not None else ""
-        return f"{self.bits}{grid}{group}"
+        tt = f"tt{self.tt_rank}@" if self.tt_rank is not None else ""
+        return f"{tt}{self.bits}{grid}{group}"
 
 
-def option_key(bits: int, symmetric: bool = True, group_size: int | None = None) -> str:
-    """The canonical key: ``"4"``, ``"4a"`` (asymmetric), ``"4g128"``, ``"4ag128"``, ``"0"``, ``"16"``."""
+def option_key(bits: int, symmetric: bool = True, group_size: int | None = None, tt_rank: int | None = None) -> str:
+    """The canonical key: ``"4"``, ``"4a"`` (asymmetric), ``"4g128"``, ``"4ag128"``, ``"0"``, ``"16"``,
+    ``"tt16@4"`` (tensor-train, rank 16, 4-bit cores)."""
     asym = "a" if bits in INTEGER_BITS and not symmetric else ""
     group = f"g{group_size}" if group_size is not None else ""
-    return f"{bits}{asym}{group}"
+    tt = f"tt{tt_rank}@" if tt_rank is not None else ""
+    return f"{tt}{bits}{asym}{group}"
+
+
+def _check_tt(fields: OptionFields, rank: Any, spelled: str | None) -> OptionFields:
+    if rank is None:
+        return fields
+    what = spelled or f"tt{rank}@{fields.bits}"
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= MAX_TT_RANK:
+        raise OptionSyntaxError(f"the tensor-train rank in {what} must be an integer from 1 to {MAX_TT_RANK}, got {rank!r}")
+    if fields.bits == 0:
+        raise OptionSyntaxError(f"tensor-train cores cannot be pruned (0 bits in {what})")
+    if fields.group_size is not None:
+        raise OptionSyntaxError(f"group-wise scales do not apply to tensor-train cores ({what})")
+    return OptionFields(fields.bits, fields.symmetric, None, rank)
 
 
 def _check(bits: Any, symmetric: Any, group_size: Any, spelled: str | None) -> OptionFields:
@@ -163,7 +188,7 @@ def _check(bits: Any, symmetric: Any, group_size: Any, spelled: str | None) -> O
 
 def parse_option(value: Any) -> OptionFields:
     """Read one bit option: an int (the width), a string in the grammar of the module docstring,
-    a mapping ``{"bits", "symmetric"?, "group_size"?}`` or an :class:`OptionFields`. Raises
+    a mapping ``{"bits", "symmetric"?, "group_size"?, "tt_rank"?}`` or an :class:`OptionFields`. Raises
     :class:`OptionSyntaxError` with a message that says what is wrong."""
     if isinstance(value, OptionFields):
         return value
@@ -176,26 +201,27 @@ def parse_option(value: Any) -> OptionFields:
             raise OptionSyntaxError("a bit option needs a 'bits' entry")
         if value.get("act_bits") is not None:
             raise OptionSyntaxError("activation bits are not supported yet")
-        return _check(value["bits"], value.get("symmetric"), value.get("group_size"), None)
+        return _check_tt(
+            _check(value["bits"], value.get("symmetric"), value.get("group_size"), None), value.get("tt_rank"), None
+        )
     if isinstance(value, str):
         text = value.strip().lower()
         m = _OPTION_RE.fullmatch(text)
         if m is None:
             raise OptionSyntaxError(f"cannot read bit option {value!r} (the syntax is {_SYNTAX})")
-        if m["tt"]:
-            raise OptionSyntaxError(f"tensor-train options (tt<rank>@<bits>, {value!r}) are not supported yet")
         if m["act"] is not None:
             raise OptionSyntaxError(
                 f"activation bits ('a{m['act']}' at the end of {value!r}) are not supported yet; "
                 "a bare 'a' right after the width means an asymmetric grid (e.g. 4a, 4ag128)"
             )
         grid = m["grid"]
-        return _check(
+        fields = _check(
             int(m["bits"]),
             None if grid is None else grid == "s",
             None if m["group"] is None else int(m["group"]),
             repr(value),
         )
+        return _check_tt(fields, int(m["rank"]) if m["tt"] else None, repr(value))
     raise OptionSyntaxError(f"cannot read bit option {value!r} (the syntax is {_SYNTAX})")
 
 

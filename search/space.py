@@ -30,6 +30,7 @@ from functools import total_ordering
 from typing import Any, Literal
 
 from bitscout import options as options_grammar
+from search import tt_layout
 from search.errors import InvalidInputError
 
 #: Bit-widths a group may take. 0 prunes the group, 16 keeps it in half precision, 32 unchanged.
@@ -53,18 +54,22 @@ class BitOption:
     16 keeps it in half precision; 32 leaves it unchanged. ``symmetric`` and ``group_size`` only
     matter for integer bit-widths: ``group_size`` None keeps one scale (and zero point) per row,
     ``N`` one per ``N`` input columns of each row (the grammar is :mod:`bitscout.options`).
+    ``tt_rank`` set makes it a *tensor-train* option: the matrix is factorised into the cores of a
+    TT-matrix of that TT rank (:mod:`search.tt_layout`, :mod:`search.tensor_train`) and the cores take
+    ``bits`` (integer with per-row scales of each core, 16 or 32; never pruned, never group-wise).
     Options sort by bits, then asymmetric before symmetric, then per row before group-wise (larger
-    groups first).
+    groups first), then plain before tensor-train (smaller ranks first).
     """
 
     bits: int
     symmetric: bool = True
     group_size: int | None = None
+    tt_rank: int | None = None
 
     def __post_init__(self) -> None:
         try:
             f = options_grammar.parse_option(
-                {"bits": self.bits, "symmetric": self.symmetric, "group_size": self.group_size}
+                {"bits": self.bits, "symmetric": self.symmetric, "group_size": self.group_size, "tt_rank": self.tt_rank}
             )
         except options_grammar.OptionSyntaxError as exc:
             raise InvalidInputError(str(exc), field="bits") from None
@@ -72,8 +77,8 @@ class BitOption:
             # Asymmetry means nothing for pruned or float groups; normalise so equal choices compare equal.
             object.__setattr__(self, "symmetric", True)
 
-    def _sort_key(self) -> tuple[int, bool, int, int]:
-        return (self.bits, self.symmetric, self.group_size is not None, -(self.group_size or 0))
+    def _sort_key(self) -> tuple[int, bool, int, int, int]:
+        return (self.bits, self.symmetric, self.group_size is not None, -(self.group_size or 0), self.tt_rank or 0)
 
     def __lt__(self, other: object) -> bool:
         if not isinstance(other, BitOption):
@@ -85,12 +90,24 @@ class BitOption:
         return self.bits == 0
 
     @property
+    def is_tt(self) -> bool:
+        """A tensor-train option (``tt_rank`` set)."""
+        return self.tt_rank is not None
+
+    @property
+    def unchanged(self) -> bool:
+        """The matrix as it is: 32 bits and no factorisation."""
+        return self.bits == 32 and self.tt_rank is None
+
+    @property
     def is_float(self) -> bool:
-        return self.bits >= 16
+        """A plain float option (16 or 32 bits, no factorisation)."""
+        return self.bits >= 16 and self.tt_rank is None
 
     @property
     def is_integer(self) -> bool:
-        return self.bits in INTEGER_BITS
+        """A plain integer grid of the matrix (no factorisation)."""
+        return self.bits in INTEGER_BITS and self.tt_rank is None
 
     @property
     def per_row(self) -> bool:
@@ -99,13 +116,16 @@ class BitOption:
 
     def key(self) -> str:
         """Short text form: ``"4"``, ``"4a"`` (asymmetric), ``"4g128"``, ``"4ag128"``, ``"0"``, ``"16"``, ``"32"``."""
-        return options_grammar.option_key(self.bits, self.symmetric, self.group_size)
+        return options_grammar.option_key(self.bits, self.symmetric, self.group_size, self.tt_rank)
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"bits", "symmetric"}``, plus ``"group_size"`` for group-wise scales."""
+        """``{"bits", "symmetric"}``, plus ``"group_size"`` for group-wise scales and ``"tt_rank"`` for
+        a tensor-train option."""
         out: dict[str, Any] = {"bits": self.bits, "symmetric": self.symmetric}
         if self.group_size is not None:
             out["group_size"] = self.group_size
+        if self.tt_rank is not None:
+            out["tt_rank"] = self.tt_rank
         return out
 
     @classmethod
@@ -119,7 +139,7 @@ class BitOption:
             f = options_grammar.parse_option(value)
         except options_grammar.OptionSyntaxError as exc:
             raise InvalidInputError(str(exc), field="bits") from None
-        return cls(*f.resolved(symmetric))
+        return cls(*f.resolved(symmetric), tt_rank=f.tt_rank)
 
 
 FULL_PRECISION = BitOption(32)
@@ -230,9 +250,25 @@ class Tie:
         return {"kind": self.kind, "groups": list(self.groups)}
 
 
+def tt_fit_problem(group: Group, rank: int) -> str | None:
+    """Why a tensor-train option of ``rank`` does not fit ``group`` (None when it does): it factorises
+    a whole matrix (a group of one member spanning it), at a rank no larger than the matrix's full TT
+    rank (:meth:`search.tt_layout.TTLayout.full_rank`; above it the factorisation is the same)."""
+    if len(group.members) != 1 or group.members[0].axis != "all":
+        return f"group {group.name} is not a whole matrix (tensor-train options factorise whole matrices)"
+    m = group.members[0]
+    full = tt_layout.layout(*m.shape).full_rank()
+    if rank > full:
+        return f"rank {rank} exceeds the full TT rank {full} of {m.module} {m.shape[0]}x{m.shape[1]}"
+    return None
+
+
 def check_option_fits(group: Group, option: BitOption) -> str | None:
-    """Why ``option``'s group-wise scales do not fit ``group`` (None when they do): every member
-    needs a multiple of ``group_size`` input columns, and a column slice must start on one."""
+    """Why ``option`` does not fit ``group`` (None when it does): group-wise scales need a multiple of
+    ``group_size`` input columns in every member, and a column slice must start on one; a tensor-train
+    option needs :func:`tt_fit_problem` to find nothing."""
+    if option.tt_rank is not None:
+        return tt_fit_problem(group, option.tt_rank)
     n = option.group_size
     if n is None or not option.is_integer:
         return None
@@ -288,6 +324,8 @@ class SearchSpace:
             for o in opts:
                 why = check_option_fits(g, o)
                 if why is not None:
+                    if o.is_tt:
+                        raise InvalidInputError(f"option {o.key()} does not fit: {why}", field="space.tt_ranks")
                     raise InvalidInputError(
                         f"option {o.key()} does not fit: {why}; choose a group size that divides it", field="space.bits"
                     )

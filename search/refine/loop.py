@@ -87,7 +87,7 @@ def refine(
     report = on_progress or (lambda stage, frac, msg: None)
     teacher = parts.model
     notes: list[str] = []
-    if not any(pmap.get(g.name, FULL_PRECISION).bits != 32 for g in space.groups):
+    if all(pmap.get(g.name, FULL_PRECISION).unchanged for g in space.groups):
         notes.append("the map is full precision: only the weights were fine-tuned")
 
     ref_eval = parts.reference if parts.reference is not None else reference_outputs(teacher, evaluation, task)

@@ -64,7 +64,11 @@ def test_keys_and_the_default_grid():
     [
         ("4a8", "activation bits"),
         ("4g128a8", "activation bits"),
-        ("tt8@4", "tensor-train"),
+        ("tt8@0", "cannot be pruned"),
+        ("tt8@4g128", "tensor-train cores"),
+        ("tt0@4", "tensor-train rank"),
+        ("tt5000@4", "tensor-train rank"),
+        ({"bits": 4, "tt_rank": True}, "tensor-train rank"),
         ("16g128", "integer widths"),
         ("0g64", "integer widths"),
         ("4g0", "group size"),

@@ -144,7 +144,7 @@ def test_bit_options_read_write_and_sort_group_sizes():
     pmap = PrecisionMap({"a": "4g32", "b": 4})
     assert PrecisionMap.from_dict(pmap.to_dict()) == pmap and hash(PrecisionMap(pmap.to_dict())) == hash(pmap)
     assert pmap != PrecisionMap({"a": "4g64", "b": 4}) and pmap != PrecisionMap({"a": 4, "b": 4})
-    for bad in ("16g128", "0g32", "4g0", "4a8", "4g128a8", "tt4@4", "4x", {"bits": 32, "group_size": 64}):
+    for bad in ("16g128", "0g32", "4g0", "4a8", "4g128a8", "tt4@0", "tt4@4g32", "4x", {"bits": 32, "group_size": 64}):
         with pytest.raises(InvalidInputError) as e:
             BitOption.parse(bad)
         assert e.value.field == "bits"
