@@ -23,6 +23,8 @@ flag                        what                                            defa
 ``--bits``                  allowed bit options (0 prunes, 32 unchanged,    2,3,4,6,8,32
                             ``4a`` asymmetric, ``4g128`` a scale per 128
                             input columns: :mod:`bitscout.options`)
+``--tt-ranks``              tensor-train ranks: adds tt<r>@<b> for every    none
+                            rank r and width b of --bits
 ``--tie``                   sibling projections taking one option: qkv,     by task (causal LMs:
                             gate_up or none                                 qkv,gate_up)
 ``--granularity``           layer or group                                  layer
@@ -94,6 +96,7 @@ class Defaults:
     front_points: int = 16
     device_profile: str = "a100"
     bits: tuple[int | str, ...] = (2, 3, 4, 6, 8, 32)
+    tt_ranks: tuple[int, ...] = ()
     granularity: str = "layer"
     ffn_block_size: int = 256
     asymmetric: bool = False
@@ -140,6 +143,21 @@ def bit_list(text: str) -> list[int | str]:
         return [bit_options.wire_option(x) for x in parts]
     except bit_options.OptionSyntaxError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def rank_list(text: str) -> list[int]:
+    """``8,16,32`` -> ``[8, 16, 32]``: tensor-train ranks (1 to :data:`bitscout.options.MAX_TT_RANK`)."""
+    parts = [x for x in text.replace(" ", "").split(",") if x]
+    out = []
+    for x in parts:
+        if not x.isdigit() or not 1 <= int(x) <= bit_options.MAX_TT_RANK:
+            raise argparse.ArgumentTypeError(
+                f"a tensor-train rank is an integer from 1 to {bit_options.MAX_TT_RANK}, got {x!r}"
+            )
+        out.append(int(x))
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected comma-separated tensor-train ranks such as 8,16,32, got {text!r}")
+    return sorted(set(out))
 
 
 def tie_list(text: str) -> list[str]:
@@ -233,6 +251,12 @@ def add_space_options(p: argparse.ArgumentParser) -> None:
         "--bits", type=bit_list, metavar="LIST",
         help="allowed bit options: widths (0 prunes, 32 unchanged), 'a' an asymmetric grid, 'g<N>' a scale per N "
         f"input columns, e.g. 4g128,8,3g64 (default: {','.join(map(str, DEFAULTS.bits))})",
+    )  # fmt: skip
+    g.add_argument(
+        "--tt-ranks", type=rank_list, metavar="LIST",
+        help="tensor-train ranks: every whole matrix (and, with --include-embeddings, the word embedding) may also "
+        "be factorised into TT-matrix cores of each rank, the cores at each width of --bits (tt<r>@<b>), e.g. 8,16,32 "
+        "(default: none)",
     )  # fmt: skip
     g.add_argument(
         "--tie", type=tie_list, metavar="KINDS",

@@ -358,7 +358,8 @@ class SearchSpaceSpec(_Request):
         max_length=MAX_BIT_OPTIONS,
         description="Allowed bit options: a width from {0, 2, 3, 4, 5, 6, 8, 16, 32} (0 prunes, 16 keeps half "
         "precision, 32 leaves a group unchanged) or an option string '<bits>[a][g<N>]': 'a' an asymmetric grid, "
-        "'g<N>' one scale per N input columns of each row (e.g. '4g128', '4ag128'); plain widths take `symmetric`.",
+        "'g<N>' one scale per N input columns of each row (e.g. '4g128', '4ag128'); plain widths take `symmetric`; "
+        "'tt<rank>@<bits>' a tensor-train factorisation with its cores at <bits> (see `tt_ranks`).",
         examples=[[2, 3, 4, 8], ["4g128", 8, "3g64"]],
     )
     symmetric: bool = Field(
@@ -395,6 +396,14 @@ class SearchSpaceSpec(_Request):
     )
     include_head: bool = Field(default=False, description="Also search the task head / lm_head.")
     include_embeddings: bool = Field(default=False, description="Also search the embedding matrices.")
+    tt_ranks: list[Annotated[int, Field(ge=1, le=_options.MAX_TT_RANK, strict=True)]] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Tensor-train ranks: every whole matrix (and the word embedding with `include_embeddings`) may "
+        "also be factorised into the cores of a TT-matrix of each rank, its cores at each width of `bits` "
+        "(options 'tt<rank>@<bits>'); a rank above every matrix's full TT rank is refused when the job runs.",
+        examples=[[8, 16, 32]],
+    )
     tie: list[str] | None = Field(
         default=None,
         max_length=len(_options.TIE_KINDS) + len(_options.TIE_ALIASES),
@@ -429,11 +438,18 @@ class SearchSpaceSpec(_Request):
         if all(_options.parse_option(b).bits == 0 for b in v):
             raise ValueError("at least one bit-width other than 0 (pruned) is needed")
 
-        def order(b: int | str) -> tuple[int, int, str]:
+        def order(b: int | str) -> tuple[int, int, int, str]:
             f = _options.parse_option(b)
-            return (f.bits, f.group_size or 0, str(b))
+            return (f.bits, f.group_size or 0, f.tt_rank or 0, str(b))
 
         return sorted(v, key=order)
+
+    @field_validator("tt_ranks")
+    @classmethod
+    def _tt_ranks_ok(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError("tensor-train ranks must be unique")
+        return sorted(v)
 
     @field_validator("tie", mode="before")
     @classmethod
@@ -664,8 +680,9 @@ class CostRead(_Read):
 
 
 class BitOptionRead(_Read):
-    """One group's choice: bits (0 pruned, 2-8 integer, 16 half, 32 unchanged), grid symmetry and
-    the input columns that share one scale (null: one scale per row)."""
+    """One group's choice: bits (0 pruned, 2-8 integer, 16 half, 32 unchanged), grid symmetry, the
+    input columns that share one scale (null: one scale per row) and the tensor-train rank (null: the
+    matrix itself; else its TT-matrix cores at that rank take the bits)."""
 
     bits: int = Field(description="Bit-width.")
     symmetric: bool = Field(default=True, description="Symmetric integer grid.")
@@ -675,10 +692,17 @@ class BitOptionRead(_Read):
         exclude_if=lambda v: v is None,  # a per-row option is written as it always was: {bits, symmetric}
         description="Input columns per scale (group-wise scales); absent or null: one scale per row.",
     )
+    tt_rank: int | None = Field(
+        default=None,
+        ge=1,
+        exclude_if=lambda v: v is None,
+        description="Tensor-train rank of the matrix's TT-matrix cores, which take `bits`; absent or null: no "
+        "factorisation.",
+    )
 
     def key(self) -> str:
-        """The option's canonical key (``"4"``, ``"4a"``, ``"4g128"``), as in sensitivity tables."""
-        return _options.option_key(self.bits, self.symmetric, self.group_size)
+        """The option's canonical key (``"4"``, ``"4a"``, ``"4g128"``, ``"tt16@4"``), as in sensitivity tables."""
+        return _options.option_key(self.bits, self.symmetric, self.group_size, self.tt_rank)
 
 
 

@@ -75,6 +75,7 @@ def options_from_args(a: argparse.Namespace) -> SearchOptions:
         seq_len=a.max_length,
         device_profile=a.device_profile,
         tie=None if a.tie is None else tuple(a.tie),
+        tt_ranks=tuple(a.tt_ranks),
         refine=None if a.refine is None else RefineChoice(
             points=a.refine, steps=a.refine_steps if a.refine_steps is not None else opt.DEFAULTS.refine_steps
         ),

@@ -68,6 +68,7 @@ class PointOption(BaseModel):
     bits: int
     symmetric: bool = True
     group_size: int | None = None
+    tt_rank: int | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -75,10 +76,11 @@ class PointOption(BaseModel):
         if isinstance(value, Mapping):
             return value
         try:
-            bits, symmetric, group_size = bit_options.parse_option(value).resolved()
+            fields = bit_options.parse_option(value)
+            bits, symmetric, group_size = fields.resolved()
         except bit_options.OptionSyntaxError as exc:
             raise ValueError(f"bad bit option {value!r}: {exc}") from None
-        return {"bits": bits, "symmetric": symmetric, "group_size": group_size}
+        return {"bits": bits, "symmetric": symmetric, "group_size": group_size, "tt_rank": fields.tt_rank}
 
 
 class PointCost(BaseModel):
