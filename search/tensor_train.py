@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -35,6 +36,7 @@ from search.errors import InvalidInputError
 from search.tt_layout import TTLayout, layout
 
 __all__ = [
+    "StoredCores",
     "TTEmbedding",
     "TTLinear",
     "core_matrix",
@@ -42,6 +44,7 @@ __all__ = [
     "option_cores",
     "option_weight",
     "quantize_cores",
+    "stored_cores",
     "tt_full",
     "tt_matmul",
     "tt_rows",
@@ -205,6 +208,33 @@ def option_weight(
     """The dense ``[out, in]`` matrix a tensor-train option stands for (in ``w``'s dtype)."""
     lay = layout(int(w.shape[0]), int(w.shape[1]))
     return tt_full(option_cores(w, rank, bits, symmetric=symmetric, clip=clip), lay).to(w.dtype)
+
+
+@dataclass(frozen=True)
+class StoredCores:
+    """The cores of a tensor-train option as an artifact stores them: ``cores`` as the forward pass
+    uses them (dequantized), and for integer ``bits`` the per-row ``qparams`` of each core's
+    :func:`core_matrix` (None for 16- and 32-bit cores)."""
+
+    bits: int
+    symmetric: bool
+    cores: tuple[torch.Tensor, ...]
+    qparams: tuple[quant.QParams, ...] | None = None
+
+
+def stored_cores(
+    w: torch.Tensor, rank: int, bits: int, *, symmetric: bool = True, clip: quant.Clip = "mse"
+) -> StoredCores:
+    """:func:`option_cores` with the quantization parameters an artifact stores (the same cores)."""
+    raw = tt_svd(w, rank, layout(int(w.shape[0]), int(w.shape[1])))
+    if 2 <= bits <= 8:
+        qps = core_qparams(raw, bits, symmetric=symmetric, clip=clip)
+        cores = tuple(
+            quant.dequantize(quant.quantize(core_matrix(c), qp), qp, dtype=c.dtype).reshape(c.shape)
+            for c, qp in zip(raw, qps, strict=True)
+        )
+        return StoredCores(bits, symmetric, cores, tuple(qps))
+    return StoredCores(bits, True, tuple(quantize_cores(raw, bits)), None)
 
 
 class _TTModule(nn.Module):

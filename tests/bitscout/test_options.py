@@ -123,13 +123,21 @@ def test_a_point_names_its_group_size_and_its_key():
     opt = schemas.BitOptionRead.model_validate({"bits": 4, "symmetric": True, "group_size": 128})
     assert opt.key() == "4g128"
     assert schemas.BitOptionRead.model_validate({"bits": 4, "symmetric": False}).group_size is None
+    tt = schemas.BitOptionRead.model_validate({"bits": 4, "symmetric": True, "tt_rank": 16})
+    assert tt.key() == "tt16@4" and tt.model_dump() == {"bits": 4, "symmetric": True, "tt_rank": 16}
+    assert "tt_rank" not in schemas.BitOptionRead.model_validate({"bits": 4}).model_dump()
 
 
 def test_the_store_normalises_entries_with_the_same_grammar():
     pytest.importorskip("sqlalchemy", reason="the service's store needs the server extra")
     from service.store.records import PointOption
 
-    assert PointOption.model_validate("4ag64").model_dump() == {"bits": 4, "symmetric": False, "group_size": 64}
+    assert PointOption.model_validate("4ag64").model_dump(exclude_none=True) == {
+        "bits": 4, "symmetric": False, "group_size": 64,
+    }  # fmt: skip
+    assert PointOption.model_validate("tt16@4a").model_dump(exclude_none=True) == {
+        "bits": 4, "symmetric": False, "tt_rank": 16,
+    }  # fmt: skip
     assert PointOption.model_validate({"bits": 4, "symmetric": True}).model_dump(exclude_none=True) == {
         "bits": 4, "symmetric": True,
     }  # fmt: skip

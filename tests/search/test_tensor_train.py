@@ -17,7 +17,7 @@ from search.errors import InvalidInputError
 from search.local import DataOptions, prepare
 from search.pipeline import SearchOptions
 from search.space import BitOption, Group, Member, PrecisionMap, SearchSpace
-from search.tasks import evaluate
+from search.tasks import evaluate, load_model, reference_outputs
 from search.tt_layout import factorize, layout
 
 
@@ -220,3 +220,53 @@ def test_a_search_with_tt_ranks_gives_a_front_and_evaluates_tt_points_with_the_f
             elif not opt.unchanged:
                 w.copy_(quant.fake_quantize(w, opt.bits, symmetric=opt.symmetric))
     assert evaluate(direct, s.evaluation, s.task, reference=s.reference()) == p.metrics
+
+
+# ------------------------------------------------------------------------------------ export
+
+
+@pytest.mark.parametrize("bits,symmetric", [(4, True), (3, False), (16, True), (32, True)])
+def test_a_tt_artifact_round_trips_exactly_in_the_bytes_the_cost_model_counts(tmp_path, trained_bert, bits, symmetric):
+    from safetensors import safe_open
+
+    from search.export import ARTIFACT_FILE, apply_precision_map, export_artifact, load_artifact, to_torchao_config
+    from search.export.torchao import torchao_unsupported
+
+    lm = load_model(trained_bert, "sequence_classification", num_labels=2)
+    model = lm.model
+    adapter = ModelAdapter(model, include_embeddings=True)
+    space = adapter.build_space(bits=(4, 3, 16, 32), symmetric=symmetric, tt_ranks=(4, 8))
+    emb = next(g for g in space.groups if g.block < 0)
+    assert any(o.is_tt for o in space.options[space.index(emb.name)])
+    tt_opt = BitOption(bits, symmetric, None, 8)
+    names = [g.name for g in space.groups]
+    pmap = PrecisionMap({n: (tt_opt if i % 2 == 0 else BitOption(4)) for i, n in enumerate(names)})
+    pmap = pmap.replace(**{emb.name: BitOption(bits, symmetric, None, 4)})
+    from search.data import TextData, TextExample, tokenize
+
+    batches = tokenize(TextData([TextExample("good movie very nice", 1), TextExample("bad dull plot", 0)], ["n", "p"]),
+                       lm.tokenizer, max_length=16, batch_size=2)
+    ref = reference_outputs(model, batches, "sequence_classification")
+    with adapter.quantized(pmap, space) as q:
+        want_logits = q(**batches[0].model_inputs()).logits.clone()
+        want_metrics = evaluate(q, batches, "sequence_classification", reference=ref)
+        assert isinstance(q.get_submodule(emb.name), tt.TTEmbedding)
+    export_artifact(model, space, pmap, tmp_path, verify=True)
+    with safe_open(str(tmp_path / ARTIFACT_FILE), framework="pt") as f:
+        nbytes = {k: f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys()}  # noqa: SIM118
+    for g in space.groups:
+        stored = sum(v for k, v in nbytes.items() if k.startswith(f"quant::{g.name}::"))
+        assert stored == weight_bytes(g, pmap[g.name]), g.name
+    loaded = load_artifact(tmp_path, load_model(trained_bert, "sequence_classification", num_labels=2).model)
+    for g in space.groups:
+        if pmap[g.name].is_tt:
+            assert isinstance(loaded.get_submodule(g.name), (tt.TTLinear, tt.TTEmbedding)), g.name
+    assert torch.equal(loaded(**batches[0].model_inputs()).logits, want_logits)
+    assert evaluate(loaded, batches, "sequence_classification", reference=ref) == want_metrics
+    # bitscout.apply of the map builds the same TT modules; torchao refuses the TT groups by name
+    applied = apply_precision_map(load_model(trained_bert, "sequence_classification", num_labels=2).model, pmap,
+                                  space=space)
+    assert torch.equal(applied(**batches[0].model_inputs()).logits, want_logits)
+    why = {line.split(": ", 1)[0]: line for line in torchao_unsupported(pmap, space)}
+    assert all("tensor-train" in why[g.name] for g in space.groups if pmap[g.name].is_tt)
+    assert not any(pmap[n].is_tt for n in to_torchao_config(pmap, space, build=False))
