@@ -254,6 +254,12 @@ class _TTModule(nn.Module):
         """The ``[out, in]`` matrix the cores stand for."""
         return tt_full(self.effective_cores(), self.layout)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense ``[out, in]`` matrix, rebuilt on every read (for code that reads ``.weight``, e.g. a
+        tied output head or an export of a refined model); the forward pass never builds it."""
+        return self.weight_matrix()
+
 
 class TTLinear(_TTModule):
     """A linear layer (``y = x @ W^T + b``) whose ``[out, in]`` matrix ``W`` is held as TT-matrix
@@ -286,11 +292,6 @@ class TTEmbedding(_TTModule):
         super().__init__(cores, lay, trainable=trainable)
         self.num_embeddings, self.embedding_dim = lay.shape
         self.padding_idx = padding_idx
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dense table (for code that reads ``embedding.weight``, e.g. a tied output head)."""
-        return self.weight_matrix()
 
     def forward(self, index: torch.Tensor) -> torch.Tensor:
         return tt_rows(index, self.effective_cores(), self.layout)

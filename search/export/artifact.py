@@ -220,8 +220,14 @@ def export_artifact(
         for g in space.groups:
             opt = pmap.get(g.name, FULL_PRECISION)
             if opt.is_tt:
-                _store_cores(stored, g.name, adapter.member_slice(g.members[0]).detach(), opt, clip,
-                             (tt_cores or {}).get(g.name))
+                given = (tt_cores or {}).get(g.name)
+                module = modules[g.members[0].module]
+                if given is None and isinstance(module, tt.TTLinear | tt.TTEmbedding):
+                    raise InvalidInputError(
+                        f"{g.name} is a TT module in the model: pass its cores (RefineResult.tt_cores)", field="tt_cores"
+                    )
+                w = adapter.member_slice(g.members[0]).detach() if given is None else torch.empty(g.members[0].shape)
+                _store_cores(stored, g.name, w, opt, clip, given)
                 continue
             if not opt.is_integer:
                 continue
@@ -272,7 +278,9 @@ def export_artifact(
                     stored.tensors[_qkey(g.name, i, "weight")] = keep.contiguous().cpu().clone()
             # Tied tensors are stored once; ``aliases`` names the others (rebuilt from their canonical name).
             state, aliases = _state_entries(model)
-            drop = {_state_name(state, _weight(modules[name])) for name in by_module if covered[name]}
+            tt_held = {name for name in by_module if isinstance(modules[name], tt.TTLinear | tt.TTEmbedding)}
+            drop = {_state_name(state, _weight(modules[name])) for name in by_module if covered[name] and name not in tt_held}
+            drop |= {k for k in state for name in tt_held if k.startswith(f"{name}.cores.")}
             for name in by_module:
                 dtypes[name] = str(_weight(modules[name]).dtype).removeprefix("torch.")
             for name, t in state.items():

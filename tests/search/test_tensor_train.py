@@ -229,7 +229,13 @@ def test_a_search_with_tt_ranks_gives_a_front_and_evaluates_tt_points_with_the_f
 def test_a_tt_artifact_round_trips_exactly_in_the_bytes_the_cost_model_counts(tmp_path, trained_bert, bits, symmetric):
     from safetensors import safe_open
 
-    from search.export import ARTIFACT_FILE, apply_precision_map, export_artifact, load_artifact, to_torchao_config
+    from search.export import (
+        ARTIFACT_FILE,
+        apply_precision_map,
+        export_artifact,
+        load_artifact,
+        to_torchao_config,
+    )
     from search.export.torchao import torchao_unsupported
 
     lm = load_model(trained_bert, "sequence_classification", num_labels=2)
@@ -270,3 +276,40 @@ def test_a_tt_artifact_round_trips_exactly_in_the_bytes_the_cost_model_counts(tm
     why = {line.split(": ", 1)[0]: line for line in torchao_unsupported(pmap, space)}
     assert all("tensor-train" in why[g.name] for g in space.groups if pmap[g.name].is_tt)
     assert not any(pmap[n].is_tt for n in to_torchao_config(pmap, space, build=False))
+
+
+# ------------------------------------------------------------------------------------ TT-QAT
+
+
+def test_tt_qat_starts_at_the_search_point_trains_cores_and_steps_and_exports_them_exactly(tt_search, tmp_path):
+    from search.export import export_artifact, load_artifact
+    from search.refine import RefineConfig, RefineParts, refine
+
+    s = tt_search
+    names = [g.name for g in s.space.groups]
+    pmap = PrecisionMap({n: (BitOption(2, True, None, 4) if i % 2 == 0 else BitOption(4)) for i, n in enumerate(names)})
+    still = RefineConfig(steps=1, lr_weights=1e-30, lr_scales=1e-30, lr_cores=1e-30, kd_hidden=0.0, kd_attention=0.0,
+                         eval_every=1)
+    assert refine(s, pmap, config=still).metrics == s.evaluate(pmap)
+    parts = RefineParts(s.model, s.space, s.task, s.evaluation, s.calibration, metric="kl")  # keep the best KL
+    res = refine(parts, pmap, config=RefineConfig(steps=4, eval_every=2, patience=None, lr_cores=1e-2, lr_scales=1e-2),
+                 train_batches=s.calibration, validation_batches=s.calibration[:1])
+    assert res.best_step > 0 and res.history[-1]["loss"] < res.history[1]["loss"]
+    assert set(res.tt_cores) == set(names[0::2])
+    g0 = s.space.groups[0]
+    start = tt.stored_cores(s.adapter.weight(g0.name).detach(), 4, 2)
+    got = res.tt_cores[g0.name]
+    assert got.qparams is not None and len(got.cores) == len(start.cores)
+    assert any(not torch.equal(a, b) for a, b in zip(got.cores, start.cores, strict=True))  # the cores moved
+    assert isinstance(res.model.get_submodule(g0.name), tt.TTLinear)
+    # the result's cores are its model's cores, each exactly on its learned grid
+    for a, qp, p in zip(got.cores, got.qparams, res.model.get_submodule(g0.name).cores, strict=True):
+        mat = tt.core_matrix(a)
+        assert torch.equal(a, p.detach()) and torch.equal(quant.dequantize(quant.quantize(mat, qp), qp), mat)
+    path = export_artifact(res.model, s.space, pmap, tmp_path, qparams=res.qparams, tt_cores=res.tt_cores)
+    loaded = load_artifact(path.parent, load_model(s.model_path, "sequence_classification", num_labels=2).model)
+    b = s.evaluation[0]
+    res.model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(**b.model_inputs()).logits, res.model(**b.model_inputs()).logits)
+    assert evaluate(loaded, s.evaluation, s.task, reference=s.reference()) == res.metrics
