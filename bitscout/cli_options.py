@@ -23,6 +23,8 @@ flag                        what                                            defa
 ``--bits``                  allowed bit options (0 prunes, 32 unchanged,    2,3,4,6,8,32
                             ``4a`` asymmetric, ``4g128`` a scale per 128
                             input columns: :mod:`bitscout.options`)
+``--tt-ranks``              tensor-train ranks: adds tt<r>@<b> for every    none
+                            rank r and width b of --bits
 ``--tie``                   sibling projections taking one option: qkv,     by task (causal LMs:
                             gate_up or none                                 qkv,gate_up)
 ``--granularity``           layer or group                                  layer
@@ -96,6 +98,7 @@ class Defaults:
     front_points: int = 16
     device_profile: str = "a100"
     bits: tuple[int | str, ...] = (2, 3, 4, 6, 8, 32)
+    tt_ranks: tuple[int, ...] = ()
     granularity: str = "layer"
     ffn_block_size: int = 256
     asymmetric: bool = False
@@ -184,6 +187,19 @@ def latency_table_arg(text: str) -> dict[str, Any]:
         return parse_latency_table(data)
     except LatencyTableError as exc:
         raise argparse.ArgumentTypeError(f"{text}: latency_table.{exc.field}: {exc}") from None
+def rank_list(text: str) -> list[int]:
+    """``8,16,32`` -> ``[8, 16, 32]``: tensor-train ranks (1 to :data:`bitscout.options.MAX_TT_RANK`)."""
+    parts = [x for x in text.replace(" ", "").split(",") if x]
+    out = []
+    for x in parts:
+        if not x.isdigit() or not 1 <= int(x) <= bit_options.MAX_TT_RANK:
+            raise argparse.ArgumentTypeError(
+                f"a tensor-train rank is an integer from 1 to {bit_options.MAX_TT_RANK}, got {x!r}"
+            )
+        out.append(int(x))
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected comma-separated tensor-train ranks such as 8,16,32, got {text!r}")
+    return sorted(set(out))
 
 
 def tie_list(text: str) -> list[str]:
@@ -293,6 +309,12 @@ def add_space_options(p: argparse.ArgumentParser) -> None:
         "--act-scales", choices=("dynamic", "static"),
         help="activation scales: per token at run time, or static ones calibrated on the calibration rows "
         "(default: dynamic)",
+    )  # fmt: skip
+    g.add_argument(
+        "--tt-ranks", type=rank_list, metavar="LIST",
+        help="tensor-train ranks: every whole matrix (and, with --include-embeddings, the word embedding) may also "
+        "be factorised into TT-matrix cores of each rank, the cores at each width of --bits (tt<r>@<b>), e.g. 8,16,32 "
+        "(default: none)",
     )  # fmt: skip
     g.add_argument(
         "--tie", type=tie_list, metavar="KINDS",

@@ -282,7 +282,7 @@ def submit_options(args: argparse.Namespace) -> dict[str, Any]:
         opts["methods"] = opt.methods_of(args.methods)
     _merge(opts, "budget", _limits(args))
     _merge(opts, "space", {
-        "bits": args.bits, "tie": args.tie, "granularity": args.granularity, "ffn_block_size": args.ffn_block_size,
+        "bits": args.bits, "tt_ranks": args.tt_ranks, "tie": args.tie, "granularity": args.granularity, "ffn_block_size": args.ffn_block_size,
         "symmetric": False if args.asymmetric else None, "include": args.include, "exclude": args.exclude,
         "include_head": args.include_head, "include_embeddings": args.include_embeddings,
         "max_head_fraction": args.max_head_prune, "max_ffn_fraction": args.max_ffn_prune,

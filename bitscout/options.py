@@ -32,12 +32,16 @@ columns), ``4ag128``, ``8a8``, ``4aa8`` (asymmetric weights, 8-bit activations).
 key* of an option (:func:`option_key`) is that spelling without ``s``: ``4``, ``4a``, ``4g128``,
 ``4ag128``, ``4a8``; sensitivity tables and precision maps use it. ``a`` directly followed by
 digits always means activation bits; a bare ``a`` right after the width is the asymmetric grid.
-One extension of the grammar is read but refused for now, so that a spelling never changes
-meaning later: tensor-train options (``tt<rank>@<bits>``).
+
+Tensor-train options: ``tt<rank>@<bits>[a|s]`` (``tt16@4``, ``tt32@8a``) factorise the matrix into
+the cores of a TT-matrix of TT rank ``<rank>`` (1 to :data:`MAX_TT_RANK`) and store the cores at
+``<bits>`` (2-8 integer, 16, 32; not 0; no group-wise scales and no activation bits): see
+``docs/methods/tensor_train.md``.
 
 On the wire a precision-map entry names the option field by field:
 ``{"bits": 4, "symmetric": true, "group_size": 128, "act_bits": 8}`` (``group_size`` null per
-row, ``act_bits`` null when the activations are not quantized).
+row, ``act_bits`` null when the activations are not quantized),
+``{"bits": 4, "symmetric": true, "tt_rank": 16}`` (``tt_rank`` absent or null for a plain option).
 
 Ties
 ====
@@ -51,9 +55,9 @@ input) that inference engines fuse into one matrix and that a search can tie to 
 Example::
 
     >>> parse_option("4ag128")
-    OptionFields(bits=4, symmetric=False, group_size=128, act_bits=None)
+    OptionFields(bits=4, symmetric=False, group_size=128, act_bits=None, tt_rank=None)
     >>> parse_option("4a8")
-    OptionFields(bits=4, symmetric=None, group_size=None, act_bits=8)
+    OptionFields(bits=4, symmetric=None, group_size=None, act_bits=8, tt_rank=None)
     >>> option_key(4, True, 128)
     '4g128'
     >>> parse_ties("qkv,gate_up")
@@ -72,6 +76,7 @@ __all__ = [
     "ALLOWED_BITS",
     "INTEGER_BITS",
     "MAX_GROUP_SIZE",
+    "MAX_TT_RANK",
     "OptionFields",
     "OptionSyntaxError",
     "TIE_ALIASES",
@@ -92,6 +97,8 @@ INTEGER_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
 ACT_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 8, 16)
 #: The largest group of input columns one scale may cover.
 MAX_GROUP_SIZE = 1 << 20
+#: The largest tensor-train rank an option may name.
+MAX_TT_RANK = 4096
 
 #: Tie kind -> what it ties.
 TIE_KINDS: dict[str, str] = {
@@ -101,9 +108,9 @@ TIE_KINDS: dict[str, str] = {
 #: Short names of the tie kinds (``--tie qkv,gate_up``).
 TIE_ALIASES: dict[str, str] = {"qkv": "attention_inputs", "gate_up": "ffn_inputs"}
 
-_SYNTAX = "<bits>[a][g<N>][a<A>], e.g. 4, 4a, 4g128, 4ag128, 4a8"
+_SYNTAX = "<bits>[a][g<N>][a<A>] or tt<rank>@<bits>[a], e.g. 4, 4a, 4g128, 4ag128, 4a8, tt16@4"
 _OPTION_RE = re.compile(
-    r"(?P<tt>tt(?P<rank>\d+)@)?"  # tensor-train prefix (reserved)
+    r"(?P<tt>tt(?P<rank>\d+)@)?"  # tensor-train prefix
     r"(?P<bits>\d+)"
     r"(?P<grid>[as](?!\d))?"  # a grid letter, unless it starts activation bits
     r"(?:g(?P<group>\d+))?"
@@ -119,12 +126,14 @@ class OptionSyntaxError(ValueError):
 class OptionFields:
     """A parsed bit option: ``bits``; ``symmetric`` (None: the spelling names no grid, the space's
     default applies); ``group_size`` (None: one scale per row); ``act_bits`` (None: activations
-    not quantized)."""
+    not quantized); ``tt_rank`` (None: a plain option; else the TT rank of a tensor-train
+    factorisation whose cores take ``bits``)."""
 
     bits: int
     symmetric: bool | None = None
     group_size: int | None = None
     act_bits: int | None = None
+    tt_rank: int | None = None
 
     @property
     def is_integer(self) -> bool:
@@ -138,7 +147,7 @@ class OptionFields:
 
     def key(self, symmetric: bool = True) -> str:
         """The canonical key under the default grid ``symmetric`` (:func:`option_key`)."""
-        return option_key(*self.resolved(symmetric))
+        return option_key(*self.resolved(symmetric), tt_rank=self.tt_rank)
 
     def text(self) -> str:
         """The spelling that keeps what was written: the canonical key, with ``s`` where a symmetric
@@ -146,18 +155,39 @@ class OptionFields:
         grid = "" if self.symmetric is None or not self.is_integer else ("s" if self.symmetric else "a")
         group = f"g{self.group_size}" if self.group_size is not None else ""
         act = f"a{self.act_bits}" if self.act_bits is not None else ""
-        return f"{self.bits}{grid}{group}{act}"
+        tt = f"tt{self.tt_rank}@" if self.tt_rank is not None else ""
+        return f"{tt}{self.bits}{grid}{group}{act}"
 
 
 def option_key(
-    bits: int, symmetric: bool = True, group_size: int | None = None, act_bits: int | None = None
+    bits: int,
+    symmetric: bool = True,
+    group_size: int | None = None,
+    act_bits: int | None = None,
+    tt_rank: int | None = None,
 ) -> str:
     """The canonical key: ``"4"``, ``"4a"`` (asymmetric), ``"4g128"``, ``"4ag128"``, ``"4a8"``,
-    ``"4aa8"``, ``"0"``, ``"16"``."""
+    ``"4aa8"``, ``"0"``, ``"16"``, ``"tt16@4"`` (tensor-train, rank 16, 4-bit cores)."""
     asym = "a" if bits in INTEGER_BITS and not symmetric else ""
     group = f"g{group_size}" if group_size is not None else ""
     act = f"a{act_bits}" if act_bits is not None else ""
-    return f"{bits}{asym}{group}{act}"
+    tt = f"tt{tt_rank}@" if tt_rank is not None else ""
+    return f"{tt}{bits}{asym}{group}{act}"
+
+
+def _check_tt(fields: OptionFields, rank: Any, spelled: str | None) -> OptionFields:
+    if rank is None:
+        return fields
+    what = spelled or f"tt{rank}@{fields.bits}"
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= MAX_TT_RANK:
+        raise OptionSyntaxError(f"the tensor-train rank in {what} must be an integer from 1 to {MAX_TT_RANK}, got {rank!r}")
+    if fields.bits == 0:
+        raise OptionSyntaxError(f"tensor-train cores cannot be pruned (0 bits in {what})")
+    if fields.group_size is not None:
+        raise OptionSyntaxError(f"group-wise scales do not apply to tensor-train cores ({what})")
+    if fields.act_bits is not None:
+        raise OptionSyntaxError(f"activation bits do not apply to tensor-train options ({what})")
+    return OptionFields(fields.bits, fields.symmetric, None, None, rank)
 
 
 def _check(
@@ -196,7 +226,7 @@ def _check(
 
 def parse_option(value: Any) -> OptionFields:
     """Read one bit option: an int (the width), a string in the grammar of the module docstring,
-    a mapping ``{"bits", "symmetric"?, "group_size"?, "act_bits"?}`` or an :class:`OptionFields`. Raises
+    a mapping ``{"bits", "symmetric"?, "group_size"?, "act_bits"?, "tt_rank"?}`` or an :class:`OptionFields`. Raises
     :class:`OptionSyntaxError` with a message that says what is wrong."""
     if isinstance(value, OptionFields):
         return value
@@ -207,22 +237,25 @@ def parse_option(value: Any) -> OptionFields:
     if isinstance(value, Mapping):
         if "bits" not in value:
             raise OptionSyntaxError("a bit option needs a 'bits' entry")
-        return _check(value["bits"], value.get("symmetric"), value.get("group_size"), None, value.get("act_bits"))
+        return _check_tt(
+            _check(value["bits"], value.get("symmetric"), value.get("group_size"), None, value.get("act_bits")),
+            value.get("tt_rank"),
+            None,
+        )
     if isinstance(value, str):
         text = value.strip().lower()
         m = _OPTION_RE.fullmatch(text)
         if m is None:
             raise OptionSyntaxError(f"cannot read bit option {value!r} (the syntax is {_SYNTAX})")
-        if m["tt"]:
-            raise OptionSyntaxError(f"tensor-train options (tt<rank>@<bits>, {value!r}) are not supported yet")
         grid = m["grid"]
-        return _check(
+        fields = _check(
             int(m["bits"]),
             None if grid is None else grid == "s",
             None if m["group"] is None else int(m["group"]),
             repr(value),
             None if m["act"] is None else int(m["act"]),
         )
+        return _check_tt(fields, int(m["rank"]) if m["tt"] else None, repr(value))
     raise OptionSyntaxError(f"cannot read bit option {value!r} (the syntax is {_SYNTAX})")
 
 
@@ -260,7 +293,7 @@ def with_activation_bits(bits: Iterable[Any], act_bits: Iterable[int]) -> list[i
     out: list[int | str] = []
     for b in bits:
         f = parse_option(b)
-        if not widths or not f.is_integer or f.act_bits is not None:
+        if not widths or not f.is_integer or f.act_bits is not None or f.tt_rank is not None:
             out.append(wire_option(f))
             continue
         for a in widths:

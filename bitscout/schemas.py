@@ -363,7 +363,8 @@ class SearchSpaceSpec(_Request):
         max_length=MAX_BIT_OPTIONS,
         description="Allowed bit options: a width from {0, 2, 3, 4, 5, 6, 8, 16, 32} (0 prunes, 16 keeps half "
         "precision, 32 leaves a group unchanged) or an option string '<bits>[a][g<N>]': 'a' an asymmetric grid, "
-        "'g<N>' one scale per N input columns of each row (e.g. '4g128', '4ag128'); plain widths take `symmetric`.",
+        "'g<N>' one scale per N input columns of each row (e.g. '4g128', '4ag128'); plain widths take `symmetric`; "
+        "'tt<rank>@<bits>' a tensor-train factorisation with its cores at <bits> (see `tt_ranks`).",
         examples=[[2, 3, 4, 8], ["4g128", 8, "3g64"]],
     )
     symmetric: bool = Field(
@@ -413,6 +414,14 @@ class SearchSpaceSpec(_Request):
         description="Activation scales: 'dynamic' (per token, at run time) or 'static' (one per matrix input, "
         "calibrated on the calibration rows).",
     )
+    tt_ranks: list[Annotated[int, Field(ge=1, le=_options.MAX_TT_RANK, strict=True)]] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Tensor-train ranks: every whole matrix (and the word embedding with `include_embeddings`) may "
+        "also be factorised into the cores of a TT-matrix of each rank, its cores at each width of `bits` "
+        "(options 'tt<rank>@<bits>'); a rank above every matrix's full TT rank is refused when the job runs.",
+        examples=[[8, 16, 32]],
+    )
     tie: list[str] | None = Field(
         default=None,
         max_length=len(_options.TIE_KINDS) + len(_options.TIE_ALIASES),
@@ -447,9 +456,9 @@ class SearchSpaceSpec(_Request):
         if all(_options.parse_option(b).bits == 0 for b in v):
             raise ValueError("at least one bit-width other than 0 (pruned) is needed")
 
-        def order(b: int | str) -> tuple[int, int, str]:
+        def order(b: int | str) -> tuple[int, int, int, str]:
             f = _options.parse_option(b)
-            return (f.bits, f.group_size or 0, str(b))
+            return (f.bits, f.group_size or 0, f.tt_rank or 0, str(b))
 
         return sorted(v, key=order)
 
@@ -466,6 +475,12 @@ class SearchSpaceSpec(_Request):
     def searched_bits(self) -> list[int | str]:
         """``bits`` with ``act_bits`` crossed in (:func:`bitscout.options.with_activation_bits`)."""
         return _options.with_activation_bits(self.bits, self.act_bits)
+    @field_validator("tt_ranks")
+    @classmethod
+    def _tt_ranks_ok(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError("tensor-train ranks must be unique")
+        return sorted(v)
 
     @field_validator("tie", mode="before")
     @classmethod
@@ -744,8 +759,9 @@ class CostRead(_Read):
 
 class BitOptionRead(_Read):
     """One group's choice: bits (0 pruned, 2-8 integer, 16 half, 32 unchanged), grid symmetry, the
-    input columns that share one scale (null: one scale per row) and the width its input
-    activations are quantized to (null: not quantized). Every field is always named."""
+    input columns that share one scale (null: one scale per row), the width its input activations
+    are quantized to (null: not quantized) and the tensor-train rank (null: the matrix itself; else
+    its TT-matrix cores at that rank take the bits). Every field is always named."""
 
     bits: int = Field(description="Bit-width.")
     symmetric: bool = Field(default=True, description="Symmetric integer grid.")
@@ -758,10 +774,16 @@ class BitOptionRead(_Read):
         default=None,
         description="Bits of the group's input activations (2-8 integer, 16 half precision); null: not quantized.",
     )
+    tt_rank: int | None = Field(
+        default=None,
+        ge=1,
+        description="Tensor-train rank of the matrix's TT-matrix cores, which take `bits`; null: no factorisation.",
+    )
 
     def key(self) -> str:
-        """The option's canonical key (``"4"``, ``"4a"``, ``"4g128"``, ``"4a8"``), as in sensitivity tables."""
-        return _options.option_key(self.bits, self.symmetric, self.group_size, self.act_bits)
+        """The option's canonical key (``"4"``, ``"4a"``, ``"4g128"``, ``"4a8"``, ``"tt16@4"``), as in
+        sensitivity tables."""
+        return _options.option_key(self.bits, self.symmetric, self.group_size, self.act_bits, self.tt_rank)
 
 
 

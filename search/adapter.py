@@ -40,6 +40,7 @@ from torch import nn
 
 from bitscout import options as options_grammar
 from search import quant
+from search import tensor_train as tt
 from search.actquant import StaticScales, activations_quantized, calibrate_static
 from search.errors import InvalidInputError, UnsupportedModelError
 from search.space import (
@@ -53,6 +54,7 @@ from search.space import (
     SearchSpace,
     Tie,
     check_option_fits,
+    tt_fit_problem,
 )
 
 log = logging.getLogger(__name__)
@@ -343,6 +345,7 @@ class ModelAdapter:
         prune_limits: PruneLimits | None = None,
         tie: Iterable[str] = (),
         strict: bool = True,
+        tt_ranks: Iterable[int] = (),
     ) -> SearchSpace:
         """The groups at ``granularity`` and the options each may take.
 
@@ -358,6 +361,12 @@ class ModelAdapter:
         ``gate_up``): the sibling projections of each block found by :meth:`find_siblings` that are
         whole-matrix groups are tied to one option (at ``group`` granularity a head already spans its
         rows of q, k and v, and an FFN group its rows of gate and up).
+        ``tt_ranks`` adds a tensor-train option ``tt<r>@<b>`` for every rank ``r`` and every width (and
+        grid) ``b`` of ``bits`` but pruning (group-wise options give their width), and tensor-train
+        options may be named in ``bits`` too. They go to whole-matrix groups whose rank fits
+        (:func:`search.space.tt_fit_problem`) and whose weight no other module shares; tied groups get
+        the tensor-train options all of them take. A rank that fits no group is refused
+        (``space.tt_ranks``).
         """
         if granularity not in ("layer", "group"):
             raise InvalidInputError(f"granularity must be 'layer' or 'group', got {granularity!r}", field="granularity")
@@ -367,10 +376,16 @@ class ModelAdapter:
             tie_kinds = options_grammar.parse_ties(list(tie) if not isinstance(tie, str) else tie)
         except options_grammar.OptionSyntaxError as exc:
             raise InvalidInputError(str(exc), field="space.tie") from None
-        options: list[BitOption] = [BitOption.parse(b, symmetric=symmetric) for b in bits]
+        parsed: list[BitOption] = [BitOption.parse(b, symmetric=symmetric) for b in bits]
+        options = [o for o in parsed if not o.is_tt]
         if not options:
             raise InvalidInputError("at least one bit-width is required", field="bits")
         options.append(FULL_PRECISION)
+        ranks = _check_tt_ranks(tt_ranks)
+        tt_opts = sorted(
+            {o for o in parsed if o.is_tt}
+            | {BitOption(o.bits, o.symmetric, None, tt_rank=r) for r in ranks for o in parsed if not o.is_tt and not o.pruned}
+        )
         opts_all = tuple(sorted(set(options)))
         opts_layer = tuple(o for o in opts_all if not o.pruned)
         by_block: dict[int, list[str]] = {}
@@ -402,6 +417,8 @@ class ModelAdapter:
         if any(not o for o in group_options):
             raise InvalidInputError("no allowed bit-width besides pruning for whole-matrix groups", field="bits")
         ties = self._ties(groups, tie_kinds) if tie_kinds else ()
+        if tt_opts:
+            group_options = self._with_tt(groups, group_options, tt_opts, ties)
         total = sum(p.numel() for p in self.model.parameters())
         in_groups = sum(g.n_params for g in groups)
         other_macs = 0
@@ -420,6 +437,54 @@ class ModelAdapter:
             prune_limits=prune_limits or PruneLimits(),
             ties=ties,
         )
+
+    def _with_tt(
+        self,
+        groups: Sequence[Group],
+        group_options: list[tuple[BitOption, ...]],
+        tt_opts: Sequence[BitOption],
+        ties: Sequence[Tie],
+    ) -> list[tuple[BitOption, ...]]:
+        """``group_options`` with the tensor-train options each group takes (see :meth:`build_space`)."""
+        shared = self._shared_weights()
+        fits: dict[str, set[BitOption]] = {}
+        why: dict[int, str] = {}
+        for g in groups:
+            ok: set[BitOption] = set()
+            for o in tt_opts:
+                problem = tt_fit_problem(g, int(o.tt_rank))  # type: ignore[arg-type]
+                if problem is None and g.members[0].module in shared:
+                    problem = f"{g.members[0].module} shares its weight with another module"
+                if problem is None:
+                    ok.add(o)
+                else:
+                    why.setdefault(int(o.tt_rank), problem)  # type: ignore[arg-type]
+            fits[g.name] = ok
+        for t in ties:
+            common = set.intersection(*(fits[n] for n in t.groups))
+            for n in t.groups:
+                fits[n] = common
+        used = {int(o.tt_rank) for ok in fits.values() for o in ok}  # type: ignore[arg-type]
+        for r in sorted({int(o.tt_rank) for o in tt_opts}):  # type: ignore[arg-type]
+            if r not in used:
+                raise InvalidInputError(
+                    f"tensor-train rank {r} fits no matrix of the space: {why.get(r, 'no whole-matrix group')}",
+                    field="space.tt_ranks",
+                )
+        return [tuple(sorted(set(opts) | fits[g.name])) for g, opts in zip(groups, group_options, strict=True)]
+
+    def _shared_weights(self) -> set[str]:
+        """Selected matrices whose weight another module of the model also holds (tied weights)."""
+        holders: dict[int, set[str]] = {}
+        for name, module in self.model.named_modules(remove_duplicate=False):
+            w = getattr(module, "weight", None)
+            if isinstance(w, torch.Tensor):
+                holders.setdefault(w.data_ptr(), set()).add(name)
+        out = set()
+        for name in self.matrices:
+            if len(holders.get(self.weight(name).data_ptr(), ())) > 1:
+                out.add(name)
+        return out
 
     # ------------------------------------------------------------------ ties
     def _ties(self, groups: Sequence[Group], kinds: Sequence[str]) -> tuple[Tie, ...]:
@@ -547,9 +612,15 @@ class ModelAdapter:
 
     # ------------------------------------------------------------------ applying maps
     def _write_group(self, group: Group, option: BitOption, clip: str) -> None:
+        """Write ``option``'s weights of ``group`` into the model (a tensor-train option: the dense
+        matrix its quantized cores stand for, :func:`search.tensor_train.option_weight`)."""
         for m in group.members:
             block = self.member_slice(m)
-            if option.pruned:
+            if option.is_tt:
+                block.copy_(
+                    tt.option_weight(block, int(option.tt_rank), option.bits, symmetric=option.symmetric, clip=clip)  # type: ignore[arg-type]
+                )
+            elif option.pruned:
                 block.zero_()
                 b = self.bias(m.module)
                 if b is not None and m.axis in ("out", "all"):
@@ -565,20 +636,57 @@ class ModelAdapter:
         mods: dict[str, None] = {}
         for g in space.groups:
             opt = pmap.get(g.name, FULL_PRECISION)
-            if opt.bits != 32:
+            if not opt.unchanged and not opt.is_tt:
                 mods.update(dict.fromkeys(g.modules))
         return list(mods)
 
+    def matrix_kind(self, name: str) -> Literal["linear", "conv1d", "embedding"]:
+        """What the matrix ``name`` is: ``linear``, ``conv1d`` or ``embedding``."""
+        info = self._matrix_info(name, self._modules[name])
+        if info is None:
+            raise InvalidInputError(f"{name} is not a quantizable matrix", field="space")
+        return info.kind
+
+    def tt_module(self, group: Group, option: BitOption, clip: str, *, cores: Sequence[torch.Tensor] | None = None) -> nn.Module:
+        """The TT module that stands for ``group``'s matrix at the tensor-train ``option``: its
+        quantized cores (:func:`search.tensor_train.option_cores`, or ``cores`` as given) and bias."""
+        name = group.members[0].module
+        w = self.weight(name).detach()
+        lay = tt.layout(int(w.shape[0]), int(w.shape[1]))
+        if cores is None:
+            cores = tt.option_cores(w, int(option.tt_rank), option.bits, symmetric=option.symmetric, clip=clip)  # type: ignore[arg-type]
+        return tt.tt_module_for(self._modules[name], self.matrix_kind(name), cores, lay).to(w.device)
+
+    def swap_module(self, name: str, new: nn.Module) -> None:
+        """Put ``new`` in the model where the module ``name`` is (the adapter keeps the original)."""
+        parent_name, _, child = name.rpartition(".")
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        setattr(parent, child, new)
+
     @torch.no_grad()
     def apply(self, pmap: PrecisionMap, space: SearchSpace, *, clip: str = "mse") -> None:
-        """Fake-quantize the model in place under ``pmap`` (groups missing from the map stay in full precision)."""
+        """Fake-quantize the model in place under ``pmap`` (groups missing from the map stay in full
+        precision); a tensor-train group's module is replaced by its TT module (:meth:`tt_module`),
+        which runs the factorised forward."""
         unknown = [k for k in pmap if k not in space._index]
         if unknown:
             raise InvalidInputError(f"precision map names unknown groups: {unknown[:3]}", field="precision_map")
         for g in space.groups:
             opt = pmap.get(g.name, FULL_PRECISION)
-            if opt.bits != 32:
+            if opt.is_tt:
+                self.swap_module(g.members[0].module, self.tt_module(g, opt, clip))
+            elif not opt.unchanged:
                 self._write_group(g, opt, clip)
+
+    def restore_modules(self, space: SearchSpace) -> None:
+        """Put the original module back wherever :meth:`apply` placed a TT module."""
+        for g in space.groups:
+            name = g.members[0].module
+            if g.members[0].axis == "all" and name in self._modules:
+                parent_name, _, child = name.rpartition(".")
+                parent = self.model.get_submodule(parent_name) if parent_name else self.model
+                if getattr(parent, child) is not self._modules[name]:
+                    setattr(parent, child, self._modules[name])
 
     @contextmanager
     def quantized(
@@ -593,6 +701,7 @@ class ModelAdapter:
             with activations_quantized(self._modules, space, pmap, static=act_static):
                 yield self.model
         finally:
+            self.restore_modules(space)
             self.restore(saved)
 
     def calibrate_activations(self, space: SearchSpace, batches: Sequence[Any], forward: Any) -> StaticScales:
@@ -620,6 +729,18 @@ class ModelAdapter:
 
 #: autograd nodes of an attention operation (eager softmax, fused scaled-dot-product kernels)
 _ATTENTION_NODES = ("Softmax", "ScaledDotProduct", "Attention")
+
+
+def _check_tt_ranks(ranks: Iterable[int]) -> tuple[int, ...]:
+    out = set()
+    for i, r in enumerate(ranks):
+        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= options_grammar.MAX_TT_RANK:
+            raise InvalidInputError(
+                f"a tensor-train rank is an integer from 1 to {options_grammar.MAX_TT_RANK}, got {r!r}",
+                field=f"space.tt_ranks.{i}",
+            )
+        out.add(r)
+    return tuple(sorted(out))
 
 
 def _sources(x: torch.Tensor, producers: dict[int, str]) -> tuple[set[str], bool]:

@@ -81,6 +81,7 @@ def options_from_args(a: argparse.Namespace) -> SearchOptions:
         activation_bits=tuple(a.act_bits or ()),
         act_scales=a.act_scales or "dynamic",
         tie=None if a.tie is None else tuple(a.tie),
+        tt_ranks=tuple(a.tt_ranks),
         refine=None if a.refine is None else RefineChoice(
             points=a.refine, steps=a.refine_steps if a.refine_steps is not None else opt.DEFAULTS.refine_steps
         ),

@@ -28,20 +28,27 @@ integer ``b``   ``sum over members m of ceil(m.n_params * b / 8) + 2 * s_m``, pl
 32              ``4 * n_g``
 0 (pruned)      ``- g.bias_params * o / 8``: the weights cost nothing and the group's bias,
                 which is counted in ``space.other_params``, is removed from it.
+``tt<r>@b``     the cores of the matrix's TT-matrix at rank ``r`` (:mod:`search.tt_layout`):
+                ``sum over cores k of ceil(p_k * b / 8) + 2 * s_k`` (``+ s_k`` asymmetric) for
+                integer ``b``, with ``p_k`` the core's entries and ``s_k = r_{k-1} * m_k`` its
+                rows (one float16 scale per row of ``[r_{k-1} * m_k, n_k * r_k]``); ``p_k * b / 8``
+                for 16- and 32-bit cores.
 ==============  ==========================================================================
 
 Offset: ``space.other_params * o / 8`` (embeddings, norms, *all* biases, excluded layers).
 
 **avg_bits** = ``sum_g n_g * b_g / sum_g n_g`` over the groups of the space: pruned groups count
 0 bits, float groups 16 or 32, and scales / zero points are not included. The contribution of
-``g`` is ``n_g * b_g / sum n``; the offset is 0.
+``g`` is ``n_g * b_g / sum n``; the offset is 0. A tensor-train option contributes its cores'
+bits, ``P * b / sum n`` with ``P`` the cores' entries (an equivalent ``b * P / n_g`` bits a weight).
 
 **bops** (bit operations of one forward pass over ``T`` tokens; BOPs = MACs × weight bits ×
 activation bits): group contribution ``T * c_g * b * a_g`` for integer ``b``, where ``a_g`` is the
 option's searched activation width (``4a8``: 8, ``4a16``: 16) and, for a weight-only option
 (``4``), the cost model's ``act_bits``; ``T * c_g * b * b`` for float options (16 × 16, 32 × 32:
-activations run at the weights' float width); 0 when pruned. Offset: ``T *
-space.other_macs_per_token * o * o``.
+activations run at the weights' float width); 0 when pruned. A tensor-train option counts the MACs
+of the TT forward (:meth:`search.tt_layout.TTLayout.macs_per_token`, zero for an embedding's row
+lookup) in place of ``c_g``, at its cores' bits. Offset: ``T * space.other_macs_per_token * o * o``.
 
 **latency_ms** (a roofline per group): ``max(bytes_g / bandwidth, ops_g / throughput) * 1e3``,
 where ``bytes_g`` is the group's weight storage above *without* the bias term (weights are read
@@ -105,6 +112,7 @@ from typing import Any
 import numpy as np
 
 from bitscout import latency as latency_format
+from search import tt_layout
 from search.errors import InvalidInputError
 from search.result import COST_METRICS, Cost
 from search.space import BitOption, Group, Member, PrecisionMap, SearchSpace
@@ -117,6 +125,9 @@ __all__ = [
     "LatencyTable",
     "get_profile",
     "n_scales",
+    "option_macs_per_token",
+    "tt_core_bytes",
+    "tt_params",
     "weight_bytes",
 ]
 
@@ -238,10 +249,43 @@ def weight_bytes(group: Group, option: BitOption) -> int:
     b = option.bits
     if b == 0:
         return 0
+    if option.tt_rank is not None:
+        return tt_core_bytes(group.members[0].shape, option)
     if option.is_float:
         return group.n_params * (b // 8)
     per_scale = 2 if option.symmetric else 3
     return sum(math.ceil(m.n_params * b / 8) + per_scale * n_scales(m, option) for m in group.members)
+
+
+def tt_core_bytes(shape: tuple[int, int], option: BitOption) -> int:
+    """Storage of the TT-matrix cores of an ``[out, in]`` matrix at a tensor-train ``option``: every
+    core packed on its own at ``option.bits``, with a float16 scale (and a uint8 zero point when
+    asymmetric) per row of its ``[r_{k-1} * m_k, n_k * r_k]`` matrix for integer cores."""
+    if option.tt_rank is None:
+        raise InvalidInputError(f"option {option.key()} is not a tensor-train option", field="bits")
+    lay = tt_layout.layout(*shape)
+    b = option.bits
+    total = 0
+    for core, rows in zip(lay.core_shapes(option.tt_rank), lay.core_rows(option.tt_rank), strict=True):
+        n = math.prod(core)
+        if b >= 16:
+            total += n * (b // 8)
+        else:
+            total += math.ceil(n * b / 8) + (2 if option.symmetric else 3) * rows
+    return total
+
+
+def tt_params(group: Group, option: BitOption) -> int:
+    """Entries of the cores of ``group``'s matrix at a tensor-train ``option``."""
+    return tt_layout.layout(*group.members[0].shape).core_params(int(option.tt_rank or 0))
+
+
+def option_macs_per_token(group: Group, option: BitOption) -> int:
+    """The multiply-accumulates of one token through ``group`` at ``option``: the group's own for a
+    plain option, the TT forward's for a tensor-train option of a linear matrix (0 for an embedding)."""
+    if option.tt_rank is None or group.macs_per_token == 0:
+        return group.macs_per_token
+    return tt_layout.layout(*group.members[0].shape).macs_per_token(option.tt_rank)
 
 
 def n_scales(member: Member, option: BitOption) -> int:
@@ -335,7 +379,7 @@ class CostModel:
 
     def option_act_bits(self, option: BitOption) -> int:
         """The activation width ``option`` runs at: its own, the weights' float width, or ``act_bits``."""
-        if option.is_float:
+        if option.bits >= 16:  # float weights (plain or tensor-train cores) run at their own width
             return option.bits
         return self.act_bits if option.act_bits is None else option.act_bits
 
@@ -363,14 +407,16 @@ class CostModel:
         n_bytes = weight_bytes(group, option)
         act = self.option_act_bits(option)
         total = self.space.n_params
+        n_weights = tt_params(group, option) if option.is_tt else group.n_params
+        macs = option_macs_per_token(group, option)
         if self.latency_table is not None:
             latency = sum(self.latency_table.member_ms(self.tokens, m, option) for m in group.members)
         else:
-            latency = self._latency_ms(n_bytes, group.macs_per_token, b, act)
+            latency = self._latency_ms(n_bytes, macs, b, act)
         return {
             "size_bytes": float(n_bytes),
-            "avg_bits": group.n_params * b / total if total else 0.0,
-            "bops": float(self.tokens * group.macs_per_token * b * act),
+            "avg_bits": n_weights * b / total if total else 0.0,
+            "bops": float(self.tokens * macs * b * act),
             "latency_ms": float(latency),
         }
 

@@ -133,6 +133,7 @@ from search.sensitivity import (
 )
 from search.space import Member
 from search.tasks import Task, eval_mode, model_output
+from search.tensor_train import option_weight
 
 __all__ = ["FisherSensitivity", "fisher_objective"]
 
@@ -588,9 +589,13 @@ class FisherSensitivity(SensitivityMethod):
                 fsum += float(f.sum(dtype=torch.float64))
                 w32 = w.to(torch.float32)
                 for opt in opts:
-                    if opt.bits == 32:
+                    if opt.unchanged:
                         continue
-                    q = fake_quantize(w, opt.bits, symmetric=opt.symmetric, clip=clip).to(torch.float32)
+                    if opt.is_tt:
+                        q = option_weight(w, int(opt.tt_rank), opt.bits, symmetric=opt.symmetric, clip=clip)  # type: ignore[arg-type]
+                        q = q.to(torch.float32)
+                    else:
+                        q = fake_quantize(w, opt.bits, symmetric=opt.symmetric, clip=clip).to(torch.float32)
                     err = _weighted(f, (w32 - q).square_(), self.weighting)
                     if opt.pruned and m.module in tracker.bias_fisher and m.axis in ("out", "all"):
                         b = adapter.bias(m.module)

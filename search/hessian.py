@@ -166,6 +166,7 @@ from search.sensitivity import (
 )
 from search.space import SearchSpace
 from search.tasks import IGNORE_INDEX, Task, discrepancy, eval_mode, has_task_loss, model_output, task_loss
+from search.tensor_train import option_weight
 
 Weighting = Literal["trace", "members", "rows"]
 
@@ -755,13 +756,19 @@ class HessianSensitivity(SensitivityMethod):
             curv = member_curv.get(gi)
             row: dict[str, float] = {}
             for opt in opts:
-                if opt.bits == 32:
+                if opt.unchanged:
                     row[opt.key()] = 0.0
                     continue
                 err = 0.0
                 for k, m in enumerate(g.members):
                     w = ctx.adapter.member_slice(m)
-                    if curv is None:
+                    if opt.is_tt:
+                        d = w.detach().to(torch.float64) - option_weight(
+                            w, int(opt.tt_rank), opt.bits, symmetric=opt.symmetric, clip=clip  # type: ignore[arg-type]
+                        ).to(torch.float64)
+                        rows = d.square().sum(dim=1).cpu().numpy()
+                        err += mean_trace * float(rows.sum()) if curv is None else float(np.dot(curv[k], rows))
+                    elif curv is None:
                         err += mean_trace * quant_error(
                             w, opt.bits, symmetric=opt.symmetric, clip=clip, group_size=opt.group_size
                         )

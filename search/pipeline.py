@@ -92,6 +92,8 @@ class SearchOptions:
     the calibration rows): :mod:`search.actquant`. ``act_bits`` is the activation width the cost
     model assumes for weight-only integer options. ``latency_table`` (a measured table, the JSON
     object of :mod:`bitscout.latency`) replaces the ``device_profile`` roofline for latency.
+    ``tt_ranks`` adds tensor-train options (``tt<r>@<b>`` for every rank ``r`` and width ``b`` of
+    ``bits``) to the whole matrices they fit (:meth:`search.adapter.ModelAdapter.build_space`).
     """
 
     methods: tuple[str, ...] = ("kl",)
@@ -119,6 +121,7 @@ class SearchOptions:
     method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     refine: RefineChoice | None = None
     tie: tuple[str, ...] | None = None
+    tt_ranks: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -153,6 +156,17 @@ class SearchOptions:
         problem = activation_problem(self.methods, self.searched_bits)
         if problem is not None:
             raise InvalidInputError(problem, field="methods")
+        for i, r in enumerate(self.tt_ranks):
+            if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= options_grammar.MAX_TT_RANK:
+                raise InvalidInputError(
+                    f"a tensor-train rank is an integer from 1 to {options_grammar.MAX_TT_RANK}, got {r!r}",
+                    field=f"space.tt_ranks.{i}",
+                )
+        if "dnas" in self.methods and (self.tt_ranks or any(BitOption.parse(b).is_tt for b in self.bits)):
+            raise InvalidInputError(
+                "the dnas method does not search tensor-train options; use kl, hessian, fisher or nsga2",
+                field="space.tt_ranks",
+            )
         if self.tie is not None:
             try:
                 object.__setattr__(self, "tie", options_grammar.parse_ties(self.tie))
@@ -217,6 +231,7 @@ class Search:
             ffn_block_size=options.ffn_block_size,
             prune_limits=options.prune_limits,
             tie=options.ties_for(self.task),
+            tt_ranks=options.tt_ranks,
         )
         self.cost_model = CostModel(
             self.space,

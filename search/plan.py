@@ -223,10 +223,12 @@ def uniform_candidates(space: SearchSpace, baselines: Sequence[int], symmetric: 
     out = []
     offered = sorted({o for opts in space.options for o in opts})
     for b in baselines:
-        at_width = [o for o in offered if o.bits == b and (o.symmetric == symmetric or not o.is_integer)]
+        at_width = [
+            o for o in offered if o.bits == b and not o.is_tt and (o.symmetric == symmetric or not o.is_integer)
+        ]
         for opt in at_width or [BitOption(b, symmetric)]:
             pmap = space.uniform(opt)
-            if all(p == opt or p.bits == 32 for p in pmap.values()):
+            if all(p == opt or p.unchanged for p in pmap.values()):
                 label = f"uniform {b}-bit" if opt.per_row and opt.act_bits is None else f"uniform {opt.key()}"
                 out.append(Candidate(pmap, "uniform", None, {}, label))
     return out

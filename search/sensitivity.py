@@ -192,13 +192,13 @@ class KLSensitivity(SensitivityMethod):
                 (gi, opt)
                 for gi, (g, opts) in enumerate(zip(space.groups, space.options, strict=True))
                 for opt in opts
-                if opt.bits != 32
+                if not opt.unchanged
             ]
             total = max(1, len(probes))
             scores: dict[str, dict[str, float]] = {g.name: {} for g in space.groups}
             for g, opts in zip(space.groups, space.options, strict=True):
                 for opt in opts:
-                    if opt.bits == 32:
+                    if opt.unchanged:
                         scores[g.name][opt.key()] = 0.0
             state = _ReplayState(outputs=caches)
             n_examples = ctx.n_samples

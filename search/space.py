@@ -30,6 +30,7 @@ from functools import total_ordering
 from typing import Any, Literal
 
 from bitscout import options as options_grammar
+from search import tt_layout
 from search.errors import InvalidInputError
 
 #: Bit-widths a group may take. 0 prunes the group, 16 keeps it in half precision, 32 unchanged.
@@ -56,19 +57,31 @@ class BitOption:
     ``act_bits`` quantizes the input activations of the group's matrices (2-8 integer grids with
     per-token scales, 16 half precision; None leaves them as the model runs them: weight-only
     quantization); integer weight widths only.
+    ``tt_rank`` set makes it a *tensor-train* option: the matrix is factorised into the cores of a
+    TT-matrix of that TT rank (:mod:`search.tt_layout`, :mod:`search.tensor_train`) and the cores take
+    ``bits`` (integer with per-row scales of each core, 16 or 32; never pruned, never group-wise,
+    no activation width).
     Options sort by bits, then asymmetric before symmetric, then per row before group-wise (larger
-    groups first), then weight-only before activation widths (narrower first).
+    groups first), then weight-only before activation widths (narrower first), then plain before
+    tensor-train (smaller ranks first).
     """
 
     bits: int
     symmetric: bool = True
     group_size: int | None = None
     act_bits: int | None = None
+    tt_rank: int | None = None
 
     def __post_init__(self) -> None:
         try:
             f = options_grammar.parse_option(
-                {"bits": self.bits, "symmetric": self.symmetric, "group_size": self.group_size, "act_bits": self.act_bits}
+                {
+                    "bits": self.bits,
+                    "symmetric": self.symmetric,
+                    "group_size": self.group_size,
+                    "act_bits": self.act_bits,
+                    "tt_rank": self.tt_rank,
+                }
             )
         except options_grammar.OptionSyntaxError as exc:
             raise InvalidInputError(str(exc), field="bits") from None
@@ -76,9 +89,9 @@ class BitOption:
             # Asymmetry means nothing for pruned or float groups; normalise so equal choices compare equal.
             object.__setattr__(self, "symmetric", True)
 
-    def _sort_key(self) -> tuple[int, bool, int, int, int]:
+    def _sort_key(self) -> tuple[int, bool, int, int, int, int]:
         act = 0 if self.act_bits is None else self.act_bits
-        return (self.bits, self.symmetric, self.group_size is not None, -(self.group_size or 0), act)
+        return (self.bits, self.symmetric, self.group_size is not None, -(self.group_size or 0), act, self.tt_rank or 0)
 
     def __lt__(self, other: object) -> bool:
         if not isinstance(other, BitOption):
@@ -90,12 +103,24 @@ class BitOption:
         return self.bits == 0
 
     @property
+    def is_tt(self) -> bool:
+        """A tensor-train option (``tt_rank`` set)."""
+        return self.tt_rank is not None
+
+    @property
+    def unchanged(self) -> bool:
+        """The matrix as it is: 32 bits and no factorisation."""
+        return self.bits == 32 and self.tt_rank is None
+
+    @property
     def is_float(self) -> bool:
-        return self.bits >= 16
+        """A plain float option (16 or 32 bits, no factorisation)."""
+        return self.bits >= 16 and self.tt_rank is None
 
     @property
     def is_integer(self) -> bool:
-        return self.bits in INTEGER_BITS
+        """A plain integer grid of the matrix (no factorisation)."""
+        return self.bits in INTEGER_BITS and self.tt_rank is None
 
     @property
     def per_row(self) -> bool:
@@ -104,22 +129,24 @@ class BitOption:
 
     def key(self) -> str:
         """Short text form: ``"4"``, ``"4a"`` (asymmetric), ``"4g128"``, ``"4ag128"``, ``"4a8"``, ``"0"``,
-        ``"16"``, ``"32"``."""
-        return options_grammar.option_key(self.bits, self.symmetric, self.group_size, self.act_bits)
+        ``"16"``, ``"32"``, ``"tt16@4"``."""
+        return options_grammar.option_key(self.bits, self.symmetric, self.group_size, self.act_bits, self.tt_rank)
 
     @property
     def weight_only(self) -> BitOption:
         """The same weights with the activations left alone (``act_bits`` None)."""
-        return self if self.act_bits is None else BitOption(self.bits, self.symmetric, self.group_size)
+        return self if self.act_bits is None else BitOption(self.bits, self.symmetric, self.group_size, None, self.tt_rank)
 
     def to_dict(self) -> dict[str, Any]:
-        """Every field named: ``{"bits", "symmetric", "group_size", "act_bits"}`` (``group_size`` None
-        per row, ``act_bits`` None when the activations are not quantized)."""
+        """Every field named: ``{"bits", "symmetric", "group_size", "act_bits", "tt_rank"}``
+        (``group_size`` None per row, ``act_bits`` None when the activations are not quantized,
+        ``tt_rank`` None for a plain option)."""
         return {
             "bits": self.bits,
             "symmetric": self.symmetric,
             "group_size": self.group_size,
             "act_bits": self.act_bits,
+            "tt_rank": self.tt_rank,
         }
 
     @classmethod
@@ -133,7 +160,7 @@ class BitOption:
             f = options_grammar.parse_option(value)
         except options_grammar.OptionSyntaxError as exc:
             raise InvalidInputError(str(exc), field="bits") from None
-        return cls(*f.resolved(symmetric))
+        return cls(*f.resolved(symmetric), tt_rank=f.tt_rank)
 
 
 FULL_PRECISION = BitOption(32)
@@ -244,9 +271,25 @@ class Tie:
         return {"kind": self.kind, "groups": list(self.groups)}
 
 
+def tt_fit_problem(group: Group, rank: int) -> str | None:
+    """Why a tensor-train option of ``rank`` does not fit ``group`` (None when it does): it factorises
+    a whole matrix (a group of one member spanning it), at a rank no larger than the matrix's full TT
+    rank (:meth:`search.tt_layout.TTLayout.full_rank`; above it the factorisation is the same)."""
+    if len(group.members) != 1 or group.members[0].axis != "all":
+        return f"group {group.name} is not a whole matrix (tensor-train options factorise whole matrices)"
+    m = group.members[0]
+    full = tt_layout.layout(*m.shape).full_rank()
+    if rank > full:
+        return f"rank {rank} exceeds the full TT rank {full} of {m.module} {m.shape[0]}x{m.shape[1]}"
+    return None
+
+
 def check_option_fits(group: Group, option: BitOption) -> str | None:
-    """Why ``option``'s group-wise scales do not fit ``group`` (None when they do): every member
-    needs a multiple of ``group_size`` input columns, and a column slice must start on one."""
+    """Why ``option`` does not fit ``group`` (None when it does): group-wise scales need a multiple of
+    ``group_size`` input columns in every member, and a column slice must start on one; a tensor-train
+    option needs :func:`tt_fit_problem` to find nothing."""
+    if option.tt_rank is not None:
+        return tt_fit_problem(group, option.tt_rank)
     n = option.group_size
     if n is None or not option.is_integer:
         return None
@@ -302,6 +345,8 @@ class SearchSpace:
             for o in opts:
                 why = check_option_fits(g, o)
                 if why is not None:
+                    if o.is_tt:
+                        raise InvalidInputError(f"option {o.key()} does not fit: {why}", field="space.tt_ranks")
                     raise InvalidInputError(
                         f"option {o.key()} does not fit: {why}; choose a group size that divides it", field="space.bits"
                     )

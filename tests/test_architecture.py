@@ -53,7 +53,7 @@ def test_the_api_process_imports_no_torch(tmp_path: Path) -> None:
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out["loaded"] == []
     # the resolver answered with the planning core: 'b' is cheap to narrow, 'a' is not
-    full = {"group_size": None, "act_bits": None}
+    full = {"group_size": None, "act_bits": None, "tt_rank": None}
     assert out["map"] == {"a": {"bits": 8, "symmetric": True, **full}, "b": {"bits": 2, "symmetric": True, **full}}
 
 

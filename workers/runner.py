@@ -364,7 +364,7 @@ class JobRunner:
             shutil.rmtree(art, ignore_errors=True)
             export_artifact(
                 res.model, search.space, refined.precision_map, art, clip=search.options.clip,
-                qparams=res.qparams, model_dir=getattr(search, "model_path", None),
+                qparams=res.qparams, tt_cores=getattr(res, "tt_cores", None) or None, model_dir=getattr(search, "model_path", None),
                 metadata={"metrics": dict(res.metrics), "cost": refined.cost.to_dict(), "task": search.task,
                           "refined": True, "refined_from": origin, "steps": res.steps, "best_step": res.best_step},
             )  # fmt: skip

@@ -79,6 +79,7 @@ def search_options(
                                                 else method_options).items()},
         refine=None if spec.refine is None else RefineChoice(points=spec.refine.points, steps=spec.refine.steps),
         tie=None if sp.tie is None else tuple(sp.tie),
+        tt_ranks=tuple(sp.tt_ranks),
     )
 
 
@@ -129,6 +130,7 @@ WIRE_FIELDS: dict[str, str] = {
     "include": "space.include",
     "exclude": "space.exclude",
     "bits": "space.bits",
+    "tt_rank": "space.tt_ranks",
     "granularity": "space.granularity",
     "ffn_block_size": "space.ffn_block_size",
     "include_head": "space.include_head",

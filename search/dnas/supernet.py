@@ -162,6 +162,11 @@ class DNAS:
         self.metric = metric
         self.clip = clip
         self.device = torch.device(device)
+        if any(o.is_tt for opts in space.options for o in opts):
+            raise InvalidInputError(
+                "the dnas method does not search tensor-train options; use kl, hessian, fisher or nsga2",
+                field="space.tt_ranks",
+            )
         self.batches = _split(batches, self.options.batch_size)
         if not self.batches:
             raise InvalidInputError("no calibration data", field="calibration_size")

@@ -26,6 +26,13 @@ Artifact layout
   ``quant::<group>::<i>::zero_point``         uint8, the shape of the scales, asymmetric options only
   ``quant::<group>::<i>::weight``             the member slice as float16 (16-bit groups) or in the
                                               model's dtype (32-bit groups)
+  ``quant::<group>::0::tt<k>::codes``         a tensor-train group: core ``k`` of its TT-matrix
+  ``quant::<group>::0::tt<k>::scale``         (``[r_{k-1}, m_k, n_k, r_k]``, :mod:`search.tt_layout`)
+  ``quant::<group>::0::tt<k>::zero_point``    as the ``[r_{k-1} * m_k, n_k * r_k]`` matrix it is
+  ``quant::<group>::0::tt<k>::core``          quantized as: packed codes, float16 scales per row
+                                              and zero points (integer cores), or the core itself
+                                              (``core``: float16 for 16-bit cores, the model's
+                                              dtype for 32-bit ones)
   (nothing)                                   pruned groups: their weights are zeros
   ``<state-dict name>``                       every other parameter and buffer, in its own dtype:
                                               the state dict minus the weights the groups cover
@@ -56,6 +63,12 @@ the scale and 1 more for an asymmetric zero point (per group of ``N`` columns of
 scales). ``export_artifact(..., verify=True)`` also checks
 every stored member against the model quantized by :meth:`ModelAdapter.quantized` before writing.
 
+Tensor-train groups keep their cores: :func:`load_artifact` rebuilds them exactly as stored and puts a
+:class:`search.tensor_train.TTLinear` (or ``TTEmbedding``) with the module's bias in the module's place,
+the very module the search evaluated, so the factorised forward is bit-identical too; the file holds the
+bytes :func:`search.cost.tt_core_bytes` counts. Other formats have no TT layers: torchao refuses the
+group, ``bitscout.apply`` of a map builds the TT module itself.
+
 Size: the file's tensors take exactly :class:`search.cost.CostModel`'s ``size_bytes`` plus 4 bytes
 for every bias entry of a pruned group (the file keeps whole bias vectors, zeroed rows included,
 where the cost model counts those entries as removed), and the file adds its JSON header (names and
@@ -83,6 +96,7 @@ import torch
 from torch import nn
 
 from search import quant
+from search import tensor_train as tt
 from search.adapter import ModelAdapter
 from search.errors import InvalidInputError, SearchError
 from search.export.common import (
@@ -154,6 +168,7 @@ def export_artifact(
     model_dir: str | Path | None = None,
     verify: bool = False,
     qparams: Mapping[str, quant.QParams] | None = None,
+    tt_cores: Mapping[str, tt.StoredCores] | None = None,
 ) -> Path:
     """Write the artifact of ``pmap`` over ``space`` for ``model`` into ``out_dir`` (layout in the
     module docstring) and return the path of ``model.quant.safetensors``.
@@ -170,6 +185,8 @@ def export_artifact(
     ``model``): those members are quantized with the given parameters instead of the post-training ones;
     each must match its member's rows, bits and symmetry and hold float16 scales. ``verify`` checks
     against the post-training quantizer, so it cannot be combined with ``qparams``.
+    ``tt_cores`` gives the cores of tensor-train groups by group name (the trained cores of
+    :func:`search.refine.refine`, ``RefineResult.tt_cores``) in place of the TT-SVD of the weights.
     Raises :class:`InvalidInputError` when the map or the space does not fit the model.
     """
     space = _as_space(space)
@@ -202,6 +219,16 @@ def export_artifact(
     with torch.no_grad():
         for g in space.groups:
             opt = pmap.get(g.name, FULL_PRECISION)
+            if opt.is_tt:
+                given = (tt_cores or {}).get(g.name)
+                module = modules[g.members[0].module]
+                if given is None and isinstance(module, tt.TTLinear | tt.TTEmbedding):
+                    raise InvalidInputError(
+                        f"{g.name} is a TT module in the model: pass its cores (RefineResult.tt_cores)", field="tt_cores"
+                    )
+                w = adapter.member_slice(g.members[0]).detach() if given is None else torch.empty(g.members[0].shape)
+                _store_cores(stored, g.name, w, opt, clip, given)
+                continue
             if not opt.is_integer:
                 continue
             for i, m in enumerate(g.members):
@@ -225,7 +252,8 @@ def export_artifact(
     # Everything else from the model as the search evaluated it: the integer members written from the
     # codes above, the other groups by the adapter itself (pruned groups and their biases zeroed,
     # 16-bit groups rounded), the model restored afterwards.
-    touched = list(dict.fromkeys(n for g in space.groups if pmap.get(g.name, FULL_PRECISION).bits != 32 for n in g.modules))
+    written = [g for g in space.groups if not pmap.get(g.name, FULL_PRECISION).unchanged and not pmap[g.name].is_tt]
+    touched = list(dict.fromkeys(n for g in written for n in g.modules))
     saved = adapter.snapshot(touched)
     try:
         with torch.no_grad():
@@ -234,11 +262,11 @@ def export_artifact(
                 if opt.is_integer:
                     for i, m in enumerate(g.members):
                         adapter.member_slice(m).copy_(stored.expected[(g.name, i)])
-                elif opt.bits != 32:
+                elif not opt.unchanged and not opt.is_tt:
                     adapter._write_group(g, opt, clip)
             for g in space.groups:
                 opt = pmap.get(g.name, FULL_PRECISION)
-                if opt.is_integer or opt.pruned:
+                if opt.is_integer or opt.pruned or opt.is_tt:
                     continue
                 for i, m in enumerate(g.members):
                     view = adapter.member_slice(m).detach()
@@ -250,7 +278,9 @@ def export_artifact(
                     stored.tensors[_qkey(g.name, i, "weight")] = keep.contiguous().cpu().clone()
             # Tied tensors are stored once; ``aliases`` names the others (rebuilt from their canonical name).
             state, aliases = _state_entries(model)
-            drop = {_state_name(state, _weight(modules[name])) for name in by_module if covered[name]}
+            tt_held = {name for name in by_module if isinstance(modules[name], tt.TTLinear | tt.TTEmbedding)}
+            drop = {_state_name(state, _weight(modules[name])) for name in by_module if covered[name] and name not in tt_held}
+            drop |= {k for k in state for name in tt_held if k.startswith(f"{name}.cores.")}
             for name in by_module:
                 dtypes[name] = str(_weight(modules[name]).dtype).removeprefix("torch.")
             for name, t in state.items():
@@ -292,6 +322,59 @@ def export_artifact(
     shutil.copymode(out / PRECISION_MAP_FILE, target)  # safetensors creates files owner-only
     _write_model_files(model, model_dir, out)
     return target
+
+
+def _store_cores(
+    stored: _Stored, group: str, w: torch.Tensor, opt: Any, clip: str, given: tt.StoredCores | None
+) -> None:
+    """The cores of a tensor-train group into ``stored``: codes and scales of integer cores, or the
+    cores as such."""
+    if given is None:
+        given = tt.stored_cores(w, int(opt.tt_rank), opt.bits, symmetric=opt.symmetric, clip=clip)  # type: ignore[arg-type]
+    elif given.bits != opt.bits or given.symmetric != opt.symmetric or len(given.cores) != tt.layout(*w.shape).d:
+        raise InvalidInputError(f"the cores given for {group!r} do not match its option {opt.key()}", field="tt_cores")
+    for k, core in enumerate(given.cores):
+        if given.qparams is not None:
+            qp = given.qparams[k]
+            codes = quant.quantize(tt.core_matrix(core), qp)
+            stored.tensors[_qkey(group, 0, f"tt{k}::codes")] = quant.pack(codes, opt.bits).cpu()
+            stored.tensors[_qkey(group, 0, f"tt{k}::scale")] = qp.scale.detach().cpu().to(torch.float16)
+            if not opt.symmetric:
+                stored.tensors[_qkey(group, 0, f"tt{k}::zero_point")] = qp.zero_point.to(torch.uint8).cpu()
+        else:
+            keep = core.detach().to(torch.float16) if opt.bits == 16 else core.detach()
+            stored.tensors[_qkey(group, 0, f"tt{k}::core")] = keep.contiguous().cpu().clone()
+
+
+def _load_cores(
+    tensors: Mapping[str, torch.Tensor], group: str, shape: tuple[int, int], opt: Any, dtype: torch.dtype, used: set[str]
+) -> list[torch.Tensor]:
+    """The cores of a tensor-train group from the file, as the search's quantizer made them."""
+    lay = tt.layout(*shape)
+    cores = []
+    for k, cshape in enumerate(lay.core_shapes(int(opt.tt_rank))):
+        rows, cols = cshape[0] * cshape[1], cshape[2] * cshape[3]
+        if opt.bits >= 16:
+            ck = _qkey(group, 0, f"tt{k}::core")
+            allowed = (torch.float16, dtype) if opt.bits == 16 else (dtype,)
+            cores.append(_expect(tensors, ck, allowed, cshape).to(dtype))
+            used.add(ck)
+            continue
+        ck, sk, zk = (_qkey(group, 0, f"tt{k}::{x}") for x in ("codes", "scale", "zero_point"))
+        packed = _expect(tensors, ck, (torch.uint8,), (math.ceil(rows * cols * opt.bits / 8),))
+        scale = _expect(tensors, sk, (torch.float16,), (rows,)).to(torch.float32)
+        used.update((ck, sk))
+        if opt.symmetric:
+            zp = torch.zeros(rows, dtype=torch.int32)
+        else:
+            zp = _expect(tensors, zk, (torch.uint8,), (rows,)).to(torch.int32)
+            used.add(zk)
+        if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
+            raise _artifact_error(f"tensor {sk!r} holds scales that are not positive and finite")
+        codes = quant.unpack(packed, opt.bits, rows * cols, signed=opt.symmetric).view(rows, cols)
+        qp = quant.QParams(scale=scale, zero_point=zp, bits=opt.bits, symmetric=opt.symmetric)
+        cores.append(quant.dequantize(codes, qp, dtype=dtype).reshape(cshape))
+    return cores
 
 
 def _member_key(group: str, i: int) -> str:
@@ -341,6 +424,8 @@ def _verify_against_adapter(
     with torch.no_grad(), adapter.quantized(pmap, space, clip=clip):
         for g in space.groups:
             opt = pmap.get(g.name, FULL_PRECISION)
+            if opt.is_tt:
+                continue  # the module is a TT module here; its cores are the TT-SVD the export stored
             for i, m in enumerate(g.members):
                 view = adapter.member_slice(m).detach()
                 if opt.is_integer:
@@ -506,8 +591,13 @@ def load_artifact(path_or_dir: str | Path, model: nn.Module) -> nn.Module:
             )
             dtype = getattr(torch, want, dtype)
         rebuilt[name] = torch.zeros(tuple(w.shape), dtype=dtype)
+    tt_groups: dict[str, list[torch.Tensor]] = {}
     for g in space.groups:
         opt = pmap.get(g.name, FULL_PRECISION)
+        if opt.is_tt:
+            m = g.members[0]
+            tt_groups[g.name] = _load_cores(tensors, g.name, m.shape, opt, rebuilt[m.module].dtype, used)
+            continue
         for i, m in enumerate(g.members):
             rows, cols = _rows_cols(m)
             target = _member_view(rebuilt[m.module], m)
@@ -585,5 +675,13 @@ def load_artifact(path_or_dir: str | Path, model: nn.Module) -> nn.Module:
     for alias, canon in sources.items():
         if state[alias] is not state[canon]:  # tied in the exported model, not in this one
             state[alias].data.copy_(state[canon].data)
+    if tt_groups:  # the TT module in each tensor-train group's place, with the module's (loaded) bias
+        adapter = ModelAdapter(model)
+        for g in space.groups:
+            if g.name in tt_groups:
+                name = g.members[0].module
+                w = _weight_view(modules[name])
+                cores = [c.to(w.device) for c in tt_groups[g.name]]
+                adapter.swap_module(name, adapter.tt_module(g, pmap[g.name], info.clip, cores=cores))
     return model
 

@@ -72,9 +72,11 @@ def _torchao_plan(
     reasons: dict[str, str] = {}
     for g in space.groups:
         opt = pmap.get(g.name, FULL_PRECISION)
-        if opt.bits == 32:
+        if opt.unchanged:
             continue
-        if opt.pruned:
+        if opt.is_tt:
+            reasons[g.name] = "tensor-train cores: torchao has no TT-matrix kernels; export the native artifact"
+        elif opt.pruned:
             reasons[g.name] = "pruned (bits 0): torchao has no config that zeroes a group; apply the map instead"
         elif opt.bits == 16:
             reasons[g.name] = "float16: torchao has no per-module half-precision weight config"
@@ -88,7 +90,7 @@ def _torchao_plan(
     configs: dict[str, TorchaoConfig] = {}
     for name, members in by_module.items():
         opts = {pmap.get(g.name, FULL_PRECISION) for g, _, _ in members}
-        candidates = [g for g, _, _ in members if g.name not in reasons and pmap.get(g.name, FULL_PRECISION).bits != 32]
+        candidates = [g for g, _, _ in members if g.name not in reasons and not pmap.get(g.name, FULL_PRECISION).unchanged]
         if not candidates:
             continue
 

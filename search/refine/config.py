@@ -25,6 +25,7 @@ class RefineConfig:
 
     ``steps``: optimizer steps at most; ``accumulate``: micro-batches (training batches) per step;
     ``lr_weights`` / ``lr_scales``: AdamW learning rates of the weights and of the step sizes,
+    ``lr_cores``: that of the tensor-train cores of tensor-train groups (TT-QAT),
     ``schedule``: ``"constant"`` or ``"linear"`` decay to 0 at ``steps``; ``weight_decay`` of the
     weights; ``grad_clip``: max global gradient norm (None: no clipping); ``temperature`` of the output
     KL; loss weights ``kd_logits``, ``kd_hidden``, ``kd_attention``, ``task``; ``eval_every`` steps
@@ -38,6 +39,7 @@ class RefineConfig:
     steps: int = 200
     lr_weights: float = 2e-5
     lr_scales: float = 1e-4
+    lr_cores: float = 2e-4
     schedule: Literal["constant", "linear"] = "linear"
     weight_decay: float = 0.0
     grad_clip: float | None = 1.0
@@ -78,7 +80,7 @@ class RefineConfig:
         positive_int("patience", allow_none=True)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise InvalidInputError(f"seed must be a non-negative integer, got {self.seed!r}", field="seed")
-        for name in ("lr_weights", "lr_scales", "temperature"):
+        for name in ("lr_weights", "lr_scales", "lr_cores", "temperature"):
             number(name, positive=True)
         number("grad_clip", positive=True, allow_none=True)
         for name in ("weight_decay", "kd_logits", "kd_hidden", "kd_attention", "task"):

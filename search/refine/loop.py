@@ -87,7 +87,7 @@ def refine(
     report = on_progress or (lambda stage, frac, msg: None)
     teacher = parts.model
     notes: list[str] = []
-    if not any(pmap.get(g.name, FULL_PRECISION).bits != 32 for g in space.groups):
+    if all(pmap.get(g.name, FULL_PRECISION).unchanged for g in space.groups):
         notes.append("the map is full precision: only the weights were fine-tuned")
 
     ref_eval = parts.reference if parts.reference is not None else reference_outputs(teacher, evaluation, task)
@@ -97,9 +97,13 @@ def refine(
     model = student.model.to(device)
     trainable = student.trainable()
     step_ids = student.step_params()
-    weights = [p for p in trainable.values() if id(p) not in step_ids]
+    core_ids = student.core_params()
+    weights = [p for p in trainable.values() if id(p) not in step_ids and id(p) not in core_ids]
     scales = [p for p in trainable.values() if id(p) in step_ids]
+    cores = [p for p in trainable.values() if id(p) in core_ids]
     groups: list[dict[str, Any]] = []
+    if cores:
+        groups.append({"params": cores, "lr": config.lr_cores, "weight_decay": 0.0})
     if weights:
         groups.append({"params": weights, "lr": config.lr_weights, "weight_decay": config.weight_decay})
     if scales:
@@ -231,7 +235,12 @@ def refine(
                    for key, (_, q, s) in student.int_slots.items()}
         qparams = {k: quant.QParams(v.scale.cpu(), v.zero_point.cpu(), v.bits, v.symmetric, v.group_size)
                    for k, v in qparams.items()}
-        _finalize(student)
+        tt_cores = _finalize(student)
+        tt_cores = {k: type(v)(v.bits, v.symmetric, tuple(c.cpu() for c in v.cores),
+                               None if v.qparams is None else tuple(
+                                   quant.QParams(q.scale.cpu(), q.zero_point.cpu(), q.bits, q.symmetric)
+                                   for q in v.qparams))
+                    for k, v in tt_cores.items()}
         model.eval()
         metrics = _evaluate_student(model, evaluation, task, ref_eval)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -253,6 +262,7 @@ def refine(
         resumed_from=resumed_from,
         seconds=time.perf_counter() - t_start,
         config=config,
+        tt_cores=tt_cores,
     )
 
 

@@ -13,6 +13,7 @@ from search.errors import InvalidInputError
 from search.refine.config import RefineConfig
 from search.result import ParetoPoint
 from search.space import PrecisionMap
+from search.tensor_train import StoredCores
 
 __all__ = ["RefineResult"]
 
@@ -48,6 +49,8 @@ class RefineResult:
     resumed_from: int | None = None
     seconds: float = 0.0
     config: RefineConfig = field(default_factory=RefineConfig)
+    #: the trained cores of every tensor-train group (TT-QAT), by group name, as an artifact stores them
+    tt_cores: dict[str, StoredCores] = field(default_factory=dict, repr=False)
 
     @property
     def scales(self) -> dict[str, torch.Tensor]:

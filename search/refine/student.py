@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 import torch
@@ -14,7 +14,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from search import quant
-from search.adapter import _is_conv1d
+from search import tensor_train as tt
+from search.adapter import ModelAdapter, _is_conv1d
 from search.errors import InvalidInputError
 from search.refine.config import RefineConfig
 from search.space import FULL_PRECISION, Group, Member, PrecisionMap, SearchSpace
@@ -108,6 +109,51 @@ class _QuantWeight(nn.Module):
         return out.t() if self.conv else out
 
 
+class _TTQuant(nn.Module):
+    """The core transform of a trained TT module (TT-QAT): every core, as the ``[r_{k-1} * m_k, n_k *
+    r_k]`` matrix it is quantized as, fake-quantized with LSQ and a learned step size per row
+    (integer bits), rounded through float16 straight-through (16) or kept (32); with gradients off, the
+    exact quantizer of :mod:`search.quant` (what an artifact stores)."""
+
+    def __init__(self, bits: int, symmetric: bool, steps: list[torch.Tensor], zero_points: list[torch.Tensor],
+                 grad_scales: list[float]) -> None:
+        super().__init__()
+        self.bits, self.symmetric = bits, symmetric
+        self.steps = nn.ParameterList([nn.Parameter(s) for s in steps])
+        self.grad_scales = grad_scales
+        for i, z in enumerate(zero_points):
+            self.register_buffer(f"zp{i}", z, persistent=False)
+
+    def zero_point(self, i: int) -> torch.Tensor:
+        return cast(torch.Tensor, getattr(self, f"zp{i}"))
+
+    def forward(self, cores: list[torch.Tensor]) -> list[torch.Tensor]:
+        exact = not torch.is_grad_enabled()
+        out = []
+        for k, c in enumerate(cores):
+            if self.bits == 32:
+                out.append(c)
+            elif self.bits == 16:
+                out.append(c.to(torch.float16).to(c.dtype) if exact else half_ste(c))
+            else:
+                mat = tt.core_matrix(c)
+                step, z = self.steps[k], self.zero_point(k)
+                if exact:
+                    fq = _exact_fake_quantize(mat, step, z, self.bits, self.symmetric, None)
+                else:
+                    qmin, qmax = quant.code_range(self.bits, self.symmetric)
+                    fq = lsq_fake_quantize(mat.to(torch.float32), step, z, qmin, qmax, self.grad_scales[k]).to(c.dtype)
+                out.append(fq.reshape(c.shape))
+        return out
+
+    def qparams(self) -> tuple[quant.QParams, ...] | None:
+        if self.bits >= 16:
+            return None
+        return tuple(
+            _qparams(s, self.zero_point(k), self.bits, self.symmetric) for k, s in enumerate(self.steps)
+        )
+
+
 class _Mask(nn.Module):
     """Parametrization of a bias: entries of pruned output channels are exactly zero."""
 
@@ -155,13 +201,22 @@ class _Student:
     other: list[nn.Parameter]
     #: module name -> learned activation step (whole-matrix groups with activation bits)
     act_steps: dict[str, nn.Parameter] | None = None
+    #: group name -> the TT module standing for its matrix (TT-QAT)
+    tt_modules: dict[str, tt.TTLinear | tt.TTEmbedding] = field(default_factory=dict)
 
     def trainable(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
     def step_params(self) -> set[int]:
         ids = {id(q.steps[s.step_index]) for _, q, s in self.int_slots.values()}
-        return ids | {id(p) for p in (self.act_steps or {}).values()}
+        ids |= {id(p) for p in (self.act_steps or {}).values()}
+        for m in self.tt_modules.values():
+            if isinstance(m.core_transform, _TTQuant):
+                ids.update(id(p) for p in m.core_transform.steps)
+        return ids
+
+    def core_params(self) -> set[int]:
+        return {id(p) for m in self.tt_modules.values() for p in m.cores}
 
 
 def _check_pmap(pmap: PrecisionMap | Mapping[str, Any], space: SearchSpace) -> PrecisionMap:
@@ -205,7 +260,10 @@ def _build_student(
     int_slots: dict[str, tuple[str, _QuantWeight, _Slot]] = {}
     pruned: list[str] = []
     masked_bias: list[str] = []
+    tt_modules = _tt_students(model, space, pmap, clip)
     for name, members in per_module.items():
+        if any(pmap.get(g.name, FULL_PRECISION).is_tt for g, _, _ in members):
+            continue
         module = modules.get(name)
         weight = getattr(module, "weight", None) if module is not None else None
         if module is None or not isinstance(weight, torch.Tensor) or weight.ndim != 2:
@@ -257,7 +315,7 @@ def _build_student(
         p for n, p in model.named_parameters()
         if p.requires_grad and ".parametrizations." not in f".{n}" and not n.endswith("act_step")
     ]
-    return _Student(model, modules, int_slots, pruned, masked_bias, other, act_steps)
+    return _Student(model, modules, int_slots, pruned, masked_bias, other, act_steps, tt_modules)
 
 
 def _activation_quantizers(
@@ -289,9 +347,54 @@ def _activation_quantizers(
     return steps
 
 
+def _tt_students(
+    model: nn.Module, space: SearchSpace, pmap: PrecisionMap, clip: str
+) -> dict[str, tt.TTLinear | tt.TTEmbedding]:
+    """Every tensor-train group's matrix replaced by a TT module whose cores (the TT-SVD of the
+    weights, unquantized: the latent cores) are trained through :class:`_TTQuant`, its step sizes
+    initialised from :func:`search.tensor_train.core_qparams`: at step 0 the module is the search's."""
+    groups = [g for g in space.groups if pmap.get(g.name, FULL_PRECISION).is_tt]
+    if not groups:
+        return {}
+    adapter = ModelAdapter(model)
+    out: dict[str, tt.TTLinear | tt.TTEmbedding] = {}
+    for g in groups:
+        opt = pmap[g.name]
+        name = g.members[0].module
+        w = adapter.weight(name).detach()
+        lay = tt.layout(int(w.shape[0]), int(w.shape[1]))
+        raw = tt.tt_svd(w, int(opt.tt_rank), lay)  # type: ignore[arg-type]
+        steps: list[torch.Tensor] = []
+        zps: list[torch.Tensor] = []
+        scales: list[float] = []
+        if opt.bits < 16:
+            for c, qp in zip(raw, tt.core_qparams(raw, opt.bits, symmetric=opt.symmetric, clip=clip), strict=True):  # type: ignore[arg-type]
+                steps.append(qp.scale.detach().clone())
+                zps.append(qp.zero_point.detach().clone())
+                scales.append(lsq_grad_scale(int(c.shape[2] * c.shape[3]), qp.qmax))
+        module = adapter.tt_module(g, opt, clip, cores=raw)
+        for p in module.parameters():
+            p.requires_grad_(True)
+        module.core_transform = _TTQuant(opt.bits, opt.symmetric, steps, zps, scales).to(w.device)
+        adapter.swap_module(name, module)
+        out[g.name] = module  # type: ignore[assignment]
+    return out
+
+
 @torch.no_grad()
-def _finalize(student: _Student) -> None:
-    """Replace every parametrization with the exact quantized weights it stands for."""
+def _finalize(student: _Student) -> dict[str, tt.StoredCores]:
+    """Replace every parametrization with the exact quantized weights it stands for, and every TT
+    module's core transform with the exact quantized cores; returns those cores by group."""
+    cores: dict[str, tt.StoredCores] = {}
+    for gname, m in student.tt_modules.items():
+        qt = cast(_TTQuant, m.core_transform)
+        exact = m.effective_cores()
+        qps = qt.qparams()
+        cores[gname] = tt.StoredCores(qt.bits, qt.symmetric if qps is not None else True,
+                                      tuple(c.detach().clone() for c in exact), qps)
+        for p, c in zip(m.cores, exact, strict=True):
+            p.copy_(c)
+        m.core_transform = None
     for name, module in student.modules.items():
         if not parametrize.is_parametrized(module):
             continue
@@ -300,4 +403,5 @@ def _finalize(student: _Student) -> None:
             parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
             getattr(module, tensor_name).copy_(final)
         del name
+    return cores
 

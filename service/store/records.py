@@ -70,6 +70,7 @@ class PointOption(BaseModel):
     symmetric: bool = True
     group_size: int | None = None
     act_bits: int | None = None
+    tt_rank: int | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -77,10 +78,17 @@ class PointOption(BaseModel):
         if isinstance(value, Mapping):
             return value
         try:
-            bits, symmetric, group_size, act_bits = bit_options.parse_option(value).resolved()
+            fields = bit_options.parse_option(value)
+            bits, symmetric, group_size, act_bits = fields.resolved()
         except bit_options.OptionSyntaxError as exc:
             raise ValueError(f"bad bit option {value!r}: {exc}") from None
-        return {"bits": bits, "symmetric": symmetric, "group_size": group_size, "act_bits": act_bits}
+        return {
+            "bits": bits,
+            "symmetric": symmetric,
+            "group_size": group_size,
+            "act_bits": act_bits,
+            "tt_rank": fields.tt_rank,
+        }
 
 
 class PointCost(BaseModel):

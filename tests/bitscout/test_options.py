@@ -72,7 +72,12 @@ def test_keys_and_the_default_grid():
         ("16a8", "integer weight widths"),
         ({"bits": 0, "act_bits": 8}, "integer weight widths"),
         ({"bits": 4, "act_bits": True}, "activation width"),
-        ("tt8@4", "tensor-train"),
+        ("tt8@4a8", "activation bits do not apply"),
+        ("tt8@0", "cannot be pruned"),
+        ("tt8@4g128", "tensor-train cores"),
+        ("tt0@4", "tensor-train rank"),
+        ("tt5000@4", "tensor-train rank"),
+        ({"bits": 4, "tt_rank": True}, "tensor-train rank"),
         ("16g128", "integer widths"),
         ("0g64", "integer widths"),
         ("4g0", "group size"),
@@ -127,10 +132,14 @@ def test_the_wire_takes_tie_kinds_and_leaves_the_default_to_the_task():
 def test_a_point_names_every_field_and_its_key():
     opt = schemas.BitOptionRead.model_validate({"bits": 4, "symmetric": True, "group_size": 128})
     assert opt.key() == "4g128"
-    assert opt.model_dump() == {"bits": 4, "symmetric": True, "group_size": 128, "act_bits": None}
+    assert opt.model_dump() == {"bits": 4, "symmetric": True, "group_size": 128, "act_bits": None, "tt_rank": None}
     assert schemas.BitOptionRead.model_validate({"bits": 4, "symmetric": False}).group_size is None
     w4a8 = schemas.BitOptionRead.model_validate({"bits": 4, "symmetric": True, "group_size": None, "act_bits": 8})
     assert w4a8.key() == "4a8"
+    tt = schemas.BitOptionRead.model_validate({"bits": 4, "symmetric": True, "tt_rank": 16})
+    assert tt.key() == "tt16@4" and tt.model_dump() == {
+        "bits": 4, "symmetric": True, "group_size": None, "act_bits": None, "tt_rank": 16,
+    }  # fmt: skip
 
 
 def test_the_store_normalises_entries_with_the_same_grammar():
@@ -138,10 +147,13 @@ def test_the_store_normalises_entries_with_the_same_grammar():
     from service.store.records import PointOption
 
     assert PointOption.model_validate("4ag64").model_dump() == {
-        "bits": 4, "symmetric": False, "group_size": 64, "act_bits": None,
+        "bits": 4, "symmetric": False, "group_size": 64, "act_bits": None, "tt_rank": None,
     }  # fmt: skip
-    assert PointOption.model_validate("4a8").model_dump() == {
-        "bits": 4, "symmetric": True, "group_size": None, "act_bits": 8,
+    assert PointOption.model_validate("4a8").model_dump(exclude_none=True) == {
+        "bits": 4, "symmetric": True, "act_bits": 8,
+    }  # fmt: skip
+    assert PointOption.model_validate("tt16@4a").model_dump(exclude_none=True) == {
+        "bits": 4, "symmetric": False, "tt_rank": 16,
     }  # fmt: skip
     assert PointOption.model_validate({"bits": 4, "symmetric": True}).model_dump(exclude_none=True) == {
         "bits": 4, "symmetric": True,

@@ -137,15 +137,15 @@ def test_bit_options_read_write_and_sort_group_sizes():
     assert BitOption.parse("4g64", symmetric=False).key() == "4ag64"  # no grid letter: the space's grid
     assert BitOption.parse("4sg64", symmetric=False).key() == "4g64"
     assert [o.key() for o in (BitOption(4), BitOption(4, False), BitOption(4, False, 32))] == ["4", "4a", "4ag32"]
-    assert BitOption(4, group_size=32).to_dict() == {"bits": 4, "symmetric": True, "group_size": 32, "act_bits": None}
-    assert BitOption(4).to_dict() == {"bits": 4, "symmetric": True, "group_size": None, "act_bits": None}
-    assert BitOption.parse("4a8").to_dict() == {"bits": 4, "symmetric": True, "group_size": None, "act_bits": 8}
+    assert BitOption(4, group_size=32).to_dict() == {"bits": 4, "symmetric": True, "group_size": 32, "act_bits": None, "tt_rank": None}
+    assert BitOption(4).to_dict() == {"bits": 4, "symmetric": True, "group_size": None, "act_bits": None, "tt_rank": None}
+    assert BitOption.parse("4a8").to_dict() == {"bits": 4, "symmetric": True, "group_size": None, "act_bits": 8, "tt_rank": None}
     opts = sorted({BitOption.parse(k) for k in ("8", "4g32", "4", "4g128", "4a", "2", "32", "4a16", "4a8")})
     assert [o.key() for o in opts] == ["2", "4a", "4", "4a8", "4a16", "4g128", "4g32", "8", "32"]
     pmap = PrecisionMap({"a": "4g32", "b": 4})
     assert PrecisionMap.from_dict(pmap.to_dict()) == pmap and hash(PrecisionMap(pmap.to_dict())) == hash(pmap)
     assert pmap != PrecisionMap({"a": "4g64", "b": 4}) and pmap != PrecisionMap({"a": 4, "b": 4})
-    for bad in ("16g128", "0g32", "4g0", "4a7", "16a8", "tt4@4", "4x", {"bits": 32, "group_size": 64}):
+    for bad in ("16g128", "0g32", "4g0", "4a7", "16a8", "tt4@0", "tt4@4g32", "tt4@4a8", "4x", {"bits": 32, "group_size": 64}):
         with pytest.raises(InvalidInputError) as e:
             BitOption.parse(bad)
         assert e.value.field == "bits"

@@ -276,7 +276,7 @@ def test_resolve(api: Api) -> None:
     r = api.client.post(f"{API}/jobs/{jid}/resolve", json=body, headers=api.h())
     assert r.status_code == 200, r.text
     out = r.json()
-    assert out["precision_map"] == {"a": {"bits": 4, "symmetric": True, "group_size": None, "act_bits": None}} and out["cost"]["size_mb"] == 2.0
+    assert out["precision_map"] == {"a": {"bits": 4, "symmetric": True, "group_size": None, "act_bits": None, "tt_rank": None}} and out["cost"]["size_mb"] == 2.0
     assert out["exact"] is True and out["budget"]["max_size_mb"] == 5
     call = api.resolver.calls[-1]
     assert call["space"] == {"groups": ["a"]} and call["sensitivities"][0]["scores"] == {"a": {"4": 0.1}}

@@ -38,7 +38,7 @@ def test_a_job_with_activation_bits_through_the_runner(env: Env):
     assert out.status == "succeeded", out
     points = env.store.get_points(job_id=job.id)
     entries = [e for p in points for e in p.precision_map.values()]
-    assert entries and all(set(e.model_dump()) == {"bits", "symmetric", "group_size", "act_bits"} for e in entries)
+    assert entries and all(set(e.model_dump()) == {"bits", "symmetric", "group_size", "act_bits", "tt_rank"} for e in entries)
     assert {e.act_bits for e in entries if e.bits in (4, 8)} == {8}  # every integer option quantizes activations
     # BOPs at the searched widths: uniform 8a8 costs 8 x 8 per MAC, uniform 4a8 4 x 8
     u8 = next(p for p in points if p.label == "uniform 8a8")
