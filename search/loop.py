@@ -22,10 +22,13 @@ DNAS start's scores), given its first allocation (the sweep and the budget point
    maps only, ends the rounds.
 3. **Sweep where the front bends** (``extra_points``): the largest jump of the measured front's log
    discrepancy between two neighbouring budgets gets a map at their geometric middle, repeatedly.
-4. **Local search** (``local_steps`` proxy evaluations): from the measured front's maps and the
-   uniform maps, moves that change one decision, or raise one and lower another, at equal or lower
-   cost (every limit), ranked by the corrected model's predicted change, are measured; the first
-   that lowers the measured discrepancy is taken, until the evaluations are spent.
+4. **Local search** (``local_steps`` proxy evaluations): from the maps allocated at the budget,
+   the uniform maps and the measured front's maps (in that order), moves that change one
+   decision, or raise one and lower another, at equal or lower cost (every limit), ranked by the
+   corrected model's predicted change (moves that keep the swept cost before those that lower it:
+   a move that frees cost leaves budget unspent), are measured :data:`MOVES_PER_STEP` at a time; the best
+   that lowers the measured discrepancy is taken and the search goes on from it; a start ends when
+   a batch brings no improvement (or after half the evaluations), until the evaluations are spent.
 5. **Guard**: at the cost of every uniform map, and at the budget, the best kept map must measure
    no worse than the uniform map; where none does, the uniform map itself becomes this score's
    candidate there (``guard``). Maps that a measured map dominates (cost and discrepancy, uniform
@@ -456,13 +459,16 @@ def _local_search(
     if steps <= 0:
         return info
     labels = {u.precision_map: u.label for u in refs}
-    starts = [m for m in front_of(list(pool)) if not below_floor(proxy.values[m])]
-    starts += [u.precision_map for u in refs if not below_floor(proxy.values[u.precision_map])]
-    starts = list(dict.fromkeys(starts))
+    # the maps allocated at the budget first (the point a user deploys), then the uniform maps,
+    # then the rest of the measured front; maps measured at the noise floor need no search
+    at_budget = [m for m, c in pool.items() if c.label == "budget"]
+    starts = [*sorted(at_budget, key=lambda m: proxy.values[m]), *(u.precision_map for u in refs),
+              *front_of(list(pool))]
+    starts = [m for m in dict.fromkeys(starts) if not below_floor(proxy.values[m])]
     if not starts:
         return info
     info["starts"] = len(starts)
-    per_start = max(MOVES_PER_STEP, steps // len(starts))
+    per_start = max(2 * MOVES_PER_STEP, steps // 2)
     metrics = list(cproblem.weights)
     V = [np.asarray(v, dtype=np.float64) for v in cproblem.values]
     W = {m: [np.asarray(w, dtype=np.float64) for w in cproblem.weights[m]] for m in metrics}
@@ -498,14 +504,15 @@ def _local_search(
             spent += max(1, n_new)
             used += n_new
             i = int(np.argmin(qs))
-            if qs[i] < q_cur * (1 - 1e-9):
-                q_cur = qs[i]
-                choice = np.array(space.decision_choices(batch[i]), dtype=np.int64)
-                improved = True
-                cand = Candidate(batch[i], "", float(sum(V[d][choice[d]] for d in range(len(V)))), dict(cap),
-                                 "local", False, 0.0)
-                add(cand, {"score": score, "round": last_round, "local_search": True, "guard": False,
-                           "how": f"local from {name or 'a front map'}"})
+            if not qs[i] < q_cur * (1 - 1e-9):
+                break  # no move of this batch helps: the next start
+            q_cur = qs[i]
+            choice = np.array(space.decision_choices(batch[i]), dtype=np.int64)
+            improved = True
+            cand = Candidate(batch[i], "", float(sum(V[d][choice[d]] for d in range(len(V)))), dict(cap),
+                             "local", False, 0.0)
+            add(cand, {"score": score, "round": last_round, "local_search": True, "guard": False,
+                       "how": f"local from {name or 'a front map'}"})
         info["improved"] += int(improved)
     info["evaluations"] = used
     return info
@@ -519,7 +526,8 @@ def _moves(
     offsets: Mapping[str, float],
 ) -> list[np.ndarray]:
     """Every move from ``choice`` that changes one decision, or two (one up, one down in the swept
-    cost), within ``cap``, ordered by the predicted change of the summed scores (smallest first)."""
+    cost), within ``cap``: those that keep the swept cost first, then those that lower it, each
+    ordered by the predicted change of the summed scores (smallest first)."""
     n = len(V)
     dec, opt, dv = [], [], []
     dc: dict[str, list[float]] = {m: [] for m in W}
@@ -545,11 +553,13 @@ def _moves(
     ok1 = np.ones(len(dec_a), dtype=bool)
     for m, s in slack.items():
         ok1 &= dc_a[m] <= s + tol[m]
+    first_metric = next(iter(cap))
+    # moves that spend the start's cost come first: one that frees cost leaves budget unspent
+    frees = -tol.get(first_metric, 0.0)
     for i in np.flatnonzero(ok1):
         ch = choice.copy()
         ch[dec_a[i]] = opt_a[i]
-        out.append((float(dv_a[i]), ch))
-    first_metric = next(iter(cap))
+        out.append((int(dc_a[first_metric][i] < frees), float(dv_a[i]), ch))
     up = np.flatnonzero(dc_a[first_metric] > 0)
     down = np.flatnonzero(dc_a[first_metric] < 0)
     if len(up) and len(down):
@@ -557,16 +567,17 @@ def _moves(
         for m, s in slack.items():
             ok &= (dc_a[m][up][:, None] + dc_a[m][down][None, :]) <= s + tol[m]
         tot = dv_a[up][:, None] + dv_a[down][None, :]
+        freed = (dc_a[first_metric][up][:, None] + dc_a[first_metric][down][None, :]) < frees
         ii, jj = np.nonzero(ok)
-        order = np.argsort(tot[ii, jj], kind="stable")[:512]
+        order = np.lexsort((tot[ii, jj], freed[ii, jj]))[:512]
         for t in order:
             i, j = up[ii[t]], down[jj[t]]
             ch = choice.copy()
             ch[dec_a[i]] = opt_a[i]
             ch[dec_a[j]] = opt_a[j]
-            out.append((float(tot[ii[t], jj[t]]), ch))
-    out.sort(key=lambda t: t[0])
-    return [ch for _, ch in out[:1024]]
+            out.append((int(freed[ii[t], jj[t]]), float(tot[ii[t], jj[t]]), ch))
+    out.sort(key=lambda t: (t[0], t[1]))
+    return [ch for _, _, ch in out[:1024]]
 
 
 def uniform_references(uniform: Sequence[Candidate], proxy: Proxy, floor: float | None,
