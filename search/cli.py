@@ -56,6 +56,7 @@ def options_from_args(a: argparse.Namespace) -> SearchOptions:
                          keep_one_head=a.keep_one_head)  # fmt: skip
     return SearchOptions(
         method_options=opt.method_options(a.method_options),
+        loop=getattr(a, "loop", None),
         methods=tuple(opt.methods_of(list(a.methods))),
         granularity=a.granularity,
         bits=tuple(a.bits),

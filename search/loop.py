@@ -72,9 +72,11 @@ NOISE_FLOORS: dict[str, float | None] = {
     "regression": None,
 }
 #: ridge weight of the log-factors' fit
-RIDGE = 0.05
+RIDGE = 0.5
 #: moves measured per step of the local search before it re-ranks
 MOVES_PER_STEP = 4
+#: batches in a row without an improvement that end a start of the local search
+PATIENCE = 2
 
 MeasureFn = Callable[[list[PrecisionMap]], list[float]]
 ProgressFn = Callable[[str, float, str], None]
@@ -486,6 +488,7 @@ def _local_search(
         spent = 0
         name = labels.get(start) or (pool[start].label if start in pool else "")
         improved = False
+        misses = 0
         while spent < per_start and used < steps:
             moves = _moves(choice, V, W, cap, cproblem.offsets)
             batch: list[PrecisionMap] = []
@@ -505,7 +508,11 @@ def _local_search(
             used += n_new
             i = int(np.argmin(qs))
             if not qs[i] < q_cur * (1 - 1e-9):
-                break  # no move of this batch helps: the next start
+                misses += 1
+                if misses >= PATIENCE:
+                    break  # no move of the last batches helps: the next start
+                continue
+            misses = 0
             q_cur = qs[i]
             choice = np.array(space.decision_choices(batch[i]), dtype=np.int64)
             improved = True

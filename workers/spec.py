@@ -62,6 +62,7 @@ def search_options(spec: JobSpec, *, method_options: Mapping[str, Mapping[str, A
                                                 else method_options).items()},
         refine=None if spec.refine is None else RefineChoice(points=spec.refine.points, steps=spec.refine.steps),
         tie=None if sp.tie is None else tuple(sp.tie),
+        loop=spec.loop,
     )
 
 
