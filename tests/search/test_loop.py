@@ -264,6 +264,10 @@ def test_a_search_with_the_loop_records_provenance_and_reads_evaluation_rows_las
         else:
             assert p.provenance["score"] == "kl" and isinstance(p.provenance["round"], int)
             assert "proxy" in p.provenance
+    from search.cli import format_front
+
+    table = format_front(result)
+    assert "found" in table.splitlines()[0] and "kl r" in table and "reference" in table
     data = json.loads(result.to_json())
     assert all("provenance" in p for p in data["points"])
     again = SearchResult.from_json(result.to_json())
