@@ -27,8 +27,9 @@ DNAS start's scores), given its first allocation (the sweep and the budget point
    decision, or raise one and lower another, at equal or lower cost (every limit), ranked by the
    corrected model's predicted change (moves that keep the swept cost before those that lower it:
    a move that frees cost leaves budget unspent), are measured :data:`MOVES_PER_STEP` at a time; the best
-   that lowers the measured discrepancy is taken and the search goes on from it; a start ends when
-   a batch brings no improvement (or after half the evaluations), until the evaluations are spent.
+   that lowers the measured discrepancy is taken and the search goes on from it; a start ends after
+   :data:`PATIENCE` batches in a row without an improvement (or after half the evaluations), until
+   the evaluations are spent.
 5. **Guard**: at the cost of every uniform map, and at the budget, the best kept map must measure
    no worse than the uniform map; where none does, the uniform map itself becomes this score's
    candidate there (``guard``). Maps that a measured map dominates (cost and discrepancy, uniform
