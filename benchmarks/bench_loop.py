@@ -107,7 +107,7 @@ def run(model: str, cache: Path, quick: bool) -> dict[str, Any]:
             "rounds": (info.get("methods", {}).get("kl") or {}).get("rounds"),
             "local": (info.get("methods", {}).get("kl") or {}).get("local"),
             "guard": (info.get("methods", {}).get("kl") or {}).get("guard"),
-            "budgets": _summary(result, bool(loop)),
+            "budgets": _summary(result, name == "closed"),
         }
         log(f"{name}: {seconds:.1f}s, {record['runs'][name]['evaluated_maps']} maps evaluated")
     return record
