@@ -205,6 +205,7 @@ class AsyncClient(_BaseClient):
         resources: Mapping[str, Any] | None = None,
         refine: Mapping[str, Any] | None = None,
         method_options: Mapping[str, Mapping[str, Any]] | None = None,
+        loop: Mapping[str, Any] | None = None,
         progress: bool = True,
     ) -> AsyncJob:
         """Submit a search and return its :class:`AsyncJob` (queued); see :meth:`Client.submit`.
@@ -218,7 +219,7 @@ class AsyncClient(_BaseClient):
             model=model, data=data, methods=methods, budget=budget, task=task, space=space, metric=metric,
             seed=seed, idempotency_key=idempotency_key, data_options=data_options,
             extra={"front_points": front_points, "device": device, "resources": resources, "refine": refine,
-                   "method_options": method_options},
+                   "method_options": method_options, "loop": loop},
             progress=progress,
         )  # fmt: skip
         try:

@@ -9,6 +9,7 @@ from typing import Any
 
 from bitscout import rules
 from bitscout.errors import ErrorCode, InvalidRequest, NotFound
+from bitscout.methods import provenance_text
 from bitscout.schemas import BudgetSpec, ParetoPointRead, ParetoRead
 
 __all__ = ["Front", "Point"]
@@ -178,7 +179,8 @@ class Front(list[ParetoPointRead]):
     # -- tables and plots -----------------------------------------------------------------------
     def rows(self) -> list[dict[str, Any]]:
         """One flat dict a point: id, method, label, costs, every metric, flags (``refined_from``: the
-        id of the point a refined point was fine-tuned from)."""
+        id of the point a refined point was fine-tuned from; ``found``: how it was found,
+        :func:`bitscout.methods.provenance_text`)."""
         metric_names: list[str] = []
         for p in self:
             for k in p.metrics:
@@ -205,6 +207,7 @@ class Front(list[ParetoPointRead]):
                 refined=p.refined,
                 refined_from=p.refined_from,
                 artifact_available=p.artifact_available,
+                found=provenance_text(None if p.provenance is None else p.provenance.model_dump()),
             )
             out.append(row)
         return out

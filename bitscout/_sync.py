@@ -208,6 +208,7 @@ class Client(_BaseClient):
         resources: Mapping[str, Any] | None = None,
         refine: Mapping[str, Any] | None = None,
         method_options: Mapping[str, Mapping[str, Any]] | None = None,
+        loop: Mapping[str, Any] | None = None,
         progress: bool = True,
     ) -> Job:
         """Submit a search and return its :class:`Job` (queued).
@@ -226,6 +227,8 @@ class Client(_BaseClient):
         (:class:`InvalidRequest` with ``.field``); large uploads show a progress bar.
         ``idempotency_key``: submitting again with it returns the same job (one is made up when
         omitted, so a retried request never makes two jobs).
+        ``loop``: the closed loop's options (:class:`bitscout.methods.LoopOptions`), e.g.
+        ``{"enabled": False}`` for the first allocation only or ``{"local_steps": 64}``.
 
         Example::
 
@@ -245,7 +248,7 @@ class Client(_BaseClient):
             model=model, data=data, methods=methods, budget=budget, task=task, space=space, metric=metric,
             seed=seed, idempotency_key=idempotency_key, data_options=data_options,
             extra={"front_points": front_points, "device": device, "resources": resources, "refine": refine,
-                   "method_options": method_options},
+                   "method_options": method_options, "loop": loop},
             progress=progress,
         )  # fmt: skip
         try:

@@ -255,7 +255,8 @@ def methods_of(items: list[str] | None) -> list[str]:
 
 
 def add_search_options(p: argparse.ArgumentParser, *, task_default: str = "from the model's config.json") -> None:
-    """``--task``, ``--method``, ``--option``, ``--metric``, ``--seed``, ``--front-points``, ``--device``."""
+    """``--task``, ``--method``, ``--option``, ``--metric``, ``--seed``, ``--front-points``, ``--device``,
+    ``--no-loop``."""
     g = p.add_argument_group("search")
     g.add_argument("--task", choices=("auto", *TASKS), help=f"what the model does (default, auto: {task_default})")
     g.add_argument(
@@ -273,6 +274,10 @@ def add_search_options(p: argparse.ArgumentParser, *, task_default: str = "from 
         help=f"budgets in the sweep that traces the front (default: {DEFAULTS.front_points})",
     )  # fmt: skip
     g.add_argument("--device", metavar="DEVICE", help=f"where the model runs: {', '.join(DEVICES)} (default: {DEFAULTS.device})")
+    g.add_argument(
+        "--no-loop", dest="loop", action="store_const", const={"enabled": False}, default=None,
+        help="skip the closed loop (measure, correct, local search, uniform guard): the first allocation only",
+    )  # fmt: skip
 
 
 def add_budget_options(p: argparse.ArgumentParser) -> None:

@@ -27,6 +27,7 @@ from bitscout._job import Job
 from bitscout._sync import Client
 from bitscout.errors import BitscoutError, InvalidRequest, JobFailed
 from bitscout.exit_codes import EXIT_ERROR, EXIT_JOB_FAILED, EXIT_OK, EXIT_USAGE, describe
+from bitscout.methods import provenance_text
 from bitscout.schemas import JobRead, JobStatus, ResolveRead
 
 __all__ = ["COMMANDS", "EXIT_ERROR", "EXIT_JOB_FAILED", "EXIT_OK", "EXIT_USAGE", "exit_code_of"]
@@ -34,7 +35,7 @@ __all__ = ["COMMANDS", "EXIT_ERROR", "EXIT_JOB_FAILED", "EXIT_OK", "EXIT_USAGE",
 #: Keys a job file may hold (the keyword arguments of ``Client.submit``).
 JOB_FILE_KEYS = (
     "model", "data", "task", "methods", "budget", "space", "metric", "seed", "idempotency_key",
-    "data_options", "front_points", "device", "resources", "refine", "method_options",
+    "data_options", "front_points", "device", "resources", "refine", "method_options", "loop",
 )  # fmt: skip
 
 
@@ -294,6 +295,7 @@ def submit_options(args: argparse.Namespace) -> dict[str, Any]:
         "evaluation_size": args.evaluation_size, "max_length": args.max_length, "batch_size": args.batch_size,
     })  # fmt: skip
     _merge(opts, "refine", {"points": args.refine, "steps": args.refine_steps})
+    _merge(opts, "loop", getattr(args, "loop", None) or {})
     for method, name, value in args.method_options or ():
         current = opts.setdefault("method_options", {})
         if not isinstance(current, Mapping) or not isinstance(current.get(method, {}), Mapping):
@@ -488,7 +490,9 @@ def _pareto_parser() -> _Parser:
     p = _parser(
         "pareto",
         "Show a job's points as a table (* recommended, F on the front, B meets the budget, A artifact to download, "
-        "R refined after the search; its label names the point it was refined from).",
+        "R refined after the search; its label names the point it was refined from; found: the score it was "
+        "allocated from and the closed loop's round r<n>, +ls found by the local search, guard a uniform map the "
+        "guard put there, reference a uniform baseline).",
         "bitscout pareto 3f2a9c... --front   |   bitscout pareto 3f2a9c... --json > front.json",
     )
     p.add_argument("job", metavar="JOB", help="the job's id")
@@ -507,7 +511,8 @@ def front_table(front: Front) -> str:
     if front.metric in metric_names:
         metric_names.remove(front.metric)
         metric_names.insert(0, front.metric)
-    head = f"{'id':>4}  {'flags':5}  {'method':8}  {'label':18}  {'size MB':>9}  {'avg bits':>8}  {'latency ms':>10}"
+    head = (f"{'id':>4}  {'flags':5}  {'method':8}  {'label':18}  {'found':14}  {'size MB':>9}  {'avg bits':>8}  "
+            f"{'latency ms':>10}")
     head += "".join(f"  {m:>10}" for m in metric_names)
     lines = [head]
     for p in front:
@@ -521,7 +526,9 @@ def front_table(front: Front) -> str:
         label = p.label
         if p.refined:
             label = f"refined from #{p.refined_from}" if p.refined_from is not None else "refined"
-        row = f"{p.id:>4}  {flags:5}  {p.method[:8]:8}  {label[:18]:18}  {p.cost.size_mb:9.3f}  {p.cost.avg_bits:8.2f}  {p.cost.latency_ms:10.3f}"
+        found = provenance_text(None if p.provenance is None else p.provenance.model_dump())
+        row = (f"{p.id:>4}  {flags:5}  {p.method[:8]:8}  {label[:18]:18}  {found[:14]:14}  {p.cost.size_mb:9.3f}  "
+               f"{p.cost.avg_bits:8.2f}  {p.cost.latency_ms:10.3f}")
         for m in metric_names:
             v = p.metrics.get(m)
             row += f"  {'-' if v is None else format(v, '.4f'):>10}"

@@ -49,9 +49,11 @@ __all__ = [
     "FisherOptions",
     "HessianOptions",
     "KLOptions",
+    "LoopOptions",
     "MethodOptions",
     "NSGA2Options",
     "options_model",
+    "provenance_text",
 ]
 
 _Positive = Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False)]
@@ -269,6 +271,53 @@ class NSGA2Options(MethodOptions):
         default=None, description="Sampler seed (null: the job's seed)."
     )
     seed_uniform: StrictBool = Field(default=True, description="Start the population from the uniform maps.")
+
+
+class LoopOptions(MethodOptions):
+    """The closed loop after the first allocation of every score (``search.loop``): measure the
+    candidate maps on the calibration proxy, correct the additive score model, re-allocate, search
+    locally, guard against uniform maps, and sweep where the front bends. On by default.
+
+    * ``enabled``: false keeps the first allocation's maps as they are (the open loop).
+    * ``rounds``: correction rounds after the first allocation, at most (each stops the loop when it
+      improves no budget's best measured map).
+    * ``local_steps``: calibration-proxy evaluations of the local search (exchange moves at equal or
+      lower cost), per score, at most.
+    * ``extra_points``: maps added between the budgets where the measured front changes fastest.
+    * ``noise_floor``: the proxy discrepancy below which the quality metric cannot tell a map from
+      full precision (the sweep evaluates at most one map beyond it); null: the task's default
+      (``search.loop.NOISE_FLOORS``).
+    """
+
+    enabled: StrictBool = Field(default=True, description="Run the closed loop (false: the first allocation only).")
+    rounds: Annotated[StrictInt, Field(ge=0, le=10)] = Field(
+        default=2, description="Correction rounds after the first allocation, at most."
+    )
+    local_steps: Annotated[StrictInt, Field(ge=0, le=10_000)] = Field(
+        default=32, description="Calibration-proxy evaluations of the local search per score, at most."
+    )
+    extra_points: Annotated[StrictInt, Field(ge=0, le=64)] = Field(
+        default=4, description="Maps added between the budgets where the measured front changes fastest."
+    )
+    noise_floor: _Positive | None = Field(
+        default=None,
+        description="Proxy discrepancy below which maps count as full precision (null: the task's default).",
+    )
+
+
+def provenance_text(provenance: Any) -> str:
+    """A point's provenance (``ParetoPoint.provenance``, the wire's ``provenance``) in a few
+    characters: ``kl r0``, ``kl r2 +ls``, ``kl guard``, ``reference``; ``-`` when unknown."""
+    if not isinstance(provenance, dict) or not provenance:
+        return "-"
+    if provenance.get("reference"):
+        return "reference"
+    score = str(provenance.get("score") or "-")
+    if provenance.get("guard"):
+        return f"{score} guard"
+    rnd = provenance.get("round")
+    text = score if rnd is None else f"{score} r{rnd}"
+    return text + (" +ls" if provenance.get("local_search") else "")
 
 
 class Method(StrEnum):

@@ -47,8 +47,8 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from bitscout import options as _options
 from bitscout.cli_options import DEFAULTS
+from bitscout.methods import LoopOptions, MethodOptionsSpec, activation_problem
 from bitscout.methods import Method as Method
-from bitscout.methods import MethodOptionsSpec, activation_problem
 from bitscout.rules import selection_problem, text_problems
 
 #: Version of these wire schemas; bumped on any incompatible change.
@@ -647,6 +647,14 @@ class JobSpec(_Request):
             "each method's options are listed in its schema (unknown names are refused)."
         ),
     )
+    loop: LoopOptions = Field(
+        default_factory=LoopOptions,
+        description=(
+            "The closed loop after every score's first allocation: maps measured on the calibration "
+            'rows, the scores corrected, a local search and the uniform guard; {"enabled": false} '
+            "keeps the first allocation only."
+        ),
+    )
 
     @field_validator("methods")
     @classmethod
@@ -787,6 +795,26 @@ class BitOptionRead(_Read):
 
 
 
+class PointProvenance(_Read):
+    """How a point was found (``search.result.ParetoPoint.provenance``)."""
+
+    score: str | None = Field(
+        default=None, description="The scores it was allocated from: kl, hessian, fisher, or 'dnas start'."
+    )
+    round: int | None = Field(
+        default=None, description="0: the first allocation; n: the closed loop's correction round n."
+    )
+    local_search: bool = Field(default=False, description="Found by the closed loop's local search.")
+    guard: bool = Field(
+        default=False, description="A uniform map that replaced maps measuring worse on the calibration rows."
+    )
+    reference: bool = Field(default=False, description="A uniform reference map.")
+    how: str | None = Field(default=None, description="A short account, e.g. 'budget', 'dense', 'local from uniform 4-bit'.")
+    proxy: float | None = Field(
+        default=None, description="Its measured discrepancy to full precision on the calibration rows."
+    )
+
+
 class ParetoPointRead(_Read):
     """An evaluated precision map."""
 
@@ -807,6 +835,9 @@ class ParetoPointRead(_Read):
         default=None, description="The summed sensitivity the allocator minimised."
     )
     artifact_available: bool = Field(default=False, description="An exported model can be downloaded.")
+    provenance: PointProvenance | None = Field(
+        default=None, description="How it was found (null: not recorded)."
+    )
 
 
 class ParetoRead(_Read):

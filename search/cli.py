@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from bitscout import cli_options as opt
 from bitscout.exit_codes import EXIT_ERROR, EXIT_OK, EXIT_USAGE, describe
+from bitscout.methods import provenance_text
 from search.errors import SearchError
 from search.local import DataOptions
 from search.pipeline import RefineChoice, SearchOptions
@@ -59,6 +60,7 @@ def options_from_args(a: argparse.Namespace) -> SearchOptions:
                          keep_one_head=a.keep_one_head)  # fmt: skip
     return SearchOptions(
         method_options=opt.method_options(a.method_options),
+        loop=getattr(a, "loop", None),
         methods=tuple(opt.methods_of(list(a.methods))),
         granularity=a.granularity,
         bits=tuple(a.bits),
@@ -110,21 +112,24 @@ def format_front(result: SearchResult, *, limit: int | None = None) -> str:
     rec_point = result.points[rec] if isinstance(rec, int) and 0 <= rec < len(result.points) else None
     rows = list(result.front)
     uniform = [p for p in result.points if p.method == "uniform" and p not in rows]
-    header = f"{'':2}{'#':>3} {'method':<9}{'label':<15}{'size MB':>9}{'avg bits':>9}{'GBOPs':>10}{'lat ms':>8}{m:>12}  pruned"
+    header = f"{'':2}{'#':>3} {'method':<9}{'label':<15}{'found':<14}{'size MB':>9}{'avg bits':>9}{'GBOPs':>10}{'lat ms':>8}{m:>12}  pruned"
     lines = [header, "-" * len(header)]
     base = result.baseline_metrics.get(m)
     if base is not None:
-        lines.append(f"{'':2}{'':>3} {'float':<9}{'full precision':<15}{'':>9}{'32.00':>9}{'':>10}{'':>8}{base:>12.4f}")
+        lines.append(f"{'':2}{'':>3} {'float':<9}{'full precision':<15}{'':<14}{'':>9}{'32.00':>9}{'':>10}{'':>8}{base:>12.4f}")
     for p in sorted(rows + uniform, key=lambda p: p.cost.size_bytes)[: limit or None]:
         mark = "*" if p is rec_point or (rec_point is not None and p.to_dict() == rec_point.to_dict()) else " "
         on_front = "" if p in rows else " (ref)"
         index = str(rows.index(p)) if p in rows else ""
         pruned = sum(1 for o in p.precision_map.values() if o.bits == 0)
         lines.append(
-            f"{mark} {index:>3} {p.method:<9}{(p.label + on_front)[:14]:<15}{p.cost.size_mb:>9.3f}{p.cost.avg_bits:>9.2f}"
+            f"{mark} {index:>3} {p.method:<9}{(p.label + on_front)[:14]:<15}{provenance_text(p.provenance)[:13]:<14}"
+            f"{p.cost.size_mb:>9.3f}{p.cost.avg_bits:>9.2f}"
             f"{p.cost.bops / 1e9:>10.2f}{p.cost.latency_ms:>8.3f}{p.metrics.get(m, float('nan')):>12.4f}  {pruned}"
         )
     lines.append("# = index on the front (bitscout export RESULT --point #); * recommended: the best point that meets the budget")
+    lines.append("found: the score and the closed loop's round (r0: the first allocation), +ls the local search, "
+                 "guard a uniform map the guard put there")
     return "\n".join(lines)
 
 

@@ -32,8 +32,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from search import methods
+from search import loop, methods
 from search.errors import CanceledError
+from search.loop import Proxy
 from search.pipeline import Search
 from search.plan import Candidate
 from search.result import ParetoPoint, SearchResult, SensitivityTable
@@ -131,26 +132,79 @@ def run_search(search: Search, hooks: SearchHooks | None = None) -> SearchResult
     cands: list[Candidate] = []
     names = list(search.options.methods)
     share = P_METHODS / max(1, len(names))
+    lp = search.options.loop
+    proxy = Proxy(lambda maps: search.calibration_proxy(maps, should_stop=h.should_stop),
+                  units_per_map=len(search.calibration)) if lp.enabled else None
+    floor = loop.noise_floor(lp, search.task)
+    uniform = search.uniform_candidates()
+    loop_info: dict[str, Any] = {}
     for i, name in enumerate(names):
         h.check_stop()
-        span = h.span(i * share, (i + 1) * share)
+        lo, hi = i * share, (i + 1) * share
+        mid = lo + (hi - lo) * (0.7 if proxy is not None else 1.0)
+        span = h.span(lo, mid)
         if methods.is_sensitivity(name):
             table = _table(search, name, h, span)
             tables.append(table)
-            cands.extend(search.candidates(table))
+            first = search.candidates(table)
+            score_table: SensitivityTable | None = table
         else:
-            cands.extend(_propose(search, name, h, span))
-    cands.extend(search.uniform_candidates())
+            first = _propose(search, name, h, span)
+            score_table = getattr(search, f"{name}_start_table", None)
+        if proxy is None or score_table is None:
+            cands.extend(replace(c, provenance=loop.provenance_of(c, name)) for c in first)
+            continue
+        if not methods.is_sensitivity(name):  # a proposer's own maps join as they are; its start's scores loop
+            cands.extend(replace(c, provenance=loop.provenance_of(c, name)) for c in first)
+            first = search.candidates(score_table)
+        cands.extend(_close_loop(search, name, score_table, first, uniform, proxy, floor, h, h.span(mid, hi), loop_info))
+    if proxy is not None:
+        refs, left_out = loop.uniform_references(uniform, proxy, floor, lambda m: search.cost_model.cost(m).size_bytes)
+        loop_info = {"enabled": True, "options": lp.model_dump(), "noise_floor": floor, "methods": loop_info,
+                     "proxy_evaluations": proxy.measured, "forward_units": proxy.forward_units,
+                     "uniform_left_out": left_out}
+    else:
+        refs = uniform
+        loop_info = {"enabled": False}
+    cands.extend(replace(c, provenance=loop.provenance_of(c, None)) for c in refs)
     points = _evaluate(search, cands, h, P_METHODS, eval_end)
     result = search.assemble(points, tables)
+    result.info["loop"] = loop_info
     if refine is not None:
         refined = refine_points(search, result, h, eval_end, 1.0)
         if refined:
             points = points + refined
             result = search.assemble(points, tables)  # the front and the recommendation, refined included
+            result.info["loop"] = loop_info
         result.info["refine"] = {**result.info.get("refine", {}), "refined": len(refined)}
     search.timings["total"] = time.perf_counter() - t0
     return replace(result, timings=dict(search.timings))
+
+
+def _close_loop(search: Search, name: str, table: SensitivityTable, first: list[Candidate], uniform: list[Candidate],
+                proxy: Proxy, floor: float | None, h: SearchHooks, span: ProgressFn, info: dict[str, Any]
+                ) -> list[Candidate]:
+    """The closed loop (:func:`search.loop.close_loop`) of one score; its info goes into ``info[name]``."""
+    t0 = time.perf_counter()
+    score = name if methods.is_sensitivity(name) else f"{name} start"
+    res = loop.close_loop(
+        search.space, search.cost_model, table, search.options.budget, first, uniform, proxy, search.options.loop,
+        method=name, score=score, floor=floor, on_progress=span, should_stop=h.should_stop,
+    )
+    seconds = time.perf_counter() - t0
+    search.timings[f"loop:{name}"] = seconds
+    info[name] = {**res.info, "seconds": seconds}
+    r = res.info
+    h.event(
+        "loop",
+        f"{name}: closed loop in {seconds:.1f} s, {r['proxy_evaluations']} maps measured on the calibration proxy "
+        f"({len(r['rounds'])} correction rounds, {r['local']['improved']} local improvements, "
+        f"{len(r['guard'])} uniform guards); {r['proposed']} maps proposed; {r['sweep']['stopped']}",
+        stage=f"loop:{name}",
+        data={"method": name, "proxy_evaluations": r["proxy_evaluations"], "forward_units": r["forward_units"],
+              "proposed": r["proposed"], "seconds": seconds},
+    )
+    return res.candidates
 
 
 def _table(search: Search, method: str, h: SearchHooks, span: ProgressFn) -> SensitivityTable:
@@ -226,6 +280,7 @@ def _evaluate(search: Search, cands: Sequence[Candidate], h: SearchHooks, lo: fl
             label=c.label,
             predicted=c.predicted,
             budget=c.budget,
+            provenance=c.provenance,
         )
         for c in unique.values()
     ]

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from bitscout import options as options_grammar
-from bitscout.methods import activation_problem
+from bitscout.methods import LoopOptions, activation_problem
 from bitscout.rules import selection_problem
 from search import methods
 from search.actquant import ACT_SCALES, StaticScales
@@ -83,6 +83,8 @@ class SearchOptions:
     after the search.
     ``seq_len`` is the sequence length BOPs and latency are costed at (default: the data's max length).
     ``bits`` are bit options in the grammar of :mod:`bitscout.options` (``4``, ``"4a"``, ``"4g128"``).
+    ``loop`` sets the closed loop after every score's first allocation (:mod:`search.loop`; on by
+    default; a :class:`bitscout.methods.LoopOptions` or a mapping of its fields).
     ``tie`` names the sibling projections tied to one option (``("qkv", "gate_up")``, the kinds of
     :data:`bitscout.options.TIE_KINDS`); ``()`` ties nothing; None is the task's default:
     :data:`DEFAULT_TIES` for causal LMs, nothing otherwise.
@@ -122,8 +124,10 @@ class SearchOptions:
     refine: RefineChoice | None = None
     tie: tuple[str, ...] | None = None
     tt_ranks: tuple[int, ...] = ()
+    loop: LoopOptions = field(default_factory=LoopOptions)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "loop", loop_options(self.loop))
         if not self.methods:
             raise InvalidInputError("at least one method is required", field="methods")
         if len(set(self.methods)) != len(self.methods):
@@ -183,6 +187,23 @@ class SearchOptions:
         if self.tie is not None:
             return self.tie
         return DEFAULT_TIES if task == "causal_lm" else ()
+
+
+def loop_options(value: LoopOptions | Mapping[str, Any] | None) -> LoopOptions:
+    """``value`` as :class:`~bitscout.methods.LoopOptions` (None: the defaults); a bad field is an
+    :class:`InvalidInputError` naming ``loop.<field>``."""
+    if isinstance(value, LoopOptions):
+        return value
+    if value is not None and not isinstance(value, Mapping):
+        raise InvalidInputError("loop must be a mapping of the loop's options", field="loop")
+    from pydantic import ValidationError
+
+    try:
+        return LoopOptions.model_validate(dict(value or {}))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(x) for x in err.get("loc", ()))
+        raise InvalidInputError(f"loop.{where}: {err.get('msg')}", field=f"loop.{where}" if where else "loop") from None
 
 
 class Search:
@@ -252,6 +273,7 @@ class Search:
         self.model_path: str | None = None
         self.label_names: list[str] | None = None
         self._reference: Reference | None = None
+        self._calibration_reference: list[torch.Tensor] | None = None
         self.baseline_metrics: dict[str, float] | None = None
 
     # -- stages -----------------------------------------------------------------------------
@@ -319,6 +341,30 @@ class Search:
             budget=c.budget,
         )
 
+    @torch.no_grad()
+    def calibration_proxy(self, maps: Sequence[PrecisionMap], *, should_stop: StopFn | None = None) -> list[float]:
+        """The mean per-row discrepancy (:func:`search.tasks.discrepancy`, the quantity the
+        sensitivity methods score) of the model under each map to full precision, on the
+        calibration batches only: one forward pass per batch and map (:mod:`search.loop`)."""
+        from search.errors import CanceledError
+        from search.tasks import discrepancy, eval_mode, model_output
+
+        if self._calibration_reference is None:
+            with eval_mode(self.model):
+                self._calibration_reference = [model_output(self.model, b, self.task) for b in self.calibration]
+        n = max(1, sum(int(b.input_ids.shape[0]) for b in self.calibration))
+        out = []
+        with eval_mode(self.model):
+            for pmap in maps:
+                if should_stop is not None and should_stop():
+                    raise CanceledError("search canceled")
+                total = 0.0
+                with self.adapter.quantized(pmap, self.space, clip=self.options.clip):
+                    for ref, b in zip(self._calibration_reference, self.calibration, strict=True):
+                        total += float(discrepancy(ref, model_output(self.model, b, self.task), b, self.task).sum())
+                out.append(total / n)
+        return out
+
     def baseline(self) -> dict[str, float]:
         if self.baseline_metrics is None:
             self.baseline_metrics = evaluate(self.model, self.evaluation, self.task, reference=self.reference())
@@ -374,4 +420,4 @@ def versions() -> dict[str, str]:
     }
 
 
-__all__ = ["DEFAULT_TIES", "RefineChoice", "Search", "SearchOptions", "versions"]
+__all__ = ["DEFAULT_TIES", "RefineChoice", "Search", "SearchOptions", "loop_options", "versions"]

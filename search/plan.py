@@ -52,6 +52,8 @@ class Candidate:
     #: metrics measured already (methods that evaluate maps themselves, e.g. NSGA-II); such a
     #: candidate is not evaluated again
     metrics: dict[str, float] | None = None
+    #: how the map was found (``ParetoPoint.provenance``); None: the open loop's first allocation
+    provenance: dict[str, Any] | None = None
 
 
 def sweep_metric(budget: Budget) -> str:

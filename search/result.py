@@ -108,7 +108,12 @@ class ParetoPoint:
     ``method`` is ``kl``, ``hessian``, ``dnas``, ``nsga2`` or ``uniform``; ``refined`` marks points
     fine-tuned after the search; ``predicted`` is the summed sensitivity the allocator minimised
     (None for points not found by an allocator); ``budget`` the limits it was allocated under;
-    ``refined_from`` the index of the point a refined point was fine-tuned from.
+    ``refined_from`` the index of the point a refined point was fine-tuned from; ``provenance``
+    how it was found: ``score`` (the sensitivity method or DNAS start whose scores it was allocated
+    from), ``round`` (0: the first allocation; then the closed loop's correction round),
+    ``local_search``, ``guard`` (a uniform map that replaced a map measuring worse on the
+    calibration proxy), ``how`` and ``proxy`` (its measured calibration discrepancy);
+    ``{"reference": true}`` for the uniform reference maps (:mod:`search.loop`).
     """
 
     precision_map: PrecisionMap
@@ -120,6 +125,7 @@ class ParetoPoint:
     predicted: float | None = None
     budget: dict[str, float] = field(default_factory=dict)
     refined_from: int | None = None
+    provenance: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -134,6 +140,8 @@ class ParetoPoint:
         }
         if self.refined_from is not None:
             out["refined_from"] = self.refined_from
+        if self.provenance is not None:
+            out["provenance"] = dict(self.provenance)
         return out
 
     @classmethod
@@ -148,6 +156,7 @@ class ParetoPoint:
             predicted=None if data.get("predicted") is None else float(data["predicted"]),
             budget={k: float(v) for k, v in (data.get("budget") or {}).items()},
             refined_from=None if data.get("refined_from") is None else int(data["refined_from"]),
+            provenance=None if data.get("provenance") is None else dict(data["provenance"]),
         )
 
 

@@ -315,6 +315,7 @@ class JobRunner:
             "granularity": result.info.get("granularity"),
             "space_key": space_key,
             "evaluation": self.pool.summary() if self.pool is not None else {},
+            "loop": result.info.get("loop", {"enabled": False}),
         }
         nsga2_info = getattr(search, "nsga2_info", None)
         if nsga2_info:

@@ -80,6 +80,7 @@ def search_options(
         refine=None if spec.refine is None else RefineChoice(points=spec.refine.points, steps=spec.refine.steps),
         tie=None if sp.tie is None else tuple(sp.tie),
         tt_ranks=tuple(sp.tt_ranks),
+        loop=spec.loop,
     )
 
 

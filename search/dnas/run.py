@@ -16,7 +16,7 @@ from search.dnas.options import DNASOptions
 from search.dnas.supernet import DNAS, TargetRun
 from search.errors import InfeasibleBudgetError
 from search.methods import parse_options
-from search.result import Budget
+from search.result import Budget, SensitivityTable
 from search.sensitivity import ProgressFn, SensitivityContext, StopFn, calibrate_scores
 from search.space import PrecisionMap, SearchSpace
 
@@ -41,6 +41,8 @@ class DNASResult:
     steps: int
     micro_batches: int
     info: dict[str, Any] = field(default_factory=dict)
+    #: the start's scores as a sensitivity table (``init="sensitivity"``), for the closed loop
+    start_table: SensitivityTable | None = None
 
 
 
@@ -129,6 +131,7 @@ def run_dnas(
     t_scores = 0.0
     calibration: dict[str, Any] = {"applied": False}
     start_tables: list[tuple[str, list[np.ndarray]]] = []
+    start_table: SensitivityTable | None = None
     try:
         if o.init == "budget":
             dn.init_at(targets[0])
@@ -141,6 +144,7 @@ def run_dnas(
                     start_tables = [("start", scores), ("start, calibrated", calibrated)]
                 if o.calibrate:
                     scores = calibrated
+            start_table = _as_table(search.space, scores)
             dn.init_from_scores(scores, targets[0], o.sensitivity_temperature)
             t_scores = time.perf_counter() - t0
         plan = _steps_plan(o, len(targets), len(dn.batches))
@@ -236,7 +240,16 @@ def run_dnas(
         metric=metric, runs=runs, candidates=cands, seconds=seconds, steps=sum(r.steps for r in runs),
         micro_batches=len(dn.batches), info={"loss": dn.loss_kind, "targets": targets, "sensitivity_seconds": t_scores,
               "calibration": calibration},
+        start_table=start_table,
     )
+
+
+def _as_table(space: SearchSpace, scores: list[np.ndarray]) -> SensitivityTable:
+    """Per-decision scores as a table: a tied set's score stands on its first group, the others 0."""
+    table = {g.name: {o.key(): 0.0 for o in opts} for g, opts in zip(space.groups, space.options, strict=True)}
+    for members, opts, row in zip(space.decisions, space.decision_options, scores, strict=True):
+        table[space.groups[members[0]].name] = {o.key(): max(0.0, float(v)) for o, v in zip(opts, row, strict=True)}
+    return SensitivityTable(method="dnas", scores=table, extra={"source": "the DNAS start's Fisher scores"})
 
 
 def _calibrate(search: Search, scores: list[np.ndarray], should_stop: StopFn | None, sequences: int | None = None
@@ -270,4 +283,6 @@ def dnas_candidates(
 ) -> list[Candidate]:
     """The ``dnas`` proposer (:data:`search.methods.REGISTRY`): the DNAS front's maps, for the
     orchestration to evaluate."""
-    return run_dnas(search, on_progress=on_progress, should_stop=should_stop).candidates
+    res = run_dnas(search, on_progress=on_progress, should_stop=should_stop)
+    search.dnas_start_table = res.start_table  # type: ignore[attr-defined]  # the closed loop's scores (search.orchestration)
+    return res.candidates

@@ -274,6 +274,17 @@
 
     function metricOf(p) { return pareto && pareto.metric ? p.metrics[pareto.metric] : null; }
 
+    // how a point was found, as bitscout.methods.provenance_text writes it: "kl r0", "kl r2 +ls", "kl guard", "reference"
+    function foundText(p) {
+      const v = p.provenance;
+      if (!v) return "-";
+      if (v.reference) return "reference";
+      const score = v.score || "-";
+      if (v.guard) return `${score} guard`;
+      const text = v.round === null || v.round === undefined ? score : `${score} r${v.round}`;
+      return text + (v.local_search ? " +ls" : "");
+    }
+
     function renderResults() {
       const has = pareto && pareto.points.length > 0;
       $("no-points").classList.toggle("hidden", !!has);
@@ -301,6 +312,7 @@
         tr.appendChild(el("td", { class: "num" }, p.id));
         tr.appendChild(el("td", {}, p.method));
         tr.appendChild(el("td", {}, p.label || ""));
+        tr.appendChild(el("td", { class: "found", title: (p.provenance && p.provenance.how) || "" }, foundText(p)));
         tr.appendChild(el("td", { class: "num" }, fmt(p.cost.size_mb, 3)));
         tr.appendChild(el("td", { class: "num" }, fmt(p.cost.avg_bits, 2)));
         tr.appendChild(el("td", { class: "num" }, fmt(p.cost.bops)));
@@ -422,6 +434,7 @@
             `${pareto.metric}: ${fmt(y0)}`, `size: ${fmt(p.cost.size_mb, 3)} MB · ${fmt(p.cost.avg_bits, 2)} bits`,
             `BOPs: ${fmt(p.cost.bops)} · latency: ${fmt(p.cost.latency_ms)} ms`,
             p.meets_budget ? "meets the budget" : "over the budget",
+            `found: ${foundText(p)}${p.provenance && p.provenance.how ? ` (${p.provenance.how})` : ""}`,
           ];
           if (p.recommended) lines.push("★ recommended");
           tip.textContent = lines.join("\n");

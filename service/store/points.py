@@ -236,5 +236,6 @@ class PointsMixin(ArtifactsMixin):
                 "recommended": recommended is not None and row.idx == recommended,
                 "predicted": row.predicted,
                 "artifact_available": row.artifact_sha256 is not None,
+                "provenance": (row.extra or {}).get("provenance"),
             }
         )

@@ -18,7 +18,7 @@ PUBLIC = [
     "DEFAULT_URL", "AsyncClient", "AsyncJob", "BitscoutError", "BudgetSpec", "Client", "Conflict",
     "DataSource", "Device", "ErrorCode", "Forbidden", "Front", "InternalError", "InvalidRequest", "Job",
     "JobEventRead", "JobFailed", "JobRead", "JobSpec", "JobStatus", "Method", "Metric", "ModelSource",
-    "NotFound", "ParetoPointRead", "PayloadTooLarge", "Point", "RateLimited", "ResolveRead", "RetryPolicy",
+    "NotFound", "ParetoPointRead", "PayloadTooLarge", "Point", "PointProvenance", "RateLimited", "ResolveRead", "RetryPolicy",
     "SearchSpaceSpec", "ServiceUnavailable", "Task", "Unauthorized", "UploadRead", "__version__", "apply",
     "default_config_path",
 ]  # fmt: skip

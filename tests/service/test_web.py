@@ -131,6 +131,9 @@ def _finished_job(store: Any, n: int = 6) -> tuple[str, list[dict[str, Any]]]:
     store.heartbeat(job_id=rec.id, worker_id="w", progress=0.5, stage="sensitivity", message="probing")
     points = make_points(n, groups=8)
     points[1]["method"] = "hessian"
+    points[1]["provenance"] = {"score": "hessian", "round": 2, "local_search": True, "guard": False,
+                               "how": "local from budget", "proxy": 0.01}
+    points[2]["provenance"] = {"score": "kl", "round": 1, "local_search": False, "guard": True, "how": "guard at uniform 4-bit"}
     store.finish_job(
         job_id=rec.id, worker_id="w", points=points, front_info={"baseline_metrics": {"accuracy": 0.95}}
     )
@@ -169,8 +172,9 @@ def test_job_list_and_finished_job_page(served: Served, page: Any) -> None:
     for p in pareto.points:
         cells = page.locator(f"#points tbody tr[data-point='{p.id}'] td").all_inner_texts()
         assert cells[0] == str(p.id) and cells[1] == p.method and cells[2] == p.label
-        assert float(cells[3]) == pytest.approx(p.cost.size_mb, rel=1e-3)
-        assert float(cells[7]) == pytest.approx(p.metrics["accuracy"], rel=1e-3)
+        assert cells[3] == {1: "hessian r2 +ls", 2: "kl guard"}.get(p.id, "-")
+        assert float(cells[4]) == pytest.approx(p.cost.size_mb, rel=1e-3)
+        assert float(cells[8]) == pytest.approx(p.metrics["accuracy"], rel=1e-3)
     # hover shows a tooltip
     page.locator("#plot [data-point='3']").hover()
     tip = page.locator("#tooltip")
