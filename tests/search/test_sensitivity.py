@@ -101,3 +101,31 @@ def test_unknown_method_option_is_an_invalid_request_naming_it() -> None:
     with pytest.raises(InvalidInputError) as e:
         sensitivity_method("hessian", {"max_probez": 3})
     assert e.value.field == "method_options.hessian.max_probez"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_block_cache_holds_one_block_inputs_and_scores_equal_naive(tmp_path, sentiment_file, monkeypatch, arch):
+    from search import sensitivity
+
+    folder = build_model(tmp_path / arch, arch, task="causal_lm", layers=4)
+    ctx = _ctx(folder, "causal_lm", sentiment_file, "group")
+    hidden = ctx.model.config.hidden_size
+    one_block = sum(b.input_ids.numel() * hidden * 4 for b in ctx.batches)  # fp32 [B, T, H] per batch
+    held: list[tuple[int, int, int]] = []  # (block being left, tensors, bytes) after every store, counted here
+    put = sensitivity.BlockCache.put
+
+    def counting_put(self, batch, value):
+        put(self, batch, value)
+        ts = {id(t): t for v in self.inputs for t in sensitivity._tensors(v)}
+        held.append((self.block, len(ts), sum(t.numel() * t.element_size() for t in ts.values())))
+
+    monkeypatch.setattr(sensitivity.BlockCache, "put", counting_put)
+    fast = KLSensitivity(replay=True).compute(ctx)
+    naive = KLSensitivity(replay=False).compute(ctx)
+    assert held and {blk for blk, _, _ in held} == {0, 1, 2}  # it moved through the blocks
+    assert max(n for _, n, _ in held) <= len(ctx.batches)  # one tensor per batch, never two blocks
+    assert max(b for _, _, b in held) == one_block == fast.extra["cache_peak_bytes"]
+    assert fast.extra["cache_peak_tensors"] == len(ctx.batches)
+    for g in naive.scores:
+        for k, v in naive.scores[g].items():
+            assert fast.scores[g][k] == pytest.approx(v, abs=1e-6, rel=1e-6)
