@@ -80,6 +80,9 @@ class SensitivityMethod(abc.ABC):
 
     #: the method's name in job specs, results and :data:`search.methods.REGISTRY`
     name: str = ""
+    #: whether the method scores disjoint sets of calibration batches apart (:meth:`partial`, one
+    #: per worker) and combines them into the table :meth:`compute` gives (:meth:`combine`)
+    splits: bool = False
 
     def __init__(self, options: MethodOptions | Mapping[str, Any] | None = None, /, **kwargs: Any) -> None:
         if options is not None and kwargs:
@@ -95,6 +98,22 @@ class SensitivityMethod(abc.ABC):
         should_stop: StopFn | None = None,
     ) -> SensitivityTable:
         """Score every (group, option) of ``ctx.space``; see the module docstring."""
+
+    def partial(
+        self,
+        ctx: SensitivityContext,
+        batch_ids: Sequence[int],
+        *,
+        on_progress: ProgressFn | None = None,
+        should_stop: StopFn | None = None,
+    ) -> Any:
+        """What the method measures on the calibration batches ``batch_ids`` (methods that
+        :attr:`splits`)."""
+        raise NotImplementedError(f"the {self.name} method is not scored in parts")
+
+    def combine(self, ctx: SensitivityContext, parts: Sequence[Any], *, seconds: float = 0.0) -> SensitivityTable:
+        """The table of :meth:`partial`'s parts over disjoint batch sets that cover every batch."""
+        raise NotImplementedError(f"the {self.name} method is not scored in parts")
 
 
 def _check_stop(should_stop: StopFn | None) -> None:
@@ -252,7 +271,9 @@ class KLSensitivity(SensitivityMethod):
     def replay(self) -> bool:
         return self.options.replay
 
-    @torch.no_grad()
+    #: the table can be scored in parts (disjoint calibration batches) and combined exactly
+    splits = True
+
     def compute(
         self,
         ctx: SensitivityContext,
@@ -261,6 +282,24 @@ class KLSensitivity(SensitivityMethod):
         should_stop: StopFn | None = None,
     ) -> SensitivityTable:
         t0 = time.perf_counter()
+        part = self.partial(ctx, range(len(ctx.batches)), on_progress=on_progress, should_stop=should_stop)
+        return self.combine(ctx, [part], seconds=time.perf_counter() - t0)
+
+    @torch.no_grad()
+    def partial(
+        self,
+        ctx: SensitivityContext,
+        batch_ids: Sequence[int],
+        *,
+        on_progress: ProgressFn | None = None,
+        should_stop: StopFn | None = None,
+    ) -> KLPart:
+        """Every probe on the calibration batches ``batch_ids`` only: per (group, option) the summed
+        discrepancy of each of those batches and what it is summed over (:class:`KLPart`).
+        :meth:`combine` of the parts of disjoint batch sets that cover every batch is the table
+        :meth:`compute` gives, to the last bit: the sums are added in batch order either way."""
+        ids = list(batch_ids)
+        batches = [ctx.batches[i] for i in ids]
         adapter, space, model = ctx.adapter, ctx.space, ctx.model
         block_list = adapter.module(adapter.block_list_name)
         if not isinstance(block_list, nn.ModuleList):  # pragma: no cover - guaranteed by the adapter
@@ -268,10 +307,11 @@ class KLSensitivity(SensitivityMethod):
         n_blocks = len(block_list)
         counter = _BlockCounter(block_list)
         refs: list[torch.Tensor] = []
-        state = _ReplayState(cache=BlockCache(len(ctx.batches)))
+        state = _ReplayState(cache=BlockCache(len(batches)))
+        sums: dict[str, dict[str, list[tuple[float, int]]]] = {g.name: {} for g in space.groups}
         try:
             # Reference pass: the full-precision outputs, per batch (no block is cached here).
-            for b in ctx.batches:
+            for b in batches:
                 _check_stop(should_stop)
                 refs.append(model_output(model, b, ctx.task))
             ref_forwards = counter.count
@@ -283,31 +323,23 @@ class KLSensitivity(SensitivityMethod):
             ]
             probes.sort(key=lambda p: p[0])  # block by block: the cache only ever moves forward
             total = max(1, len(probes))
-            scores: dict[str, dict[str, float]] = {g.name: {} for g in space.groups}
-            for g, opts in zip(space.groups, space.options, strict=True):
-                for opt in opts:
-                    if opt.bits == 32:
-                        scores[g.name][opt.key()] = 0.0
-            n_examples = ctx.n_samples
             last_report = 0.0
             for done, (start, gi, opt) in enumerate(probes):
                 _check_stop(should_stop)
                 group = space.groups[gi]
-                _advance(model, block_list, state, ctx.batches, ctx.task, start, should_stop)
+                _advance(model, block_list, state, batches, ctx.task, start, should_stop)
                 saved = adapter.snapshot(group.modules)
                 originals = _stubbed(block_list, state, start)
                 try:
                     adapter._write_group(group, opt, ctx.clip)
-                    total_disc, count = 0.0, 0
-                    for bi, b in enumerate(ctx.batches):
+                    cell: list[tuple[float, int]] = []
+                    for bi, b in enumerate(batches):
                         state.batch = bi
-                        d_sum, d_n = discrepancy_sum(refs[bi], model_output(model, b, ctx.task), b, ctx.task)
-                        total_disc += d_sum
-                        count += d_n
+                        cell.append(discrepancy_sum(refs[bi], model_output(model, b, ctx.task), b, ctx.task))
                 finally:
                     _unstub(block_list, originals)
                     adapter.restore(saved)
-                scores[group.name][opt.key()] = max(0.0, total_disc / max(1, count))
+                sums[group.name][opt.key()] = cell
                 now = time.perf_counter()
                 if on_progress is not None and (now - last_report > 0.5 or done + 1 == total):
                     last_report = now
@@ -315,26 +347,71 @@ class KLSensitivity(SensitivityMethod):
             block_forwards = counter.count
         finally:
             counter.remove()
+        return KLPart(
+            batch_ids=ids, sums=sums, probes=len(probes), n_blocks=n_blocks, block_forwards=block_forwards,
+            reference_block_forwards=ref_forwards, cache_peak_bytes=state.cache.peak_bytes,
+            cache_peak_tensors=state.cache.peak_tensors,
+        )  # fmt: skip
+
+    def combine(self, ctx: SensitivityContext, parts: Sequence[KLPart], *, seconds: float = 0.0) -> SensitivityTable:
+        """The table of :meth:`partial`'s parts, whose batch sets must be disjoint and cover every
+        calibration batch: each score is the sum over batches, in batch order, over the count."""
+        order = sorted((i, k, pi) for pi, part in enumerate(parts) for k, i in enumerate(part.batch_ids))
+        if [i for i, _, _ in order] != list(range(len(ctx.batches))):
+            raise InvalidInputError("the parts do not cover every calibration batch once", field="calibration")
+        space = ctx.space
+        scores: dict[str, dict[str, float]] = {}
+        for g, opts in zip(space.groups, space.options, strict=True):
+            row: dict[str, float] = {}
+            for opt in opts:
+                if opt.bits == 32:
+                    row[opt.key()] = 0.0
+                    continue
+                total_disc, count = 0.0, 0
+                for _, k, pi in order:
+                    d_sum, d_n = parts[pi].sums[g.name][opt.key()][k]
+                    total_disc += d_sum
+                    count += d_n
+                row[opt.key()] = max(0.0, total_disc / max(1, count))
+            scores[g.name] = row
+        n_blocks = max((p.n_blocks for p in parts), default=1)
+        probes = max((p.probes for p in parts), default=0)
+        block_forwards = sum(p.block_forwards for p in parts)
         n_batches = len(ctx.batches)
-        naive_units = n_batches * (1 + len(probes))
-        measured_units = block_forwards / max(1, n_blocks)
         return SensitivityTable(
             method=self.name,
             scores=scores,
-            samples=n_examples,
+            samples=ctx.n_samples,
             extra={
                 "replay": self.replay,
-                "probes": len(probes),
+                "probes": probes,
                 "batches": n_batches,
+                "parts": len(parts),
                 "block_forwards": block_forwards,
-                "reference_block_forwards": ref_forwards,
-                "forward_units": measured_units,
-                "naive_forward_units": naive_units,
-                "cache_peak_bytes": state.cache.peak_bytes,
-                "cache_peak_tensors": state.cache.peak_tensors,
-                "seconds": time.perf_counter() - t0,
+                "reference_block_forwards": sum(p.reference_block_forwards for p in parts),
+                "forward_units": block_forwards / max(1, n_blocks),
+                "naive_forward_units": n_batches * (1 + probes),
+                "cache_peak_bytes": max(p.cache_peak_bytes for p in parts),
+                "cache_peak_tensors": max(p.cache_peak_tensors for p in parts),
+                "seconds": seconds,
             },
         )
+
+
+@dataclass
+class KLPart:
+    """What :meth:`KLSensitivity.partial` measured on some calibration batches: ``sums[group][option]``
+    holds, per batch of ``batch_ids`` (in that order), the summed discrepancy and its count; the
+    rest is accounting (block forwards, the cache's peak)."""
+
+    batch_ids: list[int]
+    sums: dict[str, dict[str, list[tuple[float, int]]]]
+    probes: int
+    n_blocks: int
+    block_forwards: int
+    reference_block_forwards: int
+    cache_peak_bytes: int
+    cache_peak_tensors: int
 
 
 # ---------------------------------------------------------------------------------- calibration

@@ -7,7 +7,7 @@ import torch
 
 from search.adapter import ModelAdapter
 from search.data import load_text_data, split_data, tokenize
-from search.errors import CanceledError
+from search.errors import CanceledError, InvalidInputError
 from search.sensitivity import KLSensitivity, SensitivityContext
 from search.tasks import load_model
 from tests.tiny import build_model
@@ -129,3 +129,29 @@ def test_block_cache_holds_one_block_inputs_and_scores_equal_naive(tmp_path, sen
     for g in naive.scores:
         for k, v in naive.scores[g].items():
             assert fast.scores[g][k] == pytest.approx(v, abs=1e-6, rel=1e-6)
+
+
+def test_parts_over_disjoint_batches_combine_into_the_one_process_table(tmp_path, sentiment_file):
+    from search.pipeline import split_batches
+
+    folder = build_model(tmp_path / "llama", "llama", task="causal_lm", layers=3)
+    ctx = _ctx(folder, "causal_lm", sentiment_file, "layer")
+    method = KLSensitivity()
+    whole = method.compute(ctx)
+    runs = split_batches(len(ctx.batches), 2)
+    assert runs == [[0, 1], [2]]
+    parts = [method.partial(ctx, ids) for ids in reversed(runs)]  # any order of the parts
+    split = method.combine(ctx, parts)
+    assert split.scores == whole.scores  # to the last bit: the same sums in the same order
+    assert split.extra["parts"] == 2 and split.samples == whole.samples
+    with pytest.raises(InvalidInputError) as e:
+        method.combine(ctx, parts[:1])
+    assert e.value.field == "calibration"
+
+
+def test_split_batches_cuts_consecutive_runs_of_near_equal_size() -> None:
+    from search.pipeline import split_batches
+
+    assert split_batches(7, 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    assert split_batches(2, 5) == [[0], [1]]
+    assert split_batches(4, 1) == [[0, 1, 2, 3]]
