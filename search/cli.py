@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_budget_options(p)
     opt.add_space_options(p)
     opt.add_data_options(p)
+    p.add_argument(
+        "--windows", action="store_true",
+        help="causal LMs: cut the texts into windows of exactly --max-length tokens; --calibration-size and "
+        "--evaluation-size then count windows, from disjoint texts",
+    )  # fmt: skip
     opt.add_refine_options(p)
     w = p.add_argument_group("output")
     w.add_argument("--out", default=None, help="write the SearchResult JSON here")
@@ -102,6 +107,7 @@ def data_from_args(a: argparse.Namespace) -> DataOptions:
         evaluation=a.evaluation_size,
         max_length=a.max_length,
         batch_size=a.batch_size,
+        windows=bool(getattr(a, "windows", False)),
     )
 
 

@@ -25,6 +25,9 @@ a list of words (``tokens``) and a list of tags, one per word (``tags``): class 
 (continuations, special tokens, padding) with :data:`IGNORE_INDEX`, as transformers' examples do;
 it needs a fast tokenizer (one that maps tokens back to words).
 
+For causal LMs, :func:`token_windows` cuts plain text into fixed-length token windows instead of
+one sequence per row: calibration and evaluation windows from disjoint texts, no padding.
+
 Every problem with the data raises :class:`search.errors.DataError` whose ``field`` names the
 argument at fault (``source``, ``text_field``, ``label_field``, ``label_names``, ``data``) and whose
 message names the file, the line or row and what was found instead.
@@ -58,6 +61,8 @@ __all__ = [
     "load_token_data",
     "split_data",
     "tokenize",
+    "token_windows",
+    "Windows",
     "JSONL_SUFFIXES",
     "CSV_SUFFIXES",
 ]
@@ -743,3 +748,104 @@ def _pad_id(tokenizer: Any) -> int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Token windows (causal LMs)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Calibration and evaluation batches of fixed-length token windows (:func:`token_windows`) and
+    which texts (indices into the data) fed each: the two sets of texts are disjoint."""
+
+    calibration: list[TokenizedBatch]
+    evaluation: list[TokenizedBatch]
+    calibration_texts: list[int]
+    evaluation_texts: list[int]
+    length: int
+
+    @property
+    def tokens(self) -> tuple[int, int]:
+        """Tokens in the calibration and in the evaluation windows."""
+        return (sum(int(b.input_ids.numel()) for b in self.calibration),
+                sum(int(b.input_ids.numel()) for b in self.evaluation))  # fmt: skip
+
+
+def token_windows(
+    data: TextData,
+    tokenizer: Any,
+    *,
+    length: int,
+    calibration: int,
+    evaluation: int,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> Windows:
+    """Cut plain text into windows of exactly ``length`` tokens, ``calibration`` windows and then
+    ``evaluation`` windows, with no text in both.
+
+    The texts are taken in a seeded shuffled order; each is tokenized without special tokens and
+    followed by the tokenizer's eos token (when it has one), and the tokens run on from one text to
+    the next into one stream that is cut into consecutive windows. Once the calibration windows are
+    full, the rest of the text being read is dropped and the evaluation windows start with the next
+    text, so no text (and no token) feeds both. Every window is full: no padding, every position is
+    scored. Raises :class:`DataError` (``field="data"``) when the text runs out first.
+    """
+    import torch
+
+    for name, value in (("max_length", length), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidInputError(f"{name} must be a positive integer, got {value!r}", field=name)
+    if length < 2:
+        raise InvalidInputError("max_length must be at least 2 for token windows", field="max_length")
+    for name, value in (("calibration", calibration), ("evaluation", evaluation)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidInputError(f"{name} must be a non-negative integer, got {value!r}", field=name)
+    if not data.examples:
+        raise DataError("no texts to cut into windows", field="data")
+    order = list(range(len(data.examples)))
+    random.Random(seed).shuffle(order)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(eos, list | tuple):
+        eos = eos[0] if eos else None
+    tail = [int(eos)] if isinstance(eos, int) and not isinstance(eos, bool) else []
+
+    parts: list[list[list[int]]] = [[], []]
+    texts: list[list[int]] = [[], []]
+    wanted = (calibration, evaluation)
+    part, buffer, pos = 0, [], 0
+    while part < 2 and wanted[part] == 0:
+        part += 1
+    while part < 2 and pos < len(order):
+        i = order[pos]
+        pos += 1
+        ids = list(map(int, tokenizer(data.examples[i].text, add_special_tokens=False)["input_ids"])) + tail
+        texts[part].append(i)
+        buffer.extend(ids)
+        while len(buffer) >= length and len(parts[part]) < wanted[part]:
+            parts[part].append(buffer[:length])
+            buffer = buffer[length:]
+        if len(parts[part]) == wanted[part]:
+            buffer = []  # the rest of this text feeds nothing: the next part starts with a new text
+            part += 1
+            while part < 2 and wanted[part] == 0:
+                part += 1
+    if part < 2:
+        have = [len(p) for p in parts]
+        raise DataError(
+            f"the data's {len(order)} texts hold {have[0]} calibration and {have[1]} evaluation windows of "
+            f"{length} tokens; {calibration} and {evaluation} were asked for (fewer windows, shorter ones, "
+            "or more text)",
+            field="data",
+        )
+
+    def batches(windows: list[list[int]]) -> list[TokenizedBatch]:
+        out = []
+        for start in range(0, len(windows), batch_size):
+            ids = torch.tensor(windows[start : start + batch_size], dtype=torch.long)
+            out.append(TokenizedBatch(ids, torch.ones_like(ids)))
+        return out
+
+    return Windows(batches(parts[0]), batches(parts[1]), texts[0], texts[1], length)

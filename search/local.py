@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from bitscout.architectures import task_of
-from search.data import TextData, load_text_data, load_token_data, split_data, tokenize
+from search.data import TextData, load_text_data, load_token_data, split_data, token_windows, tokenize
 from search.errors import DataError, InvalidInputError, ModelLoadError
 from search.pipeline import Search, SearchOptions
 from search.result import SearchResult
@@ -33,6 +33,10 @@ class DataOptions:
     of tags, one per word; None: unlabeled). ``name`` is what error messages call the source
     (default: ``source`` itself), e.g. the file name a user uploaded when ``source`` is where a
     server keeps it.
+
+    ``windows`` (causal LMs): the texts are cut into windows of exactly ``max_length`` tokens
+    (:func:`search.data.token_windows`) and ``calibration`` / ``evaluation`` count windows, from
+    disjoint texts; otherwise each row is one sequence, cut at ``max_length``.
     """
 
     source: str
@@ -45,6 +49,7 @@ class DataOptions:
     max_length: int = 128
     batch_size: int = 16
     name: str | None = None
+    windows: bool = False
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -138,6 +143,8 @@ def prepare(
         raise InvalidInputError(f"unknown task {asked!r}; known: {', '.join(TASKS)}", field="task")
     check_supported(config, asked)  # before any work: a model that cannot be searched is refused here
     task = asked or detect_task_from_dir(model_dir)
+    if data.windows and task != "causal_lm":
+        raise InvalidInputError(f"token windows are for causal LMs; this is a {task} search", field="windows")
     dev = resolve_device(device)
     classifies = task in ("sequence_classification", "token_classification")
     labeled = data.tags_field is not None if task == "token_classification" else data.label_field is not None
@@ -149,11 +156,16 @@ def prepare(
     )
     if classifies and labeled and n_labels is None:
         _check_classes(text, task, int(getattr(lm.model.config, "num_labels", 0) or 0), data)
-    calib, evald = split_data(text, calibration=data.calibration, evaluation=data.evaluation, seed=options.seed)
     if data.max_length < 2:
         raise DataError("max_length must be at least 2", field="max_length")
-    cal_b = tokenize(calib, lm.tokenizer, max_length=data.max_length, batch_size=data.batch_size)
-    ev_b = tokenize(evald, lm.tokenizer, max_length=data.max_length, batch_size=data.batch_size)
+    if data.windows:
+        win = token_windows(text, lm.tokenizer, length=data.max_length, calibration=data.calibration,
+                            evaluation=data.evaluation, batch_size=data.batch_size, seed=options.seed)  # fmt: skip
+        cal_b, ev_b = win.calibration, win.evaluation
+    else:
+        calib, evald = split_data(text, calibration=data.calibration, evaluation=data.evaluation, seed=options.seed)
+        cal_b = tokenize(calib, lm.tokenizer, max_length=data.max_length, batch_size=data.batch_size)
+        ev_b = tokenize(evald, lm.tokenizer, max_length=data.max_length, batch_size=data.batch_size)
     search = Search(lm.model, task, cal_b, ev_b, options, device=dev)
     search.model_path = str(model_dir)
     search.label_names = list(text.label_names) if text.label_names else None
@@ -183,6 +195,7 @@ def run_info(search: Search, model_dir: str | Path, data: DataOptions) -> dict[s
         "model_path": str(Path(model_dir).resolve()),
         "task": search.task,
         "data": data.source,
+        "windows": data.max_length if data.windows else None,
         "clip": search.options.clip,
         "device": str(search.device),
         "label_names": search.label_names,

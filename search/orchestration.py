@@ -10,6 +10,9 @@ the refinement of chosen points. What a job swaps is injected through :class:`Se
 * ``tables`` (:class:`TableStore`): where sensitivity tables are read and stored (a job's store);
 * ``evaluator`` (:class:`Evaluator`): how a list of maps is evaluated (a Ray pool); without one,
   maps are evaluated one after another in this process;
+* ``scorer`` (:class:`Scorer`): where a sensitivity table is scored (parts of the calibration
+  batches on several Ray workers, combined exactly); without one, or when it declines, in this
+  process;
 * ``on_progress`` / ``should_stop``: progress as a fraction of the whole search (0 to 1) and
   cancellation, checked between probes, maps and steps;
 * ``on_event``: the search's log (a table reused or stored, a method's candidates, the
@@ -58,6 +61,14 @@ class TableStore(Protocol):
         """Store ``table`` (called as soon as it exists)."""
 
 
+class Scorer(Protocol):
+    """Scores a method's sensitivity table elsewhere (on several workers), or declines."""
+
+    def score(self, method: str, *, on_progress: ProgressFn | None = None) -> SensitivityTable | None:
+        """The table of ``method`` (what :meth:`Search.sensitivity` gives), or None to have it
+        computed in this process."""
+
+
 class Evaluator(Protocol):
     """Evaluates candidate maps on the search's evaluation batches."""
 
@@ -94,6 +105,7 @@ class SearchHooks:
 
     tables: TableStore | None = None
     evaluator: Evaluator | None = None
+    scorer: Scorer | None = None
     on_progress: ProgressFn | None = None
     should_stop: StopFn | None = None
     on_event: EventFn | None = None
@@ -214,7 +226,9 @@ def _table(search: Search, method: str, h: SearchHooks, span: ProgressFn) -> Sen
                 stage=f"sensitivity:{method}", data={"method": method})
         return stored
     t0 = time.perf_counter()
-    table = search.sensitivity(method, on_progress=span, should_stop=h.should_stop)
+    table = h.scorer.score(method, on_progress=span) if h.scorer is not None else None
+    if table is None:
+        table = search.sensitivity(method, on_progress=span, should_stop=h.should_stop)
     seconds = time.perf_counter() - t0
     if h.tables is not None:
         h.tables.save(table)
@@ -378,6 +392,7 @@ __all__ = [
     "P_METHODS",
     "Evaluator",
     "LocalEvaluator",
+    "Scorer",
     "SearchHooks",
     "TableStore",
     "refine_choice",

@@ -299,18 +299,41 @@ class Search:
             self._reference = reference_outputs(self.model, self.evaluation, self.task)
         return self._reference
 
+    def sensitivity_context(self) -> SensitivityContext:
+        return SensitivityContext(
+            self.model, self.adapter, self.space, self.task, self.calibration, self.device, self.options.seed,
+            self.options.clip, self.act_static,
+        )
+
     def sensitivity(
         self, method: str, *, on_progress: ProgressFn | None = None, should_stop: StopFn | None = None
     ) -> SensitivityTable:
         t0 = time.perf_counter()
-        ctx = SensitivityContext(
-            self.model, self.adapter, self.space, self.task, self.calibration, self.device, self.options.seed,
-            self.options.clip, self.act_static,
-        )
         table = methods.sensitivity_method(method, self.options.method_options.get(method)).compute(
-            ctx, on_progress=on_progress, should_stop=should_stop
+            self.sensitivity_context(), on_progress=on_progress, should_stop=should_stop
         )
         self.timings[f"sensitivity:{method}"] = time.perf_counter() - t0
+        return table
+
+    def splits(self, method: str) -> bool:
+        """Whether ``method``'s table can be scored in parts (:meth:`sensitivity_part`)."""
+        return bool(getattr(methods.sensitivity_method(method, self.options.method_options.get(method)), "splits", False))
+
+    def sensitivity_part(
+        self, method: str, batch_ids: Sequence[int], *, on_progress: ProgressFn | None = None,
+        should_stop: StopFn | None = None,
+    ) -> Any:
+        """``method`` measured on the calibration batches ``batch_ids`` only (a part for
+        :meth:`combine_parts`; what one worker of a split sensitivity stage computes)."""
+        impl = methods.sensitivity_method(method, self.options.method_options.get(method))
+        return impl.partial(self.sensitivity_context(), batch_ids, on_progress=on_progress, should_stop=should_stop)
+
+    def combine_parts(self, method: str, parts: Sequence[Any], *, seconds: float = 0.0) -> SensitivityTable:
+        """The table of ``method`` from parts over disjoint batch sets covering every calibration
+        batch: the table :meth:`sensitivity` computes, to the last bit."""
+        impl = methods.sensitivity_method(method, self.options.method_options.get(method))
+        table = impl.combine(self.sensitivity_context(), parts, seconds=seconds)
+        self.timings[f"sensitivity:{method}"] = seconds
         return table
 
     def candidates(self, table: SensitivityTable) -> list[Candidate]:
@@ -406,6 +429,19 @@ class Search:
         return run_search(self, SearchHooks(on_progress=on_progress, should_stop=should_stop))
 
 
+def split_batches(n: int, parts: int) -> list[list[int]]:
+    """``range(n)`` cut into at most ``parts`` consecutive runs of sizes differing by one at most
+    (none empty): the calibration batches each worker of a split sensitivity stage scores."""
+    k = max(1, min(int(parts), int(n)))
+    base, extra = divmod(int(n), k)
+    out, start = [], 0
+    for i in range(k):
+        size = base + (1 if i < extra else 0)
+        out.append(list(range(start, start + size)))
+        start += size
+    return [r for r in out if r]
+
+
 def versions() -> dict[str, str]:
     import numpy
     import scipy
@@ -420,4 +456,4 @@ def versions() -> dict[str, str]:
     }
 
 
-__all__ = ["DEFAULT_TIES", "RefineChoice", "Search", "SearchOptions", "loop_options", "versions"]
+__all__ = ["DEFAULT_TIES", "RefineChoice", "Search", "SearchOptions", "loop_options", "split_batches", "versions"]

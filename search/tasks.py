@@ -231,21 +231,39 @@ def scored_tokens(batch: TokenizedBatch, task: Task) -> torch.Tensor:
     return batch.attention_mask.bool()
 
 
+def _kl(ref: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(ref) || softmax(out)) over the last axis, in float64 (confident classifiers
+    saturate the softmax, and float32 KL then rounds to 0)."""
+    logp_ref = F.log_softmax(ref.double(), dim=-1)
+    logp = F.log_softmax(out.double(), dim=-1)
+    return (logp_ref.exp() * (logp_ref - logp)).sum(-1)
+
+
 def discrepancy(ref: torch.Tensor, out: torch.Tensor, batch: TokenizedBatch, task: Task) -> torch.Tensor:
     """Per-example discrepancy of ``out`` to the full-precision ``ref`` (see the module docstring)."""
-    # float64: confident classifiers saturate the softmax, and float32 KL then rounds to 0
     ref, out = ref.double(), out.double()
     if task == "embeddings":
         return 1.0 - F.cosine_similarity(ref, out, dim=-1)
     if task == "regression":
         return (out - ref).square().sum(-1)
-    logp_ref = F.log_softmax(ref, dim=-1)
-    logp = F.log_softmax(out, dim=-1)
-    kl = (logp_ref.exp() * (logp_ref - logp)).sum(-1)
+    kl = _kl(ref, out)
     if task in ("causal_lm", "token_classification"):
         mask = scored_tokens(batch, task).to(kl.dtype)
         return (kl * mask).sum(1) / mask.sum(1).clamp_min(1.0)
     return kl
+
+
+def discrepancy_sum(ref: torch.Tensor, out: torch.Tensor, batch: TokenizedBatch, task: Task) -> tuple[float, int]:
+    """The discrepancy of one batch *summed*, and what it is summed over, so that batches of any
+    shape combine into one exact mean: for a causal LM the KL of every real token's next-token
+    distribution and the number of real tokens (the mean is KL per token, each token weighing the
+    same whatever the length of its window); for the other tasks :func:`discrepancy` of every
+    example and the number of examples."""
+    if task == "causal_lm":
+        mask = scored_tokens(batch, task)
+        return float(_kl(ref, out)[mask].sum()), int(mask.sum())
+    d = discrepancy(ref, out, batch, task)
+    return float(d.sum()), int(d.shape[0])
 
 
 def has_task_loss(task: Task, batches: Sequence[TokenizedBatch]) -> bool:
@@ -308,11 +326,18 @@ def evaluate(
     reference: Reference | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, float]:
-    """Every metric that applies to ``task`` on ``batches`` (KL / cosine need ``reference``)."""
+    """Every metric that applies to ``task`` on ``batches`` (KL / cosine need ``reference``).
+
+    Causal LMs: ``perplexity`` is ``exp`` of the mean negative log-likelihood over every predicted
+    token of every window (token ``t + 1`` from tokens ``<= t``, padding excluded), each token weighing
+    the same; not a mean of per-window perplexities, so a short window counts for its tokens only.
+    ``tokens`` is how many tokens that mean is over, and ``kl`` is the mean KL per real token.
+    Every map of a search is evaluated on the same ``batches``, so their figures compare."""
     correct = n_cls = 0
     preds: list[torch.Tensor] = []
     targets: list[torch.Tensor] = []
     disc_sum = 0.0
+    disc_n = 0
     n_ex = 0
     nll_sum = 0.0
     n_tok = 0
@@ -323,7 +348,9 @@ def evaluate(
             raise CanceledError("evaluation canceled")
         out = model_output(model, b, task)
         if reference is not None:
-            disc_sum += float(discrepancy(reference.outputs[i], out, b, task).sum())
+            d_sum, d_n = discrepancy_sum(reference.outputs[i], out, b, task)
+            disc_sum += d_sum
+            disc_n += d_n
         n_ex += out.shape[0]
         if task == "sequence_classification" and b.labels is not None:
             correct += int((out.argmax(-1) == b.labels).sum())
@@ -353,7 +380,8 @@ def evaluate(
         if task == "embeddings":
             metrics["cosine"] = 1.0 - disc_sum / n_ex
         elif task != "regression":
-            metrics["kl"] = disc_sum / n_ex
+            metrics["kl"] = disc_sum / max(1, disc_n)
     if task == "causal_lm" and n_tok:
         metrics["perplexity"] = math.exp(min(nll_sum / n_tok, 50.0))
+        metrics["tokens"] = float(n_tok)
     return metrics

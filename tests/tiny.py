@@ -50,12 +50,14 @@ def vocab_size() -> int:
 
 
 def build_model(folder: Path, arch: str = "bert", *, task: str = "sequence_classification", layers: int = 2,
-                hidden: int = 32, heads: int = 4, intermediate: int = 64, num_labels: int = 2, seed: int = 0) -> Path:
+                hidden: int = 32, heads: int = 4, intermediate: int = 64, num_labels: int = 2, seed: int = 0,
+                tie_embeddings: bool | None = None) -> Path:
     """Build a tiny model of ``arch`` for ``task``, save it with its tokenizer into ``folder``.
 
     ``task``: ``sequence_classification``, ``token_classification`` (``num_labels`` tags),
     ``regression`` (one output, ``problem_type="regression"``), ``causal_lm``, or anything else
-    for the base model. ``arch="t5"`` builds an encoder-decoder (``T5ForConditionalGeneration``)."""
+    for the base model. ``arch="t5"`` builds an encoder-decoder (``T5ForConditionalGeneration``).
+    ``tie_embeddings`` sets ``tie_word_embeddings`` (None: the architecture's default; GPT-2 ties)."""
     import torch
     import transformers as T
 
@@ -90,6 +92,8 @@ def build_model(folder: Path, arch: str = "bert", *, task: str = "sequence_class
         return folder
     else:  # pragma: no cover
         raise ValueError(arch)
+    if tie_embeddings is not None:
+        cfg.tie_word_embeddings = tie_embeddings
     if task == "regression":
         cfg.num_labels = 1
         cfg.problem_type = "regression"

@@ -18,6 +18,9 @@ the worker process, which Ray reuses.
 A worker's cached search is dropped when a task of another job arrives, or after
 :data:`CACHE_TTL_S` idle seconds. Searches on a GPU are not shipped (a cached model would hold GPU
 memory in an idle worker): the runner evaluates them alone.
+
+:class:`ScorePool` splits a sensitivity stage the same way: parts of the calibration batches in Ray
+tasks and in the runner, combined into the table one process computes.
 """
 
 from __future__ import annotations
@@ -86,6 +89,100 @@ def evaluate_map(holder: list[Any], pmap: dict[str, Any], threads: int = 1) -> t
 
 
 evaluate_map_task = ray.remote(max_retries=0, retry_exceptions=False)(evaluate_map)
+
+
+def sensitivity_part(holder: list[Any], method: str, batch_ids: list[int], threads: int = 1) -> tuple[Any, str]:
+    """Score ``method`` on the calibration batches ``batch_ids`` with the search in ``holder[0]``
+    (:meth:`search.pipeline.Search.sensitivity_part`); returns the part and ``host:pid``."""
+    import torch
+
+    torch.set_num_threads(max(1, int(threads)))
+    search = _cached_search(holder)
+    return search.sensitivity_part(method, batch_ids), f"{socket.gethostname()}:{os.getpid()}"
+
+
+sensitivity_part_task = ray.remote(max_retries=0, retry_exceptions=False)(sensitivity_part)
+
+
+class ScorePool:
+    """Splits a sensitivity stage across the cluster: the calibration batches are cut into
+    ``size + 1`` consecutive runs (:func:`search.pipeline.split_batches`), ``size`` of them scored
+    by Ray tasks (each asks for ``cpus`` CPUs and finds the search in its worker's cache, as the
+    evaluation's tasks do) and the first in the runner's process meanwhile; the parts are combined
+    into the table one process computes (:meth:`search.pipeline.Search.combine_parts`, to the last
+    bit). A part whose task was lost is scored in the runner; an error raised in a task is raised
+    here as it was raised there. It declines (:meth:`score` returns None, the table is scored in
+    this process) for a method that is not scored in parts, a single calibration batch, no room
+    for a task, a GPU search, or ``size`` 0.
+    """
+
+    def __init__(
+        self,
+        search: Search,
+        ship: Callable[[], list[Any]],
+        *,
+        size: int,
+        cpus: float = 1.0,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> None:
+        self.search = search
+        self.ship = ship
+        self.size = max(0, int(size)) if search.device.type != "cuda" else 0
+        self.cpus = float(cpus)
+        self.threads = max(1, int(cpus))
+        self.should_stop = should_stop or (lambda: False)
+        self.here = f"{socket.gethostname()}:{os.getpid()}"
+        #: per method: {host:pid: calibration batches scored there}
+        self.placement: dict[str, dict[str, int]] = {}
+
+    def _slots(self) -> int:
+        try:
+            free = float(ray.available_resources().get("CPU", 0.0))
+        except Exception:  # noqa: BLE001
+            return 0
+        return min(self.size, int(free // self.cpus)) if self.cpus > 0 else 0
+
+    def score(self, method: str, *, on_progress: Callable[[str, float, str], None] | None = None) -> Any:
+        from search.pipeline import split_batches
+
+        search = self.search
+        n = len(search.calibration)
+        if self.size == 0 or n < 2 or not search.splits(method):
+            return None
+        slots = self._slots()
+        if slots == 0:
+            return None
+        t0 = time.perf_counter()
+        runs = split_batches(n, slots + 1)
+        holder = self.ship()
+        in_flight = {
+            sensitivity_part_task.options(num_cpus=self.cpus).remote(holder, method, ids, self.threads): k
+            for k, ids in enumerate(runs[1:], start=1)
+        }
+        parts: list[Any] = [None] * len(runs)
+        where: dict[str, int] = {}
+        parts[0] = search.sensitivity_part(method, runs[0], on_progress=on_progress, should_stop=self.should_stop)
+        where[self.here] = len(runs[0])
+        while in_flight:
+            if self.should_stop():
+                raise CanceledError("search canceled")
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+            for r in ready:
+                k = in_flight.pop(r)
+                try:
+                    parts[k], host = ray.get(r)
+                except ray.exceptions.RayTaskError as exc:
+                    cause = getattr(exc, "cause", None)
+                    raise (cause if isinstance(cause, BaseException) else exc) from None
+                except ray.exceptions.RayError as exc:  # the worker died: score that part here
+                    log.warning("a sensitivity task was lost (%s); its batches are scored in the runner", exc)
+                    parts[k] = search.sensitivity_part(method, runs[k], should_stop=self.should_stop)
+                    host = self.here
+                where[host] = where.get(host, 0) + len(runs[k])
+        self.placement[method] = where
+        table = search.combine_parts(method, parts, seconds=time.perf_counter() - t0)
+        table.extra["processes"] = dict(where)
+        return table
 
 
 class EvalPool:

@@ -48,7 +48,7 @@ from search.space import PrecisionMap
 from service.db import make_engine
 from service.store import FrontInfo, JobNotOwned, PointRecord, Store
 from workers import sources
-from workers.pool import EvalPool
+from workers.pool import EvalPool, ScorePool
 from workers.progress import Reporter
 from workers.settings import RunnerConfig
 from workers.spec import data_options, notes, search_options, wire_field
@@ -340,6 +340,7 @@ class JobRunner:
         return SearchHooks(
             tables=_JobTables(self, stored, space_key),
             evaluator=_LazyPool(self, search),
+            scorer=_LazyScorer(self, search),
             on_progress=self._progress(P_LOADED, P_EVALUATED),
             should_stop=self._should_stop,
             on_event=self._event,
@@ -401,6 +402,26 @@ class _JobTables:
         with self.runner._books():
             store.put_sensitivity(job_id=self.runner.job_id, method=table.method, table=table.to_dict(),
                                   space_key=self.space_key)  # fmt: skip
+
+
+class _LazyScorer:
+    """The job's :class:`~workers.pool.ScorePool`: the search is shipped once, for the scoring and
+    the evaluation's tasks alike."""
+
+    def __init__(self, runner: JobRunner, search: Search) -> None:
+        self.runner, self.search = runner, search
+
+    def score(self, method: str, *, on_progress: Any = None) -> SensitivityTable | None:
+        cfg = self.runner.config
+        pool = ScorePool(self.search, self.runner._get_pool(self.search)._ship, size=cfg.eval_workers,
+                         cpus=cfg.eval_cpus, should_stop=self.runner._should_stop)  # fmt: skip
+        table = pool.score(method, on_progress=on_progress)
+        if table is not None:
+            where = pool.placement.get(method, {})
+            self.runner._event("sensitivity_split", f"{method} sensitivity scored in {len(where)} processes "
+                               f"({', '.join(f'{n} batches' for n in where.values())})",
+                               stage=f"sensitivity:{method}", data={"method": method, "processes": where})  # fmt: skip
+        return table
 
 
 class _LazyPool:

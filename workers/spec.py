@@ -114,6 +114,7 @@ def data_options(spec: JobSpec, source: str, *, name: str | None = None) -> Data
         max_length=d.max_length,
         batch_size=d.batch_size,
         name=name,
+        windows=d.windows,
     )
 
 

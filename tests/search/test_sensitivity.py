@@ -7,7 +7,7 @@ import torch
 
 from search.adapter import ModelAdapter
 from search.data import load_text_data, split_data, tokenize
-from search.errors import CanceledError
+from search.errors import CanceledError, InvalidInputError
 from search.sensitivity import KLSensitivity, SensitivityContext
 from search.tasks import load_model
 from tests.tiny import build_model
@@ -101,3 +101,57 @@ def test_unknown_method_option_is_an_invalid_request_naming_it() -> None:
     with pytest.raises(InvalidInputError) as e:
         sensitivity_method("hessian", {"max_probez": 3})
     assert e.value.field == "method_options.hessian.max_probez"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_block_cache_holds_one_block_inputs_and_scores_equal_naive(tmp_path, sentiment_file, monkeypatch, arch):
+    from search import sensitivity
+
+    folder = build_model(tmp_path / arch, arch, task="causal_lm", layers=4)
+    ctx = _ctx(folder, "causal_lm", sentiment_file, "group")
+    hidden = ctx.model.config.hidden_size
+    one_block = sum(b.input_ids.numel() * hidden * 4 for b in ctx.batches)  # fp32 [B, T, H] per batch
+    held: list[tuple[int, int, int]] = []  # (block being left, tensors, bytes) after every store, counted here
+    put = sensitivity.BlockCache.put
+
+    def counting_put(self, batch, value):
+        put(self, batch, value)
+        ts = {id(t): t for v in self.inputs for t in sensitivity._tensors(v)}
+        held.append((self.block, len(ts), sum(t.numel() * t.element_size() for t in ts.values())))
+
+    monkeypatch.setattr(sensitivity.BlockCache, "put", counting_put)
+    fast = KLSensitivity(replay=True).compute(ctx)
+    naive = KLSensitivity(replay=False).compute(ctx)
+    assert held and {blk for blk, _, _ in held} == {0, 1, 2}  # it moved through the blocks
+    assert max(n for _, n, _ in held) <= len(ctx.batches)  # one tensor per batch, never two blocks
+    assert max(b for _, _, b in held) == one_block == fast.extra["cache_peak_bytes"]
+    assert fast.extra["cache_peak_tensors"] == len(ctx.batches)
+    for g in naive.scores:
+        for k, v in naive.scores[g].items():
+            assert fast.scores[g][k] == pytest.approx(v, abs=1e-6, rel=1e-6)
+
+
+def test_parts_over_disjoint_batches_combine_into_the_one_process_table(tmp_path, sentiment_file):
+    from search.pipeline import split_batches
+
+    folder = build_model(tmp_path / "llama", "llama", task="causal_lm", layers=3)
+    ctx = _ctx(folder, "causal_lm", sentiment_file, "layer")
+    method = KLSensitivity()
+    whole = method.compute(ctx)
+    runs = split_batches(len(ctx.batches), 2)
+    assert runs == [[0, 1], [2]]
+    parts = [method.partial(ctx, ids) for ids in reversed(runs)]  # any order of the parts
+    split = method.combine(ctx, parts)
+    assert split.scores == whole.scores  # to the last bit: the same sums in the same order
+    assert split.extra["parts"] == 2 and split.samples == whole.samples
+    with pytest.raises(InvalidInputError) as e:
+        method.combine(ctx, parts[:1])
+    assert e.value.field == "calibration"
+
+
+def test_split_batches_cuts_consecutive_runs_of_near_equal_size() -> None:
+    from search.pipeline import split_batches
+
+    assert split_batches(7, 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    assert split_batches(2, 5) == [[0], [1]]
+    assert split_batches(4, 1) == [[0, 1, 2, 3]]
