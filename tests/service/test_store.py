@@ -246,7 +246,7 @@ def test_finish_job_takes_typed_records_and_dicts_alike(store: Store) -> None:
     }
     assert points[1]["metrics"]["accuracy"] is None
     assert points[3]["precision_map"][next(iter(pts[3]["precision_map"]))] == {
-        "bits": 3, "symmetric": False, "group_size": None, "act_bits": None,
+        "bits": 3, "symmetric": False, "group_size": None, "act_bits": None, "tt_rank": None,
     }  # fmt: skip
     assert points[3]["cost"]["latency_ms"] == 0.0  # a non-finite cost is stored as 0
     assert records[2].model_extra == {"custom": {"k": 1}}  # "id" is dropped: a point's id is its index
