@@ -88,7 +88,7 @@ def run_llm(a: argparse.Namespace) -> int:
         "--model", str(model_dir), "--data", str(data), "--task", "causal_lm", "--windows",
         "--calibration-size", str(a.llm_calibration), "--evaluation-size", str(a.llm_evaluation),
         "--max-length", str(a.llm_max_length), "--batch-size", "8", "--bits", a.llm_bits,
-        "--max-avg-bits", str(a.llm_max_avg_bits), "--out", str(out),
+        "--max-avg-bits", str(a.llm_max_avg_bits), "--front-points", str(a.llm_front_points), "--out", str(out),
     ]
     for m in a.llm_methods.split(","):
         argv += ["--method", m.strip()]
@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--llm-calibration", type=int, default=8, help="calibration windows")
     g.add_argument("--llm-evaluation", type=int, default=16, help="evaluation windows")
     g.add_argument("--llm-max-length", type=int, default=128, help="tokens per window")
+    g.add_argument("--llm-front-points", type=int, default=8, help="maps of the sweep (each costs one evaluation)")
     a = p.parse_args(argv)
 
     t0 = time.perf_counter()

@@ -231,6 +231,10 @@ def scored_tokens(batch: TokenizedBatch, task: Task) -> torch.Tensor:
     return batch.attention_mask.bool()
 
 
+#: tokens whose float64 KL is computed at once (a causal LM's vocabulary makes each row wide)
+KL_CHUNK = 256
+
+
 def _kl(ref: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """KL(softmax(ref) || softmax(out)) over the last axis, in float64 (confident classifiers
     saturate the softmax, and float32 KL then rounds to 0)."""
@@ -261,7 +265,12 @@ def discrepancy_sum(ref: torch.Tensor, out: torch.Tensor, batch: TokenizedBatch,
     example and the number of examples."""
     if task == "causal_lm":
         mask = scored_tokens(batch, task)
-        return float(_kl(ref, out)[mask].sum()), int(mask.sum())
+        r, o = ref[mask], out[mask]  # [real tokens, V]
+        total = 0.0
+        # float64 in chunks of KL_CHUNK tokens: the temporaries stay a few vocabulary-wide rows
+        for i in range(0, int(r.shape[0]), KL_CHUNK):
+            total += float(_kl(r[i : i + KL_CHUNK], o[i : i + KL_CHUNK]).sum())
+        return total, int(mask.sum())
     d = discrepancy(ref, out, batch, task)
     return float(d.sum()), int(d.shape[0])
 
