@@ -194,3 +194,22 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, interval: f
         time.sleep(interval)
     return predicate()
 
+
+@pytest.fixture
+def api(env: Env) -> Iterator[Any]:
+    """A ``bitscout.Client`` talking to the real app in-process over ``env``'s store, with the
+    resolver the service runs with (``resolve`` answers from the stored tables)."""
+    import bitscout
+    from service.app import create_app
+    from tests.bitscout.support import SyncASGITransport
+    from workers.resolver import SearchResolver
+
+    app = create_app(env.settings, store=env.store, resolver=SearchResolver())
+    transport = SyncASGITransport(app)
+    token = env.store.create_token(name="alice")[1]
+    client = bitscout.Client("http://testserver", token, transport=transport, retries=0)
+    try:
+        yield client
+    finally:
+        client.close()
+        transport.close()

@@ -7,7 +7,6 @@ over the same windows, ``resolve`` answers a new budget, and the refined point d
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ import torch.nn.functional as F
 
 import bitscout
 from search.data import load_text_data, token_windows
-from tests.bitscout.support import SyncASGITransport
 from tests.tiny import build_model, sentiment_rows, write_jsonl
 from tests.workers.conftest import Env
 from workers.runner import JobRunner
@@ -26,20 +24,6 @@ pytestmark = pytest.mark.slow
 SIZES = {"calibration_size": 6, "evaluation_size": 8, "max_length": 12, "batch_size": 4, "windows": True}
 
 
-@pytest.fixture
-def api(env: Env) -> Iterator[bitscout.Client]:
-    from service.app import create_app
-    from workers.resolver import SearchResolver
-
-    app = create_app(env.settings, store=env.store, resolver=SearchResolver())
-    transport = SyncASGITransport(app)
-    token = env.store.create_token(name="alice")[1]
-    client = bitscout.Client("http://testserver", token, transport=transport, retries=0)
-    try:
-        yield client
-    finally:
-        client.close()
-        transport.close()
 
 
 @torch.no_grad()

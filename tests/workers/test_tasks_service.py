@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import pytest
 
 import bitscout
 from search.data import load_text_data, load_token_data, split_data
-from tests.bitscout.support import FlakyTransport, SyncASGITransport
+from tests.bitscout.support import FlakyTransport
 from tests.search.test_tasks import direct_regression_metrics, direct_token_metrics
 from tests.tiny import TAGS, build_model, build_regressor, build_tagger, scored_rows, tagged_rows, write_jsonl
 from tests.workers.conftest import Env
@@ -33,19 +32,6 @@ JOB: dict[str, Any] = {
 SIZES = {"calibration_size": 16, "evaluation_size": 32, "max_length": 16, "batch_size": 8}
 
 
-@pytest.fixture
-def api(env: Env) -> Iterator[bitscout.Client]:
-    from service.app import create_app
-
-    app = create_app(env.settings, store=env.store)
-    transport = SyncASGITransport(app)
-    token = env.store.create_token(name="alice")[1]
-    client = bitscout.Client("http://testserver", token, transport=transport, retries=0)
-    try:
-        yield client
-    finally:
-        client.close()
-        transport.close()
 
 
 def _run(env: Env, job_id: str) -> None:
