@@ -12,6 +12,8 @@ module                              what
                                     (:func:`export_artifact`, :func:`load_artifact`, :func:`artifact_info`)
 :mod:`search.export.apply`          a map or an artifact's map applied to a user's model in place, exactly as
                                     the search evaluated it (:func:`apply_precision_map`)
+:mod:`search.export.formats`        one entry point over every format (:func:`export_point`, names in
+                                    :mod:`bitscout.formats`) and what it wrote (:class:`ExportReport`)
 :mod:`search.export.torchao`        the part of a map torchao's int4/int8 weight-only kernels can run, as
                                     per-module torchao configs (:func:`to_torchao_config`), and why the rest
                                     cannot (:func:`torchao_unsupported`)
@@ -34,6 +36,7 @@ from search.export.artifact import (
     export_artifact,
     load_artifact,
 )
+from search.export.formats import WRITERS, ExportReport, export_point
 from search.export.torchao import (
     TORCHAO_INT4_GROUP_SIZES,
     TorchaoConfig,
@@ -44,14 +47,17 @@ from search.export.torchao import (
 __all__ = [
     "ARTIFACT_FILE",
     "ArtifactInfo",
+    "ExportReport",
     "FORMAT",
     "FORMAT_VERSION",
     "PRECISION_MAP_FILE",
     "TORCHAO_INT4_GROUP_SIZES",
     "TorchaoConfig",
+    "WRITERS",
     "apply_precision_map",
     "artifact_info",
     "export_artifact",
+    "export_point",
     "load_artifact",
     "to_torchao_config",
     "torchao_unsupported",

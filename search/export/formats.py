@@ -1,0 +1,105 @@
+"""One entry point over every checkpoint format: :func:`export_point` writes a point's map in the format
+asked for (names in :mod:`bitscout.formats`) and returns an :class:`ExportReport` that says what it wrote
+and which groups an inference engine can run as quantized.
+
+Each format is one writer registered in :data:`WRITERS`; the command line (``bitscout export --format``)
+and the workers' export of a job's point both call :func:`export_point`, never a writer directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from bitscout.formats import NATIVE, parse_export_format
+from search.errors import InvalidInputError
+from search.space import PrecisionMap, SearchSpace
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What :func:`export_point` wrote.
+
+    ``format``: the format's name; ``path``: the main weights file; ``files``: every file written (paths
+    inside the output directory); ``quantized``: the groups stored as integers that an engine with 4/8-bit
+    weight kernels runs as quantized; ``dense``: the groups stored in floating point (full or half
+    precision, or options the format cannot express, written dequantized); ``warnings``: one line per
+    option written differently from how the search evaluated it (empty when the reload is exact).
+    """
+
+    format: str
+    path: Path
+    files: tuple[str, ...]
+    quantized: tuple[str, ...] = ()
+    dense: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = field(default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "path": str(self.path),
+            "files": list(self.files),
+            "quantized": list(self.quantized),
+            "dense": list(self.dense),
+            "warnings": list(self.warnings),
+        }
+
+
+#: A writer: ``(model, space, pmap, out_dir, clip=..., metadata=..., model_dir=..., **extra) -> ExportReport``.
+Writer = Callable[..., ExportReport]
+
+
+def _native(
+    model: nn.Module,
+    space: SearchSpace,
+    pmap: PrecisionMap,
+    out_dir: Path,
+    *,
+    clip: str,
+    metadata: Mapping[str, Any] | None,
+    model_dir: str | Path | None,
+    **extra: Any,
+) -> ExportReport:
+    from search.export.artifact import export_artifact
+
+    path = export_artifact(model, space, pmap, out_dir, clip=clip, metadata=metadata, model_dir=model_dir, **extra)
+    files = tuple(sorted(p.name for p in out_dir.iterdir() if p.is_file()))
+    quantized = tuple(g for g, o in pmap.items() if 0 < o.bits < 16 and o.tt_rank is None)
+    dense = tuple(g.name for g in space.groups if g.name not in set(quantized))
+    return ExportReport(format=NATIVE, path=path, files=files, quantized=quantized, dense=dense)
+
+
+#: Format name → writer. A new format is one module and one entry here.
+WRITERS: dict[str, Writer] = {NATIVE: _native}
+
+
+def export_point(
+    format: str,
+    model: nn.Module,
+    space: SearchSpace,
+    pmap: PrecisionMap,
+    out_dir: str | Path,
+    *,
+    clip: str = "mse",
+    metadata: Mapping[str, Any] | None = None,
+    model_dir: str | Path | None = None,
+    **extra: Any,
+) -> ExportReport:
+    """Write ``pmap`` over ``space`` for ``model`` (the original, unquantized weights) into ``out_dir`` in
+    ``format`` and say what was written. ``extra`` reaches the writer (the native format takes ``verify``,
+    ``qparams`` and ``tt_cores``). Raises :class:`InvalidInputError` (field ``format``) for an unknown
+    format and whatever the writer raises for a map it cannot write."""
+    try:
+        name = parse_export_format(format)
+    except ValueError as exc:
+        raise InvalidInputError(str(exc), field="format") from None
+    writer = WRITERS.get(name)
+    if writer is None:
+        raise InvalidInputError(f"this installation cannot write format {name!r}", field="format")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return writer(model, space, pmap, out, clip=clip, metadata=metadata, model_dir=model_dir, **extra)
