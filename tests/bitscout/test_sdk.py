@@ -319,10 +319,9 @@ def test_retry_policy() -> None:
 
 def test_apply_needs_the_search_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib
-    import sys
 
-    apply_module = sys.modules["bitscout.apply"]  # the module (bitscout.apply is the function)
     real = importlib.import_module
+    apply_module = real("bitscout._apply")
 
     def missing(name: str, *args: Any) -> Any:
         if name == "search.export":
