@@ -321,7 +321,7 @@ def test_cli_exports_a_point_as_compressed_tensors(llama, tmp_path, capsys):
     assert export_main(argv) == 0
     said = capsys.readouterr().out
     n_quantized = sum(1 for o in maps[1].values() if o.bits in (4, 8))
-    assert f"model.safetensors (compressed-tensors" in said and f"{n_quantized} groups an engine" in said
+    assert "model.safetensors (compressed-tensors" in said and f"{n_quantized} groups an engine" in said
     assert "stored as integers it has no kernel for" in said and not (out / "torchao.json").exists()
     assert torch.equal(reloaded(transformers.AutoModelForCausalLM, out, input_ids=IDS),
                        evaluated(model, space, maps[1], input_ids=IDS))
