@@ -50,7 +50,8 @@ What it cannot express, written dense in that module with a warning in the repor
 still the search's, so the reload stays exact): several options inside one module (``group``
 granularity with heads at different widths), per-row scales on column blocks of different widths,
 tensor-train options (their dense matrix, to float rounding), modules that are not ``torch.nn.Linear``
-or ``Embedding`` (GPT-2's ``Conv1D``). Activation widths (``4a8``) are not written: compressed-tensors'
+(embeddings: transformers fails to initialise a compressed ``Embedding``; GPT-2's ``Conv1D``), a weight tied to another module (an embedding shared with the
+output layer). Activation widths (``4a8``) are not written: compressed-tensors'
 int8 activations take ``amax / 127.5`` with codes ``-128..127`` where bitscout rounds with ``amax / 127``
 on ``-127..127``, so no scheme reproduces them exactly; the weights are written as the option's
 weight-only scheme (W4A16) and the report names the modules. Static activation scales are not part of
@@ -135,8 +136,18 @@ def _compressor(scheme: _Scheme) -> Any:
     return BaseCompressor.get_value_from_registry(_format(scheme))
 
 
+def _tied(model: nn.Module) -> dict[str, list[str]]:
+    """Module name → the other modules holding the same weight tensor (tied embeddings)."""
+    holders: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        w = getattr(module, "weight", None)
+        if isinstance(w, torch.Tensor):
+            holders.setdefault(w.data_ptr(), []).append(name)
+    return {n: [o for o in names if o != n] for names in holders.values() for n in names if len(names) > 1}
+
+
 def _scheme_of(
-    point: QuantizedPoint, name: str, module: nn.Module, members: list[tuple[Group, int, Member]]
+    point: QuantizedPoint, name: str, module: nn.Module, members: list[tuple[Group, int, Member]], tied: list[str]
 ) -> tuple[_Scheme | None, str | None]:
     """The scheme module ``name`` is written with, or None (floating point) and why, when that is not
     how its options ask to be stored."""
@@ -146,8 +157,13 @@ def _scheme_of(
     weights = {o.weight_only for o in opts if o.is_integer}
     if not weights:
         return None, None  # 16/32 bits or pruned: floating point is how the search stored it
-    if not isinstance(module, nn.Linear | nn.Embedding):
-        return None, f"compressed-tensors quantizes Linear and Embedding modules, not {type(module).__name__}: written dense"
+    if not isinstance(module, nn.Linear):
+        return None, (
+            f"transformers loads compressed-tensors Linear modules only, not {type(module).__name__} (a compressed "
+            "Embedding fails its weight initialisation): written dense"
+        )
+    if tied:
+        return None, f"its weight is tied to {', '.join(tied)}, which reads it as a plain weight: written dense"
     if not _fully_covered(tuple(_weight_view(module).shape), [m for _, _, m in members]):  # type: ignore[arg-type]
         return None, "the space covers part of this matrix only: written dense"
     floats = sorted({o.key() for o in opts if not o.is_integer and not o.pruned})
@@ -281,9 +297,10 @@ def write_compressed_tensors(
     schemes: dict[_Scheme, list[str]] = {}
     replace: dict[str, dict[str, torch.Tensor]] = {}
     stored: dict[str, bool] = {}
+    tied = _tied(point.adapter.model)
     for name, members in _members_by_module(point.space).items():
         module = point.modules[name]
-        scheme, why = _scheme_of(point, name, module, members)
+        scheme, why = _scheme_of(point, name, module, members, tied.get(name, []))
         if why is not None:
             warnings.append(f"{name}: {why}")
         if scheme is None:

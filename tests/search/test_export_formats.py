@@ -2,9 +2,11 @@
 writer per format and says what it wrote; an unknown name is refused with the field.
 
 The compressed-tensors and dense checkpoints are reloaded with plain transformers
-(``AutoModelFor*.from_pretrained``, nothing of bitscout) and their logits compared with bitscout's
-evaluation of the same map (:meth:`ModelAdapter.quantized`): equal, bit for bit, under the attention the
-search evaluates with (eager)."""
+(``AutoModelFor*.from_pretrained``, nothing of bitscout) and compared with bitscout's evaluation of the
+same map (:meth:`ModelAdapter.quantized`): every weight equal, and the logits equal bit for bit under the
+attention the search evaluates with (eager). PyTorch's CPU matmul rounds differently by the memory
+alignment of its operands, and transformers maps a checkpoint's tensors at their file offsets, so both
+sides run on parameters copied to fresh (aligned) memory (:func:`aligned`)."""
 
 from __future__ import annotations
 
@@ -38,30 +40,49 @@ def _quiet():
     transformers.utils.logging.set_verbosity_error()
 
 
+def aligned(model):
+    """``model`` with every parameter and buffer copied to fresh memory (the allocator aligns it)."""
+    for t in [*model.parameters(), *model.buffers()]:
+        t.data = t.data.clone()
+    return model
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     folder = build_model(tmp_path_factory.mktemp("formats") / "model", "bert", task="sequence_classification")
-    return folder, load_model(folder, "sequence_classification", num_labels=2).model
+    return folder, aligned(load_model(folder, "sequence_classification", num_labels=2).model)
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     folder = build_model(tmp_path_factory.mktemp("formats") / "llama", "llama", task="causal_lm", layers=2, hidden=32,
                          heads=4, intermediate=64)
-    return folder, load_model(folder, "causal_lm").model
+    return folder, aligned(load_model(folder, "causal_lm").model)
 
 
-def evaluated(model, space, pmap, **inputs):
-    """bitscout's evaluation of the map: the logits of the model fake-quantized by the adapter."""
+def evaluated(model, space, pmap, *, state=None, **inputs):
+    """bitscout's evaluation of the map: the logits of the model fake-quantized by the adapter (its
+    state dict into ``state`` when given)."""
     with torch.no_grad(), ModelAdapter(model).quantized(pmap, space):
+        if state is not None:
+            state.update({k: v.clone() for k, v in model.state_dict().items()})
         return model(**inputs).logits
 
 
-def reloaded(auto, out, **inputs):
-    """The logits of the checkpoint loaded by plain transformers, with the search's attention."""
-    m = auto.from_pretrained(out, attn_implementation="eager")
+def reloaded(auto, out, *, state=None, **inputs):
+    """The logits of the checkpoint loaded by plain transformers, with the search's attention (its state
+    dict after the forward, when compressed-tensors has decompressed it, into ``state`` when given)."""
+    m = aligned(auto.from_pretrained(out, attn_implementation="eager"))
     with torch.no_grad():
-        return m(**inputs).logits
+        logits = m(**inputs).logits
+    if state is not None:
+        state.update(m.state_dict())
+    return logits
+
+
+def same_weights(searched, loaded):
+    """Every tensor of the searched model's state dict, equal in the reloaded one."""
+    return [k for k, v in searched.items() if not torch.equal(loaded[k], v)]
 
 
 def per_decision(space, options):
@@ -125,9 +146,10 @@ def test_llama_with_group_scales_and_ties_reloads_in_plain_transformers_to_the_s
     report = export_point("compressed-tensors", model, space, pmap, tmp_path / "ct", model_dir=folder)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the model is left as it was
 
-    want = evaluated(model, space, pmap, input_ids=IDS)
-    got = reloaded(transformers.AutoModelForCausalLM, tmp_path / "ct", input_ids=IDS)
-    assert torch.equal(got, want)
+    searched, loaded = {}, {}
+    want = evaluated(model, space, pmap, state=searched, input_ids=IDS)
+    got = reloaded(transformers.AutoModelForCausalLM, tmp_path / "ct", state=loaded, input_ids=IDS)
+    assert same_weights(searched, loaded) == [] and torch.equal(got, want)
     # A load with transformers' defaults (fused attention) differs by float rounding only.
     plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
     with torch.no_grad():
@@ -188,8 +210,10 @@ def test_group_granularity_pruned_heads_and_mixed_modules(llama, tmp_path):
             pm[g.name] = BitOption(3)
     pmap = PrecisionMap(pm)
     report = export_point("compressed-tensors", model, space, pmap, tmp_path / "ct", model_dir=folder)
-    assert torch.equal(reloaded(transformers.AutoModelForCausalLM, tmp_path / "ct", input_ids=IDS),
-                       evaluated(model, space, pmap, input_ids=IDS))
+    searched, loaded = {}, {}
+    want = evaluated(model, space, pmap, state=searched, input_ids=IDS)
+    got = reloaded(transformers.AutoModelForCausalLM, tmp_path / "ct", state=loaded, input_ids=IDS)
+    assert same_weights(searched, loaded) == [] and torch.equal(got, want)
     qc = quantization_config(tmp_path / "ct")
     o_proj = next(c for c in qc["config_groups"].values() if "model.layers.0.self_attn.o_proj" in c["targets"])
     (block,) = [m for m in space.groups[0].members if m.module.endswith("o_proj")]  # the group's columns of o_proj
@@ -221,6 +245,30 @@ def test_bert_classifier_reloads_in_plain_transformers(tiny, tmp_path):
     fused = [f"bert.encoder.layer.{i}.attention.self.query" for i in range(2)]
     assert [w.split(",")[0] for w in reports["compressed-tensors"].warnings] == fused
     assert all("different schemes" in w and "--tie" in w for w in reports["compressed-tensors"].warnings)
+
+
+def test_embeddings_and_tied_weights_are_written_dense_with_a_warning(tiny, tmp_path):
+    folder, model = tiny
+    adapter = ModelAdapter(model, include_embeddings=True)
+    space = adapter.build_space(granularity="layer", bits=(8,))
+    pmap = PrecisionMap({g.name: BitOption(8) for g in space.groups})
+    embeddings = [n for n in adapter.matrices if adapter.matrix_kind(n) == "embedding"]
+    report = export_point("compressed-tensors", model, space, pmap, tmp_path / "bert", model_dir=folder)
+    assert [w.split(":")[0] for w in report.warnings] == embeddings and set(report.dense) == set(embeddings)
+    assert all("Linear modules only" in w for w in report.warnings)
+    enc = {"input_ids": IDS, "attention_mask": torch.ones_like(IDS)}
+    assert torch.equal(reloaded(transformers.AutoModelForSequenceClassification, tmp_path / "bert", **enc),
+                       evaluated(model, space, pmap, **enc))
+
+    tied_dir = build_model(tmp_path / "tied", "llama", task="causal_lm", tie_embeddings=True)
+    tied = aligned(load_model(tied_dir, "causal_lm").model)
+    space = ModelAdapter(tied, include_head=True).build_space(granularity="layer", bits=(8,))
+    pmap = PrecisionMap({g.name: BitOption(8) for g in space.groups})
+    report = export_point("compressed-tensors", tied, space, pmap, tmp_path / "llama", model_dir=tied_dir)
+    assert [w.split(":")[0] for w in report.warnings] == ["lm_head"]
+    assert "tied to model.embed_tokens" in report.warnings[0] and report.dense == ("lm_head",)
+    assert torch.equal(reloaded(transformers.AutoModelForCausalLM, tmp_path / "llama", input_ids=IDS),
+                       evaluated(tied, space, pmap, input_ids=IDS))
 
 
 def test_activation_widths_are_written_as_their_weights_with_a_warning(llama, tmp_path):
@@ -265,8 +313,10 @@ def test_dense_llama_is_a_plain_checkpoint_with_the_searched_logits(llama, tmp_p
     assert "quantization_config" not in json.loads((tmp_path / "dense" / "config.json").read_text())
     keys = stored_keys(tmp_path / "dense")
     assert set(keys.values()) == {"F32"} and not any(k.endswith(("_packed", "_scale")) for k in keys)
-    assert torch.equal(reloaded(transformers.AutoModelForCausalLM, tmp_path / "dense", input_ids=IDS),
-                       evaluated(model, space, pmap, input_ids=IDS))
+    searched, loaded = {}, {}
+    want = evaluated(model, space, pmap, state=searched, input_ids=IDS)
+    got = reloaded(transformers.AutoModelForCausalLM, tmp_path / "dense", state=loaded, input_ids=IDS)
+    assert same_weights(searched, loaded) == [] and torch.equal(got, want)
     # A 4g32 matrix holds at most 15 distinct values in each run of 32 columns of a row (the symmetric grid).
     with safe_open(report.path, "pt") as f:
         w = f.get_tensor("model.layers.0.self_attn.q_proj.weight")
