@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    from benchmarks.run import cpu_model
     from bitscout.formats import EXPORT_FORMATS, NATIVE
     from search.adapter import ModelAdapter
     from search.cost import CostModel
@@ -131,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(root, ignore_errors=True)
     result = {
         "command": "python -m benchmarks.bench_export " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": f"CPU, {torch.get_num_threads()} threads",
+        "machine": f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads",
+        "load_average": [round(x, 1) for x in os.getloadavg()],
         "torch": torch.__version__, "transformers": transformers.__version__,
         "map": {"avg_bits": cost.avg_bits, "cost_model_mb": cost.size_mb, "groups": len(space.groups),
                 "options": sorted({o.key() for o in pmap.values()})},

@@ -68,10 +68,11 @@ Engines fuse q/k/v and gate/up into one matrix and need one scheme for the fused
 with ties (``--tie qkv,gate_up``) always has it; otherwise the report warns about each fused set whose
 modules are written with different schemes.
 
-bitscout evaluates with eager attention (:func:`search.tasks.load_model`); ``from_pretrained``
-defaults to PyTorch's fused attention, whose float rounding differs: pass
-``attn_implementation="eager"`` for logits bit-identical to the search's, or expect differences at
-float rounding (``docs/methods/export.md``).
+The reloaded weights are the search's bit for bit. bitscout evaluates with eager attention
+(:func:`search.tasks.load_model`) where ``from_pretrained`` defaults to PyTorch's fused attention:
+pass ``attn_implementation="eager"`` for the search's logits; PyTorch's CPU matmul also rounds by
+the memory alignment of the weights, which a load from another file changes
+(``docs/methods/export.md``).
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ def _tied(model: nn.Module) -> dict[str, list[str]]:
 
 
 def _scheme_of(
-    point: QuantizedPoint, name: str, module: nn.Module, members: list[tuple[Group, int, Member]], tied: list[str]
+    point: QuantizedPoint, module: nn.Module, members: list[tuple[Group, int, Member]], tied: list[str]
 ) -> tuple[_Scheme | None, str | None]:
     """The scheme module ``name`` is written with, or None (floating point) and why, when that is not
     how its options ask to be stored."""
@@ -300,7 +301,7 @@ def write_compressed_tensors(
     tied = _tied(point.adapter.model)
     for name, members in _members_by_module(point.space).items():
         module = point.modules[name]
-        scheme, why = _scheme_of(point, name, module, members, tied.get(name, []))
+        scheme, why = _scheme_of(point, module, members, tied.get(name, []))
         if why is not None:
             warnings.append(f"{name}: {why}")
         if scheme is None:

@@ -1,7 +1,8 @@
 """The dense checkpoint (format ``dense``): a point's weights as the search evaluated them, dequantized
 into the model's dtype and written by the model's own ``save_pretrained``: a plain ``model.safetensors``
 (with ``config.json`` and the tokenizer) that any transformers version loads with
-``AutoModel*.from_pretrained``, to the same outputs as :meth:`search.adapter.ModelAdapter.quantized`.
+``AutoModel*.from_pretrained``, with the weights :meth:`search.adapter.ModelAdapter.quantized` evaluates,
+bit for bit (the same logits under eager attention: ``docs/methods/export.md``).
 
 What the weights hold, group by group: integer options their dequantized codes
 (``(q - z) * scale``, the very values the search evaluated); 16-bit options the float16-rounded

@@ -27,7 +27,7 @@ from search.errors import InvalidInputError
 from search.export import ARTIFACT_FILE, WRITERS, export_point, load_artifact
 from search.export_cli import export_main
 from search.result import ParetoPoint, SearchResult
-from search.space import BitOption, PrecisionMap, space_to_dict
+from search.space import BitOption, Group, Member, PrecisionMap, SearchSpace, space_to_dict
 from search.tasks import load_model
 from tests.tiny import build_model
 
@@ -227,6 +227,31 @@ def test_group_granularity_pruned_heads_and_mixed_modules(llama, tmp_path):
     assert set(report.quantized) == {"model.layers.0.self_attn/head0"}
     assert set(report.no_kernel) == {n for n, o in pmap.items() if o.bits == 3 or (o.bits == 8 and not o.symmetric)}
     assert set(report.dense) == {n for n in pmap if n.startswith("model.layers.1.self_attn")}
+
+
+def test_column_blocks_of_different_widths_and_partial_matrices_are_written_dense(llama, tmp_path):
+    """A hand-made space: o_proj of block 0 in column blocks of 8 and 24 (per-row scales on blocks of
+    different widths), o_proj of block 1 with only its first 16 columns searched."""
+    folder, model = llama
+    o0, o1 = "model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"
+    groups = [
+        Group(f"{o0}/a", "head", (Member(o0, (32, 32), "in", 0, 8),), block=0, parent=o0, index=0),
+        Group(f"{o0}/b", "head", (Member(o0, (32, 32), "in", 8, 32),), block=0, parent=o0, index=1),
+        Group(f"{o1}/a", "head", (Member(o1, (32, 32), "in", 0, 16),), block=1, parent=o1, index=0),
+        Group("model.layers.0.mlp.down_proj", "layer", (Member("model.layers.0.mlp.down_proj", (32, 64)),), block=0,
+              parent="model.layers.0.mlp.down_proj"),
+    ]
+    opts = (BitOption(4), BitOption(32))
+    space = SearchSpace(groups=tuple(groups), options=(opts,) * len(groups), granularity="group", n_blocks=2)
+    pmap = PrecisionMap({g.name: BitOption(4) for g in groups})
+    report = export_point("compressed-tensors", model, space, pmap, tmp_path / "ct", model_dir=folder)
+    assert [w.split(":")[0] for w in report.warnings] == [o0, o1]
+    assert "column blocks of different widths" in report.warnings[0] and "part of this matrix" in report.warnings[1]
+    assert report.quantized == ("model.layers.0.mlp.down_proj",)
+    searched, loaded = {}, {}
+    want = evaluated(model, space, pmap, state=searched, input_ids=IDS)
+    got = reloaded(transformers.AutoModelForCausalLM, tmp_path / "ct", state=loaded, input_ids=IDS)
+    assert same_weights(searched, loaded) == [] and torch.equal(got, want)
 
 
 def test_bert_classifier_reloads_in_plain_transformers(tiny, tmp_path):
