@@ -35,7 +35,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from bitscout.errors import BitscoutError, ErrorCode, InvalidRequest, NotFound, error_class
+from bitscout.errors import BitscoutError, ErrorCode, InvalidRequest, NotFound
 from bitscout.formats import NATIVE, parse_export_format
 from bitscout.schemas import ExportRead, ExportState
 from service.models import ExportRow, JobRow, PointRow, utcnow
@@ -168,10 +168,7 @@ class ExportsMixin(ArtifactsMixin):
         code = row.error_code or ErrorCode.internal.value
         message = f"point {row.point_idx} could not be exported as {row.format}: {row.error_message or code}"
         details = {"job_id": row.job_id, "point_id": row.point_idx, "format": row.format, "state": row.state}
-        cls = error_class(code)
-        if cls is BitscoutError:
-            return BitscoutError(code, message, field=row.error_field, details=details)
-        return cls(message, field=row.error_field, details=details)
+        return BitscoutError(code, message, field=row.error_field, details=details)
 
     def get_export(self, *, job_id: str, point_id: int, format: str) -> ExportRead:
         """The export of a point in ``format``. Raises ``NotFound`` when none was asked for."""
