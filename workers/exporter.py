@@ -19,7 +19,9 @@ serves it, or refuses other formats, without asking for an export.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import socket
 import time
 import traceback
 from pathlib import Path
@@ -70,7 +72,7 @@ class PointExporter:
             store.add_event(job_id=task.job_id, kind="export_runner",
                             message=f"point {task.point_id} as {task.format}: exporting on {process_label()}",
                             data={"point": task.point_id, "format": task.format, "worker_id": task.worker_id,
-                                  "attempt": task.attempts, "where": process_label()})  # fmt: skip
+                                  "attempt": task.attempts, "pid": os.getpid(), "host": socket.gethostname()})  # fmt: skip
             report = self._export()
             store.finish_export(task=task, path_or_bytes=self.out, report=report)
             return "succeeded", None, None

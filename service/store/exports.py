@@ -200,6 +200,10 @@ class ExportsMixin(ArtifactsMixin):
         heartbeat; an ``export_started`` job event is written. Concurrent callers never get the same row.
         """
         pending = ExportState.pending.value
+        probe = select(ExportRow.job_id).where(ExportRow.state == pending).limit(1)
+        with self._single_read_engine.connect() as conn:  # the dispatcher polls: no write lock when idle
+            if conn.execute(probe).first() is None:
+                return None
         for _ in range(5):
             with self._write() as s:
                 stmt = (

@@ -118,7 +118,7 @@ def test_an_exporter_killed_mid_export_is_retried_and_stores_its_result_once(
     for point in [p for p in job.pareto() if not p.refined][:4]:
         assert env.store.artifact_or_export(job_id=job.id, point_id=point.id, format=NATIVE).state.value == "pending"
         started = env.wait_event(job.id, "export_runner", where=lambda e, p=point.id: e.data["point"] == p, timeout=120)
-        os.kill(int(started.data["where"].rsplit(":", 1)[1]), signal.SIGKILL)
+        os.kill(int(started.data["pid"]), signal.SIGKILL)
         assert wait_until(lambda p=point.id: env.store.get_export(job_id=job.id, point_id=p, format=NATIVE).state.value
                           in ("succeeded", "failed"), timeout=180)  # fmt: skip
         if env.store.get_export(job_id=job.id, point_id=point.id, format=NATIVE).attempts == 2:
@@ -151,3 +151,23 @@ def test_an_export_left_running_by_a_dead_dispatcher_is_put_back_and_run_once(
 
     with pytest.raises(ExportNotOwned):  # the dead claim can never store a second result
         env.store.finish_export(task=dead, path_or_bytes=b"late")
+
+
+def test_a_format_this_installation_cannot_write_fails_with_the_field_and_never_hangs(
+    env: Env, api: bitscout.Client, assets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from search.export import formats
+    from workers.exporter import PointExporter
+
+    job = _finished_job(env, api, _own_model(env, assets))
+    point = next(p for p in job.pareto() if not p.refined)
+    monkeypatch.delitem(formats.WRITERS, NATIVE)  # this process's exporter writes no native artifact
+    env.store.artifact_or_export(job_id=job.id, point_id=point.id, format=NATIVE)
+    task = env.store.claim_next_export(worker_id="w/e")
+    assert task is not None
+    out = PointExporter(task, env.config(), store=env.store).run()
+    assert out["status"] == "failed" and out["code"] == "invalid_request"
+    with pytest.raises(bitscout.InvalidRequest) as err:
+        job.download(point.id, tmp_path / "none", timeout=0)
+    assert err.value.field == "format" and "cannot write format 'native'" in err.value.message
+    assert not (Path(env.config().work_dir) / "exports").exists() or not any((Path(env.config().work_dir) / "exports").iterdir())
