@@ -658,7 +658,7 @@ def test_readyz_reports_schema_drift(api: Api, settings: Settings) -> None:
         assert_error(api.client.get("/readyz"), 503, "unavailable")
     finally:
         with engine.begin() as conn:
-            conn.execute(sa.text("UPDATE bitscout_alembic_version SET version_num = '0001'"))
+            conn.execute(sa.text("UPDATE bitscout_alembic_version SET version_num = :head"), {"head": head_revision()})
         engine.dispose()
 
 
