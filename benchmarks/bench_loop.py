@@ -193,7 +193,11 @@ def _targets(rec: dict[str, Any]) -> dict[str, Any]:
 
 def run(model: str, cache: Path, quick: bool, names: tuple[str, ...], peer_python: Path | None = None,
         peer_info: dict[str, Any] | None = None, peer_methods: tuple[str, ...] = ("gradient",),
-        save: Any = None) -> dict[str, Any]:
+        save: Any = None, classifier: tuple[Path, Path, Path] | None = None,
+        rows: tuple[int, int, int] | None = None, epoch_steps: int | None = None) -> dict[str, Any]:
+    """One record (see the module docstring). ``classifier`` (model folder, held-out pool, training
+    split) and ``rows`` (calibration, held-out, max length) replace the named classifier and the
+    mode's rows (tests: a tiny model)."""
     import torch
 
     from benchmarks import bench_peer
@@ -204,17 +208,20 @@ def run(model: str, cache: Path, quick: bool, names: tuple[str, ...], peer_pytho
     from search.pipeline import SearchOptions
 
     torch.manual_seed(0)
-    build, heldout = CLASSIFIERS[model]
-    model_dir = build(cache)
-    cal, ev, max_length = (64, 400, 64) if quick else (128, 500, 64)
-    data = DataOptions(source=str(cache / heldout), label_field="label", calibration=cal, evaluation=ev,
+    if classifier is None:
+        build, heldout = CLASSIFIERS[model]
+        model_dir, pool, train_file = build(cache), cache / heldout, cache / heldout.replace("_heldout", "_train")
+    else:
+        model_dir, pool, train_file = classifier
+    cal, ev, max_length = rows or ((64, 400, 64) if quick else (128, 500, 64))
+    steps = epoch_steps or (3 if quick else 8)
+    data = DataOptions(source=str(pool), label_field="label", calibration=cal, evaluation=ev,
                        max_length=max_length, batch_size=32)
     base = SearchOptions(methods=("kl",), granularity="layer", bits=(2, 3, 4, 8), front_points=8 if quick else 16,
                          seq_len=max_length, uniform_baselines=(8, 4, 3, 2))
     search = prepare(model_dir, data, base, device="cpu")
     log(f"{model}: {len(search.space.groups)} groups, {cal} calibration / {ev} held-out rows")
-    epochs = [bench_peer._finetune_epoch(search, str(cache / heldout.replace("_heldout", "_train")), model_dir,
-                                         3 if quick else 8)[0]]
+    epochs = [bench_peer._finetune_epoch(search, str(train_file), model_dir, steps)[0]]
     t0 = time.perf_counter()
     baseline = search.baseline()
     eval_unit = time.perf_counter() - t0
@@ -293,8 +300,7 @@ def run(model: str, cache: Path, quick: bool, names: tuple[str, ...], peer_pytho
         bench_peer._run_peer(cfg, search, model_dir, searched, S, X, peer_python, peer, quick=quick, seed=0)
         bench_peer.peer_through_ours(search, peer, cost16, linear, S, X, memo.one)
         record["peer"] = peer
-    epochs.append(bench_peer._finetune_epoch(search, str(cache / heldout.replace("_heldout", "_train")), model_dir,
-                                             3 if quick else 8)[0])
+    epochs.append(bench_peer._finetune_epoch(search, str(train_file), model_dir, steps)[0])
     record["finetune_epochs_measured"] = epochs
     record["targets"] = _targets(record)
     return record

@@ -292,17 +292,21 @@ def _compact(pmap: Any) -> dict[str, str]:
 
 
 def peer_axis(search: Any) -> tuple[Any, dict[str, int], list[str], int, int]:
-    """Both tools on one axis: the cost model of the search's space with 16 bits allowed everywhere
-    (ModelOpt's unquantized layers; the other options cost the same), every linear layer's weight
+    """Both tools on one axis: the cost model of the search's space with ModelOpt's formats allowed
+    (16 bits for its unquantized layers, its block-128 integers; the other options cost the same), every linear layer's weight
     count, the searched matrices, and ``S`` searched and ``X`` excluded linear weights."""
     import torch
 
     from search.cost import CostModel
-    from search.space import BitOption
+    from search.space import BitOption, check_option_fits
 
     space = search.space
-    extra = {BitOption(UNQUANTIZED_BITS)}
-    space16 = replace(space, options=tuple(tuple(sorted(set(o) | extra)) for o in space.options))
+    # ModelOpt's formats as bitscout options (:func:`peer_option`): 16 bits, and its block-128
+    # integer formats where a group's columns split into blocks of 128
+    block = [peer_option(f"INT{b}_B128")[0] for b in (2, 3, 4)]
+    space16 = replace(space, options=tuple(
+        tuple(sorted(set(o) | {BitOption(UNQUANTIZED_BITS)} | {x for x in block if check_option_fits(g, x) is None}))
+        for g, o in zip(space.groups, space.options, strict=True)))
     cm = search.cost_model
     cost16 = CostModel(space16, seq_len=cm.seq_len, act_bits=cm.act_bits, batch=cm.batch, profile=cm.profile)
     searched_modules = [m.module for g in space.groups for m in g.members]
