@@ -1,7 +1,8 @@
 """The closed loop, per method, against the open loop, uniform maps and ModelOpt, on held-out rows.
 
 ``python -m benchmarks.bench_loop [--quick] [--cache .cache] [--out FILE.json] [--model bbc]
-[--methods kl,kl-open,fisher,nsga2,hessian,dnas] [--peer | --no-peer] [--peer-methods gradient]``
+[--methods kl,kl-open,fisher,nsga2,hessian,dnas] [--peer | --no-peer] [--peer-methods gradient]
+[--no-proxy-cost]``
 
 On one fine-tuned MiniLM classifier (layer granularity, bits 2/3/4/8) and one set of calibration and
 held-out rows, every search runs through the one orchestration (:func:`search.orchestration.run_search`)
@@ -194,7 +195,8 @@ def _targets(rec: dict[str, Any]) -> dict[str, Any]:
 def run(model: str, cache: Path, quick: bool, names: tuple[str, ...], peer_python: Path | None = None,
         peer_info: dict[str, Any] | None = None, peer_methods: tuple[str, ...] = ("gradient",),
         save: Any = None, classifier: tuple[Path, Path, Path] | None = None,
-        rows: tuple[int, int, int] | None = None, epoch_steps: int | None = None) -> dict[str, Any]:
+        rows: tuple[int, int, int] | None = None, epoch_steps: int | None = None,
+        measure_proxy_cost: bool = True) -> dict[str, Any]:
     """One record (see the module docstring). ``classifier`` (model folder, held-out pool, training
     split) and ``rows`` (calibration, held-out, max length) replace the named classifier and the
     mode's rows (tests: a tiny model)."""
@@ -228,8 +230,9 @@ def run(model: str, cache: Path, quick: bool, names: tuple[str, ...], peer_pytho
     record: dict[str, Any] = {"model": model, "groups": len(search.space.groups), "calibration_rows": cal,
                               "heldout_rows": ev, "front_points": base.front_points, "baseline": baseline,
                               "eval_unit_s": eval_unit, "finetune_epoch_s": epochs[0], "runs": {}}
-    record["proxy_cost"] = proxy_cost(search)
-    log(f"proxy: {record['proxy_cost']}")
+    if measure_proxy_cost:
+        record["proxy_cost"] = proxy_cost(search)
+        log(f"proxy: {record['proxy_cost']}")
     if save is not None:
         save(record)
     memo = MemoEvaluator(search)
@@ -315,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=None,
                    help="ModelOpt side by side (default: where its venv is in the cache)")
     p.add_argument("--peer-methods", default="gradient", help="ModelOpt scores (gradient,kl_div)")
+    p.add_argument("--no-proxy-cost", action="store_true", help="skip the proxy's cost with and without the cache")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
     names = tuple(x for x in a.methods.split(",") if x)
@@ -335,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.out:
             a.out.write_text(json.dumps(rec, indent=2, default=float))
 
-    rec = run(a.model, cache, a.quick, names, python, info, tuple(a.peer_methods.split(",")), save=write)
+    rec = run(a.model, cache, a.quick, names, python, info, tuple(a.peer_methods.split(",")), save=write,
+              measure_proxy_cost=not a.no_proxy_cost)
     rec.update({"part": "loop", "quick": a.quick, "machine": {"cpu": platform.processor() or platform.machine(),
                                                                "threads": torch.get_num_threads()}})
     write(rec)
