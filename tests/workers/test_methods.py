@@ -52,7 +52,7 @@ def test_an_nsga2_job_measures_on_the_proxy_evaluates_in_parallel_and_returns_a_
             assert not (q.cost.size_bytes < p.cost.size_bytes and q.metrics["accuracy"] > p.metrics["accuracy"])
     info = env.store.get_result_info(job_id=job.id)
     assert info["nsga2"]["evaluated"] == 24 and info["nsga2"]["objective"] == "calibration proxy"
-    assert all(p.provenance and p.provenance.get("proxy") is not None for p in nsga)
+    assert all(p.provenance is not None and p.provenance.proxy is not None for p in nsga)
     # the maps it keeps were evaluated by the runner and by Ray tasks in other processes at the same time
     evaluation = info["evaluation"]
     assert len(evaluation["processes"]) >= 2 and evaluation["remote_maps"] >= 1, evaluation
