@@ -61,7 +61,9 @@ __all__ = [
     "format_bits",
     "from_peer_target",
     "peer_option",
+    "peer_axis",
     "peer_target",
+    "peer_through_ours",
     "run_config",
     "main",
 ]
@@ -289,6 +291,85 @@ def _compact(pmap: Any) -> dict[str, str]:
     return {k: v.key() for k, v in pmap.items()}
 
 
+def peer_axis(search: Any) -> tuple[Any, dict[str, int], list[str], int, int]:
+    """Both tools on one axis: the cost model of the search's space with ModelOpt's formats allowed
+    (16 bits for its unquantized layers, its block-128 integers; the other options cost the same), every linear layer's weight
+    count, the searched matrices, and ``S`` searched and ``X`` excluded linear weights."""
+    import torch
+
+    from search.cost import CostModel
+    from search.space import BitOption, check_option_fits
+
+    space = search.space
+    # ModelOpt's formats as bitscout options (:func:`peer_option`): 16 bits, and its block-128
+    # integer formats where a group's columns split into blocks of 128
+    block = [peer_option(f"INT{b}_B128")[0] for b in (2, 3, 4)]
+    space16 = replace(space, options=tuple(
+        tuple(sorted(set(o) | {BitOption(UNQUANTIZED_BITS)} | {x for x in block if check_option_fits(g, x) is None}))
+        for g, o in zip(space.groups, space.options, strict=True)))
+    cm = search.cost_model
+    cost16 = CostModel(space16, seq_len=cm.seq_len, act_bits=cm.act_bits, batch=cm.batch, profile=cm.profile)
+    searched_modules = [m.module for g in space.groups for m in g.members]
+    linear = {n: int(mod.weight.numel()) for n, mod in search.model.named_modules() if isinstance(mod, torch.nn.Linear)}
+    S = sum(linear[n] for n in searched_modules)  # noqa: N806
+    X = sum(v for n, v in linear.items() if n not in set(searched_modules))  # noqa: N806
+    if space.n_params != S:
+        raise RuntimeError(f"the searched groups hold {space.n_params} weights, their linear layers {S}")
+    return cost16, linear, searched_modules, S, X
+
+
+def peer_through_ours(search: Any, peer: dict[str, Any], cost16: Any, linear: Mapping[str, int], S: int, X: int,  # noqa: N803
+                      evaluate: Any) -> None:
+    """ModelOpt's maps (``peer["runs"][*]["points"]``, from :func:`_run_peer`) measured both ways:
+    its own logits scored with bitscout's metric code (``own``), and each map translated into a
+    bitscout precision map (:func:`peer_option`) evaluated with bitscout's quantizer by
+    ``evaluate(pmap) -> (metrics, seconds)`` (``ours``); costs on bitscout's axis (``cost16``: the
+    space with 16 bits allowed). Fills the runs' cost sums and ``peer["int4_as"]``."""
+    import torch
+
+    from search.space import PrecisionMap
+
+    space = search.space
+    int4_kept: set[bool] = set()
+    for run in peer["runs"]:
+        for p in run.get("points", []):
+            logits = p.pop("logits")
+            own = _metrics_from_logits(search, logits)
+            choice = {}
+            for g in space.groups:
+                opt, kept = peer_option(p["formats"][g.members[0].module])
+                choice[g.name] = opt
+                if opt.bits == 4:
+                    int4_kept.add(kept)
+            pmap = PrecisionMap(choice)
+            ours, secs = evaluate(pmap)
+            c = cost16.cost(pmap)
+            own_bytes = cost16.offsets()["size_bytes"] + sum(
+                peer_weight_bytes(mm.shape[0], mm.shape[1], p["formats"][mm.module])
+                for g in space.groups for mm in g.members)
+            bits = {lab: sum(linear[n] for n, f in p["formats"].items() if f == lab) for lab in set(p["formats"].values())}
+            p.update({
+                "avg_bits": c.avg_bits,
+                "effective_bits": peer_target(c.avg_bits, S, X),
+                "own": {**own, "size_bytes": own_bytes},
+                "ours": {"accuracy": ours.get("accuracy"), "kl": ours.get("kl"), "size_bytes": c.size_bytes,
+                         "eval_seconds": secs},
+                "weights_per_format": bits,
+                "map": _compact(pmap),
+            })
+        run["own_eval_seconds"] = sum(p.get("eval_seconds", 0.0) for p in run.get("points", []))
+        run["whole_seconds"] = (run.get("auto_quantize_seconds") or 0.0) + sum(
+            p.get("resolve_seconds", 0.0) + p.get("quantize_seconds", 0.0) + p.get("eval_seconds", 0.0)
+            for p in run.get("points", []))
+        run["through_ours_eval_seconds"] = sum(p["ours"]["eval_seconds"] for p in run.get("points", []))
+    peer["int4_as"] = ("4g128" if int4_kept == {True} else "4 bits per row" if int4_kept else None)
+    fp_logits = peer.pop("fp32_logits", None)
+    if fp_logits is not None:
+        ref = search.reference().outputs
+        peer["fp32_logits_max_abs_diff"] = max(
+            float((torch.tensor(o) - r).abs().max()) for o, r in zip(fp_logits, ref, strict=True))
+
+
 def run_config(cfg: PeerConfig, *, cache: Path, quick: bool, seed: int = 0,
                rows: tuple[int, int, int] | None = None, epoch_steps: int | None = None,
                peer_python: Path | None = None, peer_info: Mapping[str, Any] | None = None,
@@ -299,10 +380,8 @@ def run_config(cfg: PeerConfig, *, cache: Path, quick: bool, seed: int = 0,
 
     from benchmarks.bench_quality import _bit_targets, method_available
     from search import methods as registry
-    from search.cost import CostModel
     from search.local import DataOptions, prepare
     from search.pipeline import SearchOptions
-    from search.space import BitOption
 
     t_all = time.perf_counter()
     model_dir, heldout, train_file = _model(cfg, cache)
@@ -329,19 +408,8 @@ def run_config(cfg: PeerConfig, *, cache: Path, quick: bool, seed: int = 0,
     baseline = search.baseline()
     eval_unit = time.perf_counter() - t0
     space = search.space
-    # the space with 16 bits allowed everywhere: ModelOpt's unquantized layers; costs of the other
-    # options are unchanged
-    extra = {BitOption(UNQUANTIZED_BITS)}
-    space16 = replace(space, options=tuple(tuple(sorted(set(o) | extra)) for o in space.options))
-    cm = search.cost_model
-    cost16 = CostModel(space16, seq_len=cm.seq_len, act_bits=cm.act_bits, batch=cm.batch, profile=cm.profile)
-    fp32 = cost16.cost(space16.full_precision())
-    searched_modules = [m.module for g in space.groups for m in g.members]
-    linear = {n: int(mod.weight.numel()) for n, mod in search.model.named_modules() if isinstance(mod, torch.nn.Linear)}
-    S = sum(linear[n] for n in searched_modules)  # noqa: N806 - the docstring's names
-    X = sum(v for n, v in linear.items() if n not in set(searched_modules))  # noqa: N806
-    if space.n_params != S:
-        raise RuntimeError(f"the searched groups hold {space.n_params} weights, their linear layers {S}")
+    cost16, linear, searched_modules, S, X = peer_axis(search)  # noqa: N806 - the docstring's names
+    fp32 = cost16.cost(cost16.space.full_precision())
     log(f"{cfg.name}: {len(space.groups)} groups, {S} searched and {X} excluded linear weights; "
         f"fp32 accuracy {baseline.get('accuracy'):.4f}; evaluation pass {eval_unit:.1f} s; epoch {epochs[0]:.1f} s")
 
@@ -418,46 +486,7 @@ def run_config(cfg: PeerConfig, *, cache: Path, quick: bool, seed: int = 0,
         peer["venv"] = dict(peer_info or {})
         _run_peer(cfg, search, model_dir, searched_modules, S, X, peer_python, peer, quick=quick, seed=seed)
         checkpoint()
-        int4_kept: set[bool] = set()
-        for run in peer["runs"]:
-            for p in run.get("points", []):
-                logits = p.pop("logits")
-                own = _metrics_from_logits(search, logits)
-                choice = {}
-                for g in space.groups:
-                    opt, kept = peer_option(p["formats"][g.members[0].module])
-                    choice[g.name] = opt
-                    if opt.bits == 4:
-                        int4_kept.add(kept)
-                from search.space import PrecisionMap
-
-                pmap = PrecisionMap(choice)
-                ours, secs = evaluate(pmap)
-                c = cost16.cost(pmap)
-                own_bytes = cost16.offsets()["size_bytes"] + sum(
-                    peer_weight_bytes(mm.shape[0], mm.shape[1], p["formats"][mm.module])
-                    for g in space.groups for mm in g.members)
-                bits = {lab: sum(linear[n] for n, f in p["formats"].items() if f == lab) for lab in set(p["formats"].values())}
-                p.update({
-                    "avg_bits": c.avg_bits,
-                    "effective_bits": peer_target(c.avg_bits, S, X),
-                    "own": {**own, "size_bytes": own_bytes},
-                    "ours": {"accuracy": ours.get("accuracy"), "kl": ours.get("kl"), "size_bytes": c.size_bytes,
-                             "eval_seconds": secs},
-                    "weights_per_format": bits,
-                    "map": _compact(pmap),
-                })
-            run["own_eval_seconds"] = sum(p.get("eval_seconds", 0.0) for p in run.get("points", []))
-            run["whole_seconds"] = (run.get("auto_quantize_seconds") or 0.0) + sum(
-                p.get("resolve_seconds", 0.0) + p.get("quantize_seconds", 0.0) + p.get("eval_seconds", 0.0)
-                for p in run.get("points", []))
-            run["through_ours_eval_seconds"] = sum(p["ours"]["eval_seconds"] for p in run.get("points", []))
-        peer["int4_as"] = ("4g128" if int4_kept == {True} else "4 bits per row" if int4_kept else None)
-        fp_logits = peer.pop("fp32_logits", None)
-        if fp_logits is not None:
-            ref = search.reference().outputs
-            peer["fp32_logits_max_abs_diff"] = max(
-                float((torch.tensor(o) - r).abs().max()) for o, r in zip(fp_logits, ref, strict=True))
+        peer_through_ours(search, peer, cost16, linear, S, X, evaluate)
     epochs.append(_finetune_epoch(search, train_file, model_dir, steps)[0])
     epoch = statistics.median(epochs)
     record["finetune_epoch_seconds"] = epoch

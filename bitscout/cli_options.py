@@ -44,7 +44,7 @@ flag                        what                                            defa
 ``--evaluation-size``       evaluation rows (disjoint from calibration)     512
 ``--max-length``            tokens per sequence                             128
 ``--batch-size``            sequences per batch                             16
-``--refine POINTS``         'recommended' or K best front points            no refinement
+``--refine POINTS``         'recommended' or K lowest-discrepancy maps      no refinement
 ``--refine-steps``          optimizer steps per refined point               200
 ``--device``                auto, cpu or cuda                               auto
 ==========================  ==============================================  ====================
@@ -367,7 +367,7 @@ def add_refine_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("refinement (knowledge distillation with learned step sizes, after the search)")
     g.add_argument(
         "--refine", metavar="POINTS", type=refine_points,
-        help="'recommended' or K: refine the recommended point or the K best front points within the budget",
+        help="'recommended' or K: refine the recommended point or the K maps within the budget with the lowest calibration discrepancy",
     )  # fmt: skip
     g.add_argument(
         "--refine-steps", type=int, metavar="N",

@@ -263,7 +263,7 @@ class DNASOptions(MethodOptions):
 class NSGA2Options(MethodOptions):
     """``nsga2``: the black-box baseline, Optuna's NSGA-II over whole maps at a fixed evaluation budget."""
 
-    n_evaluations: _Count | None = Field(default=None, description="Maps evaluated (null: four per front point).")
+    n_evaluations: _Count | None = Field(default=None, description="Maps measured on the calibration proxy (null: four per front point).")
     population_size: Annotated[StrictInt, Field(ge=2)] | None = Field(
         default=None, description="Population per generation (null: Optuna's default)."
     )

@@ -814,10 +814,12 @@ class PointProvenance(_Read):
     """How a point was found (``search.result.ParetoPoint.provenance``)."""
 
     score: str | None = Field(
-        default=None, description="The scores it was allocated from: kl, hessian, fisher, or 'dnas start'."
+        default=None,
+        description="The scores it was allocated from: kl, hessian, fisher, or 'dnas start'; nsga2 for NSGA-II's maps.",
     )
     round: int | None = Field(
-        default=None, description="0: the first allocation; n: the closed loop's correction round n."
+        default=None,
+        description="0: the first allocation; n: the closed loop's correction round n (NSGA-II: its generation).",
     )
     local_search: bool = Field(default=False, description="Found by the closed loop's local search.")
     guard: bool = Field(
@@ -826,7 +828,9 @@ class PointProvenance(_Read):
     reference: bool = Field(default=False, description="A uniform reference map.")
     how: str | None = Field(default=None, description="A short account, e.g. 'budget', 'dense', 'local from uniform 4-bit'.")
     proxy: float | None = Field(
-        default=None, description="Its measured discrepancy to full precision on the calibration rows."
+        default=None,
+        description="Its measured discrepancy to full precision on the calibration rows: what the recommended "
+        "point, NSGA-II and the points to refine are chosen on.",
     )
 
 

@@ -67,6 +67,47 @@ _V_NAMES = {"value", "v_proj", "v_lin", "v", "wv", "value_proj"}
 _FUSED_QKV_NAMES = {"c_attn", "qkv_proj", "qkv", "in_proj"}
 
 
+class WeightCache:
+    """Fake-quantized weight blocks kept per (member slice, option, clip), so that measuring many maps
+    quantizes each (group, option) once (:meth:`ModelAdapter.quantized` with ``cache=``).
+
+    Valid only while the model's weights are the ones the blocks were quantized from: the search's
+    own model, whose weights :meth:`ModelAdapter.quantized` restores exactly on exit. At most
+    ``limit_bytes`` are kept (blocks beyond it are quantized again each time). A pickled cache (a
+    search shipped to another process) arrives empty."""
+
+    def __init__(self, limit_bytes: int = 2 << 30) -> None:
+        self.limit_bytes = int(limit_bytes)
+        self.blocks: dict[tuple[Any, ...], torch.Tensor] = {}
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple[Any, ...], make: Any) -> torch.Tensor:
+        """The block cached under ``key``, or ``make()`` (kept while the limit allows)."""
+        got = self.blocks.get(key)
+        if got is not None:
+            self.hits += 1
+            return got
+        self.misses += 1
+        value = make()
+        size = value.numel() * value.element_size()
+        if self.bytes + size <= self.limit_bytes:
+            self.blocks[key] = value
+            self.bytes += size
+        return value
+
+    def clear(self) -> None:
+        self.blocks.clear()
+        self.bytes = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"limit_bytes": self.limit_bytes}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["limit_bytes"])  # type: ignore[misc]
+
+
 def _is_conv1d(module: nn.Module) -> bool:
     # transformers.pytorch_utils.Conv1D: weight [in, out], y = x @ W + b
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
@@ -611,9 +652,10 @@ class ModelAdapter:
         return kwargs
 
     # ------------------------------------------------------------------ applying maps
-    def _write_group(self, group: Group, option: BitOption, clip: str) -> None:
+    def _write_group(self, group: Group, option: BitOption, clip: str, cache: WeightCache | None = None) -> None:
         """Write ``option``'s weights of ``group`` into the model (a tensor-train option: the dense
-        matrix its quantized cores stand for, :func:`search.tensor_train.option_weight`)."""
+        matrix its quantized cores stand for, :func:`search.tensor_train.option_weight`); with
+        ``cache``, an integer option's blocks are quantized once and copied in afterwards."""
         for m in group.members:
             block = self.member_slice(m)
             if option.is_tt:
@@ -626,11 +668,13 @@ class ModelAdapter:
                 if b is not None and m.axis in ("out", "all"):
                     (b[m.start : m.stop] if m.axis == "out" else b).zero_()
             elif option.bits != 32:
-                block.copy_(
-                    quant.fake_quantize(
+                def make(block: torch.Tensor = block) -> torch.Tensor:
+                    return quant.fake_quantize(
                         block, option.bits, symmetric=option.symmetric, clip=clip, group_size=option.group_size  # type: ignore[arg-type]
                     )
-                )
+
+                key = (m.module, m.axis, m.start, m.stop, option.key(), clip)
+                block.copy_(make() if cache is None else cache.get(key, make))
 
     def _touched(self, pmap: PrecisionMap, space: SearchSpace) -> list[str]:
         mods: dict[str, None] = {}
@@ -664,10 +708,10 @@ class ModelAdapter:
         setattr(parent, child, new)
 
     @torch.no_grad()
-    def apply(self, pmap: PrecisionMap, space: SearchSpace, *, clip: str = "mse") -> None:
+    def apply(self, pmap: PrecisionMap, space: SearchSpace, *, clip: str = "mse", cache: WeightCache | None = None) -> None:
         """Fake-quantize the model in place under ``pmap`` (groups missing from the map stay in full
         precision); a tensor-train group's module is replaced by its TT module (:meth:`tt_module`),
-        which runs the factorised forward."""
+        which runs the factorised forward. ``cache`` keeps the quantized blocks (:class:`WeightCache`)."""
         unknown = [k for k in pmap if k not in space._index]
         if unknown:
             raise InvalidInputError(f"precision map names unknown groups: {unknown[:3]}", field="precision_map")
@@ -676,7 +720,7 @@ class ModelAdapter:
             if opt.is_tt:
                 self.swap_module(g.members[0].module, self.tt_module(g, opt, clip))
             elif not opt.unchanged:
-                self._write_group(g, opt, clip)
+                self._write_group(g, opt, clip, cache)
 
     def restore_modules(self, space: SearchSpace) -> None:
         """Put the original module back wherever :meth:`apply` placed a TT module."""
@@ -690,14 +734,16 @@ class ModelAdapter:
 
     @contextmanager
     def quantized(
-        self, pmap: PrecisionMap, space: SearchSpace, *, clip: str = "mse", act_static: StaticScales | None = None
+        self, pmap: PrecisionMap, space: SearchSpace, *, clip: str = "mse", act_static: StaticScales | None = None,
+        cache: WeightCache | None = None,
     ) -> Iterator[nn.Module]:
         """Context manager: the model fake-quantized under ``pmap`` (weights, and the inputs of the
         matrices whose option names activation bits: :mod:`search.actquant`, static scales
-        ``act_static`` or per token), restored exactly on exit."""
+        ``act_static`` or per token), restored exactly on exit; ``cache`` keeps the quantized blocks
+        for the next map (:class:`WeightCache`)."""
         saved = self.snapshot(self._touched(pmap, space))
         try:
-            self.apply(pmap, space, clip=clip)
+            self.apply(pmap, space, clip=clip, cache=cache)
             with activations_quantized(self._modules, space, pmap, static=act_static):
                 yield self.model
         finally:

@@ -6,9 +6,8 @@ objectives are the quality metric of the fake-quantized model (maximised or mini
 metric says) and a cost of the map (``size_bytes`` by default: the metric the budget's front is
 swept over). Optuna's :class:`~optuna.samplers.NSGAIISampler` proposes one *generation* at a time
 (``population_size`` maps); the caller's ``evaluate_many(maps) -> metrics`` evaluates the whole
-generation at once, so a caller with a cluster (the workers run it on a Ray actor pool) evaluates
-a generation in parallel, while :func:`nsga2_candidates` falls back to evaluating one map after
-another in-process.
+generation at once, so a caller with several processes can evaluate a generation in parallel;
+:func:`nsga2_candidates` measures it on the search's calibration proxy.
 
 The search stops after ``n_evaluations`` *distinct* maps have been evaluated (maps proposed
 again are answered from a cache and cost nothing), which makes it comparable with the
@@ -42,6 +41,7 @@ if TYPE_CHECKING:
     from search.plan import Candidate
 
 __all__ = [
+    "PROXY_METRIC",
     "EvaluateMany",
     "NSGA2Point",
     "NSGA2Result",
@@ -253,27 +253,36 @@ def run_nsga2(
     )
 
 
+#: the objective NSGA-II minimises inside a search: the calibration proxy's discrepancy
+PROXY_METRIC = "proxy"
+
+
 def nsga2_candidates(
     search: Search,
     *,
     on_progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
-    evaluate_many: EvaluateMany | None = None,
+    measure_many: Callable[[list[PrecisionMap]], list[float]] | None = None,
     storage: str | None = None,
     study_name: str | None = None,
     **overrides: Any,
 ) -> list[Candidate]:
     """The ``nsga2`` method of :class:`~search.pipeline.Search`: its non-dominated maps (plus the
-    best map that meets the budget, when that one is not on the front) as pre-evaluated
-    candidates.
+    map that meets the budget with the lowest discrepancy, when that one is not on the front) as
+    candidates for the evaluation.
+
+    Its objectives are the calibration proxy (``measure_many(maps)``: the mean per-row discrepancy
+    to full precision on the calibration rows, :meth:`~search.pipeline.Search.calibration_proxy`,
+    minimised) and the cost: the evaluation rows choose nothing; the orchestration evaluates the
+    maps it returns once, afterwards, and each carries its measured discrepancy
+    (``provenance["proxy"]``). Without ``measure_many``, the search's own proxy measures them.
 
     Options (:class:`bitscout.methods.NSGA2Options`) come from
-    ``search.options.method_options["nsga2"]`` and then ``overrides``: ``n_evaluations`` (default
-    :func:`default_n_evaluations` of ``front_points``), ``population_size``, ``seed`` (default the
-    search's seed), ``seed_uniform`` (default True). ``storage`` / ``study_name`` are process
-    settings, not options: an Optuna storage URL and study name that make the study resumable (the
-    job runner keeps one per job). Without ``evaluate_many``, maps are evaluated one after another
-    in this process (checking ``should_stop`` between them).
+    ``search.options.method_options["nsga2"]`` and then ``overrides``: ``n_evaluations`` (maps
+    measured; default :func:`default_n_evaluations` of ``front_points``), ``population_size``,
+    ``seed`` (default the search's seed), ``seed_uniform`` (default True). ``storage`` /
+    ``study_name`` are process settings, not options: an Optuna storage URL and study name that
+    make the study resumable (the job runner keeps one per job).
     """
     from search.methods import parse_options
     from search.plan import Candidate, sweep_metric
@@ -282,16 +291,10 @@ def nsga2_candidates(
     budget: Budget = search.options.budget
     cost_metric = sweep_metric(budget)
     n_eval = opts.n_evaluations or default_n_evaluations(search.options.front_points)
+    measure = measure_many or (lambda maps: search.calibration_proxy(maps, should_stop=should_stop))
 
-    if evaluate_many is None:
-
-        def evaluate_many(maps: list[PrecisionMap]) -> list[dict[str, float]]:
-            out = []
-            for m in maps:
-                if should_stop is not None and should_stop():
-                    raise CanceledError("search canceled")
-                out.append(search.evaluate(m, should_stop=should_stop))
-            return out
+    def objective(maps: list[PrecisionMap]) -> list[dict[str, float]]:
+        return [{PROXY_METRIC: float(v)} for v in measure(list(maps))]
 
     initial: list[PrecisionMap] = []
     if opts.seed_uniform:
@@ -303,9 +306,9 @@ def nsga2_candidates(
     result = run_nsga2(
         search.space,
         search.cost_model.cost,
-        evaluate_many,
-        metric=search.metric,
-        higher_is_better=search.higher_is_better,
+        objective,
+        metric=PROXY_METRIC,
+        higher_is_better=False,
         n_evaluations=int(n_eval),
         cost_metric=cost_metric,
         population_size=opts.population_size,
@@ -317,13 +320,12 @@ def nsga2_candidates(
         should_stop=should_stop,
     )
     search.nsga2_info = {**result.info, "n_trials": result.n_trials, "generations": result.n_generations,  # type: ignore[attr-defined]
-                         "resumed": result.resumed, "evaluated": len(result.evaluated)}
+                         "resumed": result.resumed, "evaluated": len(result.evaluated), "objective": "calibration proxy"}
 
     chosen: list[tuple[NSGA2Point, str]] = [(p, "front") for p in result.front]
-    feasible = [p for p in result.evaluated if budget.limits() and budget.is_feasible(p.cost) and search.metric in p.metrics]
+    feasible = [p for p in result.evaluated if budget.limits() and budget.is_feasible(p.cost)]
     if feasible:
-        sign = 1.0 if search.higher_is_better else -1.0
-        best = max(feasible, key=lambda p: (sign * p.metrics[search.metric], -p.cost.size_bytes))
+        best = min(feasible, key=lambda p: (p.metrics[PROXY_METRIC], p.cost.size_bytes))
         if all(best.precision_map != p.precision_map for p, _ in chosen):
             chosen.insert(0, (best, "budget"))
         else:
@@ -337,7 +339,8 @@ def nsga2_candidates(
             label=label,
             exact=False,
             gap=0.0,
-            metrics=dict(p.metrics),
+            provenance={"score": "nsga2", "round": p.generation, "local_search": False, "guard": False,
+                        "how": f"NSGA-II {label}, generation {p.generation}", "proxy": p.metrics[PROXY_METRIC]},
         )
         for p, label in chosen
     ]

@@ -39,7 +39,7 @@ from search import loop, methods
 from search.errors import CanceledError
 from search.loop import Proxy
 from search.pipeline import Search
-from search.plan import Candidate
+from search.plan import Candidate, proxy_of
 from search.result import ParetoPoint, SearchResult, SensitivityTable
 from search.sensitivity import ProgressFn, StopFn
 from search.space import PrecisionMap
@@ -145,8 +145,10 @@ def run_search(search: Search, hooks: SearchHooks | None = None) -> SearchResult
     names = list(search.options.methods)
     share = P_METHODS / max(1, len(names))
     lp = search.options.loop
-    proxy = Proxy(lambda maps: search.calibration_proxy(maps, should_stop=h.should_stop),
-                  units_per_map=len(search.calibration)) if lp.enabled else None
+    # the calibration proxy: the loop's measurements, NSGA-II's objective and the recommendation
+    measure = Proxy(lambda maps: search.calibration_proxy(maps, should_stop=h.should_stop),
+                    units_per_map=len(search.calibration))
+    proxy = measure if lp.enabled else None
     floor = loop.noise_floor(lp, search.task)
     uniform = search.uniform_candidates()
     loop_info: dict[str, Any] = {}
@@ -161,7 +163,7 @@ def run_search(search: Search, hooks: SearchHooks | None = None) -> SearchResult
             first = search.candidates(table)
             score_table: SensitivityTable | None = table
         else:
-            first = _propose(search, name, h, span)
+            first = _propose(search, name, h, span, measure)
             score_table = getattr(search, f"{name}_start_table", None)
         if proxy is None or score_table is None:
             cands.extend(replace(c, provenance=loop.provenance_of(c, name)) for c in first)
@@ -179,15 +181,19 @@ def run_search(search: Search, hooks: SearchHooks | None = None) -> SearchResult
         refs = uniform
         loop_info = {"enabled": False}
     cands.extend(replace(c, provenance=loop.provenance_of(c, None)) for c in refs)
-    points = _evaluate(search, cands, h, P_METHODS, eval_end)
+    points = _with_proxy(search, _evaluate(search, cands, h, P_METHODS, eval_end), measure)
     result = search.assemble(points, tables)
     result.info["loop"] = loop_info
+    result.info["proxy"] = {"measured": measure.measured, "forward_units": measure.forward_units,
+                            "weight_cache": _cache_info(search)}
     if refine is not None:
         refined = refine_points(search, result, h, eval_end, 1.0)
         if refined:
             points = points + refined
             result = search.assemble(points, tables)  # the front and the recommendation, refined included
             result.info["loop"] = loop_info
+            result.info["proxy"] = {"measured": measure.measured, "forward_units": measure.forward_units,
+                                    "weight_cache": _cache_info(search)}
         result.info["refine"] = {**result.info.get("refine", {}), "refined": len(refined)}
     search.timings["total"] = time.perf_counter() - t0
     return replace(result, timings=dict(search.timings))
@@ -237,19 +243,38 @@ def _table(search: Search, method: str, h: SearchHooks, span: ProgressFn) -> Sen
     return table
 
 
-def _propose(search: Search, method: str, h: SearchHooks, span: ProgressFn) -> list[Candidate]:
+def _with_proxy(search: Search, points: list[ParetoPoint], proxy: Proxy) -> list[ParetoPoint]:
+    """``points`` with the calibration discrepancy (``provenance["proxy"]``) of every point that
+    meets the budget, measured where not yet (what :func:`search.plan.recommended_index` and
+    :func:`refine_choice` choose on; the evaluation rows only report)."""
+    budget = search.options.budget
+    todo = [p.precision_map for p in points if budget.is_feasible(p.cost) and proxy_of(p) is None]
+    if todo:
+        proxy(todo)
+    return [p if proxy_of(p) is not None or p.precision_map not in proxy.values
+            else replace(p, provenance={**(p.provenance or {}), "proxy": proxy.values[p.precision_map]})
+            for p in points]
+
+
+def _cache_info(search: Search) -> dict[str, Any]:
+    c = search.weight_cache
+    return {"blocks": len(c.blocks), "bytes": c.bytes, "hits": c.hits, "misses": c.misses}
+
+
+def _propose(search: Search, method: str, h: SearchHooks, span: ProgressFn, proxy: Proxy) -> list[Candidate]:
     fn = methods.get(method).load()
     kwargs: dict[str, Any] = {"on_progress": span, "should_stop": h.should_stop, **h.method_settings.get(method, {})}
     params = inspect.signature(fn).parameters
-    if "evaluate_many" in params:
-        kwargs["evaluate_many"] = (h.evaluator or LocalEvaluator(search, h.should_stop)).evaluate_many
+    if "measure_many" in params:  # a proposer that chooses on the calibration proxy (NSGA-II)
+        kwargs["measure_many"] = proxy
     t0 = time.perf_counter()
     out = list(fn(search, **kwargs))
     info = getattr(search, f"{method}_info", None) or {}
     h.event(
         "method",
         f"{method}: {len(out)} candidate maps in {time.perf_counter() - t0:.1f} s"
-        + (f" ({info.get('evaluated')} maps evaluated, {info.get('resumed', 0)} reused)" if info else ""),
+        + (f" ({info.get('evaluated')} maps measured on the calibration proxy, {info.get('resumed', 0)} reused)"
+           if info else ""),
         stage=method,
         data={"method": method, **{k: v for k, v in info.items() if isinstance(v, int | float | str)}},
     )
@@ -315,8 +340,9 @@ def split_validation(batches: Sequence[Any]) -> tuple[list[Any], list[Any]]:
 
 def refine_choice(search: Search, result: SearchResult, h: SearchHooks) -> list[int]:
     """The indices (in ``result.points``) of the points to refine: the recommended one, or the ``k``
-    most accurate front points that meet the budget (refining a point far over the budget, already
-    close to full precision, buys nothing); uniform reference maps are never refined."""
+    points that meet the budget with the lowest calibration discrepancy (``provenance["proxy"]``:
+    chosen on calibration rows, never on the evaluation rows; refining a point far over the budget,
+    already close to full precision, buys nothing); one per map, uniform reference maps never."""
     refine = search.options.refine
     if refine is None:
         return []
@@ -327,17 +353,23 @@ def refine_choice(search: Search, result: SearchResult, h: SearchHooks) -> list[
             return [rec]
         h.event("note", "no point meets the budget: nothing to refine", stage="refine")
         return []
-    sign = 1.0 if result.higher_is_better else -1.0
-    ids = {id(p): i for i, p in enumerate(points)}
     budget = search.options.budget
-    front = [
-        p for p in result.front
-        if p.method != "uniform" and result.metric in p.metrics and (budget.empty or budget.is_feasible(p.cost))
-    ]  # fmt: skip
-    front.sort(key=lambda p: -sign * p.metrics[result.metric])
-    if not front:
-        h.event("note", "no front point meets the budget: nothing to refine", stage="refine")
-    return [ids[id(p)] for p in front[: int(refine.points)]]
+    ranked = sorted(
+        (i for i, p in enumerate(points)
+         if p.method != "uniform" and not p.refined and proxy_of(p) is not None
+         and (budget.empty or budget.is_feasible(p.cost))),
+        key=lambda i: (proxy_of(points[i]), points[i].cost.size_bytes, i),
+    )
+    seen: set[PrecisionMap] = set()
+    chosen = []
+    for i in ranked:
+        if points[i].precision_map not in seen:
+            seen.add(points[i].precision_map)
+            chosen.append(i)
+    if not chosen:
+        h.event("note", "no point that meets the budget was measured on the calibration rows: nothing to refine",
+                stage="refine")
+    return chosen[: int(refine.points)]
 
 
 def refine_points(search: Search, result: SearchResult, h: SearchHooks, lo: float, hi: float) -> list[ParetoPoint]:

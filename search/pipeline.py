@@ -25,7 +25,7 @@ from bitscout.methods import LoopOptions, activation_problem
 from bitscout.rules import selection_problem
 from search import methods
 from search.actquant import ACT_SCALES, StaticScales
-from search.adapter import ModelAdapter
+from search.adapter import ModelAdapter, WeightCache
 from search.cost import CostModel, LatencyTable, get_profile
 from search.data import TokenizedBatch
 from search.errors import InvalidInputError
@@ -274,6 +274,8 @@ class Search:
         self.label_names: list[str] | None = None
         self._reference: Reference | None = None
         self._calibration_reference: list[torch.Tensor] | None = None
+        #: the quantized weight blocks of every (group, option) quantized so far, for the next maps
+        self.weight_cache = WeightCache()
         self.baseline_metrics: dict[str, float] | None = None
 
     # -- stages -----------------------------------------------------------------------------
@@ -302,7 +304,7 @@ class Search:
     def sensitivity_context(self) -> SensitivityContext:
         return SensitivityContext(
             self.model, self.adapter, self.space, self.task, self.calibration, self.device, self.options.seed,
-            self.options.clip, self.act_static,
+            self.options.clip, self.act_static, self.weight_cache,
         )
 
     def sensitivity(
@@ -350,7 +352,8 @@ class Search:
     def evaluate(self, pmap: PrecisionMap, *, should_stop: StopFn | None = None) -> dict[str, float]:
         """Every metric of the model fake-quantized under ``pmap`` on the evaluation batches."""
         reference = self.reference()  # full-precision outputs: computed before the weights change
-        with self.adapter.quantized(pmap, self.space, clip=self.options.clip, act_static=self.act_static):
+        with self.adapter.quantized(pmap, self.space, clip=self.options.clip, act_static=self.act_static,
+                                    cache=self.weight_cache):
             return evaluate(self.model, self.evaluation, self.task, reference=reference, should_stop=should_stop)
 
     def evaluate_candidate(self, c: Candidate, *, should_stop: StopFn | None = None) -> ParetoPoint:
@@ -368,7 +371,9 @@ class Search:
     def calibration_proxy(self, maps: Sequence[PrecisionMap], *, should_stop: StopFn | None = None) -> list[float]:
         """The mean per-row discrepancy (:func:`search.tasks.discrepancy`, the quantity the
         sensitivity methods score) of the model under each map to full precision, on the
-        calibration batches only: one forward pass per batch and map (:mod:`search.loop`)."""
+        calibration batches only: one forward pass per batch and map (:mod:`search.loop`); the
+        full-precision outputs are computed once, the quantized weights come from
+        :attr:`weight_cache`."""
         from search.errors import CanceledError
         from search.tasks import discrepancy, eval_mode, model_output
 
@@ -382,7 +387,8 @@ class Search:
                 if should_stop is not None and should_stop():
                     raise CanceledError("search canceled")
                 total = 0.0
-                with self.adapter.quantized(pmap, self.space, clip=self.options.clip):
+                with self.adapter.quantized(pmap, self.space, clip=self.options.clip, act_static=self.act_static,
+                                            cache=self.weight_cache):
                     for ref, b in zip(self._calibration_reference, self.calibration, strict=True):
                         total += float(discrepancy(ref, model_output(self.model, b, self.task), b, self.task).sum())
                 out.append(total / n)
@@ -415,7 +421,7 @@ class Search:
                 "groups": len(self.space.groups),
                 "granularity": self.space.granularity,
                 "ties": len(self.space.ties),
-                "recommended": recommended_index(points, self.options.budget, self.metric, self.higher_is_better),
+                "recommended": recommended_index(points, self.options.budget),
                 "seed": self.options.seed,
                 **({"refine": {"points": self.options.refine.points, "steps": self.options.refine.steps}}
                    if self.options.refine is not None else {}),

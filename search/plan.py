@@ -8,7 +8,8 @@ without torch or a model.
 * :func:`candidates_from_table`: the allocations over a sweep of the budget's main metric
   (:func:`sweep_metric`) plus the allocation at the budget; :func:`uniform_candidates`: the
   uniform reference maps.
-* :func:`recommended_index`: the recommended point (:func:`bitscout.rules.recommended`).
+* :func:`recommended_index`: the recommended point, chosen on the calibration proxy
+  (:func:`bitscout.rules.recommended` over each point's ``provenance["proxy"]``).
 * :func:`resolve`: a new budget answered from a stored space and table.
 
 The service's process answers ``POST /jobs/{id}/resolve`` with this module, so it (and what it
@@ -236,15 +237,27 @@ def uniform_candidates(space: SearchSpace, baselines: Sequence[int], symmetric: 
     return out
 
 
-def recommended_index(
-    points: Sequence[ParetoPoint], budget: Budget, metric: str, hib: bool
-) -> int | None:
-    """Index of the best point (by ``metric``) that meets ``budget``; None when none does
-    (:func:`bitscout.rules.recommended`)."""
-    return rules.recommended(
-        ((i, p.metrics.get(metric), p.cost.size_bytes, budget.is_feasible(p.cost)) for i, p in enumerate(points)),
-        hib,
+def recommended_index(points: Sequence[ParetoPoint], budget: Budget) -> int | None:
+    """Index of the point that meets ``budget`` with the lowest measured calibration discrepancy
+    (``provenance["proxy"]``, :meth:`search.pipeline.Search.calibration_proxy`); ties go to the
+    smaller size (:func:`bitscout.rules.recommended`). The evaluation metrics choose nothing: they
+    are only reported. A refined point takes its origin's place when its origin is the choice (its
+    early stopping chose its weights on held-back calibration batches). None when no point that
+    meets the budget has a measured discrepancy."""
+    rec = rules.recommended(
+        ((i, proxy_of(p), p.cost.size_bytes, budget.is_feasible(p.cost))
+         for i, p in enumerate(points) if not p.refined),
+        False,
     )
+    if rec is not None:
+        rec = next((i for i, p in enumerate(points) if p.refined and p.refined_from == rec), rec)
+    return rec
+
+
+def proxy_of(point: ParetoPoint | Candidate) -> float | None:
+    """The point's measured calibration discrepancy (``provenance["proxy"]``), or None."""
+    v = (point.provenance or {}).get("proxy")
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
 
 
 def resolve(
@@ -297,6 +310,7 @@ __all__ = [
     "candidates_from_table",
     "check_budget",
     "in_budget_units",
+    "proxy_of",
     "recommended_index",
     "resolve",
     "sweep_metric",

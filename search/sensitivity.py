@@ -43,7 +43,7 @@ from torch import nn
 
 from bitscout.methods import KLOptions, MethodOptions
 from search.actquant import StaticScales, quantize_activations_of
-from search.adapter import ModelAdapter
+from search.adapter import ModelAdapter, WeightCache
 from search.data import TokenizedBatch
 from search.errors import CanceledError, InvalidInputError
 from search.methods import parse_options
@@ -69,6 +69,8 @@ class SensitivityContext:
     clip: str = "mse"
     #: static activation scales of options with activation bits (None: per-token dynamic scales)
     act_static: StaticScales | None = None
+    #: where quantized weight blocks are kept for the search's later measurements (None: nowhere)
+    weight_cache: WeightCache | None = None
 
     @property
     def n_samples(self) -> int:
@@ -339,7 +341,7 @@ class KLSensitivity(SensitivityMethod):
                     adapter._modules, space, {group.name: opt}, static=ctx.act_static, groups=(gi,)
                 )
                 try:
-                    adapter._write_group(group, opt, ctx.clip)
+                    adapter._write_group(group, opt, ctx.clip, ctx.weight_cache)
                     cell: list[tuple[float, int]] = []
                     for bi, b in enumerate(batches):
                         state.batch = bi
@@ -473,7 +475,7 @@ def calibrate_scores(
             )
             pred = sum(scores[g.name][opt.key()] for g, row in zip(space.groups, space.options, strict=True) if opt in row)
             total, count = 0.0, 0
-            with adapter.quantized(pmap, space, clip=ctx.clip):
+            with adapter.quantized(pmap, space, clip=ctx.clip, cache=ctx.weight_cache):
                 for ref, b in zip(refs, ctx.batches, strict=True):
                     d_sum, d_n = discrepancy_sum(ref, model_output(model, b, ctx.task), b, ctx.task)
                     total += d_sum

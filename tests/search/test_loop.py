@@ -283,14 +283,21 @@ def test_a_search_with_the_loop_records_provenance_and_reads_evaluation_rows_las
         assert inside and min(inside) <= proxy[u.precision_map] * (1 + 1e-9) + 1e-15, u.label
 
 
-def test_with_the_loop_off_the_search_measures_nothing_on_the_proxy(trained_bert, sentiment_file):
+def test_with_the_loop_off_the_search_measures_only_the_points_within_the_budget(trained_bert, sentiment_file):
     from search.local import prepare
     from search.pipeline import SearchOptions
 
-    opts = SearchOptions(methods=("kl",), bits=(2, 4, 8), front_points=4, loop={"enabled": False})
+    opts = SearchOptions(methods=("kl",), bits=(2, 4, 8), front_points=4, loop={"enabled": False},
+                         budget=Budget(max_avg_bits=3.0))
     search = prepare(trained_bert, _data(sentiment_file), opts, device="cpu")
-    search.calibration_proxy = None  # would fail if called
+    measured = []
+    real = search.calibration_proxy
+    search.calibration_proxy = lambda maps, **kw: measured.extend(maps) or real(maps, **kw)
     result = search.run()
     assert result.info["loop"] == {"enabled": False}
+    # what the recommendation is chosen on, and nothing else
+    inside = {p.precision_map for p in result.points if opts.budget.is_feasible(p.cost)}
+    assert inside and set(measured) == inside and len(measured) == len(inside)
+    assert result.info["proxy"]["measured"] == len(inside)
     assert {p.provenance["round"] for p in result.points if p.method == "kl"} == {0}
     assert not any(p.provenance.get("local_search") for p in result.points)

@@ -172,7 +172,7 @@ def test_default_population_size():
     assert default_population_size(10_000) == 32
 
 
-def test_nsga2_method_in_a_real_search_reuses_its_evaluations(trained_bert, sentiment_file, monkeypatch):
+def test_nsga2_method_in_a_real_search_measures_on_the_proxy_and_evaluates_what_it_keeps_once(trained_bert, sentiment_file, monkeypatch):
     from search import methods
     from search.local import DataOptions, prepare
     from search.pipeline import Search, SearchOptions
@@ -197,6 +197,8 @@ def test_nsga2_method_in_a_real_search_reuses_its_evaluations(trained_bert, sent
     nsga = [p for p in result.points if p.method == "nsga2"]
     assert nsga and all("accuracy" in p.metrics for p in nsga)
     assert any(p.label == "budget" for p in nsga)
-    # 10 maps by NSGA-II; its candidates are not evaluated again, only the 2 uniform baselines
-    assert len(calls) == 12
+    # 10 maps measured by NSGA-II on the calibration proxy; only the maps it keeps and the uniform
+    # baselines are evaluated, each once
     assert search.nsga2_info["evaluated"] == 10
+    assert len(calls) == len(set(calls)) == len({p.precision_map for p in result.points}) < 12
+    assert all(p.provenance["proxy"] >= 0 and p.provenance["score"] == "nsga2" for p in nsga)

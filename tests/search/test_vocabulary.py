@@ -119,11 +119,11 @@ def test_search_refines_in_process_as_a_job_does(tmp_path: Path, trained_bert: P
     assert [p.metrics for p in result.points] == [p.metrics for p in plain.points]
     chosen = refine_choice(search, plain, SearchHooks())
     budget = search.options.budget
-    eligible = [p for p in plain.front if p.method != "uniform" and budget.is_feasible(p.cost)]
+    eligible = {p.precision_map for p in plain.points if p.method != "uniform" and budget.is_feasible(p.cost)}
     assert len(chosen) == min(2, len(eligible)) >= 1
     assert all(plain.points[i].method != "uniform" and budget.is_feasible(plain.points[i].cost) for i in chosen)
-    best = max(eligible, key=lambda p: p.metrics["accuracy"])
-    assert plain.points[chosen[0]].metrics["accuracy"] == best.metrics["accuracy"]
+    best = min((p for p in plain.points if p.precision_map in eligible), key=lambda p: p.provenance["proxy"])
+    assert plain.points[chosen[0]].provenance["proxy"] == best.provenance["proxy"]  # chosen on calibration rows
 
     new = refined.points[len(plain.points):]
     assert len(new) == len(chosen) and all(p.refined for p in new)
@@ -135,11 +135,10 @@ def test_search_refines_in_process_as_a_job_does(tmp_path: Path, trained_bert: P
                     train_batches=train, validation_batches=validation)  # fmt: skip
     assert new[0].metrics == direct.metrics
     assert new[0].precision_map == plain.points[chosen[0]].precision_map and new[0].cost == plain.points[chosen[0]].cost
-    # the front and the recommendation are recomputed over every point, refined ones included
-    rec = refined.info["recommended"]
-    assert rec == max(range(len(refined.points)), key=lambda i: (
-        refined.points[i].metrics["accuracy"] if budget.is_feasible(refined.points[i].cost) else -1,
-        -refined.points[i].cost.size_bytes, -i))  # fmt: skip
+    # the recommendation: the refined point of the map chosen on the calibration proxy, when refined
+    rec, rec_plain = refined.info["recommended"], plain.info["recommended"]
+    assert rec_plain is not None
+    assert rec == next((i for i, p in enumerate(refined.points) if p.refined and p.refined_from == rec_plain), rec_plain)
 
 
 def test_search_refine_on_the_command_line(tmp_path: Path, trained_bert: Path, sentiment_file: Path,

@@ -1,4 +1,5 @@
-"""NSGA-II as a job (trials evaluated in parallel on Ray) and the resolver behind /resolve."""
+"""NSGA-II as a job (its trials measured on the calibration proxy, the maps it keeps evaluated in
+parallel on Ray) and the resolver behind /resolve."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def _warm(n: int = 2) -> list[int]:
     return ray.get([warm.remote() for _ in range(n)])
 
 
-def test_an_nsga2_job_evaluates_its_generations_in_parallel_and_returns_a_front(ray_session, env: Env):
+def test_an_nsga2_job_measures_on_the_proxy_evaluates_in_parallel_and_returns_a_front(ray_session, env: Env):
     _warm()
     job = env.submit(
         methods=["nsga2"],
@@ -50,12 +51,13 @@ def test_an_nsga2_job_evaluates_its_generations_in_parallel_and_returns_a_front(
         for q in nsga:
             assert not (q.cost.size_bytes < p.cost.size_bytes and q.metrics["accuracy"] > p.metrics["accuracy"])
     info = env.store.get_result_info(job_id=job.id)
-    assert info["nsga2"]["evaluated"] == 24
-    # the maps were evaluated by the runner and by Ray tasks in other processes at the same time
+    assert info["nsga2"]["evaluated"] == 24 and info["nsga2"]["objective"] == "calibration proxy"
+    assert all(p.provenance is not None and p.provenance.proxy is not None for p in nsga)
+    # the maps it keeps were evaluated by the runner and by Ray tasks in other processes at the same time
     evaluation = info["evaluation"]
     assert len(evaluation["processes"]) >= 2 and evaluation["remote_maps"] >= 1, evaluation
     method = next(e for e in env.events(job.id) if e.kind == "method")
-    assert "24 maps evaluated" in method.message
+    assert "24 maps measured on the calibration proxy" in method.message
     # the Optuna study lives in its own SQLite file, never in the service's database
     study = env.settings.data_dir / "work" / "optuna" / f"{job.id}.db"
     assert study.is_file()
