@@ -615,22 +615,30 @@ class ModelAdapter:
         """Write ``option``'s weights of ``group`` into the model (a tensor-train option: the dense
         matrix its quantized cores stand for, :func:`search.tensor_train.option_weight`)."""
         for m in group.members:
-            block = self.member_slice(m)
-            if option.is_tt:
-                block.copy_(
-                    tt.option_weight(block, int(option.tt_rank), option.bits, symmetric=option.symmetric, clip=clip)  # type: ignore[arg-type]
+            self.write_member(m, option, clip)
+
+    def write_member(self, m: Member, option: BitOption, clip: str) -> None:
+        """Write ``option``'s weights of one member slice into the model (see :meth:`_write_group`)."""
+        block = self.member_slice(m)
+        if option.is_tt:
+            block.copy_(
+                tt.option_weight(block, int(option.tt_rank), option.bits, symmetric=option.symmetric, clip=clip)  # type: ignore[arg-type]
+            )
+        elif option.pruned:
+            block.zero_()
+            self.prune_bias(m)
+        elif option.bits != 32:
+            block.copy_(
+                quant.fake_quantize(
+                    block, option.bits, symmetric=option.symmetric, clip=clip, group_size=option.group_size  # type: ignore[arg-type]
                 )
-            elif option.pruned:
-                block.zero_()
-                b = self.bias(m.module)
-                if b is not None and m.axis in ("out", "all"):
-                    (b[m.start : m.stop] if m.axis == "out" else b).zero_()
-            elif option.bits != 32:
-                block.copy_(
-                    quant.fake_quantize(
-                        block, option.bits, symmetric=option.symmetric, clip=clip, group_size=option.group_size  # type: ignore[arg-type]
-                    )
-                )
+            )
+
+    def prune_bias(self, m: Member) -> None:
+        """Zero the bias entries that follow a pruned member: its rows (``out``), all (``all``), none (``in``)."""
+        b = self.bias(m.module)
+        if b is not None and m.axis in ("out", "all"):
+            (b[m.start : m.stop] if m.axis == "out" else b).zero_()
 
     def _touched(self, pmap: PrecisionMap, space: SearchSpace) -> list[str]:
         mods: dict[str, None] = {}
