@@ -116,9 +116,11 @@ from search.export.packed import (
     PackedWeight,
     holders_of,
     install,
+    maps_a_file,
     new_packed_weight,
     packable,
     refuse_packed,
+    release_mapping,
     store_codes,
 )
 from search.space import FULL_PRECISION, Member, PrecisionMap, SearchSpace, space_from_dict, space_to_dict
@@ -714,8 +716,11 @@ def load_artifact(path_or_dir: str | Path, model: nn.Module, *, materialize: boo
                 w = _weight_view(modules[name])
                 cores = [c.to(w.device) for c in tt_groups[g.name]]
                 adapter.swap_module(name, adapter.tt_module(g, pmap[g.name], info.clip, cores=cores))
+    mapped = any(maps_a_file(modules[name]) for name in packs)
     for pw, hold in packs.values():  # last: the holders take the modules' loaded biases
         install(model, pw, hold)
+    if mapped:
+        release_mapping(model)
     return model
 
 

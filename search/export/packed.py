@@ -45,6 +45,11 @@ weight is too, and the space's members cover its whole matrix; otherwise its mem
 float as :meth:`ModelAdapter.apply` does (:func:`apply_packed` says which). Tensor-train groups keep
 their TT modules.
 
+A model loaded by ``from_pretrained`` holds its weights in a private memory mapping of the checkpoint
+file: the float matrices packed away stay resident in it as long as any other tensor of the model lives
+there, so the tensors the model keeps in float (embeddings, norms, biases) are then copied into memory
+(:func:`release_mapping`) and the mapping goes.
+
 Memory and time: a packed matrix takes the bytes :func:`search.cost.weight_bytes` counts; a forward
 pass dequantizes each matrix into a temporary of its float size, one matrix at a time (figures in
 ``docs/methods/export.md``). Casting the model (``.half()``, ``.to(torch.bfloat16)``) changes the dtype
@@ -81,11 +86,13 @@ __all__ = [
     "holder_kind",
     "holders_of",
     "install",
+    "maps_a_file",
     "model_bytes",
     "new_packed_weight",
     "packable",
     "packed_bytes",
     "refuse_packed",
+    "release_mapping",
     "store_codes",
 ]
 
@@ -403,6 +410,7 @@ def apply_packed(adapter: ModelAdapter, space: SearchSpace, pmap: PrecisionMap, 
     model = adapter.model
     holders = holders_of(model)
     in_float: list[str] = []
+    mapped = False
     for name, members in _members_by_module(space).items():
         opts = [pmap.get(g.name, FULL_PRECISION) for g, _, _ in members]
         if all(o.unchanged for o in opts):
@@ -434,10 +442,32 @@ def apply_packed(adapter: ModelAdapter, space: SearchSpace, pmap: PrecisionMap, 
                 packed.add_float(m, block.half())
             else:
                 packed.add_float(m, block.clone())
+        mapped = mapped or maps_a_file(module)
         install(model, packed, hold)  # the float weight goes with the original module
+    if mapped:
+        release_mapping(model)
     if in_float:
         log.info("written in float (no packed module fits them): %s", in_float)
     return in_float
+
+
+def maps_a_file(module: nn.Module) -> bool:
+    """Whether ``module``'s weight lives in a memory-mapped file (``from_pretrained`` maps safetensors
+    checkpoints): a storage torch did not allocate (not resizable)."""
+    w = module._parameters.get("weight")
+    return w is not None and w.device.type == "cpu" and not w.untyped_storage().resizable()
+
+
+def release_mapping(model: nn.Module) -> int:
+    """Copy into memory every parameter and buffer of ``model`` that lives in a memory-mapped file, so
+    that the mapping (which also holds the float matrices just packed away, resident once read) is
+    released when nothing else holds it. Returns the bytes copied (the float tensors the model keeps)."""
+    copied = 0
+    for t in (*model.parameters(), *model.buffers()):
+        if t.device.type == "cpu" and not t.untyped_storage().resizable():
+            t.data = t.data.clone()
+            copied += t.numel() * t.element_size()
+    return copied
 
 
 def refuse_packed(model: nn.Module) -> None:

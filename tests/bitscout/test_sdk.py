@@ -321,6 +321,7 @@ def test_apply_needs_the_search_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib
     import sys
 
+    assert callable(bitscout.apply)  # the lazy name resolved first: it imports the module
     apply_module = sys.modules["bitscout.apply"]  # the module (bitscout.apply is the function)
     real = importlib.import_module
 

@@ -21,6 +21,7 @@ from search.export.packed import (
     PackedEmbedding,
     PackedLinear,
     PackedWeight,
+    maps_a_file,
     model_bytes,
     packed_bytes,
 )
@@ -114,8 +115,11 @@ def test_packed_map_and_packed_artifact_are_bit_identical_to_the_search(tiny, gr
     before = model_bytes(model)
     quantized = [n for n in dict.fromkeys(m.module for g in space.groups for m in g.members)]
 
+    assert any(maps_a_file(m) for m in model.modules())  # from_pretrained maps the checkpoint
     packed = apply_precision_map(model, pmap, space=space, materialize=False)
     assert torch.equal(logits(packed, tiny.ids), want)
+    # the mapping, which held the float matrices packed away, is released: nothing of the model is in it
+    assert all(t.untyped_storage().resizable() for t in (*packed.parameters(), *packed.buffers()))
     modules = dict(packed.named_modules())
     changed = [n for n in quantized if not all(pmap[g.name].unchanged for g in space.groups if n in g.modules)]
     kinds_seen = {type(modules[n]) for n in changed}
