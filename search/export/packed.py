@@ -26,14 +26,19 @@ each keeps its own slice. :meth:`PackedWeight.materialize` rebuilds the matrix, 
 own layout (GPT-2's ``Conv1D`` keeps ``[in, out]``), as ``dequantize(unpack(codes), scale,
 zero_point)`` per integer member, the very functions :func:`search.quant.fake_quantize` ends with, so
 it equals, bit for bit, the weight :meth:`ModelAdapter.quantized` writes, and a forward pass through
-the packed model is bit-identical to the search's fake-quantized model.
+the packed model is bit-identical to the search's fake-quantized model. The matrix is built at the
+original weight's address offset from a 64-byte boundary (:func:`address_offset`): CPU BLAS kernels
+round a one-row product (token-by-token decoding, a classifier on one pooled row) differently on
+differently aligned weights, and a checkpoint mapped by ``from_pretrained`` places weights off the
+64-byte boundaries torch allocates on.
 
 The modules in the model
 ========================
 
 The weight's holders are replaced by :class:`PackedLinear`, :class:`PackedConv1D` or
 :class:`PackedEmbedding`, whose ``forward`` is the original module's with the materialized matrix
-(``F.linear``, ``torch.addmm``, ``F.embedding``), and whose ``weight`` attribute materializes it on
+(``F.linear``, ``torch.addmm``, ``F.embedding``; a packed table whose rows start on a byte dequantizes
+only the rows looked up, the same values), and whose ``weight`` attribute materializes it on
 read (for code that reads ``.weight``; it is a new tensor every time, never a parameter). Every module
 holding the same weight (tied input and output embeddings) gets a holder of the one
 :class:`PackedWeight`, so tied weights stay tied and are stored once. Biases stay parameters (pruned
@@ -82,7 +87,9 @@ __all__ = [
     "PackedEmbedding",
     "PackedLinear",
     "PackedWeight",
+    "address_offset",
     "apply_packed",
+    "empty_at",
     "holder_kind",
     "holders_of",
     "install",
@@ -97,6 +104,29 @@ __all__ = [
 ]
 
 HolderKind = Literal["linear", "conv1d", "embedding"]
+
+
+#: Bytes every allocation of torch's CPU allocator is aligned to.
+_ALIGNMENT = 64
+
+
+def address_offset(t: torch.Tensor) -> int:
+    """Elements between ``t``'s data and the last 64-byte boundary before it. CPU BLAS kernels take
+    alignment-dependent paths (a one-row product, as in token-by-token decoding, rounds differently
+    on a weight 8 bytes off a cache line), so a tensor that stands in for ``t`` sits at the same offset."""
+    size = t.element_size()
+    at = t.data_ptr() % _ALIGNMENT
+    return at // size if at % size == 0 else 0
+
+
+def empty_at(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, offset: int) -> torch.Tensor:
+    """A new contiguous tensor ``offset`` elements past a 64-byte boundary (see :func:`address_offset`)."""
+    if offset == 0 or device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return torch.empty(n + offset, dtype=dtype, device=device)[offset:].view(shape)
 
 
 def store_codes(codes: torch.Tensor, qp: quant.QParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -135,11 +165,14 @@ class PackedWeight(nn.Module):
     :meth:`add_zero`; :meth:`materialize` rebuilds the matrix.
     """
 
-    def __init__(self, shape: tuple[int, int], *, transposed: bool, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, shape: tuple[int, int], *, transposed: bool, dtype: torch.dtype, device: torch.device,
+                 offset: int = 0) -> None:
         super().__init__()
         self.shape = (int(shape[0]), int(shape[1]))
         self.transposed = bool(transposed)
         self.source_dtype = dtype
+        #: where the matrix is built past a 64-byte boundary: the original weight's offset
+        self.offset = int(offset)
         self.segments: list[_Segment] = []
         # a zero-size buffer that follows the model's casts: the dtype the matrix is handed out in
         self.register_buffer("_dtype", torch.empty(0, dtype=dtype, device=device), persistent=False)
@@ -208,10 +241,10 @@ class PackedWeight(nn.Module):
         """The matrix in the parameter's layout and the model's current dtype: a new tensor, equal to
         the weight of the search's fake-quantized model."""
         one = self.segments[0] if len(self.segments) == 1 else None
-        if one is not None and one.axis == "all" and not self.transposed and one.kind == "int":
+        if one is not None and one.axis == "all" and not self.transposed and one.kind == "int" and not self.offset:
             w = self._value(0)
         else:
-            w = torch.empty(self.shape, dtype=self.source_dtype, device=self._dtype.device)
+            w = empty_at(self.shape, self.source_dtype, self._dtype.device, self.offset)
             view = w.t() if self.transposed else w
             for i, s in enumerate(self.segments):
                 target = _member_view(view, Member("", self._oi(), s.axis, s.start, s.stop))  # type: ignore[arg-type]
@@ -219,6 +252,39 @@ class PackedWeight(nn.Module):
                     target.zero_()
                 else:
                     target.copy_(self._value(i))
+        if w.dtype == self._dtype.dtype:
+            return w
+        return empty_at(self.shape, self._dtype.dtype, w.device, self.offset).copy_(w)
+
+    def can_gather(self) -> bool:
+        """Whether :meth:`rows` can read single rows: one whole-matrix member, not transposed, each row's
+        codes starting on a byte."""
+        s = self.segments[0] if len(self.segments) == 1 else None
+        return (
+            s is not None and s.axis == "all" and not self.transposed
+            and (s.kind != "int" or (s.cols * s.bits) % 8 == 0)
+        )
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """``materialize()[index]`` for a flat index of rows (an embedding lookup), dequantizing those rows
+        only (see :meth:`can_gather`): the same values, element by element."""
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.shape[0]):
+            raise IndexError("index out of range in self")
+        s = self.segments[0]
+        if s.kind == "zero":
+            w = torch.zeros(index.numel(), s.cols, dtype=self.source_dtype, device=self._dtype.device)
+        elif s.kind == "float":
+            w = self._buffer(0, "weight")[index].to(self.source_dtype)
+        else:
+            packed = self._buffer(0, "codes")[: s.rows * s.cols * s.bits // 8].view(s.rows, -1)[index].reshape(-1)
+            codes = quant.unpack(packed, s.bits, index.numel() * s.cols, signed=s.symmetric).view(-1, s.cols)
+            scale = self._buffer(0, "scale")[index].to(torch.float32)
+            if s.symmetric:
+                zero_point = torch.zeros(scale.shape, dtype=torch.int32, device=scale.device)
+            else:
+                zero_point = self._buffer(0, "zero_point")[index].to(torch.int32)
+            qp = quant.QParams(scale, zero_point, s.bits, s.symmetric, s.group_size)
+            w = quant.dequantize(codes, qp, dtype=self.source_dtype)
         return w if w.dtype == self._dtype.dtype else w.to(self._dtype.dtype)
 
     def stored_bytes(self) -> int:
@@ -301,6 +367,8 @@ class PackedEmbedding(_Holder):
         self.sparse = original.sparse
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.packed.can_gather():  # the rows looked up, dequantized alone: the same values
+            return self.packed.rows(ids.reshape(-1)).view(*ids.shape, self.embedding_dim)
         return F.embedding(
             ids, self.packed.materialize(), self.padding_idx, None, self.norm_type, self.scale_grad_by_freq, self.sparse
         )
@@ -396,7 +464,8 @@ def new_packed_weight(module: nn.Module, dtype: torch.dtype | None = None) -> Pa
     weight's)."""
     w = module._parameters["weight"]
     assert w is not None  # noqa: S101 - checked by packable
-    return PackedWeight(tuple(w.shape), transposed=_is_conv1d(module), dtype=dtype or w.dtype, device=w.device)  # type: ignore[arg-type]
+    return PackedWeight(tuple(w.shape), transposed=_is_conv1d(module), dtype=dtype or w.dtype, device=w.device,  # type: ignore[arg-type]
+                        offset=address_offset(w))
 
 
 @torch.no_grad()
@@ -465,7 +534,10 @@ def release_mapping(model: nn.Module) -> int:
     copied = 0
     for t in (*model.parameters(), *model.buffers()):
         if t.device.type == "cpu" and not t.untyped_storage().resizable():
-            t.data = t.data.clone()
+            if t.is_contiguous():  # at the same offset from a cache line: the same kernels, the same bits
+                t.data = empty_at(tuple(t.shape), t.dtype, t.device, address_offset(t)).copy_(t.data)
+            else:
+                t.data = t.data.clone()
             copied += t.numel() * t.element_size()
     return copied
 

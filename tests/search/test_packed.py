@@ -21,6 +21,7 @@ from search.export.packed import (
     PackedEmbedding,
     PackedLinear,
     PackedWeight,
+    address_offset,
     maps_a_file,
     model_bytes,
     packed_bytes,
@@ -116,10 +117,17 @@ def test_packed_map_and_packed_artifact_are_bit_identical_to_the_search(tiny, gr
     quantized = [n for n in dict.fromkeys(m.module for g in space.groups for m in g.members)]
 
     assert any(maps_a_file(m) for m in model.modules())  # from_pretrained maps the checkpoint
+    offsets = {n: address_offset(t) for n, t in model.named_parameters()}
+    assert any(offsets.values())  # weights off the 64-byte boundaries torch allocates on
+    one = tiny.ids[:, :1]  # one-row products (as in token-by-token decoding) take other BLAS kernels
+    with ModelAdapter(fresh_one := fresh(tiny)).quantized(pmap, space):
+        want_one = logits(fresh_one, one)
     packed = apply_precision_map(model, pmap, space=space, materialize=False)
-    assert torch.equal(logits(packed, tiny.ids), want)
+    assert torch.equal(logits(packed, tiny.ids), want) and torch.equal(logits(packed, one), want_one)
     # the mapping, which held the float matrices packed away, is released: nothing of the model is in it
     assert all(t.untyped_storage().resizable() for t in (*packed.parameters(), *packed.buffers()))
+    kept = dict(packed.named_parameters())
+    assert kept and all(address_offset(t) == offsets[n] for n, t in kept.items())  # copied at the same offsets
     modules = dict(packed.named_modules())
     changed = [n for n in quantized if not all(pmap[g.name].unchanged for g in space.groups if n in g.modules)]
     kinds_seen = {type(modules[n]) for n in changed}
@@ -129,6 +137,8 @@ def test_packed_map_and_packed_artifact_are_bit_identical_to_the_search(tiny, gr
         "llama-tied-head": {PackedLinear},
     }[tiny.name]
     assert {type(m) for m in packed.modules()} >= {PackedLinear, PackedEmbedding}
+    # the matrices are built where the float weights were, off a 64-byte boundary
+    assert all(address_offset(modules[n].weight) == offsets[f"{n}.weight"] for n in changed)
     # The float weights are gone: what is left is the model minus them plus the packed bytes, which are
     # exactly the cost model's bytes of every group in a packed matrix.
     packed_names = [n for n in quantized if isinstance(modules[n], PackedLinear | PackedConv1D | PackedEmbedding)]
@@ -217,3 +227,22 @@ def test_bitscout_apply_keeps_packed_modules_unless_asked_to_materialize(tiny, t
         floats = bitscout.apply(fresh(tiny), source, materialize=True, **kwargs)
         assert not any(isinstance(m, PackedWeight) for m in floats.modules())
         assert torch.equal(logits(floats, tiny.ids), want)
+
+
+def test_an_embedding_lookup_dequantizes_the_rows_it_reads(tmp_path):
+    folder = build_model(tmp_path / "bert", "bert", hidden=36, heads=4, intermediate=64)
+    model = load_model(folder, "sequence_classification", num_labels=2).model.eval()
+    space = ModelAdapter(model, include_embeddings=True).build_space(bits=(3, "4ag4"))
+    ids = torch.randint(0, vocab_size(), (3, 7), generator=torch.Generator().manual_seed(2))
+    for option in ("3", "4ag4"):  # 36 columns: 3-bit rows end mid-byte, 4-bit rows on a byte
+        pmap = space.uniform(BitOption.parse(option, symmetric=False))
+        with ModelAdapter(model).quantized(pmap, space):
+            want = logits(model, ids)
+        packed = apply_precision_map(load_model(folder, "sequence_classification", num_labels=2).model.eval(),
+                                     pmap, space=space, materialize=False)
+        emb = packed.bert.embeddings.word_embeddings
+        assert isinstance(emb, PackedEmbedding) and emb.packed.can_gather() == (option == "4ag4")
+        assert torch.equal(emb(ids), emb.packed.materialize()[ids])
+        assert torch.equal(logits(packed, ids), want)
+        with pytest.raises(IndexError):
+            emb(torch.tensor([[-1]]))
