@@ -12,6 +12,8 @@ module                              what
                                     (:func:`export_artifact`, :func:`load_artifact`, :func:`artifact_info`)
 :mod:`search.export.apply`          a map or an artifact's map applied to a user's model in place, exactly as
                                     the search evaluated it (:func:`apply_precision_map`)
+:mod:`search.export.packed`         the modules a map or an artifact is applied as by default: integer codes
+                                    kept packed in memory, dequantized per forward pass, bit-identical
 :mod:`search.export.formats`        one entry point over every format (:func:`export_point`, names in
                                     :mod:`bitscout.formats`) and what it wrote (:class:`ExportReport`)
 :mod:`search.export.torchao`        the part of a map torchao's int4/int8 weight-only kernels can run, as
