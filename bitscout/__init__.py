@@ -30,13 +30,13 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - running from a sour
     __version__ = "0.1.0"
 
 if _typing.TYPE_CHECKING:
+    from bitscout._apply import apply
     from bitscout._async import AsyncClient
     from bitscout._base import RetryPolicy
     from bitscout._config import DEFAULT_URL, default_config_path
     from bitscout._front import Front, Point
     from bitscout._job import AsyncJob, Job
     from bitscout._sync import Client
-    from bitscout.apply import apply
     from bitscout.errors import (
         BitscoutError,
         Conflict,
@@ -82,7 +82,7 @@ _EXPORTS: dict[str, str] = {
     "AsyncJob": "bitscout._job",
     "Job": "bitscout._job",
     "Client": "bitscout._sync",
-    "apply": "bitscout.apply",
+    "apply": "bitscout._apply",
     "BitscoutError": "bitscout.errors",
     "Conflict": "bitscout.errors",
     "ErrorCode": "bitscout.errors",

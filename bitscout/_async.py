@@ -15,8 +15,10 @@ from bitscout._base import (
     DEFAULT_TIMEOUT,
     EVENTS_ADAPTER,
     EVENTS_PAGE,
+    EXPORT_TIMEOUT_S,
     SENSITIVITIES_ADAPTER,
     TRANSFER_TIMEOUT,
+    ExportWait,
     M,
     RetryPolicy,
     TimeoutTypes,
@@ -34,6 +36,7 @@ from bitscout._base import seg as _seg
 from bitscout._front import Front
 from bitscout._job import AsyncJob
 from bitscout._progress import ProgressFile
+from bitscout.formats import DEFAULT_EXPORT_FORMAT
 from bitscout.schemas import (
     BudgetSpec,
     JobEventRead,
@@ -295,16 +298,22 @@ class AsyncClient(_BaseClient):
         return await self._post(f"/jobs/{_seg(job_id)}/resolve", ResolveRead, body)
 
     async def download(
-        self, job_id: str, point_id: int, dir: str | os.PathLike[str] = ".", *, extract: bool = True
+        self,
+        job_id: str,
+        point_id: int,
+        dir: str | os.PathLike[str] = ".",
+        *,
+        format: str = DEFAULT_EXPORT_FORMAT,
+        timeout: float | None = EXPORT_TIMEOUT_S,
+        extract: bool = True,
     ) -> Path:
-        """Download a point's exported model into ``dir`` (see :meth:`Job.download`)."""
-        call = _Call(
-            "GET",
-            f"/jobs/{_seg(job_id)}/points/{int(point_id)}/artifact",
-            stream=True,
-            timeout=TRANSFER_TIMEOUT,
-        )
-        response = await self._send(call)
+        """Download a point's exported model in ``format`` into ``dir``, waiting while the service
+        exports it (see :meth:`Job.download`)."""
+        wait = ExportWait(job_id, point_id, format, timeout)
+        while (response := await self._send(wait.call())).status_code == 202:
+            await response.aread()
+            await response.aclose()
+            await self._sleep(wait.pause(response))
         dest, tmp, fh = download_tmp(dir)
         try:
             with fh:
@@ -315,5 +324,5 @@ class AsyncClient(_BaseClient):
             raise
         finally:
             await response.aclose()
-        name = filename_from(response, f"job-{job_id}-point-{point_id}.bin")
+        name = filename_from(response, f"job-{job_id}-point-{point_id}-{wait.format}.bin")
         return finish_download(tmp, name, dest, extract=extract)

@@ -30,9 +30,11 @@ from bitscout.errors import (
     Unauthorized,
     error_from_body,
 )
+from bitscout.formats import parse_export_format
 from bitscout.schemas import (
     BudgetSpec,
     DataSource,
+    ExportRead,
     JobCreate,
     JobEventRead,
     ModelSource,
@@ -58,6 +60,8 @@ TimeoutTypes = float | httpx2.Timeout | None
 DEFAULT_TIMEOUT = httpx2.Timeout(30.0, connect=10.0)
 #: Uploads and downloads move large files: no read/write limit per chunk beyond this.
 TRANSFER_TIMEOUT = httpx2.Timeout(600.0, connect=10.0)
+#: How long a download waits, by default, for a point to be exported into the format asked for.
+EXPORT_TIMEOUT_S = 600.0
 
 #: File endings a model archive may hold (the server's list); anything else in a model directory
 #: (pickled weights, code, optimizer states) is left out of the upload.
@@ -687,6 +691,72 @@ def finish_download(tmp: Path, name: str, dest_dir: Path, *, extract: bool) -> P
     target = dest_dir / name
     os.replace(tmp, target)
     return target
+
+
+@dataclass
+class ExportWait:
+    """One download of a point in a format, waiting through the service's 202 answers (the point is
+    being exported) up to ``timeout`` seconds (None: no limit), never sooner than ``Retry-After``.
+    The sync and async clients share it and only do the I/O and the sleeping.
+
+    Example::
+
+        >>> w = ExportWait("j", 3, "Dense", timeout=10)
+        >>> w.format, w.call().params
+        ('dense', {'format': 'dense'})
+        >>> ExportWait("j", 3, "gguf", timeout=10)
+        Traceback (most recent call last):
+        bitscout.errors.InvalidRequest: format must be one of native, compressed-tensors, dense; got 'gguf'
+    """
+
+    job_id: str
+    point_id: int
+    format: str
+    timeout: float | None = EXPORT_TIMEOUT_S
+    started: float = field(default=0.0)
+
+    def __post_init__(self) -> None:
+        import time
+
+        try:
+            self.format = parse_export_format(self.format)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), field="format") from None
+        if self.timeout is not None and not self.timeout >= 0:
+            raise InvalidRequest(f"timeout must be >= 0 seconds or None, got {self.timeout!r}", field="timeout")
+        self.started = time.monotonic()
+
+    def call(self) -> _Call:
+        return _Call(
+            "GET",
+            f"/jobs/{seg(self.job_id)}/points/{int(self.point_id)}/artifact",
+            params={"format": self.format},
+            stream=True,
+            timeout=TRANSFER_TIMEOUT,
+        )
+
+    def pause(self, response: httpx2.Response) -> float:
+        """Seconds to sleep before asking again after a 202 (its body already read); raises
+        ``TimeoutError`` once ``timeout`` has passed (the export goes on: download again later)."""
+        import time
+
+        try:
+            state: ExportRead | None = ExportRead.model_validate_json(response.content)
+        except ValidationError:
+            state = None
+        wait = parse_retry_after(response.headers.get("retry-after"))
+        if wait is None:
+            wait = state.retry_after_s if state is not None and state.retry_after_s is not None else 2.0
+        if self.timeout is None:
+            return wait
+        left = self.started + self.timeout - time.monotonic()
+        if left <= 0:
+            what = state.state.value if state is not None else "pending"
+            raise TimeoutError(
+                f"point {self.point_id} of job {self.job_id} is still being exported as {self.format} ({what}) after "
+                f"{self.timeout:g} s; download it again later (the export goes on), or pass a longer timeout"
+            )
+        return min(wait, left)
 
 
 def download_tmp(dest_dir: str | os.PathLike[str]) -> tuple[Path, Path, BinaryIO]:

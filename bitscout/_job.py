@@ -11,9 +11,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from bitscout._base import EXPORT_TIMEOUT_S
 from bitscout._front import Front
 from bitscout._progress import JobBar
 from bitscout.errors import ErrorCode, JobFailed, NotFound
+from bitscout.formats import DEFAULT_EXPORT_FORMAT
 from bitscout.schemas import (
     BudgetSpec,
     JobEventRead,
@@ -286,19 +288,34 @@ class Job(_JobBase):
         return self.pareto().plot(ax, **kwargs)
 
     def download(
-        self, point: PointRef = "recommended", dir: str | os.PathLike[str] = ".", *, extract: bool = True
+        self,
+        point: PointRef = "recommended",
+        dir: str | os.PathLike[str] = ".",
+        *,
+        format: str = DEFAULT_EXPORT_FORMAT,
+        timeout: float | None = EXPORT_TIMEOUT_S,
+        extract: bool = True,
     ) -> Path:
-        """Download a point's exported model into ``dir`` (created if needed). An archive is
-        unpacked there (``extract=True``) and the directory returned, ready for
-        :func:`bitscout.apply`; otherwise the file's path is returned. Raises :class:`NotFound`
-        when the point was not exported.
+        """Download a point's exported model into ``dir`` (created if needed), in ``format``:
+        ``native`` (bitscout's packed artifact, for :func:`bitscout.apply`), ``compressed-tensors`` or
+        ``dense`` (checkpoints plain transformers loads; :mod:`bitscout.formats`). Any point of the
+        job can be downloaded: one not stored in that format yet is exported by the service first,
+        and this waits for it (asking again after each ``Retry-After``) up to ``timeout`` seconds
+        (None: no limit), then raises ``TimeoutError`` (the export goes on; download again later).
+        A refined point is stored in the native format only (its learned step sizes): another
+        format raises :class:`InvalidRequest` (field ``format``), as does an unknown format. An
+        export that failed raises its error (e.g. :class:`InvalidRequest` for a map the format
+        cannot express), every time. An archive is unpacked there (``extract=True``) and the
+        directory returned; otherwise the file's path is returned.
 
         Example::
 
             >>> path = job.download("recommended", "quantized/")          # doctest: +SKIP
             >>> model = bitscout.apply(AutoModel.from_pretrained(...), path)  # doctest: +SKIP
+            >>> job.download(best, "ct/", format="compressed-tensors")     # doctest: +SKIP
         """
-        return self.client.download(self.id, self._point_id(point), dir, extract=extract)
+        return self.client.download(self.id, self._point_id(point), dir, format=format, timeout=timeout,
+                                    extract=extract)  # fmt: skip
 
     def apply(self, model: Any, point: PointRef = "recommended", *, materialize: bool = False, **kwargs: Any) -> Any:
         """Quantize ``model`` in place under a point's precision map, with the space settings
@@ -416,10 +433,18 @@ class AsyncJob(_JobBase):
         return (await self.pareto()).plot(ax, **kwargs)
 
     async def download(
-        self, point: PointRef = "recommended", dir: str | os.PathLike[str] = ".", *, extract: bool = True
+        self,
+        point: PointRef = "recommended",
+        dir: str | os.PathLike[str] = ".",
+        *,
+        format: str = DEFAULT_EXPORT_FORMAT,
+        timeout: float | None = EXPORT_TIMEOUT_S,
+        extract: bool = True,
     ) -> Path:
-        """Download a point's exported model into ``dir`` (see :meth:`Job.download`)."""
-        return await self.client.download(self.id, self._point_id(point), dir, extract=extract)
+        """Download a point's exported model in ``format`` into ``dir``, waiting while the service
+        exports it (see :meth:`Job.download`)."""
+        return await self.client.download(self.id, self._point_id(point), dir, format=format, timeout=timeout,
+                                          extract=extract)  # fmt: skip
 
     async def apply(
         self, model: Any, point: PointRef = "recommended", *, materialize: bool = False, **kwargs: Any

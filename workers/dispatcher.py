@@ -22,6 +22,16 @@ thread, or by :meth:`Dispatcher.run_forever`):
    (``DISPATCHER_ID/RANDOM``) and its runner task is submitted; a job that asks for more than any
    node of the cluster has fails at once with the reason.
 
+**Exports.** The same loop runs the exports of stored points that downloads asked for
+(:meth:`Store.artifact_or_export` writes the row first): at most ``max_concurrent_exports`` at once,
+each claimed atomically (``Store.claim_next_export``) under a claim id of its own and run as the Ray
+task :data:`workers.tasks.run_export_task` with the job's resources. The dispatcher keeps the
+heartbeat of the exports it runs; one whose task ended without storing anything (its worker died)
+goes back to pending at once, up to ``max_attempts`` starts, then fails; one whose heartbeat went
+stale (its dispatcher was lost too) goes back to pending on the stale path, and a restarted
+dispatcher puts back those its previous run held. The store accepts a result only from the claim
+that holds the row, so an export is never stored twice.
+
 Every state change is a job event (the store writes ``claimed``, ``requeued``, ``canceled``,
 ``failed``, ``succeeded``; the dispatcher adds ``dispatched``, ``worker_lost``, ``runner_killed``).
 
@@ -46,9 +56,9 @@ import ray
 
 from bitscout.errors import ErrorCode, NotFound
 from bitscout.schemas import JobStatus
-from service.store import JobNotOwned, JobRecord, Store
+from service.store import ExportNotOwned, ExportTask, JobNotOwned, JobRecord, Store
 from workers.settings import RunnerConfig, WorkerSettings
-from workers.tasks import run_job_task
+from workers.tasks import run_export_task, run_job_task
 
 log = logging.getLogger("bitscout.workers.dispatcher")
 
@@ -73,8 +83,21 @@ class RunnerHandle:
     gone_seen_at: float | None = None
 
 
+@dataclass
+class ExportHandle:
+    """An export this dispatcher runs."""
+
+    task: ExportTask
+    ref: Any
+    launched_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def key(self) -> tuple[str, int, str]:
+        return (self.task.job_id, self.task.point_id, self.task.format)
+
+
 class Dispatcher:
-    """Claims jobs and runs them on Ray (see the module docstring).
+    """Claims jobs and exports and runs them on Ray (see the module docstring).
 
     Args:
         store: the service's store (SQLite or PostgreSQL).
@@ -90,6 +113,8 @@ class Dispatcher:
         self.settings = settings
         self.id = settings.dispatcher_id
         self.handles: dict[str, RunnerHandle] = {}
+        #: claim id -> the export it runs
+        self.exports: dict[str, ExportHandle] = {}
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -141,6 +166,15 @@ class Dispatcher:
         with self._lock:
             handles = list(self.handles.values())
             self.handles.clear()
+            exports = list(self.exports.values())
+            self.exports.clear()
+        for e in exports:
+            _cancel(e.ref, force=True)
+            try:
+                self.store.requeue_exports(worker_id=e.task.worker_id, max_attempts=None,
+                                           reason="its dispatcher was stopped")  # fmt: skip
+            except Exception as exc:  # noqa: BLE001
+                log.warning("export %s: could not put back to pending: %s", e.key, exc)
         for h in handles:
             _cancel(h.ref, force=True)
             try:
@@ -196,6 +230,13 @@ class Dispatcher:
             )
         if changed:
             log.info("dispatcher %s: re-queued %d job(s) left running by its previous run", self.id, len(changed))
+        if not self.exports:
+            exports = self.store.requeue_exports(
+                worker_prefix=self.prefix, max_attempts=self.settings.max_attempts,
+                reason="its dispatcher was restarted (its exporter stopped with it)",
+            )  # fmt: skip
+            if exports:
+                log.info("dispatcher %s: put back %d export(s) left running by its previous run", self.id, len(exports))
         return changed
 
     # ------------------------------------------------------------------ one iteration
@@ -214,11 +255,22 @@ class Dispatcher:
                     h = self.handles.pop(job_id, None)
                     if h is not None:
                         _cancel(h.ref, force=True)
+                stale = set(self.store.requeue_exports(
+                    older_than_s=self.settings.stale_after_s, max_attempts=self.settings.max_attempts,
+                    reason=f"no heartbeat for more than {self.settings.stale_after_s:g} s",
+                ))  # fmt: skip
+                for claim, e in list(self.exports.items()):
+                    if e.key in stale:
+                        self.exports.pop(claim, None)
+                        _cancel(e.ref, force=True)
             self._reap()
+            self._reap_exports()
             if now - self._last_watch >= min(1.0, self.settings.heartbeat_interval_s):
                 self._last_watch = now
                 self._watch()
+                self.store.beat_exports(worker_ids=list(self.exports))
             self._claim()
+            self._claim_exports()
 
     def _reap(self) -> None:
         if not self.handles:
@@ -358,6 +410,65 @@ class Dispatcher:
             data={"worker_id": claim, "attempt": job.attempts, "cpus": cpus, "gpus": gpus},
         )  # fmt: skip
 
+    # ------------------------------------------------------------------ exports
+
+    def _claim_exports(self) -> None:
+        while len(self.exports) < self.settings.max_concurrent_exports and not self._stop.is_set():
+            claim = self.new_claim_id()
+            task = self.store.claim_next_export(worker_id=claim)
+            if task is None:
+                return
+            self._launch_export(task)
+
+    def _launch_export(self, task: ExportTask) -> None:
+        spec = self.store.get_job_record(job_id=task.job_id).spec
+        cpus, gpus = float(spec.resources.cpus), float(spec.resources.gpus)
+        try:
+            ref = run_export_task.options(
+                num_cpus=cpus, num_gpus=gpus, name=f"bitscout-export-{task.job_id[:12]}-{task.point_id}"
+            ).remote(task.model_dump(), self.config, max(1, int(cpus)))
+        except Exception as exc:
+            log.exception("export %s: cannot start it on Ray", task)
+            self.store.requeue_exports(worker_id=task.worker_id, max_attempts=self.settings.max_attempts,
+                                       reason=f"Ray could not start it: {_short(exc)}")  # fmt: skip
+            raise
+        self.exports[task.worker_id] = ExportHandle(task, ref)
+        self._event(
+            task.job_id, "export_dispatched",
+            f"point {task.point_id} as {task.format}: exporter submitted to Ray ({cpus:g} CPU, {gpus:g} GPU)",
+            data={"point": task.point_id, "format": task.format, "worker_id": task.worker_id, "attempt": task.attempts},
+        )  # fmt: skip
+
+    def _reap_exports(self) -> None:
+        if not self.exports:
+            return
+        by_ref = {e.ref: e for e in self.exports.values()}
+        ready, _ = ray.wait(list(by_ref), num_returns=len(by_ref), timeout=0)
+        for ref in ready:
+            e = by_ref[ref]
+            self.exports.pop(e.task.worker_id, None)
+            outcome: dict[str, Any] | None = None
+            error: BaseException | None = None
+            try:
+                outcome = ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 - the worker died, for whatever reason
+                error = exc
+            if error is not None and isinstance(error, ray.exceptions.OutOfMemoryError):
+                try:
+                    self.store.fail_export(task=e.task, code=ErrorCode.out_of_memory.value,
+                                           message="the exporter was killed for running out of memory")  # fmt: skip
+                except ExportNotOwned:
+                    pass
+                continue
+            why = _short(error) if error is not None else (
+                f"the exporter ended without storing the export ({(outcome or {}).get('message')})")  # fmt: skip
+            # A no-op when the exporter stored its result or its failure itself.
+            changed = self.store.requeue_exports(worker_id=e.task.worker_id, max_attempts=self.settings.max_attempts,
+                                                 reason=f"its Ray worker died: {why}")  # fmt: skip
+            if changed:
+                log.warning("export %s: exporter lost (%s); put back to pending, or failed", e.key, why)
+                self.wake()
+
     # ------------------------------------------------------------------ helpers
 
     def _event(self, job_id: str, kind: str, message: str, *, data: dict[str, Any] | None = None) -> None:
@@ -374,6 +485,8 @@ class Dispatcher:
                 "running": self.running,
                 "jobs": {j: {"worker_id": h.worker_id, "attempt": h.attempt, "started": h.started}
                          for j, h in self.handles.items()},
+                "exports": {c: {"job_id": e.task.job_id, "point": e.task.point_id, "format": e.task.format,
+                                "attempt": e.task.attempts} for c, e in self.exports.items()},
             }  # fmt: skip
 
 

@@ -40,9 +40,9 @@ from typing import Any
 from bitscout.errors import BitscoutError, ErrorCode
 from bitscout.schemas import JobSpec, JobStatus
 from search.errors import CanceledError, SearchError
-from search.local import prepare
+from search.local import DataOptions, prepare
 from search.orchestration import SearchHooks, run_search
-from search.pipeline import Search
+from search.pipeline import Search, SearchOptions
 from search.result import ParetoPoint, SensitivityTable
 from search.space import PrecisionMap
 from service.db import make_engine
@@ -119,6 +119,37 @@ def error_of(exc: BaseException, spec: JobSpec | None = None) -> tuple[str, str]
     if isinstance(exc, BitscoutError):
         return exc.code.value, exc.message
     return ErrorCode.internal.value, f"internal error in the job runner: {type(exc).__name__}: {_one_line(exc)}"
+
+
+@dataclass(frozen=True)
+class JobInputs:
+    """What a job's search is built from: the model directory, the data options and the search options."""
+
+    model_dir: Path
+    data: DataOptions
+    options: SearchOptions
+
+
+def job_inputs(spec: JobSpec, store: Store, config: RunnerConfig, paths: sources.ServerPaths) -> JobInputs:
+    """A job's model and data found on this worker (:mod:`workers.sources`, store reads only) and its
+    options; ``paths`` learns what the user calls the server's paths, so messages name them as the user
+    knows them."""
+    model_name, data_name = sources.model_name(spec, store), sources.data_name(spec, store)
+    model_dir = sources.model_dir(spec, store, config)
+    paths.name(model_dir, model_name)
+    data_src = sources.data_source(spec, store, config)
+    if data_name is not None:
+        paths.name(data_src, data_name)
+    table = sources.latency_table(spec, store)
+    options = search_options(spec, latency_table=table)
+    return JobInputs(Path(model_dir), data_options(spec, data_src, name=data_name), options)
+
+
+def prepare_job(spec: JobSpec, inputs: JobInputs) -> Search:
+    """The live search of a job (:func:`search.local.prepare`: the model and the data loaded, split and
+    tokenized as the spec says). The job runner and the export of a stored point
+    (:mod:`workers.exporter`) build the same search from the same spec."""
+    return prepare(inputs.model_dir, inputs.data, inputs.options, task=spec.task.value, device=spec.device.value)
 
 
 class JobRunner:
@@ -275,16 +306,9 @@ class JobRunner:
         rep.report("loading", 0.0, "loading the model and the data")
         t_load = time.perf_counter()
         with self._books():
-            model_name, data_name = sources.model_name(spec, store), sources.data_name(spec, store)
-            model_dir = sources.model_dir(spec, store, cfg)
-            self.paths.name(model_dir, model_name)
-            data_src = sources.data_source(spec, store, cfg)
-            if data_name is not None:
-                self.paths.name(data_src, data_name)
-            table = sources.latency_table(spec, store)
-        options = search_options(spec, latency_table=table)
-        data = data_options(spec, data_src, name=data_name)
-        search = prepare(model_dir, data, options, task=spec.task.value, device=spec.device.value)
+            inputs = job_inputs(spec, store, cfg, self.paths)
+        search = prepare_job(spec, inputs)
+        options = inputs.options
         self._event(
             "loaded",
             f"model and data loaded in {time.perf_counter() - t_load:.1f} s: {len(search.space.groups)} groups, "

@@ -50,6 +50,9 @@ class WorkerSettings(BaseSettings):
         description="Who claims jobs; runners started under this id are adopted after a restart.",
     )
     max_concurrent_jobs: int = Field(default=2, ge=1, le=1024, description="Jobs this dispatcher runs at once.")
+    max_concurrent_exports: int = Field(
+        default=1, ge=1, le=1024, description="Exports of stored points (asked for by downloads) run at once."
+    )
     poll_interval_s: float = Field(default=0.5, gt=0, le=60, description="How often the queue is polled.")
     heartbeat_interval_s: float = Field(
         default=2.0, gt=0, le=600, description="How often a runner records progress and its heartbeat."

@@ -87,7 +87,8 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,9 +134,11 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "PRECISION_MAP_FILE",
+    "QuantizedPoint",
     "artifact_info",
     "export_artifact",
     "load_artifact",
+    "quantize_point",
 ]
 
 FORMAT = "bitscout.quant"
@@ -163,9 +166,114 @@ def _digest(meta: Mapping[str, str]) -> str:
 
 # ---------------------------------------------------------------------------------------- export
 @dataclass
-class _Stored:
+class QuantizedPoint:
+    """A map quantized once from a model's original weights, for every checkpoint format to write
+    (:func:`quantize_point`): the native artifact packs ``codes``, the compressed-tensors writer repacks
+    them in its own layout, the dense writer keeps ``expected``.
+
+    ``codes`` / ``qparams``: every integer member's codes (``[rows, cols]``, int8 when symmetric, uint8
+    when asymmetric, on the CPU) and scales, keyed ``(group, member index)``; ``expected``: the member as
+    the search evaluates it (the model's dtype and device); ``cores``: every tensor-train group's cores
+    as its forward uses them; ``tensors``: the artifact's ``quant::`` entries of the tensor-train cores.
+    :meth:`applied` puts the point into the model for the time of a ``with`` block.
+    """
+
+    adapter: ModelAdapter
+    space: SearchSpace
+    pmap: PrecisionMap
+    clip: str
+    modules: dict[str, nn.Module]
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     expected: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    codes: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    qparams: dict[tuple[str, int], quant.QParams] = field(default_factory=dict)
+    cores: dict[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)
+
+    def option(self, group: str) -> Any:
+        return self.pmap.get(group, FULL_PRECISION)
+
+    @contextmanager
+    def applied(self, *, tt_dense: bool = False) -> Iterator[nn.Module]:
+        """The model as the search evaluated it, restored on exit: integer members written from
+        ``expected``, the other groups by the adapter itself (pruned groups and their biases zeroed,
+        16-bit groups rounded). Tensor-train groups keep their module's weights, or with ``tt_dense``
+        take the dense matrix of their cores (:func:`search.tensor_train.tt_full`)."""
+        adapter = self.adapter
+        written = [
+            g for g in self.space.groups
+            if not self.option(g.name).unchanged and (tt_dense or not self.option(g.name).is_tt)
+        ]
+        saved = adapter.snapshot(list(dict.fromkeys(n for g in written for n in g.modules)))
+        try:
+            with torch.no_grad():
+                for g in written:
+                    opt = self.option(g.name)
+                    if opt.is_integer:
+                        for i, m in enumerate(g.members):
+                            adapter.member_slice(m).copy_(self.expected[(g.name, i)])
+                    elif opt.is_tt:
+                        view = adapter.member_slice(g.members[0])
+                        lay = tt.layout(*g.members[0].shape)
+                        view.copy_(tt.tt_full([c.to(view.device) for c in self.cores[g.name]], lay).to(view.dtype))
+                    else:
+                        adapter._write_group(g, opt, self.clip)
+            yield adapter.model
+        finally:
+            adapter.restore(saved)
+
+
+def quantize_point(
+    model: nn.Module,
+    space: SearchSpace | Mapping[str, Any],
+    pmap: PrecisionMap | Mapping[str, Any],
+    *,
+    clip: str = "mse",
+    qparams: Mapping[str, quant.QParams] | None = None,
+    tt_cores: Mapping[str, tt.StoredCores] | None = None,
+) -> QuantizedPoint:
+    """Quantize ``pmap`` over ``space`` from ``model``'s original weights exactly as
+    :func:`search.quant.fake_quantize` does (``qparams`` and ``tt_cores`` as in :func:`export_artifact`);
+    ``model`` is left as it was. Raises :class:`InvalidInputError` when the map or the space does not fit
+    the model (fields ``precision_map``, ``qparams``, ``clip``, ``space``, ``tt_cores``)."""
+    space = _as_space(space)
+    pmap = _as_pmap(pmap)
+    unknown = [k for k in pmap if k not in space._index]
+    if unknown:
+        raise InvalidInputError(f"the precision map names groups not in the space: {unknown[:3]}", field="precision_map")
+    overrides = _check_qparams(qparams, space, pmap)
+    if clip not in ("mse", "minmax"):
+        raise InvalidInputError(f"clip must be 'mse' or 'minmax', got {clip!r}", field="clip")
+    modules = _check_fits(model, space, field="space")
+    point = QuantizedPoint(ModelAdapter(model), space, pmap, clip, modules)
+    adapter = point.adapter
+    with torch.no_grad():
+        for g in space.groups:
+            opt = pmap.get(g.name, FULL_PRECISION)
+            if opt.is_tt:
+                given = (tt_cores or {}).get(g.name)
+                module = modules[g.members[0].module]
+                if given is None and isinstance(module, tt.TTLinear | tt.TTEmbedding):
+                    raise InvalidInputError(
+                        f"{g.name} is a TT module in the model: pass its cores (RefineResult.tt_cores)", field="tt_cores"
+                    )
+                w = adapter.member_slice(g.members[0]).detach() if given is None else torch.empty(g.members[0].shape)
+                _store_cores(point, g.name, w, opt, clip, given)
+                continue
+            if not opt.is_integer:
+                continue
+            for i, m in enumerate(g.members):
+                block = adapter.member_slice(m).detach()
+                qp = overrides.get(_member_key(g.name, i)) or quant.choose_qparams(
+                    block, opt.bits, symmetric=opt.symmetric, clip=clip, group_size=opt.group_size  # type: ignore[arg-type]
+                )
+                if qp.scale.device != block.device:
+                    qp = quant.QParams(qp.scale.to(block.device), qp.zero_point.to(block.device), qp.bits, qp.symmetric,
+                                       qp.group_size)
+                codes = quant.quantize(block, qp)
+                point.codes[(g.name, i)] = codes.cpu()
+                point.qparams[(g.name, i)] = qp
+                point.expected[(g.name, i)] = quant.dequantize(codes, qp, dtype=block.dtype)
+    return point
 
 
 def export_artifact(
@@ -200,108 +308,61 @@ def export_artifact(
     :func:`search.refine.refine`, ``RefineResult.tt_cores``) in place of the TT-SVD of the weights.
     Raises :class:`InvalidInputError` when the map or the space does not fit the model.
     """
-    space = _as_space(space)
-    pmap = _as_pmap(pmap)
-    unknown = [k for k in pmap if k not in space._index]
-    if unknown:
-        raise InvalidInputError(f"the precision map names groups not in the space: {unknown[:3]}", field="precision_map")
-    overrides = _check_qparams(qparams, space, pmap)
-    if overrides and verify:
+    if qparams and verify:
         raise InvalidInputError("verify checks the post-training quantizer: it cannot be used with qparams", field="verify")
-    if clip not in ("mse", "minmax"):
-        raise InvalidInputError(f"clip must be 'mse' or 'minmax', got {clip!r}", field="clip")
     try:
         info_json = json.dumps(dict(metadata or {}), sort_keys=True, allow_nan=True)
     except (TypeError, ValueError) as exc:
         raise InvalidInputError(f"metadata must be JSON-serialisable: {exc}", field="metadata") from exc
     if model_dir is not None and not Path(model_dir).is_dir():
         raise InvalidInputError(f"model directory {str(model_dir)!r} does not exist", field="model")
-    modules = _check_fits(model, space, field="space")
+    point = quantize_point(model, space, pmap, clip=clip, qparams=qparams, tt_cores=tt_cores)
+    space, pmap, modules = point.space, point.pmap, point.modules
     by_module = _members_by_module(space)
     covered = {
         name: _fully_covered(tuple(_weight_view(modules[name]).shape), [m for _, _, m in mem])  # type: ignore[arg-type]
         for name, mem in by_module.items()
     }
-    adapter = ModelAdapter(model)
-    stored = _Stored()
+    adapter = point.adapter
+    stored = point.tensors
     dtypes: dict[str, str] = {}
+    for (group, i), codes in point.codes.items():
+        qp = point.qparams[(group, i)]
+        packed, scale, zero_point = store_codes(codes, qp)
+        stored[_qkey(group, i, "codes")] = packed
+        stored[_qkey(group, i, "scale")] = scale
+        if zero_point is not None:
+            stored[_qkey(group, i, "zero_point")] = zero_point
 
-    # Codes and scales from the original weights, exactly as quant.fake_quantize computes them.
-    with torch.no_grad():
+    # Everything else from the model as the search evaluated it, the model restored afterwards.
+    with point.applied():
         for g in space.groups:
             opt = pmap.get(g.name, FULL_PRECISION)
-            if opt.is_tt:
-                given = (tt_cores or {}).get(g.name)
-                module = modules[g.members[0].module]
-                if given is None and isinstance(module, tt.TTLinear | tt.TTEmbedding):
-                    raise InvalidInputError(
-                        f"{g.name} is a TT module in the model: pass its cores (RefineResult.tt_cores)", field="tt_cores"
-                    )
-                w = adapter.member_slice(g.members[0]).detach() if given is None else torch.empty(g.members[0].shape)
-                _store_cores(stored, g.name, w, opt, clip, given)
-                continue
-            if not opt.is_integer:
+            if opt.is_integer or opt.pruned or opt.is_tt:
                 continue
             for i, m in enumerate(g.members):
-                block = adapter.member_slice(m).detach()
-                qp = overrides.get(_member_key(g.name, i)) or quant.choose_qparams(
-                    block, opt.bits, symmetric=opt.symmetric, clip=clip, group_size=opt.group_size  # type: ignore[arg-type]
-                )
-                if qp.scale.device != block.device:
-                    qp = quant.QParams(qp.scale.to(block.device), qp.zero_point.to(block.device), qp.bits, qp.symmetric,
-                                       qp.group_size)
-                codes = quant.quantize(block, qp)
-                packed, scale, zero_point = store_codes(codes, qp)
-                stored.tensors[_qkey(g.name, i, "codes")] = packed
-                stored.tensors[_qkey(g.name, i, "scale")] = scale
-                if zero_point is not None:
-                    stored.tensors[_qkey(g.name, i, "zero_point")] = zero_point
-                stored.expected[(g.name, i)] = quant.dequantize(codes, qp, dtype=block.dtype)
-
-    # Everything else from the model as the search evaluated it: the integer members written from the
-    # codes above, the other groups by the adapter itself (pruned groups and their biases zeroed,
-    # 16-bit groups rounded), the model restored afterwards.
-    written = [g for g in space.groups if not pmap.get(g.name, FULL_PRECISION).unchanged and not pmap[g.name].is_tt]
-    touched = list(dict.fromkeys(n for g in written for n in g.modules))
-    saved = adapter.snapshot(touched)
-    try:
-        with torch.no_grad():
-            for g in space.groups:
-                opt = pmap.get(g.name, FULL_PRECISION)
-                if opt.is_integer:
-                    for i, m in enumerate(g.members):
-                        adapter.member_slice(m).copy_(stored.expected[(g.name, i)])
-                elif not opt.unchanged and not opt.is_tt:
-                    adapter._write_group(g, opt, clip)
-            for g in space.groups:
-                opt = pmap.get(g.name, FULL_PRECISION)
-                if opt.is_integer or opt.pruned or opt.is_tt:
-                    continue
-                for i, m in enumerate(g.members):
-                    view = adapter.member_slice(m).detach()
-                    if opt.bits == 16:
-                        half = view.to(torch.float16)
-                        keep = half if torch.equal(half.to(view.dtype), view) else view
-                    else:
-                        keep = view
-                    stored.tensors[_qkey(g.name, i, "weight")] = keep.contiguous().cpu().clone()
-            # Tied tensors are stored once; ``aliases`` names the others (rebuilt from their canonical name).
-            state, aliases = _state_entries(model)
-            tt_held = {name for name in by_module if isinstance(modules[name], tt.TTLinear | tt.TTEmbedding)}
-            drop = {_state_name(state, _weight(modules[name])) for name in by_module if covered[name] and name not in tt_held}
-            drop |= {k for k in state for name in tt_held if k.startswith(f"{name}.cores.")}
-            for name in by_module:
-                dtypes[name] = str(_weight(modules[name]).dtype).removeprefix("torch.")
-            for name, t in state.items():
-                if name in drop:
-                    continue
-                if name.startswith(_Q):
-                    raise InvalidInputError(f"state-dict name {name!r} clashes with the artifact's names", field="model")
-                stored.tensors[name] = t.detach().contiguous().cpu().clone()
-    finally:
-        adapter.restore(saved)
+                view = adapter.member_slice(m).detach()
+                if opt.bits == 16:
+                    half = view.to(torch.float16)
+                    keep = half if torch.equal(half.to(view.dtype), view) else view
+                else:
+                    keep = view
+                stored[_qkey(g.name, i, "weight")] = keep.contiguous().cpu().clone()
+        # Tied tensors are stored once; ``aliases`` names the others (rebuilt from their canonical name).
+        state, aliases = _state_entries(model)
+        tt_held = {name for name in by_module if isinstance(modules[name], tt.TTLinear | tt.TTEmbedding)}
+        drop = {_state_name(state, _weight(modules[name])) for name in by_module if covered[name] and name not in tt_held}
+        drop |= {k for k in state for name in tt_held if k.startswith(f"{name}.cores.")}
+        for name in by_module:
+            dtypes[name] = str(_weight(modules[name]).dtype).removeprefix("torch.")
+        for name, t in state.items():
+            if name in drop:
+                continue
+            if name.startswith(_Q):
+                raise InvalidInputError(f"state-dict name {name!r} clashes with the artifact's names", field="model")
+            stored[name] = t.detach().contiguous().cpu().clone()
     if verify:
-        _verify_against_adapter(adapter, space, pmap, clip, stored)
+        _verify_against_adapter(adapter, space, pmap, clip, point)
 
     meta = {
         "format": FORMAT,
@@ -322,7 +383,7 @@ def export_artifact(
 
     tmp = out / f".{ARTIFACT_FILE}.{os.getpid()}.tmp"
     try:
-        save_file(stored.tensors, tmp, metadata=meta)
+        save_file(stored, tmp, metadata=meta)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -334,7 +395,7 @@ def export_artifact(
 
 
 def _store_cores(
-    stored: _Stored, group: str, w: torch.Tensor, opt: Any, clip: str, given: tt.StoredCores | None
+    stored: QuantizedPoint, group: str, w: torch.Tensor, opt: Any, clip: str, given: tt.StoredCores | None
 ) -> None:
     """The cores of a tensor-train group into ``stored``: codes and scales of integer cores, or the
     cores as such."""
@@ -342,6 +403,7 @@ def _store_cores(
         given = tt.stored_cores(w, int(opt.tt_rank), opt.bits, symmetric=opt.symmetric, clip=clip)  # type: ignore[arg-type]
     elif given.bits != opt.bits or given.symmetric != opt.symmetric or len(given.cores) != tt.layout(*w.shape).d:
         raise InvalidInputError(f"the cores given for {group!r} do not match its option {opt.key()}", field="tt_cores")
+    stored.cores[group] = tuple(c.detach() for c in given.cores)
     for k, core in enumerate(given.cores):
         if given.qparams is not None:
             qp = given.qparams[k]
@@ -426,7 +488,7 @@ def _check_qparams(
 
 
 def _verify_against_adapter(
-    adapter: ModelAdapter, space: SearchSpace, pmap: PrecisionMap, clip: str, stored: _Stored
+    adapter: ModelAdapter, space: SearchSpace, pmap: PrecisionMap, clip: str, stored: QuantizedPoint
 ) -> None:
     """Every stored member equals the model as :meth:`ModelAdapter.quantized` makes it (a second
     quantization pass: it doubles the export's time)."""

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from bitscout.formats import NATIVE, parse_export_format
+from bitscout.formats import COMPRESSED_TENSORS, DENSE, NATIVE, parse_export_format
 from search.errors import InvalidInputError
 from search.space import PrecisionMap, SearchSpace
 
@@ -26,9 +26,12 @@ class ExportReport:
 
     ``format``: the format's name; ``path``: the main weights file; ``files``: every file written (paths
     inside the output directory); ``quantized``: the groups stored as integers that an engine with 4/8-bit
-    weight kernels runs as quantized; ``dense``: the groups stored in floating point (full or half
-    precision, or options the format cannot express, written dequantized); ``warnings``: one line per
-    option written differently from how the search evaluated it (empty when the reload is exact).
+    weight kernels runs as quantized; ``no_kernel``: the groups stored as integers at a width such an
+    engine has no kernel for (2, 3, 5, 6, 7 bits: transformers dequantizes them, an engine may refuse
+    them); ``dense``: the groups stored in floating point (full or half precision, or options the format
+    cannot express, written dequantized); ``pruned``: the groups stored as zeros; ``warnings``: one line
+    per module written otherwise than the search evaluated it or than its option asks (dense for want
+    of a scheme, activations not rounded), empty when every option is held as searched.
     """
 
     format: str
@@ -37,6 +40,8 @@ class ExportReport:
     quantized: tuple[str, ...] = ()
     dense: tuple[str, ...] = ()
     warnings: tuple[str, ...] = field(default=())
+    no_kernel: tuple[str, ...] = ()
+    pruned: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -44,7 +49,9 @@ class ExportReport:
             "path": str(self.path),
             "files": list(self.files),
             "quantized": list(self.quantized),
+            "no_kernel": list(self.no_kernel),
             "dense": list(self.dense),
+            "pruned": list(self.pruned),
             "warnings": list(self.warnings),
         }
 
@@ -67,14 +74,32 @@ def _native(
     from search.export.artifact import export_artifact
 
     path = export_artifact(model, space, pmap, out_dir, clip=clip, metadata=metadata, model_dir=model_dir, **extra)
-    files = tuple(sorted(p.name for p in out_dir.iterdir() if p.is_file()))
     quantized = tuple(g for g, o in pmap.items() if 0 < o.bits < 16 and o.tt_rank is None)
-    dense = tuple(g.name for g in space.groups if g.name not in set(quantized))
-    return ExportReport(format=NATIVE, path=path, files=files, quantized=quantized, dense=dense)
+    pruned = tuple(g for g, o in pmap.items() if o.pruned)
+    dense = tuple(g.name for g in space.groups if g.name not in set(quantized) | set(pruned))
+    return ExportReport(format=NATIVE, path=path, files=written_files(out_dir), quantized=quantized, dense=dense,
+                        pruned=pruned)
+
+
+def _compressed_tensors(*args: Any, **kwargs: Any) -> ExportReport:
+    from search.export.compressed_tensors import write_compressed_tensors
+
+    return write_compressed_tensors(*args, **kwargs)
+
+
+def _dense(*args: Any, **kwargs: Any) -> ExportReport:
+    from search.export.dense import write_dense
+
+    return write_dense(*args, **kwargs)
+
+
+def written_files(out_dir: Path) -> tuple[str, ...]:
+    """The names of the files in ``out_dir``, sorted (what a writer reports it wrote)."""
+    return tuple(sorted(p.name for p in out_dir.iterdir() if p.is_file()))
 
 
 #: Format name → writer. A new format is one module and one entry here.
-WRITERS: dict[str, Writer] = {NATIVE: _native}
+WRITERS: dict[str, Writer] = {NATIVE: _native, COMPRESSED_TENSORS: _compressed_tensors, DENSE: _dense}
 
 
 def export_point(

@@ -326,23 +326,42 @@
           const from = p.refined_from === null || p.refined_from === undefined ? "" : ` from #${p.refined_from}`;
           last.appendChild(el("span", { class: "refined-mark" }, (p.recommended ? " · " : "") + "refined" + from));
         }
-        if (p.artifact_available) {
-          const a = el("a", { href: "#", class: "small" }, " download");
-          a.addEventListener("click", (ev) => { ev.preventDefault(); ev.stopPropagation(); download(p.id); });
-          last.appendChild(a);
-        }
+        // every point downloads: one not stored in the chosen format is exported by the service first
+        const a = el("a", { href: "#", class: "small", "data-download": p.id }, " download");
+        a.addEventListener("click", (ev) => { ev.preventDefault(); ev.stopPropagation(); download(p.id, $("format-select").value); });
+        last.appendChild(a);
         tr.appendChild(last);
         tr.addEventListener("click", () => select(p.id));
         tbody.appendChild(tr);
       }
     }
 
-    async function download(pointId) {
-      const r = await fetch(`${API}/jobs/${encodeURIComponent(jobId)}/points/${pointId}/artifact`, { headers: { Authorization: "Bearer " + token() } });
-      if (!r.ok) return;
-      const blob = await r.blob();
-      const a = el("a", { href: URL.createObjectURL(blob), download: `job-${jobId.slice(0, 8)}-point-${pointId}` });
-      document.body.appendChild(a); a.click(); a.remove();
+    // GET the artifact in `format`; while the service answers 202 (being exported), ask again after
+    // its Retry-After; a failed export shows its error.
+    async function download(pointId, format) {
+      const note = $("download-note");
+      const url = `${API}/jobs/${encodeURIComponent(jobId)}/points/${pointId}/artifact?format=${encodeURIComponent(format)}`;
+      for (;;) {
+        const r = await fetch(url, { headers: { Authorization: "Bearer " + token() } });
+        if (r.status === 202) {
+          const body = await r.json();
+          note.textContent = body.message || `point ${pointId} is being exported as ${format}`;
+          const wait = Math.max(1, parseFloat(r.headers.get("Retry-After") || "2"));
+          await new Promise((done) => setTimeout(done, wait * 1000));
+          continue;
+        }
+        if (!r.ok) {
+          let message = `download failed (${r.status})`;
+          try { message = (await r.json()).message || message; } catch (e) { /* not JSON */ }
+          note.textContent = message;
+          return;
+        }
+        note.textContent = "";
+        const blob = await r.blob();
+        const a = el("a", { href: URL.createObjectURL(blob), download: `job-${jobId.slice(0, 8)}-point-${pointId}-${format}.tar.gz` });
+        document.body.appendChild(a); a.click(); a.remove();
+        return;
+      }
     }
 
     function niceTicks(lo, hi, n) {

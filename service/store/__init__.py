@@ -31,6 +31,8 @@ built on :class:`~service.store._base.StoreBase` (engine, sessions, job locking,
 * :mod:`service.store.jobs` — jobs, claims, heartbeats, cancellation, recovery, events;
 * :mod:`service.store.points` — a finished search's points and front info (``finish_job``);
 * :mod:`service.store.artifacts` — points' exported models in the file store;
+* :mod:`service.store.exports` — a point's artifact in every format: export requests, their claims,
+  their results;
 * :mod:`service.store.sensitivities` — search spaces and sensitivity tables;
 * :mod:`service.store.uploads` — users' uploads;
 * :mod:`service.store.tokens` — API tokens;
@@ -45,9 +47,12 @@ from __future__ import annotations
 
 from service.store._json import json_safe
 from service.store.artifacts import ArtifactsMixin
+from service.store.exports import EXPORT_RETRY_AFTER_S, ArtifactFile, ExportsMixin
 from service.store.jobs import JobsMixin
 from service.store.points import PointsMixin
 from service.store.records import (
+    ExportNotOwned,
+    ExportTask,
     FrontInfo,
     JobNotOwned,
     JobRecord,
@@ -60,7 +65,11 @@ from service.store.tokens import TOKEN_PREFIX, Principal, TokenInfo, TokensMixin
 from service.store.uploads import UploadsMixin
 
 __all__ = [
+    "EXPORT_RETRY_AFTER_S",
     "TOKEN_PREFIX",
+    "ArtifactFile",
+    "ExportNotOwned",
+    "ExportTask",
     "FrontInfo",
     "JobNotOwned",
     "JobRecord",
@@ -76,8 +85,8 @@ __all__ = [
 ]
 
 
-class Store(JobsMixin, PointsMixin, ArtifactsMixin, SensitivitiesMixin, UploadsMixin, TokensMixin):
-    """Durable record of jobs, events, sensitivities, points, uploads and tokens.
+class Store(JobsMixin, PointsMixin, ExportsMixin, ArtifactsMixin, SensitivitiesMixin, UploadsMixin, TokensMixin):
+    """Durable record of jobs, events, sensitivities, points, artifacts and their exports, uploads and tokens.
 
     Args:
         engine: an engine from :func:`service.db.make_engine` (SQLite or PostgreSQL) whose schema

@@ -22,6 +22,7 @@ from sqlalchemy import select
 
 from bitscout import rules
 from bitscout.errors import InvalidRequest, NotFound
+from bitscout.formats import EXPORT_FORMATS, NATIVE
 from bitscout.schemas import (
     HIGHER_IS_BETTER,
     BudgetSpec,
@@ -33,11 +34,11 @@ from bitscout.schemas import (
 )
 from service.models import JobRow, PointRow, utcnow
 from service.store._json import json_safe
-from service.store.artifacts import ArtifactsMixin
+from service.store.exports import ExportsMixin
 from service.store.records import FrontInfo, PointRecord, front_info_of, point_records
 
 
-class PointsMixin(ArtifactsMixin):
+class PointsMixin(ExportsMixin):
     """A job's stored result (see the module docstring for the guarantees)."""
 
     def finish_job(
@@ -178,6 +179,7 @@ class PointsMixin(ArtifactsMixin):
                 .scalars()
                 .all()
             )
+            stored = self._stored_formats(s, job_id)
             info = job.result_info or {}
             spec = job.spec or {}
             metric = info.get("metric") or spec.get("metric")
@@ -190,7 +192,7 @@ class PointsMixin(ArtifactsMixin):
                 higher_is_better=bool(higher),
                 baseline_metrics=info.get("baseline_metrics") or {},
                 budget=spec.get("budget"),
-                points=[self._point_read(r, job.recommended_point) for r in rows],
+                points=[self._point_read(r, job.recommended_point, stored.get(r.idx, [])) for r in rows],
                 recommended=job.recommended_point,
             )
 
@@ -211,10 +213,11 @@ class PointsMixin(ArtifactsMixin):
             row = s.get(PointRow, (job_id, point_id))
             if row is None:
                 raise NotFound(f"job {job_id} has no point {point_id}", field="point_id")
-            return self._point_read(row, job.recommended_point)
+            return self._point_read(row, job.recommended_point, self._stored_formats(s, job_id).get(point_id, []))
 
     @staticmethod
-    def _point_read(row: PointRow, recommended: int | None) -> ParetoPointRead:
+    def _point_read(row: PointRow, recommended: int | None, exported: Sequence[str] = ()) -> ParetoPointRead:
+        native = [NATIVE] if row.artifact_sha256 is not None else []
         return ParetoPointRead.model_validate(
             {
                 "id": row.idx,
@@ -236,6 +239,7 @@ class PointsMixin(ArtifactsMixin):
                 "recommended": recommended is not None and row.idx == recommended,
                 "predicted": row.predicted,
                 "artifact_available": row.artifact_sha256 is not None,
+                "artifact_formats": sorted({*native, *exported}, key=EXPORT_FORMATS.index),
                 "provenance": (row.extra or {}).get("provenance"),
             }
         )

@@ -2,6 +2,8 @@
 
 * :class:`JobRecord` — a job as the workers see it (:class:`~bitscout.schemas.JobRead` plus who
   claimed it); :class:`JobNotOwned` — the error a worker gets once the job is no longer its own.
+* :class:`ExportTask` — a point's export a worker claimed; :class:`ExportNotOwned` — the error it gets
+  once the export is no longer its own.
 * :class:`PointRecord` (with :class:`PointOption` and :class:`PointCost`) — one evaluated point of a
   finished search, as :meth:`~service.store.Store.finish_job` takes it; :class:`FrontInfo` — the facts
   about the whole front stored with it.
@@ -27,6 +29,8 @@ from bitscout.schemas import JobRead
 from service.store._json import finite
 
 __all__ = [
+    "ExportNotOwned",
+    "ExportTask",
     "FrontInfo",
     "JobNotOwned",
     "JobRecord",
@@ -41,6 +45,21 @@ __all__ = [
 class JobNotOwned(Conflict):
     """The worker calling no longer owns the job (it was re-queued, claimed by another worker,
     canceled or finished): the caller must stop working on it and write nothing more."""
+
+
+class ExportNotOwned(JobNotOwned):
+    """The worker calling no longer holds the export it was running (it went back to pending after
+    its worker was taken for lost, and may run elsewhere): it must store nothing."""
+
+
+class ExportTask(BaseModel):
+    """An export a worker claimed: which point of which job, in which format, under which claim."""
+
+    job_id: str
+    point_id: int
+    format: str
+    worker_id: str
+    attempts: int
 
 
 class JobRecord(JobRead):

@@ -233,8 +233,11 @@ def test_every_command_end_to_end(
         rc, out, _ = run(capsys, "download", job_id, str(rec), tmp_path / "raw", "--no-extract")
         assert rc == 0 and out.strip().endswith(".tar.gz") and Path(out.strip()).is_file()
         other = next(p["id"] for p in data["points"] if not p["artifact_available"])
-        rc, _, err = run(capsys, "download", job_id, str(other), tmp_path / "none")
-        assert rc == 2 and "not been exported" in one_line_error(err)
+        # no workers run here: its export is recorded and the download waits for it up to --timeout
+        rc, _, err = run(capsys, "download", job_id, str(other), tmp_path / "none", "--timeout", "0")
+        assert rc == 1 and "still being exported as native" in one_line_error(err)
+        rc, _, err = run(capsys, "download", job_id, str(other), tmp_path / "none", "--format", "gguf")
+        assert rc == 2 and "format must be one of native, compressed-tensors, dense" in one_line_error(err)
 
         rc, out, _ = run(capsys, "events", job_id)
         assert rc == 0 and "created" in out.splitlines()[0] and "succeeded" in out

@@ -57,7 +57,7 @@ def test_docstrings_with_examples() -> None:
 
 def test_importing_the_sdk_pulls_nothing_heavy_or_internal() -> None:
     code = (
-        "import sys, bitscout, bitscout.cli, bitscout.commands, bitscout.apply\n"
+        "import sys, bitscout, bitscout.cli, bitscout.commands, bitscout._apply\n"
         "heavy = {'torch', 'fastapi', 'sqlalchemy', 'ray', 'transformers', 'starlette', 'uvicorn', 'pandas',"
         " 'matplotlib', 'search', 'service', 'workers', 'numpy'}\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"

@@ -268,6 +268,84 @@ def test_download_never_writes_outside_its_directory(tmp_path: Path) -> None:
     assert path == tmp_path / "raw" / "x.tar.gz"  # the name is reduced to a safe base name
 
 
+def _exporting_service(ready_after: int, *, retry_after: str = "3") -> tuple[Any, list[httpx2.Request]]:
+    """A mock of the artifact endpoint: 202 (being exported) ``ready_after`` times, then the archive."""
+    seen: list[httpx2.Request] = []
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        info = tarfile.TarInfo("model.safetensors")
+        info.size = 5
+        tar.addfile(info, io.BytesIO(b"dense"))
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        seen.append(request)
+        if len(seen) <= ready_after:
+            body = {"job_id": "j", "point_id": 4, "format": request.url.params["format"], "state": "running",
+                    "attempts": 1, "message": "point 4 as dense is being exported", "retry_after_s": 3.0}
+            return httpx2.Response(202, json=body, headers={"retry-after": retry_after})
+        return httpx2.Response(200, content=archive.getvalue(),
+                               headers={"content-disposition": 'attachment; filename="job-j-point-4-dense.tar.gz"'})
+
+    return handler, seen
+
+
+def test_download_waits_through_202s_honouring_retry_after(tmp_path: Path) -> None:
+    handler, seen = _exporting_service(2)
+    client = bitscout.Client("http://t", "tok", transport=httpx2.MockTransport(handler), retries=0)
+    slept: list[float] = []
+    client._sleep = slept.append  # type: ignore[method-assign]
+    path = client.download("j", 4, tmp_path / "d", format="Dense", timeout=60)
+    assert path == tmp_path / "d" and (path / "model.safetensors").read_bytes() == b"dense"
+    assert slept == [3.0, 3.0] and len(seen) == 3
+    assert all(r.url.path == "/api/v1/jobs/j/points/4/artifact" and r.url.params["format"] == "dense" for r in seen)
+    # the default format is native; an unknown one is refused before any request, naming the field
+    handler, seen = _exporting_service(0)
+    client = bitscout.Client("http://t", "tok", transport=httpx2.MockTransport(handler), retries=0)
+    client.download("j", 4, tmp_path / "n")
+    assert seen[0].url.params["format"] == "native"
+    with pytest.raises(bitscout.InvalidRequest) as err:
+        client.download("j", 4, tmp_path / "x", format="gguf")
+    assert err.value.field == "format" and len(seen) == 1
+
+
+def test_download_gives_up_after_its_timeout_never_sleeping_past_it(tmp_path: Path, monkeypatch: Any) -> None:
+    import time as time_mod
+
+    clock = {"t": 1000.0}
+    monkeypatch.setattr(time_mod, "monotonic", lambda: clock["t"])
+    handler, seen = _exporting_service(10**6, retry_after="4")
+    client = bitscout.Client("http://t", "tok", transport=httpx2.MockTransport(handler), retries=0)
+    slept: list[float] = []
+
+    def sleep(s: float) -> None:
+        slept.append(s)
+        clock["t"] += s
+
+    client._sleep = sleep  # type: ignore[method-assign]
+    with pytest.raises(TimeoutError, match=r"still being exported as dense \(running\) after 10 s"):
+        client.download("j", 4, tmp_path / "d", format="dense", timeout=10)
+    assert slept == [4.0, 4.0, 2.0] and len(seen) == 4  # the last wait ends at the deadline
+    assert not (tmp_path / "d").exists() or not list((tmp_path / "d").iterdir())
+
+
+def test_the_async_client_waits_the_same_way(tmp_path: Path) -> None:
+    import asyncio
+
+    handler, seen = _exporting_service(1)
+    slept: list[float] = []
+
+    async def main() -> Path:
+        async with bitscout.AsyncClient("http://t", "tok", transport=httpx2.MockTransport(handler), retries=0) as c:
+            async def sleep(s: float) -> None:
+                slept.append(s)
+
+            c._sleep = sleep  # type: ignore[method-assign]
+            return await c.download("j", 4, tmp_path / "a", format="dense", timeout=60)
+
+    path = asyncio.run(main())
+    assert (path / "model.safetensors").read_bytes() == b"dense" and slept == [3.0] and len(seen) == 2
+
+
 # --------------------------------------------------------------------------- progress while waiting
 
 
@@ -319,11 +397,9 @@ def test_retry_policy() -> None:
 
 def test_apply_needs_the_search_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib
-    import sys
 
-    assert callable(bitscout.apply)  # the lazy name resolved first: it imports the module
-    apply_module = sys.modules["bitscout.apply"]  # the module (bitscout.apply is the function)
     real = importlib.import_module
+    apply_module = real("bitscout._apply")
 
     def missing(name: str, *args: Any) -> Any:
         if name == "search.export":

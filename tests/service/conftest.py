@@ -27,7 +27,7 @@ from service.settings import Settings  # noqa: E402
 from service.store import Store  # noqa: E402
 
 PG_BASE = os.environ.get("BITSCOUT_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
-TABLES = ("job_events", "sensitivities", "job_spaces", "points", "jobs", "uploads", "api_tokens")
+TABLES = ("job_events", "sensitivities", "job_spaces", "point_exports", "points", "jobs", "uploads", "api_tokens")
 
 
 def _pg_admin_url() -> str:

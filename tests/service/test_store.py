@@ -508,12 +508,13 @@ def test_the_store_package_exports_its_facade() -> None:
     assert set(pkg.__all__) == {
         "TOKEN_PREFIX", "FrontInfo", "JobNotOwned", "JobRecord", "PointCost", "PointOption", "PointRecord",
         "Principal", "Store", "TokenInfo", "hash_token", "json_safe", "space_key_of",
+        "EXPORT_RETRY_AFTER_S", "ArtifactFile", "ExportNotOwned", "ExportTask",
     }  # fmt: skip
     for name in pkg.__all__:
         assert getattr(pkg, name) is not None, name
     # every aggregate's public methods are on the one facade
-    from service.store import artifacts, jobs, points, sensitivities, tokens, uploads
+    from service.store import artifacts, exports, jobs, points, sensitivities, tokens, uploads
 
-    for part in (jobs.JobsMixin, points.PointsMixin, artifacts.ArtifactsMixin, sensitivities.SensitivitiesMixin,
-                 uploads.UploadsMixin, tokens.TokensMixin):  # fmt: skip
+    for part in (jobs.JobsMixin, points.PointsMixin, artifacts.ArtifactsMixin, exports.ExportsMixin,
+                 sensitivities.SensitivitiesMixin, uploads.UploadsMixin, tokens.TokensMixin):  # fmt: skip
         assert issubclass(Store, part), part

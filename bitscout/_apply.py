@@ -1,4 +1,4 @@
-"""``bitscout.apply``: the quantized model in your own process, from a precision map or an artifact.
+"""The implementation of :func:`bitscout.apply`: the quantized model in your own process, from a precision map or an artifact.
 
 This is the one part of the SDK that needs PyTorch and the search library
 (``pip install 'bitscout[search]'``); they are imported when it is called, never when ``bitscout``
