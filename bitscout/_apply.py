@@ -52,8 +52,17 @@ def _is_artifact(source: Any) -> Path | None:
     return None
 
 
-def apply(model: Any, precision_map_or_artifact: Any, **options: Any) -> Any:
+def apply(model: Any, precision_map_or_artifact: Any, *, materialize: bool = False, **options: Any) -> Any:
     """Quantize ``model`` (a ``torch.nn.Module``, e.g. from ``transformers``) in place and return it.
+
+    By default the quantized matrices stay packed in memory: each quantized ``Linear``, ``Conv1D``
+    and ``Embedding`` is replaced by a module holding its integer codes and float16 scales that
+    dequantizes them on every forward pass (``search.export.packed``), so the model takes about the
+    memory of its quantized size, and its outputs are bit-identical to the search's evaluation.
+    Such a model runs inference (``model(...)``, ``generate``); its state dict holds the codes.
+    ``materialize=True`` writes the quantized values into the model's float weights instead (as much
+    memory as the original, no dequantization per forward pass): for fine-tuning, or for
+    ``save_pretrained`` of a checkpoint plain ``transformers`` reloads.
 
     ``precision_map_or_artifact`` is one of:
 
@@ -70,7 +79,8 @@ def apply(model: Any, precision_map_or_artifact: Any, **options: Any) -> Any:
     :meth:`Job.apply`, which passes the job's space settings itself.
 
     Raises ImportError (with the ``pip install`` line) without PyTorch and the search library, and
-    :class:`InvalidRequest` when the map or the artifact does not fit the model.
+    :class:`InvalidRequest` when the map or the artifact does not fit the model (or the model already
+    holds packed modules: apply to the original model).
 
     Example::
 
@@ -79,6 +89,7 @@ def apply(model: Any, precision_map_or_artifact: Any, **options: Any) -> Any:
         >>> path = job.download("recommended", "quantized/")               # doctest: +SKIP
         >>> model = bitscout.apply(model, path)                            # doctest: +SKIP
         >>> model = bitscout.apply(model, job.best(max_size_mb=20), ffn_block_size=256)  # doctest: +SKIP
+        >>> model = bitscout.apply(fresh_model, path, materialize=True)     # doctest: +SKIP
     """
     export = _export_module()
     artifact = _is_artifact(precision_map_or_artifact)
@@ -89,8 +100,10 @@ def apply(model: Any, precision_map_or_artifact: Any, **options: Any) -> Any:
                     f"an artifact carries its own space: {', '.join(sorted(options))} cannot be given with it",
                     field=next(iter(sorted(options))),
                 )
-            return export.load_artifact(artifact, model)
-        return export.apply_precision_map(model, _as_map(precision_map_or_artifact), **options)
+            return export.load_artifact(artifact, model, materialize=materialize)
+        return export.apply_precision_map(
+            model, _as_map(precision_map_or_artifact), materialize=materialize, **options
+        )
     except BitscoutError:
         raise
     except Exception as exc:

@@ -317,9 +317,10 @@ class Job(_JobBase):
         return self.client.download(self.id, self._point_id(point), dir, format=format, timeout=timeout,
                                     extract=extract)  # fmt: skip
 
-    def apply(self, model: Any, point: PointRef = "recommended", **kwargs: Any) -> Any:
-        """Fake-quantize ``model`` in place under a point's precision map, with the space settings
-        (granularity, FFN block size, globs) of this job; returns the model. Needs
+    def apply(self, model: Any, point: PointRef = "recommended", *, materialize: bool = False, **kwargs: Any) -> Any:
+        """Quantize ``model`` in place under a point's precision map, with the space settings
+        (granularity, FFN block size, globs) of this job; returns the model. Packed in memory by
+        default, float weights with ``materialize=True`` (see :func:`bitscout.apply`). Needs
         ``pip install 'bitscout[search]'``."""
         # through the package, so that `bitscout.apply` stays the function (importing the submodule
         # directly would bind the package's attribute to the module)
@@ -327,7 +328,7 @@ class Job(_JobBase):
 
         p = point if isinstance(point, ParetoPointRead) else self.point(point)
         options = {**self._apply_options(), **kwargs}
-        return apply(model, {k: v.model_dump() for k, v in p.precision_map.items()}, **options)
+        return apply(model, {k: v.model_dump() for k, v in p.precision_map.items()}, materialize=materialize, **options)
 
 
 class AsyncJob(_JobBase):
@@ -445,10 +446,12 @@ class AsyncJob(_JobBase):
         return await self.client.download(self.id, self._point_id(point), dir, format=format, timeout=timeout,
                                           extract=extract)  # fmt: skip
 
-    async def apply(self, model: Any, point: PointRef = "recommended", **kwargs: Any) -> Any:
-        """Fake-quantize ``model`` under a point's map (see :meth:`Job.apply`)."""
+    async def apply(
+        self, model: Any, point: PointRef = "recommended", *, materialize: bool = False, **kwargs: Any
+    ) -> Any:
+        """Quantize ``model`` under a point's map (see :meth:`Job.apply`)."""
         from bitscout import apply  # the function, as in Job.apply
 
         p = point if isinstance(point, ParetoPointRead) else await self.point(point)
         options = {**self._apply_options(), **kwargs}
-        return apply(model, {k: v.model_dump() for k, v in p.precision_map.items()}, **options)
+        return apply(model, {k: v.model_dump() for k, v in p.precision_map.items()}, materialize=materialize, **options)

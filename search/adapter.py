@@ -657,24 +657,33 @@ class ModelAdapter:
         matrix its quantized cores stand for, :func:`search.tensor_train.option_weight`); with
         ``cache``, an integer option's blocks are quantized once and copied in afterwards."""
         for m in group.members:
-            block = self.member_slice(m)
-            if option.is_tt:
-                block.copy_(
-                    tt.option_weight(block, int(option.tt_rank), option.bits, symmetric=option.symmetric, clip=clip)  # type: ignore[arg-type]
-                )
-            elif option.pruned:
-                block.zero_()
-                b = self.bias(m.module)
-                if b is not None and m.axis in ("out", "all"):
-                    (b[m.start : m.stop] if m.axis == "out" else b).zero_()
-            elif option.bits != 32:
-                def make(block: torch.Tensor = block) -> torch.Tensor:
-                    return quant.fake_quantize(
-                        block, option.bits, symmetric=option.symmetric, clip=clip, group_size=option.group_size  # type: ignore[arg-type]
-                    )
+            self.write_member(m, option, clip, cache)
 
-                key = (m.module, m.axis, m.start, m.stop, option.key(), clip)
-                block.copy_(make() if cache is None else cache.get(key, make))
+    def write_member(self, m: Member, option: BitOption, clip: str, cache: WeightCache | None = None) -> None:
+        """Write ``option``'s weights of one member slice into the model (see :meth:`_write_group`)."""
+        block = self.member_slice(m)
+        if option.is_tt:
+            block.copy_(
+                tt.option_weight(block, int(option.tt_rank), option.bits, symmetric=option.symmetric, clip=clip)  # type: ignore[arg-type]
+            )
+        elif option.pruned:
+            block.zero_()
+            self.prune_bias(m)
+        elif option.bits != 32:
+
+            def make(block: torch.Tensor = block) -> torch.Tensor:
+                return quant.fake_quantize(
+                    block, option.bits, symmetric=option.symmetric, clip=clip, group_size=option.group_size  # type: ignore[arg-type]
+                )
+
+            key = (m.module, m.axis, m.start, m.stop, option.key(), clip)
+            block.copy_(make() if cache is None else cache.get(key, make))
+
+    def prune_bias(self, m: Member) -> None:
+        """Zero the bias entries that follow a pruned member: its rows (``out``), all (``all``), none (``in``)."""
+        b = self.bias(m.module)
+        if b is not None and m.axis in ("out", "all"):
+            (b[m.start : m.stop] if m.axis == "out" else b).zero_()
 
     def _touched(self, pmap: PrecisionMap, space: SearchSpace) -> list[str]:
         mods: dict[str, None] = {}

@@ -403,17 +403,19 @@ def pack(q_codes: torch.Tensor, bits: int) -> torch.Tensor:
         lo, hi = int(flat.min()), int(flat.max())
         if lo < -(2 ** (bits - 1)) or hi > 2**bits - 1 or (lo < 0 and hi > 2 ** (bits - 1) - 1):
             raise InvalidInputError(f"codes in [{lo}, {hi}] do not fit in {bits} bits", field="codes")
-    n_bytes = math.ceil(flat.numel() * bits / 8)
-    low = (flat.to(torch.int32) & (2**bits - 1)).to(torch.uint8)
-    stream = torch.zeros(n_bytes * 8, dtype=torch.uint8, device=flat.device)
-    code_bits = stream[: flat.numel() * bits].view(flat.numel(), bits)
-    for j in range(bits):
-        code_bits[:, j] = (low >> j) & 1
-    byte_bits = stream.view(n_bytes, 8)
-    out = torch.zeros(n_bytes, dtype=torch.uint8, device=flat.device)
-    for k in range(8):
-        out |= byte_bits[:, k] << k
-    return out
+    n = flat.numel()
+    n_bytes = math.ceil(n * bits / 8)
+    chunks = math.ceil(n / 8)  # 8 codes fill exactly ``bits`` bytes
+    low = torch.zeros(chunks * 8, dtype=torch.uint8, device=flat.device)
+    low[:n] = (flat.to(torch.int16) & (2**bits - 1)).to(torch.uint8)
+    codes = low.view(chunks, 8)
+    out = torch.zeros(chunks, bits, dtype=torch.uint8, device=flat.device)
+    for j in range(8):  # code j of a chunk: stream bits [j*bits, (j+1)*bits) of the chunk's bytes
+        byte, shift = divmod(j * bits, 8)
+        out[:, byte] |= codes[:, j] << shift  # uint8: the bits past the byte fall off
+        if shift + bits > 8:
+            out[:, byte + 1] |= codes[:, j] >> (8 - shift)
+    return out.view(-1)[:n_bytes].clone() if chunks * bits != n_bytes else out.view(-1)
 
 
 def unpack(packed: torch.Tensor, bits: int, numel: int, *, signed: bool = False) -> torch.Tensor:
@@ -431,14 +433,23 @@ def unpack(packed: torch.Tensor, bits: int, numel: int, *, signed: bool = False)
         raise InvalidInputError(
             f"{packed.numel()} bytes cannot hold {numel!r} codes of {bits} bits", field="numel"
         )
-    stream = torch.empty(packed.numel(), 8, dtype=torch.uint8, device=packed.device)
-    for k in range(8):
-        stream[:, k] = (packed >> k) & 1
-    code_bits = stream.view(-1)[: numel * bits].view(numel, bits)
-    codes = torch.zeros(numel, dtype=torch.uint8, device=packed.device)
-    for j in range(bits):
-        codes |= code_bits[:, j] << j
-    if signed:
-        wide = codes.to(torch.int16)
-        return torch.where(wide >= 2 ** (bits - 1), wide - 2**bits, wide).to(torch.int8)
-    return codes
+    chunks = math.ceil(numel / 8)  # 8 codes fill exactly ``bits`` bytes
+    have = min(packed.numel(), chunks * bits)
+    if have == chunks * bits:
+        stream = packed[:have].view(chunks, bits)
+    else:
+        stream = torch.zeros(chunks * bits, dtype=torch.uint8, device=packed.device)
+        stream[:have] = packed[:have]
+        stream = stream.view(chunks, bits)
+    mask = 2**bits - 1
+    codes = torch.empty(chunks, 8, dtype=torch.uint8, device=packed.device)
+    for j in range(8):
+        byte, shift = divmod(j * bits, 8)
+        code = stream[:, byte] >> shift
+        if shift + bits > 8:
+            code |= stream[:, byte + 1] << (8 - shift)  # uint8: the bits past the byte fall off
+        codes[:, j] = code & mask
+    flat = codes.view(-1)[:numel]
+    if signed:  # sign-extend: the code's top bit to the int8 sign bit, then an arithmetic shift back
+        return (flat << (8 - bits)).view(torch.int8) >> (8 - bits)
+    return flat

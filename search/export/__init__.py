@@ -4,6 +4,24 @@ onto torchao's own kernels.
 One module per checkpoint format, all reading the same map and space (:mod:`search.export.common`
 holds what they share):
 
+module                              what
+==================================  =========================================================================
+:mod:`search.export.artifact`       the native packed artifact (``bitscout.quant``): integer codes packed at
+                                    their bit-width, float16 scales, bit-identical on reload
+                                    (:func:`export_artifact`, :func:`load_artifact`, :func:`artifact_info`)
+:mod:`search.export.apply`          a map or an artifact's map applied to a user's model in place, exactly as
+                                    the search evaluated it (:func:`apply_precision_map`)
+:mod:`search.export.packed`         the modules a map or an artifact is applied as by default: integer codes
+                                    kept packed in memory, dequantized per forward pass, bit-identical
+:mod:`search.export.packed`                 the modules a map or an artifact is applied as by default: integer codes
+                                            kept packed in memory, dequantized per forward pass, bit-identical
+:mod:`search.export.formats`        one entry point over every format (:func:`export_point`, names in
+                                    :mod:`bitscout.formats`) and what it wrote (:class:`ExportReport`)
+:mod:`search.export.torchao`        the part of a map torchao's int4/int8 weight-only kernels can run, as
+                                    per-module torchao configs (:func:`to_torchao_config`), and why the rest
+                                    cannot (:func:`torchao_unsupported`)
+==================================  =========================================================================
+=======
 ==========================================  =========================================================================
 module                                      what
 ==========================================  =========================================================================

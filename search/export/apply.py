@@ -14,6 +14,7 @@ from search.adapter import ModelAdapter
 from search.errors import InvalidInputError
 from search.export.artifact import ARTIFACT_FILE, PRECISION_MAP_FILE, ArtifactInfo, artifact_info
 from search.export.common import _as_space, _check_fits
+from search.export.packed import apply_packed, refuse_packed
 from search.space import FULL_PRECISION, BitOption, PrecisionMap, SearchSpace
 
 __all__ = ["apply_precision_map"]
@@ -119,9 +120,14 @@ def apply_precision_map(
     include_head: bool | None = None,
     include_embeddings: bool | None = None,
     clip: str | None = None,
+    materialize: bool = True,
 ) -> nn.Module:
     """Fake-quantize ``model`` in place under a precision map and return it (what ``bitscout.apply``
     calls): exactly what the search evaluated for that map.
+
+    ``materialize`` True writes the quantized weights into the model's float parameters; False puts
+    packed modules in their place (:mod:`search.export.packed`: integer codes in memory, dequantized on
+    every forward pass, the same outputs bit for bit) wherever one fits, floats elsewhere.
 
     ``pmap_or_path``: a :class:`PrecisionMap`, a mapping (group name → option, or an object holding
     ``precision_map`` such as a Pareto point), a ``precision_map.json`` path, or an artifact directory.
@@ -131,6 +137,7 @@ def apply_precision_map(
     the search's ``ffn_block_size`` (or its space) when it was not 64. ``clip`` is the search's clip rule:
     by default the artifact's, else ``mse``. Groups missing from the map stay in full precision.
     """
+    refuse_packed(model)
     pmap, found = _read_map_source(pmap_or_path)
     clip = clip or (found.clip if found is not None else "mse")
     if clip not in ("mse", "minmax"):
@@ -150,6 +157,9 @@ def apply_precision_map(
             include_head=include_head,
             include_embeddings=include_embeddings,
         )
-    adapter.apply(pmap, sp, clip=clip)
+    if materialize:
+        adapter.apply(pmap, sp, clip=clip)
+    else:
+        apply_packed(adapter, sp, pmap, clip=clip)
     return model
 

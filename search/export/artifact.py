@@ -113,6 +113,17 @@ from search.export.common import (
     _weight_view,
     _write_model_files,
 )
+from search.export.packed import (
+    PackedWeight,
+    holders_of,
+    install,
+    maps_a_file,
+    new_packed_weight,
+    packable,
+    refuse_packed,
+    release_mapping,
+    store_codes,
+)
 from search.space import FULL_PRECISION, Member, PrecisionMap, SearchSpace, space_from_dict, space_to_dict
 
 log = logging.getLogger(__name__)
@@ -317,13 +328,11 @@ def export_artifact(
     dtypes: dict[str, str] = {}
     for (group, i), codes in point.codes.items():
         qp = point.qparams[(group, i)]
-        stored[_qkey(group, i, "codes")] = quant.pack(codes, qp.bits)
-        scale = qp.scale.detach().cpu()
-        half = scale.to(torch.float16)
-        exact = bool(torch.equal(half.to(torch.float32), scale))
-        stored[_qkey(group, i, "scale")] = half if exact else scale.clone()
-        if not qp.symmetric:
-            stored[_qkey(group, i, "zero_point")] = qp.zero_point.to(torch.uint8).cpu()
+        packed, scale, zero_point = store_codes(codes, qp)
+        stored[_qkey(group, i, "codes")] = packed
+        stored[_qkey(group, i, "scale")] = scale
+        if zero_point is not None:
+            stored[_qkey(group, i, "zero_point")] = zero_point
 
     # Everything else from the model as the search evaluated it, the model restored afterwards.
     with point.applied():
@@ -616,10 +625,14 @@ def _rows_cols(m: Member) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def load_artifact(path_or_dir: str | Path, model: nn.Module) -> nn.Module:
+def load_artifact(path_or_dir: str | Path, model: nn.Module, *, materialize: bool = True) -> nn.Module:
     """Rebuild the quantized weights of an artifact onto ``model`` (same architecture, e.g. loaded from
     the original config or the user's own model object) and return it, in place.
 
+    ``materialize`` True writes them into the model's float weights; False builds packed modules
+    (:mod:`search.export.packed`) straight from the file's codes, scales and float slices, wherever one
+    fits (floats elsewhere): no float copy of a packed matrix is made, and the model's own float weight
+    goes with the module it replaces.
     The result is bit-identical to the search's fake-quantized model when ``model`` has the dtype the
     artifact was exported from. Raises :class:`InvalidInputError` (``field="artifact"``) for a file that
     is not a bitscout safetensors artifact (pickles are refused unread), an unknown format version,
@@ -634,12 +647,16 @@ def load_artifact(path_or_dir: str | Path, model: nn.Module) -> nn.Module:
     except Exception as exc:
         raise _artifact_error(f"{path.name} is not a valid safetensors file: {exc}") from exc
     space, pmap = info.space, info.precision_map
+    refuse_packed(model)
     modules = _check_fits(model, space, field="artifact")
     by_module = _members_by_module(space)
+    state = model.state_dict(keep_vars=True)
+    holders = {} if materialize else holders_of(model)
 
     # Which file entries the map calls for, checked before anything is written.
     used: set[str] = set()
     rebuilt: dict[str, torch.Tensor] = {}
+    packs: dict[str, tuple[PackedWeight, list[tuple[str, nn.Module]]]] = {}
     covered: dict[str, bool] = {}
     for name, members in by_module.items():
         w = _weight_view(modules[name])
@@ -652,7 +669,11 @@ def load_artifact(path_or_dir: str | Path, model: nn.Module) -> nn.Module:
                 name, str(dtype).removeprefix("torch."), want,
             )
             dtype = getattr(torch, want, dtype)
-        rebuilt[name] = torch.zeros(tuple(w.shape), dtype=dtype)
+        hold = None if materialize else _packable_here(name, members, modules, holders, state, info, pmap)
+        if hold is not None:
+            packs[name] = (new_packed_weight(modules[name], dtype), hold)
+        else:
+            rebuilt[name] = torch.zeros(tuple(w.shape), dtype=dtype)
     tt_groups: dict[str, list[torch.Tensor]] = {}
     for g in space.groups:
         opt = pmap.get(g.name, FULL_PRECISION)
@@ -662,36 +683,48 @@ def load_artifact(path_or_dir: str | Path, model: nn.Module) -> nn.Module:
             continue
         for i, m in enumerate(g.members):
             rows, cols = _rows_cols(m)
-            target = _member_view(rebuilt[m.module], m)
+            pack = packs[m.module][0] if m.module in packs else None
+            target = None if pack is not None else _member_view(rebuilt[m.module], m)
             if opt.pruned:
+                if pack is not None:
+                    pack.add_zero(m)
                 continue
             if opt.is_integer:
                 n_bytes = math.ceil(rows * cols * opt.bits / 8)
                 ck, sk, zk = (_qkey(g.name, i, x) for x in ("codes", "scale", "zero_point"))
                 packed = _expect(tensors, ck, (torch.uint8,), (n_bytes,))
                 shape = (rows,) if opt.group_size is None else (rows, cols // opt.group_size)
-                scale = _expect(tensors, sk, (torch.float16, torch.float32), shape).to(torch.float32)
+                stored_scale = _expect(tensors, sk, (torch.float16, torch.float32), shape)
+                scale = stored_scale.to(torch.float32)
                 used.update((ck, sk))
+                stored_zp = None
                 if opt.symmetric:
                     zp = torch.zeros(shape, dtype=torch.int32)
                 else:
-                    zp = _expect(tensors, zk, (torch.uint8,), shape).to(torch.int32)
+                    stored_zp = _expect(tensors, zk, (torch.uint8,), shape)
+                    zp = stored_zp.to(torch.int32)
                     used.add(zk)
                 if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
                     raise _artifact_error(f"tensor {sk!r} holds scales that are not positive and finite")
+                if pack is not None:  # the file's codes as they are: no float copy
+                    pack.add_integer(m, opt, packed, stored_scale, stored_zp)
+                    continue
                 codes = quant.unpack(packed, opt.bits, rows * cols, signed=opt.symmetric).view(rows, cols)
                 qp = quant.QParams(scale=scale, zero_point=zp, bits=opt.bits, symmetric=opt.symmetric,
                                    group_size=opt.group_size)
                 target.copy_(quant.dequantize(codes, qp, dtype=target.dtype))
             else:
                 wk = _qkey(g.name, i, "weight")
-                allowed = (torch.float16, target.dtype) if opt.bits == 16 else (target.dtype,)
+                dtype = pack.source_dtype if pack is not None else target.dtype  # type: ignore[union-attr]
+                allowed = (torch.float16, dtype) if opt.bits == 16 else (dtype,)
                 stored = _expect(tensors, wk, allowed, (rows, cols))
                 used.add(wk)
-                target.copy_(stored.to(target.dtype))
+                if pack is not None:
+                    pack.add_float(m, stored)
+                else:
+                    target.copy_(stored.to(target.dtype))  # type: ignore[union-attr]
 
     # The float part: the state dict minus the covered weights, tied names stored once.
-    state = model.state_dict(keep_vars=True)
     covered_names = {_state_name(state, _weight(modules[name])) for name, full in covered.items() if full}
     covered_ids = {id(state[n]) for n in covered_names}
     extra_q = sorted(k for k in tensors if k.startswith(_Q) and k not in used)
@@ -745,5 +778,33 @@ def load_artifact(path_or_dir: str | Path, model: nn.Module) -> nn.Module:
                 w = _weight_view(modules[name])
                 cores = [c.to(w.device) for c in tt_groups[g.name]]
                 adapter.swap_module(name, adapter.tt_module(g, pmap[g.name], info.clip, cores=cores))
+    mapped = any(maps_a_file(modules[name]) for name in packs)
+    for pw, hold in packs.values():  # last: the holders take the modules' loaded biases
+        install(model, pw, hold)
+    if mapped:
+        release_mapping(model)
     return model
+
+
+def _packable_here(
+    name: str,
+    members: list[tuple[Any, int, Member]],
+    modules: Mapping[str, nn.Module],
+    holders: Mapping[int, list[tuple[str, nn.Module]]],
+    state: Mapping[str, torch.Tensor],
+    info: ArtifactInfo,
+    pmap: PrecisionMap,
+) -> list[tuple[str, nn.Module]] | None:
+    """The holders to replace by a packed module for ``name`` (None: rebuild it in float): not a
+    tensor-train group, not all at 32 bits, and no name tied to it in the exported model that this
+    model holds apart (that copy is written in float)."""
+    opts = [pmap.get(g.name, FULL_PRECISION) for g, _, _ in members]
+    if any(o.is_tt for o in opts) or all(o.unchanged for o in opts):
+        return None
+    module = modules[name]
+    weight = _weight(module)
+    own = _state_name(state, weight)
+    if any(canon == own and state.get(alias) is not weight for alias, canon in info.aliases.items()):
+        return None
+    return packable(holders, module, [m for _, _, m in members])
 

@@ -563,7 +563,15 @@ def test_export_command_is_registered():
 
 
 def test_torchao_configs_run_with_real_torchao(bert):
-    tq = pytest.importorskip("torchao.quantization")
+    tq = pytest.importorskip("torchao.quantization", reason="torchao is not installed: pip install 'bitscout[torchao]'")
+    from torchao.quantization.granularity import PerGroup
+
+    # The build path of every config the mapping names: int4 with its group size, int8 per row and per
+    # group of columns (PerGroup granularity on torchao 0.14 and later).
+    int4 = TorchaoConfig("Int4WeightOnlyConfig", {"group_size": 64}).build()
+    assert isinstance(int4, tq.Int4WeightOnlyConfig) and int4.group_size == 64
+    int8 = TorchaoConfig("Int8WeightOnlyConfig", {"group_size": 16}).build()
+    assert isinstance(int8, tq.Int8WeightOnlyConfig) and int8.granularity == PerGroup(16)
     bert = copy.deepcopy(bert)  # quantize_ changes the module-scoped model
     space = ModelAdapter(bert).build_space(granularity="group", bits=(8,), ffn_block_size=32)
     pmap = space.uniform(8)
