@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from search.space import FULL_PRECISION, BitOption, Member, PrecisionMap, SearchSpace
+from search.ste import half_ste, lsq_fake_quantize, lsq_grad_scale
 
 ActScales = Literal["dynamic", "static"]
 ACT_SCALES: tuple[str, ...] = ("dynamic", "static")
@@ -67,6 +68,7 @@ __all__ = [
     "fake_quantize_activation",
     "member_key",
     "quantize_activations_of",
+    "quantize_with_step",
     "ActivationCurvature",
     "InputProbes",
     "ProbeCall",
@@ -96,6 +98,21 @@ def fake_quantize_activation(x: torch.Tensor, bits: int | None, amax: torch.Tens
     else:
         scale = torch.as_tensor(amax, dtype=torch.float32, device=x.device).clamp_min(SCALE_EPS * q) / q
     return (torch.round(xf / scale).clamp(-q, q) * scale).to(x.dtype)
+
+
+def quantize_with_step(x: torch.Tensor, bits: int, step: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to ``bits`` with one learned static step for the whole input (LSQ on the
+    activation scale, as KDLSQ-BERT: :func:`search.ste.lsq_fake_quantize` over ``x`` as one row,
+    differentiable in ``x`` and ``step``); 16 bits round through float16. The one formula of a
+    learned activation step, in refinement and after an artifact's reload."""
+    if bits >= 16:
+        return half_ste(x)
+    q = qmax_of(bits)
+    fq = lsq_fake_quantize(
+        x.reshape(1, -1).to(torch.float32), step, torch.zeros(1, device=x.device),
+        -q, q, lsq_grad_scale(x.numel(), q), half_scales=False,
+    )
+    return fq.reshape(x.shape).to(x.dtype)
 
 
 def member_key(module: str, m: Member) -> str:

@@ -32,6 +32,25 @@ ModelOpt's ``auto_quantize`` calls ``gradient`` (a second-order Taylor expansion
 place of the Hessian), taken on the weights rather than on each layer's output: no extra forward per
 (layer, option), and every option of every group is scored from one ``F``.
 
+Activation widths
+-----------------
+
+An option with activation bits (``4a8``) adds the same second-order model of the rounding of the
+group's matrix inputs (:mod:`search.actquant`)::
+
+    score(g, bAa) = score(g, b) + 1 / (2 N D) * sum over calls c of g's members of
+                    sum_e (d l_ik / d x_e)^2 * (Q_a(x) - x)_e^2       (weighted as ``weighting`` says)
+
+``d l / d x`` is the gradient of each example's log-likelihood in the input *as the member reads
+it* (a row block's own rows of ``W``, a column block's own columns), taken in the same backward
+pass from a zero perturbation added at that input (:class:`search.actquant.InputProbes`); every
+activation element belongs to one example, so its squared gradient is already per example. ``Q_a``
+rounds with the search's scales (per token, or static: ``SensitivityContext.act_static``).
+``weighting``: ``elements`` as written, ``rows`` one mean curvature per token, ``members`` one per
+member input (:class:`search.actquant.ActivationCurvature`). The cross terms between the weights'
+and the activations' errors are dropped, as the diagonal drops those between weights
+(:func:`search.actquant.add_activation_scores`).
+
 Loss per example
 ================
 

@@ -46,6 +46,26 @@ positive group mean trace). The stop rule still applies to the groups' traces; t
 are noisier per row, but the score sums them over the group's rows. ``extra["member_traces"]`` reports
 the trace of every member slice (they sum to the group's trace).
 
+Activation widths
+-----------------
+
+An option with activation bits (``4a8``) is scored as its weights plus the rounding of the group's
+matrix inputs, HAWQ-V2's activation term::
+
+    score(g, bAa) = score(g, b) + sum over g's member inputs x of  sum_e H^x_ee * (Q_a(x) - x)_e^2
+
+``H^x`` is the Hessian of the same calibration loss in the input *as the member reads it* (a zero
+perturbation added at that input, :class:`search.actquant.InputProbes`: a row block's rows, a
+column block's columns); its diagonal is estimated by Hutchinson's ``v * H^x v``, one Hessian-vector
+product per probe serving every member, with as many Rademacher probes per batch as the weights'
+estimate used for that batch (:class:`Rademacher` over the perturbations in call order, from a CPU
+generator seeded with ``ctx.seed``; ``extra["activation_hvps"]`` counts them, one more gradient graph
+per batch). ``weighting="rows"`` weighs each token's squared error by the mean curvature of its
+columns; ``trace`` and ``members`` by the mean curvature of the whole member input (the HAWQ-V2 form
+``tr(H^x) / n * ||Q(x) - x||^2``). ``Q_a`` uses the search's scales (per token or static). A negative
+estimate adds 0. The cross terms between the weights' and the activations' errors are dropped
+(:func:`search.actquant.add_activation_scores`).
+
 Calibration
 -----------
 

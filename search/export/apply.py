@@ -12,6 +12,7 @@ from torch import nn
 
 from search.adapter import ModelAdapter
 from search.errors import InvalidInputError
+from search.export.activations import install_activation_hooks
 from search.export.artifact import ARTIFACT_FILE, PRECISION_MAP_FILE, ArtifactInfo, artifact_info
 from search.export.common import _as_space, _check_fits
 from search.space import FULL_PRECISION, BitOption, PrecisionMap, SearchSpace
@@ -151,5 +152,7 @@ def apply_precision_map(
             include_embeddings=include_embeddings,
         )
     adapter.apply(pmap, sp, clip=clip)
+    # activation widths (``4a8``): the inputs rounded as the artifact froze them, else per token
+    install_activation_hooks(model, sp, pmap, found.activations if found is not None else None)
     return model
 

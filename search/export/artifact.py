@@ -100,6 +100,7 @@ from search import quant
 from search import tensor_train as tt
 from search.adapter import ModelAdapter
 from search.errors import InvalidInputError, SearchError
+from search.export.activations import ACT_STEP, ActivationSteps, activation_steps_of, install_activation_hooks
 from search.export.common import (
     _as_pmap,
     _as_space,
@@ -113,6 +114,7 @@ from search.export.common import (
     _weight_view,
     _write_model_files,
 )
+from search.actquant import StaticScales
 from search.space import FULL_PRECISION, Member, PrecisionMap, SearchSpace, space_from_dict, space_to_dict
 
 log = logging.getLogger(__name__)
@@ -138,6 +140,8 @@ PRECISION_MAP_FILE = "precision_map.json"
 _Q = "quant::"
 #: Metadata entries the digest covers (everything but the digest itself).
 _SIGNED = ("format", "format_version", "precision_map", "space", "clip", "dtypes", "aliases", "info")
+#: signed too when present (an artifact without frozen activation scales has no such entry)
+_SIGNED_IF_PRESENT = ("activations",)
 
 
 def _artifact_error(message: str) -> InvalidInputError:
@@ -149,7 +153,8 @@ def _qkey(group: str, i: int, what: str) -> str:
 
 
 def _digest(meta: Mapping[str, str]) -> str:
-    canonical = json.dumps({k: meta.get(k) for k in _SIGNED}, sort_keys=True, separators=(",", ":"))
+    keys = _SIGNED + tuple(k for k in _SIGNED_IF_PRESENT if k in meta)
+    canonical = json.dumps({k: meta.get(k) for k in keys}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -277,6 +282,7 @@ def export_artifact(
     verify: bool = False,
     qparams: Mapping[str, quant.QParams] | None = None,
     tt_cores: Mapping[str, tt.StoredCores] | None = None,
+    act_static: StaticScales | None = None,
 ) -> Path:
     """Write the artifact of ``pmap`` over ``space`` for ``model`` into ``out_dir`` (layout in the
     module docstring) and return the path of ``model.quant.safetensors``.
@@ -295,6 +301,11 @@ def export_artifact(
     against the post-training quantizer, so it cannot be combined with ``qparams``.
     ``tt_cores`` gives the cores of tensor-train groups by group name (the trained cores of
     :func:`search.refine.refine`, ``RefineResult.tt_cores``) in place of the TT-SVD of the weights.
+    Activation widths (``4a8``): the learned activation steps of a refined student (its modules'
+    ``act_step`` parameters, not stored as parameters) and the search's static ranges ``act_static``
+    (``Search.act_static``, a search with ``act_scales="static"``) go into the ``activations``
+    metadata (:mod:`search.export.activations`); without either the reload rounds per token, as the
+    search's default did.
     Raises :class:`InvalidInputError` when the map or the space does not fit the model.
     """
     if qparams and verify:
@@ -344,6 +355,7 @@ def export_artifact(
         tt_held = {name for name in by_module if isinstance(modules[name], tt.TTLinear | tt.TTEmbedding)}
         drop = {_state_name(state, _weight(modules[name])) for name in by_module if covered[name] and name not in tt_held}
         drop |= {k for k in state for name in tt_held if k.startswith(f"{name}.cores.")}
+        drop |= {k for k in state if k.rsplit(".", 1)[-1] == ACT_STEP}  # stored as activations metadata
         for name in by_module:
             dtypes[name] = str(_weight(modules[name]).dtype).removeprefix("torch.")
         for name, t in state.items():
@@ -365,6 +377,9 @@ def export_artifact(
         "aliases": json.dumps(aliases, sort_keys=True),
         "info": info_json,
     }
+    acts = activation_steps_of(model, act_static)
+    if acts and any(o.act_bits is not None for o in pmap.values()):
+        meta["activations"] = json.dumps(acts.to_dict(), sort_keys=True)
     meta["digest"] = _digest(meta)
 
     out = Path(out_dir)
@@ -515,6 +530,8 @@ class ArtifactInfo:
     aliases: dict[str, str]
     info: dict[str, Any]
     format_version: int
+    #: the frozen activation scales (:mod:`search.export.activations`; empty: per token)
+    activations: ActivationSteps = field(default_factory=ActivationSteps)
 
 
 def _resolve_artifact(path_or_dir: str | Path) -> Path:
@@ -582,7 +599,8 @@ def _read_info(path: Path, meta: Mapping[str, str] | None) -> ArtifactInfo:
     if unknown:
         raise _artifact_error(f"the artifact's precision map names groups not in its space: {unknown[:3]}")
     clip = meta.get("clip", "mse")
-    return ArtifactInfo(path, pmap, space, clip, dict(dtypes), dict(aliases), dict(info), FORMAT_VERSION)
+    acts = ActivationSteps.from_dict(_json_meta(meta, "activations") if "activations" in meta else None)
+    return ArtifactInfo(path, pmap, space, clip, dict(dtypes), dict(aliases), dict(info), FORMAT_VERSION, acts)
 
 
 def artifact_info(path_or_dir: str | Path) -> ArtifactInfo:
@@ -745,5 +763,6 @@ def load_artifact(path_or_dir: str | Path, model: nn.Module) -> nn.Module:
                 w = _weight_view(modules[name])
                 cores = [c.to(w.device) for c in tt_groups[g.name]]
                 adapter.swap_module(name, adapter.tt_module(g, pmap[g.name], info.clip, cores=cores))
+    install_activation_hooks(model, space, pmap, info.activations)
     return model
 

@@ -213,3 +213,98 @@ def test_hessian_scores_activation_widths_from_the_exact_input_hessian(classifie
         est = sum(v for k, v in act.items() if len(k) == 2 and k[1] == 4)
         exact = sum(v for k, v in act.items() if len(k) == 3 and k[2] == 4)
         assert exact > 0 and 0.7 < est / exact < 1.4
+
+
+# -------------------------------------------------------------------------------------------- dnas
+
+
+def _dnas_search(model_dir, data_file, granularity, bits=(4, 8), act=(4, 8), **opts):
+    from search.local import DataOptions, prepare
+    from search.pipeline import SearchOptions
+
+    o = SearchOptions(methods=("dnas",), granularity=granularity, bits=bits, activation_bits=act,
+                      ffn_block_size=8, front_points=4, **opts)
+    data = DataOptions(source=str(data_file), label_field="label", calibration=8, evaluation=8, max_length=8,
+                       batch_size=4)
+    return prepare(model_dir, data, o, device="cpu")
+
+
+@pytest.mark.parametrize("granularity", ["layer", "group"])
+def test_dnas_one_hot_mixture_with_activation_widths_is_the_evaluated_model(classifier, sentiment_file, granularity):
+    from search.dnas import DNAS, DNASOptions
+
+    search = _dnas_search(classifier, sentiment_file, granularity)
+    space = search.space
+    assert {o.key() for row in space.options for o in row} >= {"4a4", "4a8", "8a4", "8a8"}
+    gen = torch.Generator().manual_seed(1)
+    choices = [int(torch.randint(len(o), (1,), generator=gen)) for o in space.options]
+    pmap = space.from_choices(choices)
+    assert any(o.act_bits is not None for o in pmap.values())
+    batch = search.calibration[0]
+    with DNAS(search.model, search.adapter, space, search.cost_model, search.task, search.calibration,
+              metric="size_bytes", options=DNASOptions(batch_size=None, loss="kd")) as dn:
+        ys = [F.one_hot(torch.tensor(c), len(o)).float() for c, o in zip(choices, space.options, strict=True)]
+        with torch.no_grad():
+            mixed = dn._mixed_forward(ys, batch)
+            weights_only = torch.func.functional_call(dn._forward, dn._overrides(ys), (batch,))
+    with search.adapter.quantized(pmap, space):
+        with torch.no_grad():
+            expected = model_output(search.model, batch, search.task)
+    assert float((weights_only - expected).abs().max()) > 0  # the activations do change the output ...
+    assert torch.allclose(mixed, expected, rtol=1e-4, atol=1e-5)  # ... and the mixture changes it the same way
+
+
+def test_dnas_start_scores_add_the_activation_change_to_the_weight_change(classifier, sentiment_file):
+    """The start scores ``sum_b (g_w . d + g_x . dx)^2 / (2 n)`` against a direct computation: the
+    derivatives of the drawn-label log-likelihood in two scalars per group, ``s`` moving the weights
+    toward ``Q_4(w)`` and ``t`` the inputs toward ``Q_8(x)``."""
+    from search.dnas import DNAS, DNASOptions
+    from search.quant import fake_quantize
+
+    search = _dnas_search(classifier, sentiment_file, "layer", bits=(4, "4a8", 8), act=())
+    space = search.space
+    with DNAS(search.model, search.adapter, space, search.cost_model, search.task, search.calibration,
+              metric="size_bytes", options=DNASOptions(batch_size=None, loss="kd"), seed=5) as dn:
+        got = dn.sensitivity_scores(1)
+        gen = torch.Generator().manual_seed(5)
+        ad = search.adapter
+        names = [g.members[0].module for g in space.groups]
+        w = {n: ad.weight(n).detach() for n in names}
+        want4, want48 = torch.zeros(len(names), dtype=torch.float64), torch.zeros(len(names), dtype=torch.float64)
+        n_ex = 0
+        for b in dn.batches:
+            s = torch.zeros(len(names), requires_grad=True)
+            t = torch.zeros(len(names), requires_grad=True)
+            over = {f"inner.{n}.weight": w[n] + s[i] * (fake_quantize(w[n], 4, clip=search.options.clip) - w[n])
+                    for i, n in enumerate(names)}
+
+            def pre(mod, a, i):
+                x = a[0]
+                return (x + t[i] * (fake_quantize_activation(x.detach(), 8) - x.detach()),)
+
+            hs = [ad.module(n).register_forward_pre_hook(lambda mod, a, i=i: pre(mod, a, i)) for i, n in enumerate(names)]
+            try:
+                with torch.enable_grad():
+                    out = torch.func.functional_call(dn._forward, over, (b,), strict=False)
+                    ds, dt = torch.autograd.grad(dn._fisher_loss(out, b, gen), [s, t])
+            finally:
+                for h in hs:
+                    h.remove()
+            want4 += ds.double().square()
+            want48 += (ds + dt).double().square()
+            n_ex += len(b)
+    for i, (g, opts) in enumerate(zip(space.groups, space.options, strict=True)):
+        keys = [o.key() for o in opts]
+        assert got[i][keys.index("4")] == pytest.approx(0.5 * float(want4[i]) / n_ex, rel=1e-3)
+        assert got[i][keys.index("4a8")] == pytest.approx(0.5 * float(want48[i]) / n_ex, rel=1e-3)
+        assert got[i][keys.index("4a8")] != pytest.approx(got[i][keys.index("4")], rel=1e-6)
+
+
+def test_a_dnas_search_with_activation_widths_gives_a_front_of_w_a_maps(classifier, sentiment_file):
+    search = _dnas_search(classifier, sentiment_file, "layer",
+                          method_options={"dnas": {"steps": 4, "steps_next": 2, "target_fractions": [0.6, 0.4]}})
+    from search.dnas import dnas_candidates
+
+    cands = dnas_candidates(search)
+    assert cands
+    assert any(o.act_bits is not None for c in cands for o in c.precision_map.values())
