@@ -134,3 +134,38 @@ def test_bad_activation_metadata_is_refused_naming_the_field(setup):
         install_activation_hooks(_fresh(folder), search.space, pmap, ActivationSteps(amax={"nothing": 1.0}))
     assert e.value.field == "artifact"
     assert json.loads(json.dumps(ActivationSteps({"m": 0.1}, {"k": 2.5}).to_dict())) == {"steps": {"m": 0.1}, "amax": {"k": 2.5}}
+
+
+def test_bitscout_search_then_export_of_a_static_w4a8_point_reloads_to_its_metrics(setup, tmp_path, capsys):
+    """The command-line path: ``bitscout search --act-bits 8 --act-scales static --method fisher``,
+    then ``bitscout export`` of a front point with activation widths; the reloaded model measures the
+    point's metrics on the search's evaluation rows."""
+    from search.cli import search_main
+    from search.export_cli import export_main
+    from search.result import SearchResult
+    from search.tasks import reference_outputs
+
+    folder, data = setup
+    out = tmp_path / "result.json"
+    rc = search_main([
+        "--model", str(folder), "--data", str(data), "--label-field", "label", "--method", "fisher",
+        "--bits", "4,8", "--act-bits", "8", "--act-scales", "static", "--calibration", "16", "--evaluation", "16",
+        "--max-length", "12", "--front-points", "4", "--out", str(out), "--quiet",
+    ])  # fmt: skip
+    assert rc == 0
+    result = SearchResult.from_json(out)
+    assert result.info["act_scales"] == "static" and result.info["act_static"]
+    where = next(i for i, p in enumerate(result.front) if any(o.act_bits == 8 and o.bits == 4
+                                                              for o in p.precision_map.values()))
+    art = tmp_path / "art"
+    assert export_main([str(out), "--point", str(where), "--out", str(art)]) == 0
+    capsys.readouterr()
+    assert artifact_info(art).activations.amax == result.info["act_static"]
+    model = load_artifact(art, _fresh(folder))
+    lm = load_model(folder, "sequence_classification", num_labels=2)
+    # the search's evaluation rows, split from the data as the command split them
+    search = _search(folder, data, "layer", "static")
+    ref = reference_outputs(lm.model, search.evaluation, "sequence_classification")
+    with torch.no_grad():
+        got = evaluate(model, search.evaluation, "sequence_classification", reference=ref)
+    assert got == result.front[where].metrics
