@@ -98,6 +98,7 @@ from torch import nn
 
 from search import quant
 from search import tensor_train as tt
+from search.actquant import StaticScales
 from search.adapter import ModelAdapter
 from search.errors import InvalidInputError, SearchError
 from search.export.activations import ACT_STEP, ActivationSteps, activation_steps_of, install_activation_hooks
@@ -114,7 +115,6 @@ from search.export.common import (
     _weight_view,
     _write_model_files,
 )
-from search.actquant import StaticScales
 from search.space import FULL_PRECISION, Member, PrecisionMap, SearchSpace, space_from_dict, space_to_dict
 
 log = logging.getLogger(__name__)

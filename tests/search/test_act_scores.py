@@ -60,7 +60,7 @@ def _direct_fisher_act(ctx) -> dict[tuple[int, int], float]:
             for i in range(len(b)):
                 one = TokenizedBatch(b.input_ids[i : i + 1], b.attention_mask[i : i + 1], None)
                 seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-                hs = [ad.module(n).register_forward_hook(lambda mod, a, o, n=n: seen.__setitem__(n, (a[0].detach(), o)))
+                hs = [ad.module(n).register_forward_hook(lambda mod, a, o, n=n, seen=seen: seen.__setitem__(n, (a[0].detach(), o)))
                       for n in modules]
                 try:
                     out = model_output(model, one, "sequence_classification")
@@ -129,7 +129,7 @@ def _exact_input_hessian(ctx, batch, calls):
 
     def hooks(eps_list):
         hs = []
-        for k, (gi, m) in enumerate(calls):
+        for k, (_gi, m) in enumerate(calls):
             mod = ad.module(m.module)
             w = ad.weight(m.module)
             if m.axis == "all":
@@ -196,8 +196,8 @@ def test_hessian_scores_activation_widths_from_the_exact_input_hessian(classifie
             v = torch.cat([t.reshape(-1) for t in draws.draw()]).double()
             diag += v * (h.double() @ v)
         diag /= m
-        for k, ((gi, mem), x, s, d, e) in enumerate(zip(calls, xs, shapes, torch.split(diag, sizes),
-                                                       torch.split(exact, sizes), strict=True)):
+        for (gi, _m), x, s, d, e in zip(calls, xs, shapes, torch.split(diag, sizes), torch.split(exact, sizes),
+                                         strict=True):
             for a in (4, 8):
                 d2 = (fake_quantize_activation(x, a) - x).double().square()
                 c = d.view(s)
@@ -278,11 +278,12 @@ def test_dnas_start_scores_add_the_activation_change_to_the_weight_change(classi
             over = {f"inner.{n}.weight": w[n] + s[i] * (fake_quantize(w[n], 4, clip=search.options.clip) - w[n])
                     for i, n in enumerate(names)}
 
-            def pre(mod, a, i):
+            def pre(mod, a, i, t=t):
                 x = a[0]
                 return (x + t[i] * (fake_quantize_activation(x.detach(), 8) - x.detach()),)
 
-            hs = [ad.module(n).register_forward_pre_hook(lambda mod, a, i=i: pre(mod, a, i)) for i, n in enumerate(names)]
+            hs = [ad.module(n).register_forward_pre_hook(lambda mod, a, i=i, pre=pre: pre(mod, a, i))
+                  for i, n in enumerate(names)]
             try:
                 with torch.enable_grad():
                     out = torch.func.functional_call(dn._forward, over, (b,), strict=False)
@@ -293,7 +294,7 @@ def test_dnas_start_scores_add_the_activation_change_to_the_weight_change(classi
             want4 += ds.double().square()
             want48 += (ds + dt).double().square()
             n_ex += len(b)
-    for i, (g, opts) in enumerate(zip(space.groups, space.options, strict=True)):
+    for i, opts in enumerate(space.options):
         keys = [o.key() for o in opts]
         assert got[i][keys.index("4")] == pytest.approx(0.5 * float(want4[i]) / n_ex, rel=1e-3)
         assert got[i][keys.index("4a8")] == pytest.approx(0.5 * float(want48[i]) / n_ex, rel=1e-3)
