@@ -42,8 +42,11 @@ Artifact layout
   and, as string metadata: ``format`` (``bitscout.quant``), ``format_version``, ``precision_map``
   and ``space`` (JSON: :meth:`PrecisionMap.to_dict`, :func:`search.space.space_to_dict`), ``clip``,
   ``dtypes`` (each covered weight's dtype), ``aliases`` (tied state-dict names stored once),
-  ``info`` (the caller's ``metadata``) and ``digest`` (SHA-256 of the other entries, so an edited
-  header is refused with a clear message);
+  ``info`` (the caller's ``metadata``), ``activations`` (only for a map with activation widths
+  whose inputs have frozen scales: the learned steps of a refined point and the static ranges of a
+  search with static scales, :mod:`search.export.activations`; absent: every quantized input rounds
+  per token) and ``digest`` (SHA-256 of the other entries, so an edited header is refused with a
+  clear message);
 * ``precision_map.json``: the map alone, group name → ``{"bits", "symmetric"}`` (and ``"group_size"``
   for group-wise scales). Group names are the
   module name (``layer`` groups) or ``<parent module>/<head|ffn><index>`` (sub-layer groups);
@@ -62,6 +65,11 @@ float16 scales in the file are exact and the packed weights take exactly the byt
 the scale and 1 more for an asymmetric zero point (per group of ``N`` columns of a row with group-wise
 scales). ``export_artifact(..., verify=True)`` also checks
 every stored member against the model quantized by :meth:`ModelAdapter.quantized` before writing.
+
+Activation widths (``4a8``): :func:`load_artifact` also installs the hooks that round each
+quantized group's matrix inputs as the search (or the refinement) did
+(:func:`search.export.activations.install_activation_hooks`): per token, by the stored static range,
+or by the learned step, so a W/A point measures the search's metrics too.
 
 Tensor-train groups keep their cores: :func:`load_artifact` rebuilds them exactly as stored and puts a
 :class:`search.tensor_train.TTLinear` (or ``TTEmbedding``) with the module's bias in the module's place,
