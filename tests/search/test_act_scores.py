@@ -309,3 +309,29 @@ def test_a_dnas_search_with_activation_widths_gives_a_front_of_w_a_maps(classifi
     cands = dnas_candidates(search)
     assert cands
     assert any(o.act_bits is not None for c in cands for o in c.precision_map.values())
+
+
+def test_activation_curvature_weightings_against_the_formulas_and_independent_of_batching():
+    from search.actquant import ActivationCurvature, ProbeCall
+    from search.space import Member
+
+    gen = torch.Generator().manual_seed(0)
+    member = Member(module="layer.0.dense", shape=(4, 6))
+    x = torch.randn(5, 3, 6, generator=gen)
+    curv = torch.rand(5, 3, 6, generator=gen)
+    err = {8: fake_quantize_activation(x, 8) - x}
+    d2 = err[8].square().double()
+    c = curv.double()
+    want = {
+        "elements": float((c * d2).sum()),
+        "rows": float((c.mean(-1) * d2.sum(-1)).sum()),
+        "members": float(c.mean() * d2.sum()),
+    }
+    for weighting, value in want.items():
+        whole = ActivationCurvature(weighting)
+        whole.add([ProbeCall(0, member, x, torch.zeros_like(x), err)], [curv])
+        assert whole.totals()[(0, 8)] == pytest.approx(value, rel=1e-6)
+        parts = ActivationCurvature(weighting)  # the same rows cut into two batches
+        for sl in (slice(0, 2), slice(2, 5)):
+            parts.add([ProbeCall(0, member, x[sl], torch.zeros_like(x[sl]), {8: err[8][sl]})], [curv[sl]])
+        assert parts.totals()[(0, 8)] == pytest.approx(value, rel=1e-6)
