@@ -41,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budgets", default="4.5,5.0,6.0")
     p.add_argument("--refine-budgets", default="5.0")
     p.add_argument("--refine-steps", type=int, default=None)
+    p.add_argument("--fronts", action=argparse.BooleanOptionalAction, default=True,
+                   help="the KL table and the two fronts (--no-fronts: the uniform maps only)")
+    p.add_argument("--ptq", action=argparse.BooleanOptionalAction, default=True,
+                   help="evaluate the post-training maps (--no-ptq: refine them only)")
     a = p.parse_args(argv)
     import transformers
 
@@ -68,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = SearchOptions(methods=("kl",), bits=(4, "4a8", 8, "8a8"), seq_len=64, act_bits=32, front_points=2)
     search = prepare(model_dir, data, opts, device="cpu")
     space, cm = search.space, search.cost_model
-    fp = search.baseline()
+    fp = search.baseline() if a.ptq else {"accuracy": float("nan")}
     fp_cost = cm.cost(space.uniform(32))
     _log(f"full precision accuracy {fp['accuracy']:.4f}; {len(space.groups)} groups")
 
@@ -86,10 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         return r
 
     maps: dict[str, PrecisionMap] = {k: uniform(k) for k in ("8", "4", "8a8", "4a8")}
-    rows = [row_of(k, m) for k, m in maps.items()]
+    rows = [row_of(k, m) for k, m in maps.items()] if a.ptq else []
 
     t0 = time.perf_counter()
-    table = search.sensitivity("kl", on_progress=lambda s, f, m: _log(m) if int(f * 100) % 20 == 0 else None)
+    table = None if not a.fronts else search.sensitivity("kl", on_progress=lambda s, f, m: _log(m) if int(f * 100) % 20 == 0 else None)
     t_kl = time.perf_counter() - t0
     _log(f"KL table in {t_kl:.0f} s")
 
@@ -103,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     fronts = {"weight-only": sub(lambda o: o.act_bits is None), "W/A": sub(lambda o: o.act_bits is not None or o.bits == 32)}
     from search.cost import CostModel
 
-    for budget in [float(b) for b in a.budgets.split(",")]:
+    for budget in [float(b) for b in a.budgets.split(",")] if table is not None else []:
         for kind, sp in fronts.items():
             problem, plimits = build_problem(sp, CostModel(sp, seq_len=64, act_bits=32), table)
             al = alloc.allocate(problem, {"avg_bits": budget, **plimits})
@@ -117,23 +121,27 @@ def main(argv: list[str] | None = None) -> int:
     train = tokenize(load_text_data(str(cache / "bbc_train.jsonl"), label_field="label", label_names=names),
                      tokenizer, max_length=64, batch_size=16)
     steps = a.refine_steps or (20 if quick else 100)
-    cfg = RefineConfig(steps=steps, lr_weights=1e-4, lr_scales=5e-4, eval_every=max(1, steps // 2),
+    cfg = RefineConfig(steps=steps, lr_weights=1e-4, lr_scales=5e-4, eval_every=steps,
                        patience=None, seed=0, kd_hidden=1.0, kd_attention=1.0, task=1.0)
     refined = []
-    to_refine = ["4", "4a8", "8a8"] + [f"{k} <= {b} bits" for b in a.refine_budgets.split(",") if b
+    to_refine = ["4", "4a8", "8a8"] + [f"{k} <= {b} bits" for b in a.refine_budgets.split(",") if b and a.fronts
                                        for k in ("weight-only", "W/A")]
     for label in to_refine:
         t1 = time.perf_counter()
         res = refine(search, maps[label], config=cfg, train_batches=train, validation_batches=search.calibration)
-        ptq = next(r for r in rows if r["label"] == label)
+        c = cm.cost(maps[label])
+        ptq = next((r for r in rows if r["label"] == label),
+                   {"accuracy": None, "kl": None, "avg_bits": c.avg_bits, "compression": fp_cost.size_bytes / c.size_bytes,
+                    "gbops": c.bops / 1e9})
         refined.append({"label": label, "ptq_accuracy": ptq["accuracy"], "refined_accuracy": res.metrics["accuracy"],
                         "ptq_kl": ptq["kl"], "refined_kl": res.metrics.get("kl"), "avg_bits": ptq["avg_bits"],
                         "compression": ptq["compression"], "gbops": ptq["gbops"], "steps": res.steps,
                         "best_step": res.best_step, "seconds": time.perf_counter() - t1})  # fmt: skip
-        _log(f"refined {label}: {ptq['accuracy']:.4f} -> {res.metrics['accuracy']:.4f} ({time.perf_counter() - t1:.0f} s)")
+        _log(f"refined {label}: {ptq['accuracy']} -> {res.metrics['accuracy']:.4f}, KL {res.metrics.get('kl')} "
+             f"({time.perf_counter() - t1:.0f} s)")
     report = {
         "model": "all-MiniLM-L6-v2 fine-tuned on BBC topics",
-        "command": "python -m benchmarks.bench_act" + (" --quick" if quick else ""),
+        "command": "python -m benchmarks.bench_act " + " ".join(argv if argv is not None else sys.argv[1:]),
         "fp32_accuracy": fp["accuracy"],
         "fp32_gbops": fp_cost.bops / 1e9,
         "evaluation_rows": sum(len(b) for b in search.evaluation),
@@ -150,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['label']:<26}{r['avg_bits']:>6.2f}{r['compression']:>6.1f}{r['gbops']:>8.1f}{r['accuracy']:>8.4f}"
               f"{r['kl']:>9.4f}")
     for r in refined:
-        print(f"refined {r['label']:<18}: {r['ptq_accuracy']:.4f} -> {r['refined_accuracy']:.4f}")
+        print(f"refined {r['label']:<18}: {r['ptq_accuracy']} -> {r['refined_accuracy']:.4f}")
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(report, indent=2))
