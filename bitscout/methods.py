@@ -394,11 +394,12 @@ OPTIONS: dict[str, type[MethodOptions]] = {
 }
 
 
-#: The methods that score (``kl``: each option probed with its activations quantized) or propose
-#: and evaluate (``nsga2``) options with activation bits (``4a8``); the others (``hessian``,
-#: ``fisher``: curvature of the weights' error; ``dnas``: a supernet of weight options) do not see
-#: activations, and a job with activation widths refuses them (field ``methods``).
-ACTIVATION_METHODS: frozenset[str] = frozenset({"kl", "nsga2"})
+#: The methods that score or search options with activation bits (``4a8``): ``kl`` probes each option
+#: with its activations quantized, ``hessian`` and ``fisher`` add their curvature in the matrices'
+#: inputs times the squared activation error, ``dnas`` mixes each group's rounded inputs, ``nsga2``
+#: evaluates whole maps. A method outside this set would be refused by a job with activation widths
+#: (field ``methods``).
+ACTIVATION_METHODS: frozenset[str] = frozenset({"kl", "nsga2", "hessian", "fisher", "dnas"})
 
 
 def activation_problem(methods: Any, options: Any) -> str | None:

@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from search.space import FULL_PRECISION, BitOption, Member, PrecisionMap, SearchSpace
+from search.ste import half_ste, lsq_fake_quantize, lsq_grad_scale
 
 ActScales = Literal["dynamic", "static"]
 ACT_SCALES: tuple[str, ...] = ("dynamic", "static")
@@ -67,6 +68,13 @@ __all__ = [
     "fake_quantize_activation",
     "member_key",
     "quantize_activations_of",
+    "quantize_with_step",
+    "ActivationCurvature",
+    "InputProbes",
+    "ProbeCall",
+    "add_activation_scores",
+    "input_hooks",
+    "member_input",
 ]
 
 
@@ -90,6 +98,21 @@ def fake_quantize_activation(x: torch.Tensor, bits: int | None, amax: torch.Tens
     else:
         scale = torch.as_tensor(amax, dtype=torch.float32, device=x.device).clamp_min(SCALE_EPS * q) / q
     return (torch.round(xf / scale).clamp(-q, q) * scale).to(x.dtype)
+
+
+def quantize_with_step(x: torch.Tensor, bits: int, step: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to ``bits`` with one learned static step for the whole input (LSQ on the
+    activation scale, as KDLSQ-BERT: :func:`search.ste.lsq_fake_quantize` over ``x`` as one row,
+    differentiable in ``x`` and ``step``); 16 bits round through float16. The one formula of a
+    learned activation step, in refinement and after an artifact's reload."""
+    if bits >= 16:
+        return half_ste(x)
+    q = qmax_of(bits)
+    fq = lsq_fake_quantize(
+        x.reshape(1, -1).to(torch.float32), step, torch.zeros(1, device=x.device),
+        -q, q, lsq_grad_scale(x.numel(), q), half_scales=False,
+    )
+    return fq.reshape(x.shape).to(x.dtype)
 
 
 def member_key(module: str, m: Member) -> str:
@@ -162,6 +185,73 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
+def member_input(x: torch.Tensor, m: Member) -> torch.Tensor:
+    """The part of a matrix input ``x`` a member reads: its column block, or the whole input."""
+    return x[..., m.start : m.stop] if m.axis == "in" else x
+
+
+#: a member's input transform: the member's input (:func:`member_input`) in, what the member reads out
+Transform = Any
+
+
+def input_hooks(modules: Mapping[str, nn.Module], per_module: Mapping[str, Sequence[tuple[Member, Transform]]]) -> list[Any]:
+    """Install hooks that make each member read ``fn(its input)`` instead of its input, for the
+    ``(member, fn)`` pairs of every module (see "Groups and members" in the module docstring): a
+    whole-matrix member replaces the module's input (a forward pre-hook); row and column blocks add
+    ``(fn(x_m) - x_m) @ W_m^T`` to their part of the output (a forward hook, out of place, so
+    autograd follows it). Returns the hook handles. The one mechanism behind fake quantization,
+    the DNAS mixture and the curvature probes."""
+    handles: list[Any] = []
+    for name, members in per_module.items():
+        module = modules[name]
+        whole = [(m, fn) for m, fn in members if m.axis == "all"]
+        if whole:  # one member covers the whole matrix: transform its input before the matrix reads it
+            (_, fn), = whole
+
+            def pre(mod: nn.Module, args: tuple[Any, ...], fn: Transform = fn) -> Any:
+                return (fn(args[0]), *args[1:])
+
+            handles.append(module.register_forward_pre_hook(pre))
+            continue
+        conv = _is_conv1d(module)
+        parts = list(members)
+
+        def post(
+            mod: nn.Module, args: tuple[Any, ...], out: torch.Tensor, parts: list[Any] = parts, conv: bool = conv
+        ) -> torch.Tensor:
+            x = args[0]
+            w = _weight_oi(mod, conv)
+            extra = torch.zeros_like(out)
+            for m, fn in parts:
+                xm = member_input(x, m)
+                dx = fn(xm) - xm
+                if m.axis == "out":
+                    rows = dx @ w[m.start : m.stop].t().to(dx.dtype)
+                    extra = extra + torch.slice_scatter(torch.zeros_like(out), rows, dim=-1, start=m.start, end=m.stop)
+                else:  # a column block
+                    extra = extra + dx @ w[:, m.start : m.stop].t().to(dx.dtype)
+            return out + extra
+
+        handles.append(module.register_forward_hook(post))
+    return handles
+
+
+def _act_members(
+    space: SearchSpace, pmap: Mapping[str, BitOption], groups: Sequence[int] | None
+) -> dict[str, list[tuple[int, Member, int]]]:
+    """``module -> [(group index, member, act bits)]`` of the groups of ``pmap`` with an activation width."""
+    picked = range(len(space.groups)) if groups is None else groups
+    per_module: dict[str, list[tuple[int, Member, int]]] = {}
+    for gi in picked:
+        g = space.groups[gi]
+        opt = pmap.get(g.name, FULL_PRECISION)
+        if opt.act_bits is None or opt.pruned:
+            continue
+        for m in g.members:
+            per_module.setdefault(m.module, []).append((gi, m, opt.act_bits))
+    return per_module
+
+
 def quantize_activations_of(
     modules: Mapping[str, nn.Module],
     space: SearchSpace,
@@ -174,49 +264,16 @@ def quantize_activations_of(
     ``space.groups``; all by default) at their option's ``act_bits`` under ``pmap`` (groups it omits
     stay in full precision). Returns the hook handles (``h.remove()`` undoes them); nothing is
     installed for a map without activation widths. ``static`` gives static scales, else per token."""
-    picked = range(len(space.groups)) if groups is None else groups
-    per_module: dict[str, list[tuple[Member, int]]] = {}
-    for gi in picked:
-        g = space.groups[gi]
-        opt = pmap.get(g.name, FULL_PRECISION)
-        if opt.act_bits is None or opt.pruned:
-            continue
-        for m in g.members:
-            per_module.setdefault(m.module, []).append((m, opt.act_bits))
-    handles: list[Any] = []
-    for name, members in per_module.items():
-        module = modules[name]
-        whole = [(m, a) for m, a in members if m.axis == "all"]
-        if whole:  # one member covers the whole matrix: quantize its input before the matrix reads it
-            (m, a), = whole
+    per_module: dict[str, list[tuple[Member, Transform]]] = {}
+    for name, members in _act_members(space, pmap, groups).items():
+        for _, m, a in members:
             amax = None if static is None else static.get(member_key(name, m))
 
-            def pre(mod: nn.Module, args: tuple[Any, ...], a: int = a, amax: float | None = amax) -> Any:
-                return (fake_quantize_activation(args[0], a, amax), *args[1:])
+            def fn(x: torch.Tensor, a: int = a, amax: float | None = amax) -> torch.Tensor:
+                return fake_quantize_activation(x, a, amax)
 
-            handles.append(module.register_forward_pre_hook(pre))
-            continue
-        conv = _is_conv1d(module)
-        parts = [(m, a, None if static is None else static.get(member_key(name, m))) for m, a in members]
-
-        def post(
-            mod: nn.Module, args: tuple[Any, ...], out: torch.Tensor, parts: list[Any] = parts, conv: bool = conv
-        ) -> torch.Tensor:
-            x = args[0]
-            w = _weight_oi(mod, conv)
-            out = out.clone()
-            for m, a, amax in parts:
-                if m.axis == "out":
-                    dx = fake_quantize_activation(x, a, amax) - x
-                    out[..., m.start : m.stop] += dx @ w[m.start : m.stop].t().to(dx.dtype)
-                else:  # a column block
-                    xs = x[..., m.start : m.stop]
-                    dx = fake_quantize_activation(xs, a, amax) - xs
-                    out += dx @ w[:, m.start : m.stop].t().to(dx.dtype)
-            return out
-
-        handles.append(module.register_forward_hook(post))
-    return handles
+            per_module.setdefault(name, []).append((m, fn))
+    return input_hooks(modules, per_module)
 
 
 @contextmanager
@@ -236,3 +293,171 @@ def activations_quantized(
     finally:
         for h in handles:
             h.remove()
+
+
+# ------------------------------------------------------------------------------------------------
+# Scoring activation widths from curvature (the ``fisher``, ``hessian`` and ``dnas`` methods)
+
+
+@dataclass
+class ProbeCall:
+    """One call of a probed matrix for one member: the member's input (detached), the zero
+    perturbation added to it (a leaf that requires a gradient: the gradient of the loss with
+    respect to it is the member's input gradient), and the activation error ``Q_A(x) - x`` of
+    every width ``A`` its group's options name."""
+
+    group: int
+    member: Member
+    x: torch.Tensor
+    eps: torch.Tensor
+    errors: dict[int, torch.Tensor]
+
+
+class InputProbes:
+    """Zero perturbations ``eps`` at the input of every member of the groups whose options name an
+    activation width: while :meth:`installed`, each member reads ``x_m + eps`` (:func:`input_hooks`),
+    so a forward pass's value is unchanged and ``d loss / d eps`` is the gradient of the loss with
+    respect to the input *as that member reads it* (a row block's own rows, a column block's own
+    columns), and second derivatives with respect to ``eps`` are the member's input curvature.
+
+    Every call of a probed module records a :class:`ProbeCall` (a module called twice has two);
+    :meth:`reset` forgets them before the next pass. The activation error of each width is formed
+    once per call, with the scales the search uses (per token, or ``static``)."""
+
+    def __init__(self, space: SearchSpace, static: StaticScales | None = None) -> None:
+        self.space = space
+        self.static = static
+        self.targets: dict[str, list[tuple[int, Member, tuple[int, ...]]]] = {}
+        for gi, (g, opts) in enumerate(zip(space.groups, space.options, strict=True)):
+            widths = tuple(sorted({o.act_bits for o in opts if o.act_bits is not None and not o.pruned}))
+            if widths:
+                for m in g.members:
+                    self.targets.setdefault(m.module, []).append((gi, m, widths))
+        self.calls: list[ProbeCall] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.targets)
+
+    def widths(self, group: int) -> tuple[int, ...]:
+        """The activation widths group ``group``'s options name."""
+        for members in self.targets.values():
+            for gi, _, w in members:
+                if gi == group:
+                    return w
+        return ()
+
+    def reset(self) -> None:
+        self.calls = []
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The perturbations of every call since :meth:`reset`, in call order."""
+        return [c.eps for c in self.calls]
+
+    def _fn(self, name: str, gi: int, m: Member, widths: tuple[int, ...]) -> Transform:
+        amax = None if self.static is None else self.static.get(member_key(name, m))
+
+        def fn(xm: torch.Tensor) -> torch.Tensor:
+            x = xm.detach()
+            eps = torch.zeros_like(x, dtype=torch.float32).requires_grad_(True)
+            errors = {a: (fake_quantize_activation(x, a, amax).float() - x.float()) for a in widths}
+            self.calls.append(ProbeCall(gi, m, x, eps, errors))
+            return xm + eps.to(xm.dtype)
+
+        return fn
+
+    @contextmanager
+    def installed(self, modules: Mapping[str, nn.Module]) -> Iterator[InputProbes]:
+        """The probes on ``modules`` (name -> module) until exit."""
+        per_module = {
+            name: [(m, self._fn(name, gi, m, widths)) for gi, m, widths in members]
+            for name, members in self.targets.items()
+        }
+        handles = input_hooks(modules, per_module)
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    def dots(self, grads: Sequence[torch.Tensor | None]) -> dict[tuple[int, int], torch.Tensor]:
+        """``sum over the group's calls of <d loss / d eps, Q_A(x) - x>`` per (group, width): the
+        first-order change of the loss when the group's inputs are rounded to ``A`` bits (``grads``
+        in :meth:`tensors` order)."""
+        out: dict[tuple[int, int], torch.Tensor] = {}
+        for c, g in zip(self.calls, grads, strict=True):
+            if g is None:
+                continue
+            for a, err in c.errors.items():
+                d = (g.float() * err).sum(dtype=torch.float64)
+                out[(c.group, a)] = out[(c.group, a)] + d if (c.group, a) in out else d
+        return out
+
+
+#: how a curvature weighs the squared activation error (the methods' ``weighting`` names): ``elements``
+#: ``sum_e c_e dx_e^2``; ``rows`` (per token) ``sum_t mean_j(c_tj) sum_j dx_tj^2``; ``members``
+#: ``mean(c over every element seen) * sum dx^2``
+ActWeighting = Literal["elements", "rows", "members"]
+
+
+class ActivationCurvature:
+    """The curvature-weighted squared activation error of every (group, width), accumulated over
+    calls of :class:`InputProbes`: for each call, ``c`` is a curvature estimate per element of the
+    member's input (a squared per-example gradient for the Fisher, ``v * Hv`` for Hutchinson's
+    diagonal) and ``dx = Q_A(x) - x``; :meth:`scores` weighs them as ``weighting`` says, summed over
+    the group's members and calls. ``members`` keeps ``sum c``, the count of elements and
+    ``sum dx^2`` per (member, width) apart, so that it does not depend on how the calibration rows
+    were cut into batches; the other two are sums."""
+
+    def __init__(self, weighting: ActWeighting = "elements") -> None:
+        self.weighting = weighting
+        self._sums: dict[tuple[int, int], float] = {}
+        self._members: dict[tuple[int, int, Member], list[float]] = {}
+
+    def add(self, calls: Sequence[ProbeCall], curvatures: Sequence[torch.Tensor | None]) -> None:
+        for c, curv in zip(calls, curvatures, strict=True):
+            if curv is None:
+                continue
+            cf = curv.detach().float()
+            for a, err in c.errors.items():
+                d2 = err.square()
+                key = (c.group, a)
+                if self.weighting == "elements":
+                    v = float((cf * d2).sum(dtype=torch.float64))
+                elif self.weighting == "rows":
+                    v = float((cf.mean(-1, dtype=torch.float64) * d2.sum(-1, dtype=torch.float64)).sum())
+                else:
+                    mk = (c.group, a, c.member)
+                    acc = self._members.setdefault(mk, [0.0, 0.0, 0.0])
+                    acc[0] += float(cf.sum(dtype=torch.float64))
+                    acc[1] += float(cf.numel())
+                    acc[2] += float(d2.sum(dtype=torch.float64))
+                    continue
+                self._sums[key] = self._sums.get(key, 0.0) + v
+
+    def totals(self) -> dict[tuple[int, int], float]:
+        """The weighted sum per (group index, width), before any normalisation."""
+        if self.weighting != "members":
+            return dict(self._sums)
+        out: dict[tuple[int, int], float] = {}
+        for (gi, a, _), (csum, n, d2) in self._members.items():
+            out[(gi, a)] = out.get((gi, a), 0.0) + csum / max(1.0, n) * d2
+        return out
+
+
+def add_activation_scores(
+    space: SearchSpace, scores: dict[str, dict[str, float]], act: Mapping[tuple[int, int], float]
+) -> dict[str, dict[str, float]]:
+    """Every option with an activation width scored as its weights' score plus its activations'
+    (``act[(group index, width)]``, clamped at 0): ``score(g, bAa) = score(g, b) + act(g, a)``, the
+    two halves of the second-order model of a W/A option with the cross terms between the weight
+    error and the activation error dropped (as a diagonal curvature drops those between weights).
+    ``scores`` (group name -> option key -> score) is changed in place and returned."""
+    for gi, (g, opts) in enumerate(zip(space.groups, space.options, strict=True)):
+        row = scores.get(g.name)
+        if row is None:
+            continue
+        for o in opts:
+            if o.act_bits is None or o.pruned:
+                continue
+            row[o.key()] = row.get(o.key(), 0.0) + max(0.0, float(act.get((gi, o.act_bits), 0.0)))
+    return scores

@@ -103,6 +103,7 @@ def _pick_point(result: Any, point: str) -> tuple[Any, str]:
 
 def _run(args: argparse.Namespace) -> int:
     from bitscout.formats import NATIVE
+    from search.actquant import StaticScales
     from search.errors import InvalidInputError, ModelLoadError, SearchError
     from search.export import ARTIFACT_FILE, export_point, to_torchao_config, torchao_unsupported
     from search.result import SearchResult
@@ -137,6 +138,7 @@ def _run(args: argparse.Namespace) -> int:
     if main_file.exists() and not args.force:
         raise _UsageError(f"{main_file} exists: pass --force to overwrite it")
     label_names = result.info.get("label_names")
+    act_static = StaticScales(result.info["act_static"]) if result.info.get("act_static") else None
     try:
         lm = load_model(
             model_path,
@@ -171,7 +173,8 @@ def _run(args: argparse.Namespace) -> int:
             clip=clip,
             metadata=metadata,
             model_dir=model_path,
-            **({"verify": args.verify} if args.format == NATIVE else {}),
+            # the native artifact carries the static activation ranges the search evaluated with
+            **({"verify": args.verify, "act_static": act_static} if args.format == NATIVE else {}),
         )
         if args.format == NATIVE:
             configs = to_torchao_config(point.precision_map, space, model=lm.model, build=False)

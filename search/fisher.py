@@ -32,6 +32,25 @@ ModelOpt's ``auto_quantize`` calls ``gradient`` (a second-order Taylor expansion
 place of the Hessian), taken on the weights rather than on each layer's output: no extra forward per
 (layer, option), and every option of every group is scored from one ``F``.
 
+Activation widths
+-----------------
+
+An option with activation bits (``4a8``) adds the same second-order model of the rounding of the
+group's matrix inputs (:mod:`search.actquant`)::
+
+    score(g, bAa) = score(g, b) + 1 / (2 N D) * sum over calls c of g's members of
+                    sum_e (d l_ik / d x_e)^2 * (Q_a(x) - x)_e^2       (weighted as ``weighting`` says)
+
+``d l / d x`` is the gradient of each example's log-likelihood in the input *as the member reads
+it* (a row block's own rows of ``W``, a column block's own columns), taken in the same backward
+pass from a zero perturbation added at that input (:class:`search.actquant.InputProbes`); every
+activation element belongs to one example, so its squared gradient is already per example. ``Q_a``
+rounds with the search's scales (per token, or static: ``SensitivityContext.act_static``).
+``weighting``: ``elements`` as written, ``rows`` one mean curvature per token, ``members`` one per
+member input (:class:`search.actquant.ActivationCurvature`). The cross terms between the weights'
+and the activations' errors are dropped, as the diagonal drops those between weights
+(:func:`search.actquant.add_activation_scores`).
+
 Loss per example
 ================
 
@@ -118,6 +137,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitscout.methods import FisherOptions
+from search.actquant import ActivationCurvature, InputProbes, add_activation_scores
 from search.adapter import ModelAdapter, _is_conv1d
 from search.data import TokenizedBatch
 from search.errors import InvalidInputError, UnsupportedModelError
@@ -483,14 +503,18 @@ class FisherSensitivity(SensitivityMethod):
         acct: dict[str, Any] = {"forwards": 0, "backwards": 0, "seconds_forward": 0.0, "seconds_backward": 0.0}
         flags = [(p, p.requires_grad) for p in model.parameters()]
         tracker = _Tracker(model, adapter, names, prunes)
+        probes = InputProbes(space, ctx.act_static)
+        act = ActivationCurvature(self.weighting)
         n_examples = ctx.n_samples
         try:
             for p, _ in flags:
                 p.requires_grad_(False)
-            with eval_mode(model), torch.inference_mode(False), torch.enable_grad():
-                self._pass(ctx, tracker, acct, on_progress, should_stop)
+            with eval_mode(model), torch.inference_mode(False), torch.enable_grad(), probes.installed(adapter._modules):
+                self._pass(ctx, tracker, acct, on_progress, should_stop, probes, act)
             t_scores = time.perf_counter()
             scores, group_fisher = self._scores(ctx, tracker, n_examples)
+            norm = 0.5 / (max(1, n_examples) * self.draws)
+            add_activation_scores(space, scores, {k: v * norm for k, v in act.totals().items()})
             acct["seconds_scores"] = time.perf_counter() - t_scores
         finally:
             tracker.remove()
@@ -530,6 +554,8 @@ class FisherSensitivity(SensitivityMethod):
         acct: dict[str, Any],
         on_progress: ProgressFn | None,
         should_stop: StopFn | None,
+        probes: InputProbes,
+        act: ActivationCurvature,
     ) -> None:
         gen: torch.Generator | None = None
         total = sum(len(_split(b, self.micro_batch)) for b in ctx.batches)
@@ -539,6 +565,7 @@ class FisherSensitivity(SensitivityMethod):
             for mb in _split(batch, self.micro_batch):
                 _check_stop(should_stop)
                 tracker.start(len(mb))
+                probes.reset()
                 tracker.active = True
                 t = time.perf_counter()
                 try:
@@ -547,7 +574,8 @@ class FisherSensitivity(SensitivityMethod):
                     tracker.active = False
                 acct["forwards"] += 1
                 acct["seconds_forward"] += time.perf_counter() - t
-                if not tracker.leaves:  # pragma: no cover - every scored module is hooked
+                eps = probes.tensors()
+                if not tracker.leaves and not eps:  # pragma: no cover - every scored module is hooked
                     raise UnsupportedModelError("no scored matrix took part in the forward pass", field="model")
                 if gen is None:
                     gen = torch.Generator(device=out.device)
@@ -559,12 +587,17 @@ class FisherSensitivity(SensitivityMethod):
                         raise InvalidInputError(
                             f"the Fisher objective of a calibration batch is not finite ({float(objective)})", field="model"
                         )
-                    torch.autograd.grad(objective, tracker.leaves, retain_graph=k + 1 < self.draws, allow_unused=True)
+                    grads = torch.autograd.grad(
+                        objective, [*tracker.leaves, *eps], retain_graph=k + 1 < self.draws, allow_unused=True
+                    )
                     tracker.finish_backward()
+                    # the activation term: squared per-example input gradients of every probed member
+                    act.add(probes.calls, [None if g is None else g.square() for g in grads[len(tracker.leaves):]])
                     acct["backwards"] += 1
                     acct["seconds_backward"] += time.perf_counter() - t
                 del out
                 tracker.start(0)
+                probes.reset()
                 done += 1
                 now = time.perf_counter()
                 if on_progress is not None and (now - last_report > 0.5 or done == total):

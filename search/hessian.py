@@ -46,6 +46,26 @@ positive group mean trace). The stop rule still applies to the groups' traces; t
 are noisier per row, but the score sums them over the group's rows. ``extra["member_traces"]`` reports
 the trace of every member slice (they sum to the group's trace).
 
+Activation widths
+-----------------
+
+An option with activation bits (``4a8``) is scored as its weights plus the rounding of the group's
+matrix inputs, HAWQ-V2's activation term::
+
+    score(g, bAa) = score(g, b) + sum over g's member inputs x of  sum_e H^x_ee * (Q_a(x) - x)_e^2
+
+``H^x`` is the Hessian of the same calibration loss in the input *as the member reads it* (a zero
+perturbation added at that input, :class:`search.actquant.InputProbes`: a row block's rows, a
+column block's columns); its diagonal is estimated by Hutchinson's ``v * H^x v``, one Hessian-vector
+product per probe serving every member, with as many Rademacher probes per batch as the weights'
+estimate used for that batch (:class:`Rademacher` over the perturbations in call order, from a CPU
+generator seeded with ``ctx.seed``; ``extra["activation_hvps"]`` counts them, one more gradient graph
+per batch). ``weighting="rows"`` weighs each token's squared error by the mean curvature of its
+columns; ``trace`` and ``members`` by the mean curvature of the whole member input (the HAWQ-V2 form
+``tr(H^x) / n * ||Q(x) - x||^2``). ``Q_a`` uses the search's scales (per token or static). A negative
+estimate adds 0. The cross terms between the weights' and the activations' errors are dropped
+(:func:`search.actquant.add_activation_scores`).
+
 Calibration
 -----------
 
@@ -151,6 +171,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitscout.methods import HessianOptions
+from search.actquant import ActivationCurvature, InputProbes, add_activation_scores
 from search.attention import attn_implementation, eager_attention
 from search.data import TokenizedBatch
 from search.errors import InvalidInputError
@@ -532,12 +553,16 @@ class HessianSensitivity(SensitivityMethod):
                 field="calibration",
             )
         plan = _plan(ctx, rows=self.weighting != "trace")
+        probes = InputProbes(ctx.space, ctx.act_static)
+        act = ActivationCurvature("rows" if self.weighting == "rows" else "members")
         with hessian_mode(ctx.model, plan.params) as mode, torch.inference_mode(False), torch.enable_grad():
             stats, acct = self._estimate(ctx, plan, kind, norm, on_progress, should_stop)
+            if probes:
+                self._activations(ctx, kind, norm, probes, act, [int(n) for n in stats.n], acct, should_stop)
         trace, se = stats.totals()
         rel = _relative(se, trace)
         t_scores = time.perf_counter()
-        scores = self._scores(ctx, trace, plan, stats.row_totals())
+        scores = add_activation_scores(ctx.space, self._scores(ctx, trace, plan, stats.row_totals()), act.totals())
         acct["seconds_scores"] = time.perf_counter() - t_scores
         calibration: dict[str, Any] = {"applied": False}
         if self.calibrate:
@@ -667,6 +692,57 @@ class HessianSensitivity(SensitivityMethod):
         acct["stopped"] = stopped
         acct["settled_below_floor"] = int(stats.settled(n_params).sum())
         return stats, acct
+
+    @staticmethod
+    def _activations(
+        ctx: SensitivityContext,
+        kind: str,
+        norm: int,
+        probes: InputProbes,
+        act: ActivationCurvature,
+        n_probes: Sequence[int],
+        acct: dict[str, Any],
+        should_stop: StopFn | None,
+    ) -> None:
+        """The activation term (see "Activation widths" in the module docstring): per batch ``b``,
+        ``n_probes[b]`` Hutchinson probes of the Hessian of the loss in the probed inputs, their mean
+        ``v * Hv`` accumulated as each member input's curvature."""
+        t0 = time.perf_counter()
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(int(ctx.seed))
+        hvps = 0
+        for b, batch in enumerate(ctx.batches):
+            _check_stop(should_stop)
+            probes.reset()
+            with probes.installed(ctx.adapter._modules):
+                loss = batch_loss(ctx.model, batch, ctx.task, kind) / norm
+            eps = probes.tensors()
+            grads = torch.autograd.grad(loss, eps, create_graph=True, allow_unused=True)
+            live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+            m = max(1, int(n_probes[b]))
+            diag = [torch.zeros_like(e) for e in eps]
+            draws = Rademacher(eps, gen, torch.device("cpu"))
+            for _ in range(m):
+                _check_stop(should_stop)
+                vs = draws.draw()
+                if not live:
+                    continue
+                hv = torch.autograd.grad(
+                    [grads[i] for i in live],
+                    eps,
+                    grad_outputs=[vs[i].to(eps[i].device) for i in live],
+                    retain_graph=True,
+                    allow_unused=True,
+                )
+                hvps += 1
+                for j, h in enumerate(hv):
+                    if h is not None:
+                        diag[j] += vs[j].to(h.device) * h.detach()
+            act.add(probes.calls, [d / m for d in diag])
+            del loss, grads
+            probes.reset()
+        acct["activation_hvps"] = hvps
+        acct["seconds_activations"] = time.perf_counter() - t0
 
     @staticmethod
     def _probe(

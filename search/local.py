@@ -197,6 +197,9 @@ def run_info(search: Search, model_dir: str | Path, data: DataOptions) -> dict[s
         "data": data.source,
         "windows": data.max_length if data.windows else None,
         "clip": search.options.clip,
+        "act_scales": search.options.act_scales,
+        # the static activation ranges the evaluation used, for an export of a point to carry
+        "act_static": None if search.act_static is None else search.act_static.to_dict(),
         "device": str(search.device),
         "label_names": search.label_names,
     }

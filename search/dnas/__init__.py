@@ -82,6 +82,15 @@ all-pruned map to full precision, as the sensitivity fronts do. When the budget 
 metric, one more map is allocated at the budget with the probabilities of the run whose target is
 nearest to it.
 
+**Activation widths.** An option with activation bits (``4a8``) mixes the group's inputs as the
+weights are mixed (the decoupled mixture of EdMIPS): every member of the group reads
+``x + sum_A c_A (Q_A(x) - x)``, ``c_A`` the summed ``y_gk`` of its options at width ``A`` (weight-only
+options keep ``x``), the rounding passed straight through (:func:`search.actquant.input_hooks`,
+with the search's scales), so a one-hot ``y`` is exactly the W/A map the pipeline evaluates. The
+start's scores add the activation change to the weight change of each such option before squaring,
+``(g_w . d + g_x . (Q_A(x) - x))^2``, with ``g_x`` the gradient in the member's input from the same
+backward pass (:class:`search.actquant.InputProbes`).
+
 **Cost.** A step costs about one forward-backward pass of a micro-batch, however many options there
 are; the start's scores about one fine-tuning epoch per draw (``sensitivity_draws``); building the
 quantized versions and the references a fraction of an epoch. ``epochs`` (default 1.5) bounds the

@@ -126,6 +126,7 @@ def run_dnas(
     dn = DNAS(
         search.model, search.adapter, search.space, search.cost_model, search.task, search.calibration,
         metric=metric, options=o, seed=search.options.seed, clip=search.options.clip, device=search.device,
+        act_static=search.act_static,
     )
     runs: list[TargetRun] = []
     t_scores = 0.0

@@ -15,6 +15,7 @@ from torch import nn
 
 from search import allocate as alloc
 from search import quant
+from search.actquant import InputProbes, StaticScales, fake_quantize_activation, input_hooks, member_key
 from search.adapter import ModelAdapter, _is_conv1d
 from search.cost import CostModel
 from search.data import TokenizedBatch
@@ -152,8 +153,10 @@ class DNAS:
         seed: int = 0,
         clip: str = "mse",
         device: torch.device | str = "cpu",
+        act_static: StaticScales | None = None,
     ) -> None:
         self.model = model
+        self.act_static = act_static
         self.adapter = adapter
         self.space = space
         self.cost_model = cost_model
@@ -248,6 +251,13 @@ class DNAS:
                     )
                 by_module.setdefault(m.module, []).append(len(self.members))
                 self.members.append(st)
+        # the activation mixture: per member of a group with activation widths, each option's width
+        self.act_members: dict[str, list[tuple[int, Member, list[int | None]]]] = {}
+        for gi, (g, opts) in enumerate(zip(self.space.groups, self.space.options, strict=True)):
+            widths = [None if o.pruned else o.act_bits for o in opts]
+            if any(a is not None for a in widths):
+                for m in g.members:
+                    self.act_members.setdefault(m.module, []).append((gi, m, widths))
         self.plans: list[_ModulePlan] = []
         for name, idxs in by_module.items():
             module = self.adapter.module(name)
@@ -302,6 +312,34 @@ class DNAS:
         if out is None:  # only pruning allowed
             out = torch.zeros_like(w) * y.sum()
         return out
+
+    def _act_mixture(self, ys: list[torch.Tensor]) -> list[Any]:
+        """Hooks that make every member of a group with activation widths read the mixture
+        ``x + sum_A c_A (Q_A(x) - x)`` of its input's rounded versions, ``c_A`` the summed weight
+        ``y_k`` of the group's options at width ``A`` (weight-only options keep ``x``), rounding
+        passed straight through (see "Activation widths" in :mod:`search.dnas`)."""
+        per_module: dict[str, list[tuple[Member, Any]]] = {}
+        for name, members in self.act_members.items():
+            for gi, m, widths in members:
+                y = ys[self.decision_of[gi]]
+                coef = {a: sum(y[k] for k, w in enumerate(widths) if w == a) for a in set(widths) if a is not None}
+                amax = None if self.act_static is None else self.act_static.get(member_key(name, m))
+
+                def fn(x: torch.Tensor, coef: dict[int, torch.Tensor] = coef, amax: float | None = amax) -> torch.Tensor:
+                    delta = sum(c * (fake_quantize_activation(x.detach(), a, amax) - x.detach()) for a, c in coef.items())
+                    return x + delta
+
+                per_module.setdefault(name, []).append((m, fn))
+        return input_hooks(self.adapter._modules, per_module)
+
+    def _mixed_forward(self, ys: list[torch.Tensor], batch: TokenizedBatch) -> torch.Tensor:
+        """The supernet's output on ``batch``: the mixed matrices and the mixed inputs under ``ys``."""
+        handles = self._act_mixture(ys)
+        try:
+            return torch.func.functional_call(self._forward, self._overrides(ys), (batch,), strict=False)
+        finally:
+            for h in handles:
+                h.remove()
 
     def _overrides(self, ys: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         of = self.decision_of
@@ -457,6 +495,7 @@ class DNAS:
         second = [np.zeros((n, n), dtype=np.float64) for n in n_opts]
         n_examples = 0
         gen = self.generator
+        probes = InputProbes(self.space, self.act_static)
         for _ in range(int(draws)):
             for b in self.batches:
                 if should_stop is not None and should_stop():
@@ -465,16 +504,25 @@ class DNAS:
                           for st in self.members]
                 keep = [None if st.pruned_idx is None else torch.ones((), device=self.device, requires_grad=True)
                         for st in self.members]
+                probes.reset()
                 with torch.enable_grad():
-                    out = torch.func.functional_call(self._forward, self._assemble_overrides(leaves, keep), (b,),
-                                                     strict=False)
+                    with probes.installed(self.adapter._modules):
+                        out = torch.func.functional_call(self._forward, self._assemble_overrides(leaves, keep), (b,),
+                                                         strict=False)
                     loss = self._fisher_loss(out, b, gen)
+                    eps = probes.tensors()
                     wanted = leaves + [k for k in keep if k is not None]
-                    grads = torch.autograd.grad(loss, wanted, allow_unused=True)
+                    grads = torch.autograd.grad(loss, wanted + eps, allow_unused=True)
                 gw = grads[: len(leaves)]
-                gk = iter(grads[len(leaves):])
+                gk = iter(grads[len(leaves) : len(wanted)])
+                act_dots = probes.dots(grads[len(wanted) :]) if eps else {}
                 per_group = [torch.zeros(n, dtype=torch.float64, device=self.device) for n in n_opts]
                 with torch.no_grad():
+                    # the activation change of each option with a width, added to its weights' change
+                    for gi, opts in enumerate(self.space.options):
+                        for k, o in enumerate(opts):
+                            if o.act_bits is not None and not o.pruned and (gi, o.act_bits) in act_dots:
+                                per_group[of[gi]][k] += act_dots[(gi, o.act_bits)].to(self.device)
                     for st, leaf, g, k in zip(self.members, leaves, gw, keep, strict=True):
                         gb = next(gk) if k is not None else None
                         if g is None:
@@ -558,7 +606,7 @@ class DNAS:
         self._batch_pos += 1
         pairs = self.pair_scores if (update == "arch" and self.options.relaxation == "expected") else None
         ys = [torch.softmax(lg, 0) for lg in self.logits] if pairs is not None else self._sample(tau)
-        out = torch.func.functional_call(self._forward, self._overrides(ys), (self.batches[i],), strict=False)
+        out = self._mixed_forward(ys, self.batches[i])
         task_loss = self._task_loss(out, i)
         if pairs is not None:
             # E_p[L] = L(E_p[W]) + sum_g p_g^T M_g p_g / 2 to second order (M_g: pair_scores)

@@ -12,6 +12,7 @@ from torch import nn
 
 from search.adapter import ModelAdapter
 from search.errors import InvalidInputError
+from search.export.activations import install_activation_hooks
 from search.export.artifact import ARTIFACT_FILE, PRECISION_MAP_FILE, ArtifactInfo, artifact_info
 from search.export.common import _as_space, _check_fits
 from search.export.packed import apply_packed, refuse_packed
@@ -157,6 +158,9 @@ def apply_precision_map(
             include_head=include_head,
             include_embeddings=include_embeddings,
         )
+    # activation widths (``4a8``): the inputs rounded as the artifact froze them, else per token;
+    # installed before packing, so that the hooks move with the modules the packed ones replace
+    install_activation_hooks(model, sp, pmap, found.activations if found is not None else None)
     if materialize:
         adapter.apply(pmap, sp, clip=clip)
     else:

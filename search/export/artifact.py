@@ -42,8 +42,11 @@ Artifact layout
   and, as string metadata: ``format`` (``bitscout.quant``), ``format_version``, ``precision_map``
   and ``space`` (JSON: :meth:`PrecisionMap.to_dict`, :func:`search.space.space_to_dict`), ``clip``,
   ``dtypes`` (each covered weight's dtype), ``aliases`` (tied state-dict names stored once),
-  ``info`` (the caller's ``metadata``) and ``digest`` (SHA-256 of the other entries, so an edited
-  header is refused with a clear message);
+  ``info`` (the caller's ``metadata``), ``activations`` (only for a map with activation widths
+  whose inputs have frozen scales: the learned steps of a refined point and the static ranges of a
+  search with static scales, :mod:`search.export.activations`; absent: every quantized input rounds
+  per token) and ``digest`` (SHA-256 of the other entries, so an edited header is refused with a
+  clear message);
 * ``precision_map.json``: the map alone, group name → ``{"bits", "symmetric"}`` (and ``"group_size"``
   for group-wise scales). Group names are the
   module name (``layer`` groups) or ``<parent module>/<head|ffn><index>`` (sub-layer groups);
@@ -62,6 +65,11 @@ float16 scales in the file are exact and the packed weights take exactly the byt
 the scale and 1 more for an asymmetric zero point (per group of ``N`` columns of a row with group-wise
 scales). ``export_artifact(..., verify=True)`` also checks
 every stored member against the model quantized by :meth:`ModelAdapter.quantized` before writing.
+
+Activation widths (``4a8``): :func:`load_artifact` also installs the hooks that round each
+quantized group's matrix inputs as the search (or the refinement) did
+(:func:`search.export.activations.install_activation_hooks`): per token, by the stored static range,
+or by the learned step, so a W/A point measures the search's metrics too.
 
 Tensor-train groups keep their cores: :func:`load_artifact` rebuilds them exactly as stored and puts a
 :class:`search.tensor_train.TTLinear` (or ``TTEmbedding``) with the module's bias in the module's place,
@@ -98,8 +106,10 @@ from torch import nn
 
 from search import quant
 from search import tensor_train as tt
+from search.actquant import StaticScales
 from search.adapter import ModelAdapter
 from search.errors import InvalidInputError, SearchError
+from search.export.activations import ACT_STEP, ActivationSteps, activation_steps_of, install_activation_hooks
 from search.export.common import (
     _as_pmap,
     _as_space,
@@ -149,6 +159,8 @@ PRECISION_MAP_FILE = "precision_map.json"
 _Q = "quant::"
 #: Metadata entries the digest covers (everything but the digest itself).
 _SIGNED = ("format", "format_version", "precision_map", "space", "clip", "dtypes", "aliases", "info")
+#: signed too when present (an artifact without frozen activation scales has no such entry)
+_SIGNED_IF_PRESENT = ("activations",)
 
 
 def _artifact_error(message: str) -> InvalidInputError:
@@ -160,7 +172,8 @@ def _qkey(group: str, i: int, what: str) -> str:
 
 
 def _digest(meta: Mapping[str, str]) -> str:
-    canonical = json.dumps({k: meta.get(k) for k in _SIGNED}, sort_keys=True, separators=(",", ":"))
+    keys = _SIGNED + tuple(k for k in _SIGNED_IF_PRESENT if k in meta)
+    canonical = json.dumps({k: meta.get(k) for k in keys}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -288,6 +301,7 @@ def export_artifact(
     verify: bool = False,
     qparams: Mapping[str, quant.QParams] | None = None,
     tt_cores: Mapping[str, tt.StoredCores] | None = None,
+    act_static: StaticScales | None = None,
 ) -> Path:
     """Write the artifact of ``pmap`` over ``space`` for ``model`` into ``out_dir`` (layout in the
     module docstring) and return the path of ``model.quant.safetensors``.
@@ -306,6 +320,11 @@ def export_artifact(
     against the post-training quantizer, so it cannot be combined with ``qparams``.
     ``tt_cores`` gives the cores of tensor-train groups by group name (the trained cores of
     :func:`search.refine.refine`, ``RefineResult.tt_cores``) in place of the TT-SVD of the weights.
+    Activation widths (``4a8``): the learned activation steps of a refined student (its modules'
+    ``act_step`` parameters, not stored as parameters) and the search's static ranges ``act_static``
+    (``Search.act_static``, a search with ``act_scales="static"``) go into the ``activations``
+    metadata (:mod:`search.export.activations`); without either the reload rounds per token, as the
+    search's default did.
     Raises :class:`InvalidInputError` when the map or the space does not fit the model.
     """
     if qparams and verify:
@@ -353,6 +372,7 @@ def export_artifact(
         tt_held = {name for name in by_module if isinstance(modules[name], tt.TTLinear | tt.TTEmbedding)}
         drop = {_state_name(state, _weight(modules[name])) for name in by_module if covered[name] and name not in tt_held}
         drop |= {k for k in state for name in tt_held if k.startswith(f"{name}.cores.")}
+        drop |= {k for k in state if k.rsplit(".", 1)[-1] == ACT_STEP}  # stored as activations metadata
         for name in by_module:
             dtypes[name] = str(_weight(modules[name]).dtype).removeprefix("torch.")
         for name, t in state.items():
@@ -374,6 +394,9 @@ def export_artifact(
         "aliases": json.dumps(aliases, sort_keys=True),
         "info": info_json,
     }
+    acts = activation_steps_of(model, act_static)
+    if acts and any(o.act_bits is not None for o in pmap.values()):
+        meta["activations"] = json.dumps(acts.to_dict(), sort_keys=True)
     meta["digest"] = _digest(meta)
 
     out = Path(out_dir)
@@ -524,6 +547,8 @@ class ArtifactInfo:
     aliases: dict[str, str]
     info: dict[str, Any]
     format_version: int
+    #: the frozen activation scales (:mod:`search.export.activations`; empty: per token)
+    activations: ActivationSteps = field(default_factory=ActivationSteps)
 
 
 def _resolve_artifact(path_or_dir: str | Path) -> Path:
@@ -591,7 +616,8 @@ def _read_info(path: Path, meta: Mapping[str, str] | None) -> ArtifactInfo:
     if unknown:
         raise _artifact_error(f"the artifact's precision map names groups not in its space: {unknown[:3]}")
     clip = meta.get("clip", "mse")
-    return ArtifactInfo(path, pmap, space, clip, dict(dtypes), dict(aliases), dict(info), FORMAT_VERSION)
+    acts = ActivationSteps.from_dict(_json_meta(meta, "activations") if "activations" in meta else None)
+    return ArtifactInfo(path, pmap, space, clip, dict(dtypes), dict(aliases), dict(info), FORMAT_VERSION, acts)
 
 
 def artifact_info(path_or_dir: str | Path) -> ArtifactInfo:
@@ -778,6 +804,8 @@ def load_artifact(path_or_dir: str | Path, model: nn.Module, *, materialize: boo
                 w = _weight_view(modules[name])
                 cores = [c.to(w.device) for c in tt_groups[g.name]]
                 adapter.swap_module(name, adapter.tt_module(g, pmap[g.name], info.clip, cores=cores))
+    # activation hooks first: hooks on a module move with it when a packed module takes its place
+    install_activation_hooks(model, space, pmap, info.activations)
     mapped = any(maps_a_file(modules[name]) for name in packs)
     for pw, hold in packs.values():  # last: the holders take the modules' loaded biases
         install(model, pw, hold)

@@ -175,19 +175,15 @@ class _ActLSQ:
         self.bits = bits
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> Any:
+        from search.actquant import quantize_with_step
+
         x = args[0]
-        if self.bits >= 16:
-            return (half_ste(x), *args[1:])
-        q = 2 ** (self.bits - 1) - 1
         step = module.act_step
-        if float(step.detach()) <= 0:
+        if self.bits < 16 and float(step.detach()) <= 0:
+            q = 2 ** (self.bits - 1) - 1
             with torch.no_grad():
                 step.copy_((2 * x.detach().abs().mean() / q**0.5).clamp_min(2.0**-24).reshape(step.shape))
-        fq = lsq_fake_quantize(  # one step for the whole input: a [1, numel] "row"
-            x.reshape(1, -1).to(torch.float32), step, torch.zeros(1, device=x.device),
-            -q, q, lsq_grad_scale(x.numel(), q), half_scales=False,
-        )
-        return (fq.reshape(x.shape).to(x.dtype), *args[1:])
+        return (quantize_with_step(x, self.bits, step), *args[1:])
 
 
 @dataclass

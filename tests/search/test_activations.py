@@ -203,9 +203,12 @@ def test_a_search_with_activation_bits_and_static_scales(tiny, tmp_path):
     assert search.act_static is not None and search.act_static.get(name) > 0
     table = search.sensitivity("kl")
     assert all(row["32"] == 0.0 and row["4a8"] > 0 for row in table.scores.values())
-    with pytest.raises(InvalidInputError) as e:
-        SearchOptions(methods=("hessian",), bits=(4, 8), activation_bits=(8,))
-    assert e.value.field == "methods"
+    # every method scores activation widths now; the guard still names the field for any other
+    SearchOptions(methods=("hessian", "fisher", "dnas"), bits=(4, 8), activation_bits=(8,))
+    from bitscout.methods import activation_problem
+
+    assert "method other" in str(activation_problem(["kl", "other"], ["4", "4a8"]))
+    assert activation_problem(["other"], ["4", "8"]) is None
     with pytest.raises(InvalidInputError) as e:
         SearchOptions(bits=(4,), activation_bits=(7,))
     assert e.value.field == "space.act_bits"
@@ -222,3 +225,27 @@ def test_refinement_learns_activation_steps(tiny, tmp_path):
     res = refine(search, search.space.uniform("4a8"), config=RefineConfig(steps=3, patience=None, eval_every=3))
     assert res.metrics  # evaluated with the learned activation steps in place
     assert res.precision_map == search.space.uniform("4a8")
+
+
+def test_tensor_train_options_take_no_activation_width_and_the_refusal_names_the_field(tiny, tmp_path, capsys):
+    from search.cli import search_main
+    from tests.tiny import sentiment_rows, write_jsonl
+
+    folder, _ = tiny
+    for make in (lambda: SearchOptions(bits=("tt16@4a8",)), lambda: BitOption(4, True, None, 8, 16),
+                 lambda: PrecisionMap.from_dict({"g": {"bits": 4, "tt_rank": 16, "act_bits": 8}})):
+        with pytest.raises(InvalidInputError) as e:
+            make()
+        assert e.value.field == "bits" and "activation bits do not apply to tensor-train options" in str(e.value)
+    # --tt-ranks with --act-bits: the plain widths are crossed, the tensor-train options stay weight-only
+    data = write_jsonl(tmp_path / "s.jsonl", sentiment_rows(32, seed=2))
+    opts = SearchOptions(methods=("kl",), bits=(4,), activation_bits=(8,), tt_ranks=(4,), front_points=4)
+    search = prepare(folder, DataOptions(source=str(data), label_field="label", calibration=8, evaluation=8,
+                                         max_length=12), opts)
+    keys = {o.key() for row in search.space.options for o in row}
+    assert "4a8" in keys and "tt4@4" in keys and not any(k.startswith("tt") and "a8" in k for k in keys)
+    with pytest.raises(SystemExit) as ex:
+        search_main(["--model", str(folder), "--data", str(data), "--label-field", "label",
+                     "--bits", "tt16@4a8", "--out", str(tmp_path / "r.json"), "--quiet"])
+    assert ex.value.code == 2
+    assert "argument --bits: activation bits do not apply to tensor-train options" in capsys.readouterr().err

@@ -708,7 +708,18 @@ def test_a_latency_table_upload_is_checked_and_a_job_names_it(api: Api) -> None:
             headers=api.h(),
         )  # fmt: skip
         assert r.status_code == 422 and r.json()["field"] == field, r.text
-    r = api.client.post(
-        f"{API}/jobs", json=job_spec(methods=["hessian"], space={"bits": [4, 8], "act_bits": [8]}), headers=api.h()
-    )
-    assert r.status_code == 422 and r.json()["field"] == "methods", r.text
+    # every method scores activation widths: hessian, fisher and dnas with act_bits are accepted
+    job = api.submit(methods=["hessian", "fisher", "dnas"], space={"bits": [4, 8], "act_bits": [8]})
+    assert job["spec"]["methods"] == ["hessian", "fisher", "dnas"]
+
+
+def test_tensor_train_options_with_activation_bits_are_refused_naming_the_field(api: Api) -> None:
+    """A tensor-train option takes no activation width: spelled (``tt16@4a8``) it is a 422 naming
+    ``space.bits``; crossed by ``act_bits`` with ``tt_ranks``, the tensor-train options stay weight-only."""
+    for bits, field in ((["tt16@4a8"], "space.bits.0"), ([4, "tt8@8a8"], "space.bits.1")):
+        r = api.client.post(f"{API}/jobs", json=job_spec(space={"bits": bits}), headers=api.h())
+        body = r.json()
+        assert r.status_code == 422 and body["field"] == field, r.text
+        assert "activation bits do not apply to tensor-train options" in body["message"]
+    job = api.submit(space={"bits": [4], "tt_ranks": [8], "act_bits": [8]})
+    assert job["spec"]["space"]["tt_ranks"] == [8] and job["spec"]["space"]["act_bits"] == [8]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bitscout.schemas import JobStatus, UploadKind
 from tests.workers.conftest import Env
 from workers.runner import JobRunner
@@ -77,3 +79,37 @@ def test_a_table_without_the_job_s_shapes_fails_naming_it(env: Env):
     assert out.status == "failed" and out.code == "invalid_request"
     rec = env.store.get_job(job_id=job.id)
     assert "latency table" in (rec.error_message or "")
+
+
+def test_a_fisher_w4a8_job_refines_and_its_artifact_reloads_to_the_refined_metrics(env: Env):
+    """Activation widths scored by ``fisher`` in a job, the recommended W4A8 point refined (learned
+    activation steps), and the stored artifact reloaded onto a fresh model: the refined metrics."""
+    import tarfile
+
+    from search.export import artifact_info, load_artifact
+    from search.local import prepare
+    from search.tasks import evaluate, load_model
+    from workers import sources
+    from workers.spec import data_options, search_options
+
+    job = env.submit(methods=["fisher"], space={"bits": [4], "act_bits": [8]}, budget={"max_avg_bits": 6.0},
+                     refine={"points": "recommended", "steps": 3}, loop={"enabled": False})
+    out = _run(env, job.id, "w/fisher-act")
+    assert out.status == "succeeded", out
+    points = env.store.get_points(job_id=job.id)
+    assert any(p.method == "fisher" for p in points)
+    refined = [p for p in points if p.refined]
+    assert len(refined) == 1 and refined[0].artifact_available
+    assert any(e.act_bits == 8 for e in refined[0].precision_map.values())
+    path, _, _ = env.store.get_artifact(job_id=job.id, point_id=refined[0].id)
+    with tarfile.open(path) as tar:
+        tar.extractall(env.settings.data_dir / "art-act", filter="data")
+    assert artifact_info(env.settings.data_dir / "art-act").activations.steps  # the learned steps travel
+    spec = env.store.get_job_record(job_id=job.id).spec
+    cfg = env.config()
+    search = prepare(sources.model_dir(spec, env.store, cfg), data_options(spec, sources.data_source(spec, env.store, cfg)),
+                     search_options(spec), task=spec.task.value, device="cpu")  # fmt: skip
+    loaded = load_artifact(env.settings.data_dir / "art-act", load_model(search.model_path, search.task).model)
+    got = evaluate(loaded, search.evaluation, search.task, reference=search.reference())
+    assert got[search.metric] == refined[0].metrics[search.metric]
+    assert got["kl"] == pytest.approx(refined[0].metrics["kl"], rel=1e-5, abs=1e-7)
