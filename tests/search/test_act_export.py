@@ -75,6 +75,13 @@ def test_export_load_evaluate_equals_the_search_evaluation(setup, tmp_path, gran
     # bitscout.apply of the artifact directory: the map, its space and its activation scales
     applied = apply_precision_map(_fresh(folder), tmp_path / "art")
     assert _measure(applied, search) == want
+    # packed in memory (what bitscout.apply does by default): the hooks move with the packed modules
+    assert _measure(load_artifact(path, _fresh(folder), materialize=False), search) == want
+    def from_map(**kw):
+        return _measure(apply_precision_map(_fresh(folder), pmap, space=search.space, clip=search.options.clip, **kw),
+                        search)
+
+    assert from_map(materialize=False) == from_map()
 
 
 def test_group_wise_weight_scales_with_activations_end_to_end(setup, tmp_path):
