@@ -15,7 +15,8 @@ For a group ``g`` and an option ``o``::
   draws, so scores are means per example and do not depend on how the calibration set is cut into
   batches (the KL table's normalisation).
 * ``Q_o(w)`` is the member slice quantized exactly as :meth:`ModelAdapter._write_group` does
-  (:func:`search.quant.fake_quantize` of the slice, per output row, with the search's clipping):
+  (:func:`search.quant.fake_quantize` of the slice, per output row or per group of the option's
+  ``group_size`` input columns, with the search's clipping):
   bits 32 score 0, 16 the half-precision rounding error, 0 (pruned) ``Q = 0`` and, since pruning
   also zeroes the biases of the group's output rows (``out`` and ``all`` members), their ``F_b b^2``.
 * ``weighting`` says how ``F`` weighs the squared error ``d^2`` (as the ``hessian`` method's
@@ -595,7 +596,9 @@ class FisherSensitivity(SensitivityMethod):
                         q = option_weight(w, int(opt.tt_rank), opt.bits, symmetric=opt.symmetric, clip=clip)  # type: ignore[arg-type]
                         q = q.to(torch.float32)
                     else:
-                        q = fake_quantize(w, opt.bits, symmetric=opt.symmetric, clip=clip).to(torch.float32)
+                        q = fake_quantize(
+                            w, opt.bits, symmetric=opt.symmetric, clip=clip, group_size=opt.group_size
+                        ).to(torch.float32)
                     err = _weighted(f, (w32 - q).square_(), self.weighting)
                     if opt.pruned and m.module in tracker.bias_fisher and m.axis in ("out", "all"):
                         b = adapter.bias(m.module)

@@ -146,7 +146,7 @@ def _direct_scores(ctx: SensitivityContext, labels: str = "sampled", weighting: 
                         fw = fw.t()
                     fw = fw[m.start : m.stop] if m.axis == "out" else fw[:, m.start : m.stop] if m.axis == "in" else fw
                     d2 = (w - fake_quantize(adapter.member_slice(m).detach(), opt.bits, symmetric=opt.symmetric,
-                                            clip="mse").double()).square()
+                                            clip="mse", group_size=opt.group_size).double()).square()
                     if weighting == "elements":
                         total += float((fw * d2).sum())
                     elif weighting == "rows":
@@ -200,6 +200,16 @@ def test_scores_equal_a_direct_computation(fisher_models, sentiment_file, model,
         assert row["2"] > 0
         if any(o.pruned for o in opts):
             assert row["0"] > 0
+
+
+def test_group_wise_options_are_scored_with_their_group_scales(fisher_models, sentiment_file):
+    # 4g4: a scale per 4 input columns of each row; its error is that of the group-wise quantizer
+    ctx = _ctx(fisher_models["llama"], "causal_lm", sentiment_file, "layer", bits=(2, "2g4", 4, "4g4"))
+    table = FisherSensitivity().compute(ctx)
+    _assert_close(table.scores, _direct_scores(ctx))
+    per_row = sum(row["2"] for row in table.scores.values())
+    grouped = sum(row["2g4"] for row in table.scores.values())
+    assert 0 < grouped < per_row  # finer scales: a smaller error, so the per-row score is not reused
 
 
 @pytest.mark.parametrize("labels", ["model", "data"])
