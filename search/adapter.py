@@ -43,6 +43,7 @@ from search import quant
 from search import tensor_train as tt
 from search.actquant import StaticScales, activations_quantized, calibrate_static
 from search.errors import InvalidInputError, UnsupportedModelError
+from search.memory import OutputStore
 from search.space import (
     FULL_PRECISION,
     BitOption,
@@ -710,21 +711,41 @@ class ModelAdapter:
         return calibrate_static(self.model, self._modules, space, batches, forward)
 
     @torch.no_grad()
-    def snapshot(self, modules: Iterable[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-        out = {}
+    def snapshot(self, modules: Iterable[str], *, memory_bytes: int | None = None) -> WeightSnapshot:
+        """The weights and biases of ``modules``, for :meth:`restore`: the first ``memory_bytes``
+        (:data:`search.memory.STORE_MEMORY_BYTES` when None) in memory, the rest spilled to a temporary file
+        (an :class:`search.memory.OutputStore`), so that saving a whole model's matrices before a
+        map is written costs disk, not resident memory; read back exactly."""
+        store = OutputStore() if memory_bytes is None else OutputStore(memory_bytes)
+        index: dict[str, tuple[int, int | None]] = {}
         for name in modules:
             module = self._modules[name]
             b = getattr(module, "bias", None)
-            out[name] = (module.weight.detach().clone(), b.detach().clone() if isinstance(b, torch.Tensor) else None)
-        return out
+            wi = store.append(module.weight.detach())
+            bi = store.append(b.detach()) if isinstance(b, torch.Tensor) else None
+            index[name] = (wi, bi)
+        return WeightSnapshot(store, index)
 
     @torch.no_grad()
-    def restore(self, saved: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> None:
-        for name, (w, b) in saved.items():
+    def restore(self, saved: WeightSnapshot) -> None:
+        """Every weight and bias of ``saved`` written back (:meth:`snapshot`)."""
+        for name, (wi, bi) in saved.index.items():
             module = self._modules[name]
-            module.weight.copy_(w)
-            if b is not None:
-                module.bias.copy_(b)
+            module.weight.copy_(saved.store.read(wi, device=module.weight.device))
+            if bi is not None:
+                module.bias.copy_(saved.store.read(bi, device=module.bias.device))
+
+
+@dataclass
+class WeightSnapshot:
+    """Saved weights (:meth:`ModelAdapter.snapshot`): module name -> entries of ``store`` (weight,
+    bias or None)."""
+
+    store: OutputStore
+    index: dict[str, tuple[int, int | None]]
+
+    def keys(self) -> Iterable[str]:
+        return self.index.keys()
 
 
 #: autograd nodes of an attention operation (eager softmax, fused scaled-dot-product kernels)

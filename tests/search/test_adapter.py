@@ -54,6 +54,26 @@ def test_weight_view_is_out_in_layout_and_writes_through(loaded):
     ad.restore(saved)
 
 
+@pytest.mark.parametrize("memory_bytes", [0, None], ids=["spilled", "in-memory"])
+def test_snapshot_restores_every_weight_and_bias_exactly(loaded, memory_bytes):
+    arch, lm = loaded
+    ad = ModelAdapter(lm.model)
+    names = list(ad.matrices)
+    before = {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
+    saved = ad.snapshot(names, memory_bytes=memory_bytes)
+    if memory_bytes == 0:
+        assert saved.store.resident_bytes == 0 and saved.store.spilled_bytes > 0  # on disk, not in memory
+    with torch.no_grad():
+        for n in names:
+            ad.module(n).weight.mul_(-3.0).add_(1.0)
+            b = ad.bias(n)
+            if b is not None:
+                b.add_(7.0)
+    ad.restore(saved)
+    after = lm.model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
 def test_group_granularity_recognises_heads_and_ffn(loaded):
     arch, lm = loaded
     ad = ModelAdapter(lm.model)
