@@ -122,6 +122,7 @@ from bitscout.methods import FisherOptions
 from search.adapter import ModelAdapter, _is_conv1d
 from search.data import TokenizedBatch
 from search.errors import InvalidInputError, UnsupportedModelError
+from search.memory import PASS_BUDGET_BYTES, rows_per_pass
 from search.quant import fake_quantize
 from search.result import SensitivityTable
 from search.sensitivity import (
@@ -417,7 +418,8 @@ class FisherSensitivity(SensitivityMethod):
 
     Options (:class:`bitscout.methods.FisherOptions`): ``labels``: ``sampled`` (default), ``model`` or ``data``; ``weighting``: ``elements`` (default),
     ``rows`` or ``members``; ``micro_batch``: at most this many examples per forward / backward pass
-    (memory; default: whole calibration batches); ``draws``: label draws per forward pass (``sampled``
+    (memory; default: whole calibration batches, except a causal LM's, cut to the rows whose
+    vocabulary-wide outputs fit :data:`search.memory.PASS_BUDGET_BYTES`: :meth:`micro_rows`); ``draws``: label draws per forward pass (``sampled``
     only); ``calibrate``: rescale the narrow bit-widths from measured uniform maps (default off).
     """
 
@@ -436,6 +438,22 @@ class FisherSensitivity(SensitivityMethod):
     @property
     def micro_batch(self) -> int | None:
         return self.options.micro_batch
+
+    def micro_rows(self, ctx: SensitivityContext, batch: TokenizedBatch) -> int | None:
+        """Examples per forward / backward pass of ``batch``: the ``micro_batch`` option, or for a
+        causal LM the rows whose ``[T, vocabulary]`` float32 outputs fit the fixed
+        :data:`search.memory.PASS_BUDGET_BYTES` (:func:`search.memory.rows_per_pass`: the logits,
+        their log-softmax, the label draw and the backward's gradient are vocabulary-wide), not the
+        machine's free memory, so that the label draws are the same on every machine; None
+        (whole batches) otherwise."""
+        if self.micro_batch is not None or ctx.task != "causal_lm":
+            return self.micro_batch
+        head = ctx.model.get_output_embeddings() if hasattr(ctx.model, "get_output_embeddings") else None
+        weight = getattr(head, "weight", None)
+        vocab = int(weight.shape[0]) if isinstance(weight, torch.Tensor) else int(getattr(ctx.model.config, "vocab_size", 0))
+        if vocab <= 0:
+            return None
+        return rows_per_pass(int(batch.input_ids.shape[1]) * vocab * 4, PASS_BUDGET_BYTES)
 
     @property
     def draws(self) -> int:
@@ -514,6 +532,7 @@ class FisherSensitivity(SensitivityMethod):
             "weighting": self.weighting,
             "draws": self.draws,
             "micro_batch": self.micro_batch,
+            "micro_rows": sorted({len(mb) for b in ctx.batches for mb in _split(b, self.micro_rows(ctx, b))}),
             "batches": n_batches,
             "examples": n_examples,
             "calibration": calibration,
@@ -533,11 +552,11 @@ class FisherSensitivity(SensitivityMethod):
         should_stop: StopFn | None,
     ) -> None:
         gen: torch.Generator | None = None
-        total = sum(len(_split(b, self.micro_batch)) for b in ctx.batches)
+        total = sum(len(_split(b, self.micro_rows(ctx, b))) for b in ctx.batches)
         done = 0
         last_report = 0.0
         for batch in ctx.batches:
-            for mb in _split(batch, self.micro_batch):
+            for mb in _split(batch, self.micro_rows(ctx, batch)):
                 _check_stop(should_stop)
                 tracker.start(len(mb))
                 tracker.active = True

@@ -243,6 +243,21 @@ def test_micro_batches_change_nothing_but_the_passes(fisher_models, sentiment_fi
     assert micro.extra["forwards"] == sum(-(-len(b) // 2) for b in ctx.batches) > whole.extra["forwards"]
 
 
+def test_a_causal_lms_micro_batches_fit_the_fixed_pass_budget(fisher_models, sentiment_file):
+    from search.memory import PASS_BUDGET_BYTES, rows_per_pass
+
+    ctx = _ctx(fisher_models["llama"], "causal_lm", sentiment_file, "group")
+    b = ctx.batches[0]
+    vocab = ctx.model.get_output_embeddings().weight.shape[0]
+    want = rows_per_pass(b.input_ids.shape[1] * vocab * 4, PASS_BUDGET_BYTES)
+    assert FisherSensitivity().micro_rows(ctx, b) == want >= len(b)  # a tiny vocabulary: whole batches
+    assert FisherSensitivity(micro_batch=2).micro_rows(ctx, b) == 2
+    cls = _ctx(fisher_models["bert-cls"], "sequence_classification", sentiment_file, "group")
+    assert FisherSensitivity().micro_rows(cls, cls.batches[0]) is None
+    # a 49,152-token vocabulary at 128 tokens: 24 MiB of logits a row, one row per pass
+    assert rows_per_pass(128 * 49152 * 4, PASS_BUDGET_BYTES) == 1
+
+
 def test_seeded_draws_are_reproducible(fisher_models, sentiment_file):
     ctx = _ctx(fisher_models["bert-cls"], "sequence_classification", sentiment_file, "layer", bits=(2, 4, 8))
     a = FisherSensitivity().compute(ctx).scores
