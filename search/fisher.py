@@ -123,7 +123,6 @@ from search.adapter import ModelAdapter, _is_conv1d
 from search.data import TokenizedBatch
 from search.errors import InvalidInputError, UnsupportedModelError
 from search.memory import PASS_BUDGET_BYTES, rows_per_pass
-from search.quant import fake_quantize
 from search.result import SensitivityTable
 from search.sensitivity import (
     ProgressFn,
@@ -615,9 +614,7 @@ class FisherSensitivity(SensitivityMethod):
                         q = option_weight(w, int(opt.tt_rank), opt.bits, symmetric=opt.symmetric, clip=clip)  # type: ignore[arg-type]
                         q = q.to(torch.float32)
                     else:
-                        q = fake_quantize(
-                            w, opt.bits, symmetric=opt.symmetric, clip=clip, group_size=opt.group_size
-                        ).to(torch.float32)
+                        q = adapter.fake_quantized(m, opt, clip).to(torch.float32)  # its scales kept for the maps
                     err = _weighted(f, (w32 - q).square_(), self.weighting)
                     if opt.pruned and m.module in tracker.bias_fisher and m.axis in ("out", "all"):
                         b = adapter.bias(m.module)
