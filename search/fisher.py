@@ -133,7 +133,7 @@ from search.sensitivity import (
     calibrate_scores,
 )
 from search.space import Member
-from search.tasks import Task, eval_mode, model_output
+from search.tasks import Task, eval_mode, model_output, output_row_bytes
 from search.tensor_train import option_weight
 
 __all__ = ["FisherSensitivity", "fisher_objective"]
@@ -445,14 +445,10 @@ class FisherSensitivity(SensitivityMethod):
         their log-softmax, the label draw and the backward's gradient are vocabulary-wide), not the
         machine's free memory, so that the label draws are the same on every machine; None
         (whole batches) otherwise."""
-        if self.micro_batch is not None or ctx.task != "causal_lm":
+        if self.micro_batch is not None:
             return self.micro_batch
-        head = ctx.model.get_output_embeddings() if hasattr(ctx.model, "get_output_embeddings") else None
-        weight = getattr(head, "weight", None)
-        vocab = int(weight.shape[0]) if isinstance(weight, torch.Tensor) else int(getattr(ctx.model.config, "vocab_size", 0))
-        if vocab <= 0:
-            return None
-        return rows_per_pass(int(batch.input_ids.shape[1]) * vocab * 4, PASS_BUDGET_BYTES)
+        row_bytes = output_row_bytes(ctx.model, batch, ctx.task)
+        return None if row_bytes is None else rows_per_pass(row_bytes, PASS_BUDGET_BYTES)
 
     @property
     def draws(self) -> int:

@@ -9,8 +9,9 @@ multiple of the weights whatever the data's size:
 * **Passes sized to a budget** (:func:`rows_per_pass`): a pass over a batch runs on runs of rows
   whose output holds at most ``budget / LIVE_OUTPUTS`` bytes (at least one row), the budget being
   :func:`pass_budget_bytes` (:data:`PASS_BUDGET_BYTES`, less when the machine has less than
-  ``PASS_MEMORY_SHARE`` times that available). The per-row size of the output is read from the
-  first pass, which takes one row. Metrics are sums over rows (or tokens), so how a batch is cut
+  ``PASS_MEMORY_SHARE`` times that available). The per-row size of a causal LM's output is
+  ``length x vocabulary x 4`` (:func:`search.tasks.output_row_bytes`); other tasks run whole
+  batches. Metrics are sums over rows (or tokens), so how a batch is cut
   changes their last bits of rounding only.
 * **References spilled to disk** (:class:`OutputStore`): outputs are held in memory while the
   store holds at most ``memory_bytes`` (:data:`STORE_MEMORY_BYTES`), beyond that written to an

@@ -350,26 +350,35 @@ class Reference:
     outputs: Sequence[torch.Tensor]
 
 
+def output_row_bytes(model: nn.Module, batch: TokenizedBatch, task: Task) -> int | None:
+    """The bytes of one row of a causal LM's float32 output on ``batch`` (``length x vocabulary x 4``,
+    the vocabulary read from the output embeddings or the config), None for the other tasks (their
+    outputs are a few values per row or token) or when the vocabulary cannot be read."""
+    if task != "causal_lm":
+        return None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    cfg = getattr(model, "config", None)
+    vocab = int(weight.shape[0]) if isinstance(weight, torch.Tensor) else int(getattr(cfg, "vocab_size", 0) or 0)
+    return int(batch.input_ids.shape[1]) * vocab * 4 if vocab > 0 else None
+
+
 def output_passes(
     model: nn.Module, batches: Sequence[TokenizedBatch], task: Task, *, budget: int | None = None
 ) -> Iterator[tuple[int, int, TokenizedBatch, torch.Tensor]]:
     """:func:`model_output` over ``batches`` in runs of rows sized to ``budget`` bytes
-    (:func:`search.memory.pass_budget_bytes` when None; :func:`search.memory.rows_per_pass` of the
-    first pass's per-row output, which takes one row): yields ``(batch index, first row, the rows'
-    batch, their output)``, every row of every batch once, in order."""
+    (:func:`search.memory.pass_budget_bytes` when None; :func:`search.memory.rows_per_pass` of
+    :func:`output_row_bytes`; whole batches where that is None): yields ``(batch index, first row,
+    the rows' batch, their output)``, every row of every batch once, in order."""
     from search.memory import pass_budget_bytes, rows_per_pass
 
-    budget = pass_budget_bytes() if budget is None else int(budget)
-    rows: int | None = None
     for i, b in enumerate(batches):
         n, start = len(b), 0
+        row_bytes = output_row_bytes(model, b, task)
+        step = n if row_bytes is None else rows_per_pass(row_bytes, pass_budget_bytes() if budget is None else budget)
         while start < n:
-            step = 1 if rows is None else rows
             sub = b if start == 0 and step >= n else b.rows(start, min(n, start + step))
-            out = model_output(model, sub, task)
-            if rows is None:
-                rows = rows_per_pass(out[0].numel() * out.element_size(), budget)
-            yield i, start, sub, out
+            yield i, start, sub, model_output(model, sub, task)
             start += len(sub)
 
 
