@@ -27,6 +27,7 @@ every sibling.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import inspect
 import logging
 import re
@@ -43,6 +44,7 @@ from search import quant
 from search import tensor_train as tt
 from search.actquant import StaticScales, activations_quantized, calibrate_static
 from search.errors import InvalidInputError, UnsupportedModelError
+from search.memory import OutputStore
 from search.space import (
     FULL_PRECISION,
     BitOption,
@@ -153,6 +155,8 @@ class ModelAdapter:
     ) -> None:
         self.model = model
         self.config = getattr(model, "config", None)
+        #: the scales of :meth:`fake_quantized`: (slice, option, clip) -> (digest of the slice, qparams)
+        self._qparams: dict[tuple[Any, ...], tuple[bytes, quant.QParams]] = {}
         self._modules = dict(model.named_modules())
         self.block_list_name, self.blocks = self._find_blocks()
         self.matrices: dict[str, MatrixInfo] = {}
@@ -671,10 +675,8 @@ class ModelAdapter:
             self.prune_bias(m)
         elif option.bits != 32:
 
-            def make(block: torch.Tensor = block) -> torch.Tensor:
-                return quant.fake_quantize(
-                    block, option.bits, symmetric=option.symmetric, clip=clip, group_size=option.group_size  # type: ignore[arg-type]
-                )
+            def make() -> torch.Tensor:
+                return self.fake_quantized(m, option, clip)
 
             key = (m.module, m.axis, m.start, m.stop, option.key(), clip)
             block.copy_(make() if cache is None else cache.get(key, make))
@@ -684,6 +686,30 @@ class ModelAdapter:
         b = self.bias(m.module)
         if b is not None and m.axis in ("out", "all"):
             (b[m.start : m.stop] if m.axis == "out" else b).zero_()
+
+    @torch.no_grad()
+    def fake_quantized(self, m: Member, option: BitOption, clip: str) -> torch.Tensor:
+        """:func:`search.quant.fake_quantize` of the member slice ``m`` at ``option`` (an integer or
+        16-bit width), to the last bit, with an integer width's scales chosen once per distinct
+        slice: choosing them (the MSE clip search quantizes the slice once per clip ratio) costs
+        twenty times applying them, and every map and probe of a search quantizes the same
+        original weights. The scales are kept per (slice, option, clip) with a digest of the
+        slice's bytes, and chosen again whenever the slice no longer has those bytes (weights
+        changed by refinement, or a slice already written), so a stale scale is never used."""
+        block = self.member_slice(m).detach()
+        if not option.is_integer:
+            return quant.fake_quantize(block, option.bits, symmetric=option.symmetric, clip=clip)  # type: ignore[arg-type]
+        key = (m.module, m.axis, m.start, m.stop, option.bits, option.symmetric, option.group_size, clip)
+        digest = _digest(block)
+        hit = self._qparams.get(key)
+        if hit is not None and hit[0] == digest:
+            qp = hit[1]
+        else:
+            qp = quant.choose_qparams(
+                block, option.bits, symmetric=option.symmetric, clip=clip, group_size=option.group_size  # type: ignore[arg-type]
+            )
+            self._qparams[key] = (digest, qp)
+        return quant.dequantize(quant.quantize(block, qp), qp, dtype=block.dtype)
 
     def _touched(self, pmap: PrecisionMap, space: SearchSpace) -> list[str]:
         mods: dict[str, None] = {}
@@ -765,21 +791,47 @@ class ModelAdapter:
         return calibrate_static(self.model, self._modules, space, batches, forward)
 
     @torch.no_grad()
-    def snapshot(self, modules: Iterable[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-        out = {}
+    def snapshot(self, modules: Iterable[str], *, memory_bytes: int | None = None) -> WeightSnapshot:
+        """The weights and biases of ``modules``, for :meth:`restore`: the first ``memory_bytes``
+        (:data:`search.memory.STORE_MEMORY_BYTES` when None) in memory, the rest spilled to a temporary file
+        (an :class:`search.memory.OutputStore`), so that saving a whole model's matrices before a
+        map is written costs disk, not resident memory; read back exactly."""
+        store = OutputStore() if memory_bytes is None else OutputStore(memory_bytes)
+        index: dict[str, tuple[int, int | None]] = {}
         for name in modules:
             module = self._modules[name]
             b = getattr(module, "bias", None)
-            out[name] = (module.weight.detach().clone(), b.detach().clone() if isinstance(b, torch.Tensor) else None)
-        return out
+            wi = store.append(module.weight.detach())
+            bi = store.append(b.detach()) if isinstance(b, torch.Tensor) else None
+            index[name] = (wi, bi)
+        return WeightSnapshot(store, index)
 
     @torch.no_grad()
-    def restore(self, saved: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> None:
-        for name, (w, b) in saved.items():
+    def restore(self, saved: WeightSnapshot) -> None:
+        """Every weight and bias of ``saved`` written back (:meth:`snapshot`)."""
+        for name, (wi, bi) in saved.index.items():
             module = self._modules[name]
-            module.weight.copy_(w)
-            if b is not None:
-                module.bias.copy_(b)
+            module.weight.copy_(saved.store.read(wi, device=module.weight.device))
+            if bi is not None:
+                module.bias.copy_(saved.store.read(bi, device=module.bias.device))
+
+
+@dataclass
+class WeightSnapshot:
+    """Saved weights (:meth:`ModelAdapter.snapshot`): module name -> entries of ``store`` (weight,
+    bias or None)."""
+
+    store: OutputStore
+    index: dict[str, tuple[int, int | None]]
+
+    def keys(self) -> Iterable[str]:
+        return self.index.keys()
+
+
+def _digest(t: torch.Tensor) -> bytes:
+    """A 128-bit digest of ``t``'s bytes (BLAKE2b; a few times faster than choosing its scales)."""
+    data = t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.blake2b(memoryview(data), digest_size=16).digest()
 
 
 #: autograd nodes of an attention operation (eager softmax, fused scaled-dot-product kernels)

@@ -660,6 +660,14 @@ class TokenizedBatch:
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
+    def rows(self, start: int, stop: int) -> TokenizedBatch:
+        """Rows ``start:stop`` of the batch (views; the padding width is kept)."""
+        return TokenizedBatch(
+            self.input_ids[start:stop],
+            self.attention_mask[start:stop],
+            None if self.labels is None else self.labels[start:stop],
+        )
+
     def model_inputs(self) -> dict[str, torch.Tensor]:
         """The keyword arguments for ``model(**batch.model_inputs())`` (labels excluded)."""
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}

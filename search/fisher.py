@@ -15,7 +15,8 @@ For a group ``g`` and an option ``o``::
   draws, so scores are means per example and do not depend on how the calibration set is cut into
   batches (the KL table's normalisation).
 * ``Q_o(w)`` is the member slice quantized exactly as :meth:`ModelAdapter._write_group` does
-  (:func:`search.quant.fake_quantize` of the slice, per output row, with the search's clipping):
+  (:func:`search.quant.fake_quantize` of the slice, per output row or per group of the option's
+  ``group_size`` input columns, with the search's clipping):
   bits 32 score 0, 16 the half-precision rounding error, 0 (pruned) ``Q = 0`` and, since pruning
   also zeroes the biases of the group's output rows (``out`` and ``all`` members), their ``F_b b^2``.
 * ``weighting`` says how ``F`` weighs the squared error ``d^2`` (as the ``hessian`` method's
@@ -141,7 +142,7 @@ from search.actquant import ActivationCurvature, InputProbes, add_activation_sco
 from search.adapter import ModelAdapter, _is_conv1d
 from search.data import TokenizedBatch
 from search.errors import InvalidInputError, UnsupportedModelError
-from search.quant import fake_quantize
+from search.memory import PASS_BUDGET_BYTES, rows_per_pass
 from search.result import SensitivityTable
 from search.sensitivity import (
     ProgressFn,
@@ -152,7 +153,7 @@ from search.sensitivity import (
     calibrate_scores,
 )
 from search.space import Member
-from search.tasks import Task, eval_mode, model_output
+from search.tasks import Task, eval_mode, model_output, output_row_bytes
 from search.tensor_train import option_weight
 
 __all__ = ["FisherSensitivity", "fisher_objective"]
@@ -436,7 +437,8 @@ class FisherSensitivity(SensitivityMethod):
 
     Options (:class:`bitscout.methods.FisherOptions`): ``labels``: ``sampled`` (default), ``model`` or ``data``; ``weighting``: ``elements`` (default),
     ``rows`` or ``members``; ``micro_batch``: at most this many examples per forward / backward pass
-    (memory; default: whole calibration batches); ``draws``: label draws per forward pass (``sampled``
+    (memory; default: whole calibration batches, except a causal LM's, cut to the rows whose
+    vocabulary-wide outputs fit :data:`search.memory.PASS_BUDGET_BYTES`: :meth:`micro_rows`); ``draws``: label draws per forward pass (``sampled``
     only); ``calibrate``: rescale the narrow bit-widths from measured uniform maps (default off).
     """
 
@@ -455,6 +457,18 @@ class FisherSensitivity(SensitivityMethod):
     @property
     def micro_batch(self) -> int | None:
         return self.options.micro_batch
+
+    def micro_rows(self, ctx: SensitivityContext, batch: TokenizedBatch) -> int | None:
+        """Examples per forward / backward pass of ``batch``: the ``micro_batch`` option, or for a
+        causal LM the rows whose ``[T, vocabulary]`` float32 outputs fit the fixed
+        :data:`search.memory.PASS_BUDGET_BYTES` (:func:`search.memory.rows_per_pass`: the logits,
+        their log-softmax, the label draw and the backward's gradient are vocabulary-wide), not the
+        machine's free memory, so that the label draws are the same on every machine; None
+        (whole batches) otherwise."""
+        if self.micro_batch is not None:
+            return self.micro_batch
+        row_bytes = output_row_bytes(ctx.model, batch, ctx.task)
+        return None if row_bytes is None else rows_per_pass(row_bytes, PASS_BUDGET_BYTES)
 
     @property
     def draws(self) -> int:
@@ -537,6 +551,7 @@ class FisherSensitivity(SensitivityMethod):
             "weighting": self.weighting,
             "draws": self.draws,
             "micro_batch": self.micro_batch,
+            "micro_rows": sorted({len(mb) for b in ctx.batches for mb in _split(b, self.micro_rows(ctx, b))}),
             "batches": n_batches,
             "examples": n_examples,
             "calibration": calibration,
@@ -558,11 +573,11 @@ class FisherSensitivity(SensitivityMethod):
         act: ActivationCurvature,
     ) -> None:
         gen: torch.Generator | None = None
-        total = sum(len(_split(b, self.micro_batch)) for b in ctx.batches)
+        total = sum(len(_split(b, self.micro_rows(ctx, b))) for b in ctx.batches)
         done = 0
         last_report = 0.0
         for batch in ctx.batches:
-            for mb in _split(batch, self.micro_batch):
+            for mb in _split(batch, self.micro_rows(ctx, batch)):
                 _check_stop(should_stop)
                 tracker.start(len(mb))
                 probes.reset()
@@ -628,7 +643,7 @@ class FisherSensitivity(SensitivityMethod):
                         q = option_weight(w, int(opt.tt_rank), opt.bits, symmetric=opt.symmetric, clip=clip)  # type: ignore[arg-type]
                         q = q.to(torch.float32)
                     else:
-                        q = fake_quantize(w, opt.bits, symmetric=opt.symmetric, clip=clip).to(torch.float32)
+                        q = adapter.fake_quantized(m, opt, clip).to(torch.float32)  # its scales kept for the maps
                     err = _weighted(f, (w32 - q).square_(), self.weighting)
                     if opt.pruned and m.module in tracker.bias_fisher and m.axis in ("out", "all"):
                         b = adapter.bias(m.module)

@@ -273,7 +273,7 @@ class Search:
         self.model_path: str | None = None
         self.label_names: list[str] | None = None
         self._reference: Reference | None = None
-        self._calibration_reference: list[torch.Tensor] | None = None
+        self._calibration_reference: Reference | None = None
         #: the quantized weight blocks of every (group, option) quantized so far, for the next maps
         self.weight_cache = WeightCache()
         self.baseline_metrics: dict[str, float] | None = None
@@ -375,11 +375,12 @@ class Search:
         full-precision outputs are computed once, the quantized weights come from
         :attr:`weight_cache`."""
         from search.errors import CanceledError
-        from search.tasks import discrepancy, eval_mode, model_output
+        from search.tasks import discrepancy, eval_mode, output_passes
 
         if self._calibration_reference is None:
             with eval_mode(self.model):
-                self._calibration_reference = [model_output(self.model, b, self.task) for b in self.calibration]
+                self._calibration_reference = reference_outputs(self.model, self.calibration, self.task)
+        ref = self._calibration_reference
         n = max(1, sum(int(b.input_ids.shape[0]) for b in self.calibration))
         out = []
         with eval_mode(self.model):
@@ -389,8 +390,10 @@ class Search:
                 total = 0.0
                 with self.adapter.quantized(pmap, self.space, clip=self.options.clip, act_static=self.act_static,
                                             cache=self.weight_cache):
-                    for ref, b in zip(self._calibration_reference, self.calibration, strict=True):
-                        total += float(discrepancy(ref, model_output(self.model, b, self.task), b, self.task).sum())
+                    # runs of rows sized to the pass budget, the reference read a run at a time
+                    for i, start, b, o in output_passes(self.model, self.calibration, self.task):
+                        r = ref.outputs.read(i, start, start + len(b), device=o.device)  # type: ignore[attr-defined]
+                        total += float(discrepancy(r, o, b, self.task).sum())
                 out.append(total / n)
         return out
 

@@ -46,6 +46,7 @@ from search.actquant import StaticScales, quantize_activations_of
 from search.adapter import ModelAdapter, WeightCache
 from search.data import TokenizedBatch
 from search.errors import CanceledError, InvalidInputError
+from search.memory import OutputStore
 from search.methods import parse_options
 from search.result import SensitivityTable
 from search.space import FULL_PRECISION, PrecisionMap, SearchSpace
@@ -313,7 +314,7 @@ class KLSensitivity(SensitivityMethod):
             raise InvalidInputError("transformer blocks are not a ModuleList", field="model")
         n_blocks = len(block_list)
         counter = _BlockCounter(block_list)
-        refs: list[torch.Tensor] = []
+        refs = OutputStore()  # a causal LM's reference logits are spilled to disk, read back per batch
         state = _ReplayState(cache=BlockCache(len(batches)))
         sums: dict[str, dict[str, list[tuple[float, int]]]] = {g.name: {} for g in space.groups}
         try:

@@ -39,7 +39,7 @@ from torch import nn
 
 from bitscout.architectures import task_of, unsupported
 from search.data import IGNORE_INDEX, TokenizedBatch
-from search.errors import InvalidInputError, ModelLoadError, UnsupportedModelError
+from search.errors import CanceledError, InvalidInputError, ModelLoadError, UnsupportedModelError
 
 Task = Literal["sequence_classification", "token_classification", "regression", "embeddings", "causal_lm"]
 TASKS: tuple[str, ...] = ("sequence_classification", "token_classification", "regression", "embeddings", "causal_lm")
@@ -243,18 +243,33 @@ def _kl(ref: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return (logp_ref.exp() * (logp_ref - logp)).sum(-1)
 
 
+def _kl_tokens(ref: torch.Tensor, out: torch.Tensor, mask: torch.Tensor) -> float:
+    """The summed KL of the tokens of ``[..., T, V]`` outputs that ``mask`` (``[..., T]``) selects, in
+    float64 chunks of :data:`KL_CHUNK` selected tokens: no temporary is wider than a chunk."""
+    width = int(ref.shape[-1])
+    r, o = ref.reshape(-1, width), out.reshape(-1, width)  # views of contiguous outputs
+    idx = mask.reshape(-1).nonzero().squeeze(1)
+    total = 0.0
+    for i in range(0, int(idx.shape[0]), KL_CHUNK):
+        sel = idx[i : i + KL_CHUNK]
+        total += float(_kl(r.index_select(0, sel), o.index_select(0, sel)).sum())
+    return total
+
+
 def discrepancy(ref: torch.Tensor, out: torch.Tensor, batch: TokenizedBatch, task: Task) -> torch.Tensor:
-    """Per-example discrepancy of ``out`` to the full-precision ``ref`` (see the module docstring)."""
+    """Per-example discrepancy of ``out`` to the full-precision ``ref`` (see the module docstring);
+    for the per-token tasks each example's mean KL over its scored tokens, computed as
+    :func:`discrepancy_sum` does (chunks of tokens, never a whole float64 ``[B, T, V]``)."""
+    if task in ("causal_lm", "token_classification"):
+        mask = scored_tokens(batch, task)
+        rows = [_kl_tokens(ref[i], out[i], mask[i]) / max(1, int(mask[i].sum())) for i in range(int(ref.shape[0]))]
+        return torch.tensor(rows, dtype=torch.float64)
     ref, out = ref.double(), out.double()
     if task == "embeddings":
         return 1.0 - F.cosine_similarity(ref, out, dim=-1)
     if task == "regression":
         return (out - ref).square().sum(-1)
-    kl = _kl(ref, out)
-    if task in ("causal_lm", "token_classification"):
-        mask = scored_tokens(batch, task).to(kl.dtype)
-        return (kl * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-    return kl
+    return _kl(ref, out)
 
 
 def discrepancy_sum(ref: torch.Tensor, out: torch.Tensor, batch: TokenizedBatch, task: Task) -> tuple[float, int]:
@@ -265,14 +280,26 @@ def discrepancy_sum(ref: torch.Tensor, out: torch.Tensor, batch: TokenizedBatch,
     example and the number of examples."""
     if task == "causal_lm":
         mask = scored_tokens(batch, task)
-        r, o = ref[mask], out[mask]  # [real tokens, V]
-        total = 0.0
-        # float64 in chunks of KL_CHUNK tokens: the temporaries stay a few vocabulary-wide rows
-        for i in range(0, int(r.shape[0]), KL_CHUNK):
-            total += float(_kl(r[i : i + KL_CHUNK], o[i : i + KL_CHUNK]).sum())
-        return total, int(mask.sum())
+        # float64 in chunks of KL_CHUNK real tokens: the temporaries stay a few vocabulary-wide rows
+        return _kl_tokens(ref, out, mask), int(mask.sum())
     d = discrepancy(ref, out, batch, task)
     return float(d.sum()), int(d.shape[0])
+
+
+def next_token_nll(out: torch.Tensor, batch: TokenizedBatch) -> tuple[float, int]:
+    """A causal LM's summed negative log-likelihood of every real next token (token ``t + 1`` of a
+    window from its logits at ``t``; padding excluded) and how many there are, in chunks of
+    :data:`KL_CHUNK` tokens (no copy of the ``[B, T, V]`` logits), summed in float64."""
+    n_rows, length, width = (int(s) for s in out.shape)
+    valid = torch.zeros(n_rows, length, dtype=torch.bool, device=out.device)
+    valid[:, :-1] = batch.attention_mask[:, 1:].bool()
+    idx = valid.reshape(-1).nonzero().squeeze(1)
+    logits, ids = out.reshape(-1, width), batch.input_ids.reshape(-1)
+    total = 0.0
+    for i in range(0, int(idx.shape[0]), KL_CHUNK):
+        sel = idx[i : i + KL_CHUNK]
+        total += float(F.cross_entropy(logits.index_select(0, sel).float(), ids[sel + 1], reduction="sum"))
+    return total, int(idx.shape[0])
 
 
 def has_task_loss(task: Task, batches: Sequence[TokenizedBatch]) -> bool:
@@ -316,14 +343,68 @@ def pearson(pred: torch.Tensor, target: torch.Tensor) -> float:
 
 @dataclass
 class Reference:
-    """Full-precision outputs of the evaluation batches, computed once."""
+    """Full-precision outputs of the evaluation batches, computed once: ``outputs[i]`` is batch
+    ``i``'s (an :class:`search.memory.OutputStore`: a causal LM's logits are spilled to disk and
+    read back a run of rows at a time)."""
 
-    outputs: list[torch.Tensor]
+    outputs: Sequence[torch.Tensor]
+
+
+def output_row_bytes(model: nn.Module, batch: TokenizedBatch, task: Task) -> int | None:
+    """The bytes of one row of a causal LM's float32 output on ``batch`` (``length x vocabulary x 4``,
+    the vocabulary read from the output embeddings or the config), None for the other tasks (their
+    outputs are a few values per row or token) or when the vocabulary cannot be read."""
+    if task != "causal_lm":
+        return None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    cfg = getattr(model, "config", None)
+    vocab = int(weight.shape[0]) if isinstance(weight, torch.Tensor) else int(getattr(cfg, "vocab_size", 0) or 0)
+    return int(batch.input_ids.shape[1]) * vocab * 4 if vocab > 0 else None
+
+
+def output_passes(
+    model: nn.Module, batches: Sequence[TokenizedBatch], task: Task, *, budget: int | None = None
+) -> Iterator[tuple[int, int, TokenizedBatch, torch.Tensor]]:
+    """:func:`model_output` over ``batches`` in runs of rows sized to ``budget`` bytes
+    (:func:`search.memory.pass_budget_bytes` when None; :func:`search.memory.rows_per_pass` of
+    :func:`output_row_bytes`; whole batches where that is None): yields ``(batch index, first row,
+    the rows' batch, their output)``, every row of every batch once, in order."""
+    from search.memory import pass_budget_bytes, rows_per_pass
+
+    for i, b in enumerate(batches):
+        n, start = len(b), 0
+        row_bytes = output_row_bytes(model, b, task)
+        step = n if row_bytes is None else rows_per_pass(row_bytes, pass_budget_bytes() if budget is None else budget)
+        while start < n:
+            sub = b if start == 0 and step >= n else b.rows(start, min(n, start + step))
+            yield i, start, sub, model_output(model, sub, task)
+            start += len(sub)
 
 
 @torch.no_grad()
-def reference_outputs(model: nn.Module, batches: Sequence[TokenizedBatch], task: Task) -> Reference:
-    return Reference([model_output(model, b, task) for b in batches])
+def reference_outputs(
+    model: nn.Module, batches: Sequence[TokenizedBatch], task: Task, *, budget: int | None = None,
+    memory_bytes: int | None = None,
+) -> Reference:
+    """The outputs of ``model`` on ``batches`` (passes of :func:`output_passes`), in an
+    :class:`~search.memory.OutputStore` that keeps ``memory_bytes`` of them in memory
+    (:data:`search.memory.STORE_MEMORY_BYTES` when None) and spills the rest to disk."""
+    from search.memory import STORE_MEMORY_BYTES, OutputStore
+
+    store = OutputStore(STORE_MEMORY_BYTES if memory_bytes is None else memory_bytes)
+    for i, start, _sub, out in output_passes(model, batches, task, budget=budget):
+        if start == 0:
+            store.reserve(len(batches[i]), out.shape[1:], out.dtype, out.device)
+        store.write(i, start, out)
+    return Reference(store)
+
+
+def _reference_rows(reference: Reference, index: int, start: int, stop: int, device: torch.device) -> torch.Tensor:
+    outputs = reference.outputs
+    if hasattr(outputs, "read"):
+        return outputs.read(index, start, stop, device=device)  # type: ignore[no-any-return,attr-defined]
+    return outputs[index][start:stop].to(device)
 
 
 @torch.no_grad()
@@ -334,6 +415,7 @@ def evaluate(
     *,
     reference: Reference | None = None,
     should_stop: Callable[[], bool] | None = None,
+    budget: int | None = None,
 ) -> dict[str, float]:
     """Every metric that applies to ``task`` on ``batches`` (KL / cosine need ``reference``).
 
@@ -341,7 +423,11 @@ def evaluate(
     token of every window (token ``t + 1`` from tokens ``<= t``, padding excluded), each token weighing
     the same; not a mean of per-window perplexities, so a short window counts for its tokens only.
     ``tokens`` is how many tokens that mean is over, and ``kl`` is the mean KL per real token.
-    Every map of a search is evaluated on the same ``batches``, so their figures compare."""
+    Every map of a search is evaluated on the same ``batches``, so their figures compare.
+
+    The passes take runs of rows sized to ``budget`` (:func:`output_passes`), reading the matching
+    rows of ``reference`` only: the resident memory of an evaluation does not grow with the
+    batch size or the number of batches."""
     correct = n_cls = 0
     preds: list[torch.Tensor] = []
     targets: list[torch.Tensor] = []
@@ -350,14 +436,13 @@ def evaluate(
     n_ex = 0
     nll_sum = 0.0
     n_tok = 0
-    for i, b in enumerate(batches):
+    for i, start, b, out in output_passes(model, batches, task, budget=budget):
         if should_stop is not None and should_stop():
-            from search.errors import CanceledError
-
             raise CanceledError("evaluation canceled")
-        out = model_output(model, b, task)
         if reference is not None:
-            d_sum, d_n = discrepancy_sum(reference.outputs[i], out, b, task)
+            ref = _reference_rows(reference, i, start, start + len(b), out.device)
+            d_sum, d_n = discrepancy_sum(ref, out, b, task)
+            del ref
             disc_sum += d_sum
             disc_n += d_n
         n_ex += out.shape[0]
@@ -372,12 +457,9 @@ def evaluate(
             preds.append(out.reshape(-1).double().cpu())
             targets.append(b.labels.reshape(-1).double().cpu())
         if task == "causal_lm":
-            logits = out[:, :-1]
-            target = b.input_ids[:, 1:]
-            mask = b.attention_mask[:, 1:].bool()
-            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
-            nll_sum += float(nll[mask.reshape(-1)].sum())
-            n_tok += int(mask.sum())
+            nll, count = next_token_nll(out, b)
+            nll_sum += nll
+            n_tok += count
     metrics: dict[str, float] = {}
     if n_cls:
         metrics["accuracy"] = correct / n_cls

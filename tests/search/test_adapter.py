@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from search import quant
 from search.adapter import ModelAdapter
 from search.errors import InvalidInputError
 from search.space import BitOption, PrecisionMap
@@ -52,6 +53,26 @@ def test_weight_view_is_out_in_layout_and_writes_through(loaded):
         ad.weight(name)[0, 0] = 123.0
         assert float(ad.module(name).weight.flatten()[0]) == 123.0
     ad.restore(saved)
+
+
+@pytest.mark.parametrize("memory_bytes", [0, None], ids=["spilled", "in-memory"])
+def test_snapshot_restores_every_weight_and_bias_exactly(loaded, memory_bytes):
+    arch, lm = loaded
+    ad = ModelAdapter(lm.model)
+    names = list(ad.matrices)
+    before = {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
+    saved = ad.snapshot(names, memory_bytes=memory_bytes)
+    if memory_bytes == 0:
+        assert saved.store.resident_bytes == 0 and saved.store.spilled_bytes > 0  # on disk, not in memory
+    with torch.no_grad():
+        for n in names:
+            ad.module(n).weight.mul_(-3.0).add_(1.0)
+            b = ad.bias(n)
+            if b is not None:
+                b.add_(7.0)
+    ad.restore(saved)
+    after = lm.model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
 
 
 def test_group_granularity_recognises_heads_and_ffn(loaded):
@@ -151,3 +172,32 @@ def test_unrecognised_structure_falls_back_to_layers(tmp_path, caplog):
     space = ModelAdapter(lm.model).build_space(granularity="group")
     assert {g.kind for g in space.groups} == {"layer"}
     assert "not recognised" in caplog.text
+
+
+def test_cached_scales_give_fake_quantize_exactly_and_never_go_stale(loaded, monkeypatch):
+    arch, lm = loaded
+    ad = ModelAdapter(lm.model)
+    space = ad.build_space(granularity="group", bits=(0, 2, 4, "4a", 8, 16), ffn_block_size=32)
+    cells = [(m, o) for g, opts in zip(space.groups, space.options, strict=True) for o in opts if not o.unchanged
+             for m in g.members]
+    want = [quant.fake_quantize(ad.member_slice(m).detach(), o.bits, symmetric=o.symmetric, clip="mse",
+                                group_size=o.group_size) for m, o in cells]
+    calls: list[int] = []
+    real = quant.choose_qparams
+    monkeypatch.setattr(quant, "choose_qparams", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for _ in range(3):
+        for (m, o), w in zip(cells, want, strict=True):
+            assert torch.equal(ad.fake_quantized(m, o, "mse"), w), (m, o.key())
+    assert len(calls) == sum(1 for _, o in cells if o.is_integer)  # once per slice and option, not per call
+    m, o = next((m, o) for m, o in cells if o.key() == "4")
+    before = ad.fake_quantized(m, o, "mse")
+    saved = ad.snapshot([m.module])
+    with torch.no_grad():
+        ad.member_slice(m).mul_(2.0)  # the weights change: the scales are chosen again
+    calls.clear()
+    got = ad.fake_quantized(m, o, "mse")
+    assert len(calls) == 1
+    assert torch.equal(got, quant.fake_quantize(ad.member_slice(m).detach(), 4, clip="mse"))
+    assert not torch.equal(got, before)
+    ad.restore(saved)
+    assert torch.equal(ad.fake_quantized(m, o, "mse"), before)

@@ -146,7 +146,7 @@ def _direct_scores(ctx: SensitivityContext, labels: str = "sampled", weighting: 
                         fw = fw.t()
                     fw = fw[m.start : m.stop] if m.axis == "out" else fw[:, m.start : m.stop] if m.axis == "in" else fw
                     d2 = (w - fake_quantize(adapter.member_slice(m).detach(), opt.bits, symmetric=opt.symmetric,
-                                            clip="mse").double()).square()
+                                            clip="mse", group_size=opt.group_size).double()).square()
                     if weighting == "elements":
                         total += float((fw * d2).sum())
                     elif weighting == "rows":
@@ -202,6 +202,16 @@ def test_scores_equal_a_direct_computation(fisher_models, sentiment_file, model,
             assert row["0"] > 0
 
 
+def test_group_wise_options_are_scored_with_their_group_scales(fisher_models, sentiment_file):
+    # 4g4: a scale per 4 input columns of each row; its error is that of the group-wise quantizer
+    ctx = _ctx(fisher_models["llama"], "causal_lm", sentiment_file, "layer", bits=(2, "2g4", 4, "4g4"))
+    table = FisherSensitivity().compute(ctx)
+    _assert_close(table.scores, _direct_scores(ctx))
+    per_row = sum(row["2"] for row in table.scores.values())
+    grouped = sum(row["2g4"] for row in table.scores.values())
+    assert 0 < grouped < per_row  # finer scales: a smaller error, so the per-row score is not reused
+
+
 @pytest.mark.parametrize("labels", ["model", "data"])
 def test_model_and_data_labels_equal_a_direct_computation(fisher_models, sentiment_file, labels):
     for model in ("bert-cls", "llama"):
@@ -231,6 +241,21 @@ def test_micro_batches_change_nothing_but_the_passes(fisher_models, sentiment_fi
     micro = FisherSensitivity(labels="model", micro_batch=2).compute(ctx)
     _assert_close(micro.scores, whole.scores, rel=1e-5)
     assert micro.extra["forwards"] == sum(-(-len(b) // 2) for b in ctx.batches) > whole.extra["forwards"]
+
+
+def test_a_causal_lms_micro_batches_fit_the_fixed_pass_budget(fisher_models, sentiment_file):
+    from search.memory import PASS_BUDGET_BYTES, rows_per_pass
+
+    ctx = _ctx(fisher_models["llama"], "causal_lm", sentiment_file, "group")
+    b = ctx.batches[0]
+    vocab = ctx.model.get_output_embeddings().weight.shape[0]
+    want = rows_per_pass(b.input_ids.shape[1] * vocab * 4, PASS_BUDGET_BYTES)
+    assert FisherSensitivity().micro_rows(ctx, b) == want >= len(b)  # a tiny vocabulary: whole batches
+    assert FisherSensitivity(micro_batch=2).micro_rows(ctx, b) == 2
+    cls = _ctx(fisher_models["bert-cls"], "sequence_classification", sentiment_file, "group")
+    assert FisherSensitivity().micro_rows(cls, cls.batches[0]) is None
+    # a 49,152-token vocabulary at 128 tokens: 24 MiB of logits a row, one row per pass
+    assert rows_per_pass(128 * 49152 * 4, PASS_BUDGET_BYTES) == 1
 
 
 def test_seeded_draws_are_reproducible(fisher_models, sentiment_file):
