@@ -186,13 +186,13 @@ def test_verify_catches_an_exporter_that_drifts_from_the_adapter(tiny, tmp_path,
     space = space_of(model, "layer")
     pmap = space.uniform(4)
     export_artifact(model, space, pmap, tmp_path, verify=True)
-    real = quant.fake_quantize
+    real = ModelAdapter.fake_quantized
 
-    def drifted(w, bits, **kw):
-        out = real(w, bits, **kw)
-        return out + 1e-3 if bits == 4 else out
+    def drifted(self, m, option, clip):
+        out = real(self, m, option, clip)
+        return out + 1e-3 if option.bits == 4 else out
 
-    monkeypatch.setattr(quant, "fake_quantize", drifted)  # the adapter quantizes differently now
+    monkeypatch.setattr(ModelAdapter, "fake_quantized", drifted)  # the adapter quantizes differently now
     with pytest.raises(SearchError, match="self-check"):
         export_artifact(model, space, pmap, tmp_path / "again", verify=True)
     assert not (tmp_path / "again" / ARTIFACT_FILE).exists()
