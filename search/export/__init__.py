@@ -41,10 +41,10 @@ from search.export.artifact import (
     PRECISION_MAP_FILE,
     ArtifactInfo,
     QuantizedPoint,
+    StoredQuantization,
     artifact_info,
     export_artifact,
     load_artifact,
-    StoredQuantization,
     quantize_point,
     read_quantization,
 )
