@@ -4,7 +4,8 @@ For each configuration (``--configs``: a label, the ``--bits`` list and the ``--
 search of the model on the same calibration and evaluation rows (one method, the closed loop off so
 every configuration gets the same number of evaluations), then its 2-D front (average bits per
 searched weight against the quality metric, :func:`bitscout.rules.pareto_front`), its best point at
-each ``--at`` average-bit limit, the uniform maps, and the wall time.
+each ``--at`` average-bit limit (and the least KL divergence from the full-precision model there:
+accuracy on a few hundred rows saturates), every evaluated map, the uniform maps, and the wall time.
 
 ``python -m benchmarks.bench_options --model DIR --data FILE.jsonl [--windows] [--label-field F]
 [--method fisher] [--calibration N] [--evaluation N] [--max-length N] [--front-points N]
@@ -87,22 +88,25 @@ def main(argv: list[str] | None = None) -> int:
             if not ok:
                 return None
             b = max(ok, key=lambda pt: sign * pt.metrics[metric])
-            return {"avg_bits": b.cost.avg_bits, metric: b.metrics[metric], "size_mb": b.cost.size_mb, "label": b.label}
+            least_kl = min(ok, key=lambda pt: pt.metrics.get("kl", float("inf")))
+            return {"avg_bits": b.cost.avg_bits, metric: b.metrics[metric], "size_mb": b.cost.size_mb, "label": b.label,
+                    "least_kl": least_kl.metrics.get("kl"), "least_kl_avg_bits": least_kl.cost.avg_bits}  # fmt: skip
 
         run = {
             "label": label, "bits": list(bits), "tie": list(tie), "seconds": seconds, "metric": metric,
             "baseline": result.baseline_metrics.get(metric), "decisions": len(s.space.decisions),
             "groups": len(s.space.groups),
-            "front": [{"avg_bits": pt.cost.avg_bits, metric: pt.metrics[metric], "size_mb": pt.cost.size_mb,
+            "front": [{"avg_bits": pt.cost.avg_bits, **pt.metrics, "size_mb": pt.cost.size_mb,
                        "label": pt.label, "method": pt.method} for pt in front],
+            "maps": [{"avg_bits": pt.cost.avg_bits, **pt.metrics, "label": pt.label} for pt in pts],
             "best_at": {str(x): best(x) for x in limits},
-            "uniform": {pt.label: {"avg_bits": pt.cost.avg_bits, metric: pt.metrics[metric]}
+            "uniform": {pt.label: {"avg_bits": pt.cost.avg_bits, **pt.metrics}
                         for pt in pts if pt.method == "uniform"},
             "evaluated": len(pts),
         }  # fmt: skip
         runs.append(run)
         _log(f"{label}: {len(front)} front points, {len(pts)} maps, {seconds:.0f} s; best at "
-             + ", ".join(f"{k}: {v and round(v[metric], 4)}" for k, v in run["best_at"].items()))  # fmt: skip
+             + ", ".join(f"{k}: {v and (round(v[metric], 4), v['least_kl'])}" for k, v in run["best_at"].items()))  # fmt: skip
         del s, result
     out = {
         "model": str(a.model), "data": str(a.data), "method": a.method, "calibration": a.calibration,

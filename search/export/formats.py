@@ -153,12 +153,25 @@ def export_stored(
     Raises :class:`InvalidInputError` (field ``artifact``) for an artifact that does not read or does not
     fit ``model``, (field ``format``) as :func:`export_point` does, and :class:`SearchError` when the
     codes come out otherwise than stored."""
+    from search.adapter import ModelAdapter
     from search.errors import SearchError
     from search.export.artifact import load_artifact, quantize_point, read_quantization
 
     stored = read_quantization(artifact)
     info = stored.info
+    # Tensor-train groups: the writers take their cores (``tt_cores``) and write them into the model's own
+    # module, so the module load_artifact puts in their place goes back out (it holds the loaded bias).
+    tt_names = [g.members[0].module for g in info.space.groups if g.name in stored.tt_cores]
+    kept = {name: model.get_submodule(name) for name in tt_names}
     load_artifact(info.path, model)
+    adapter = ModelAdapter(model)
+    for name, module in kept.items():
+        loaded = model.get_submodule(name)
+        bias = getattr(loaded, "bias", None)
+        if isinstance(bias, torch.Tensor) and isinstance(getattr(module, "bias", None), torch.Tensor):
+            with torch.no_grad():
+                module.bias.copy_(bias)
+        adapter.swap_module(name, module)
     point = quantize_point(model, info.space, info.precision_map, clip=info.clip, qparams=stored.qparams,
                            tt_cores=stored.tt_cores or None)  # fmt: skip
     for key, want in stored.codes.items():
