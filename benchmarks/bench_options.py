@@ -38,6 +38,17 @@ def _configs(text: str) -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
     return out
 
 
+def _best(pts: list[Any], limit: float, metric: str, sign: float) -> dict[str, Any] | None:
+    """The best map (by the metric) at or under ``limit`` average bits, and the least KL divergence there."""
+    ok = [pt for pt in pts if pt.cost.avg_bits <= limit + 1e-9]
+    if not ok:
+        return None
+    b = max(ok, key=lambda pt: sign * pt.metrics[metric])
+    least_kl = min(ok, key=lambda pt: pt.metrics.get("kl", float("inf")))
+    return {"avg_bits": b.cost.avg_bits, metric: b.metrics[metric], "size_mb": b.cost.size_mb, "label": b.label,
+            "least_kl": least_kl.metrics.get("kl"), "least_kl_avg_bits": least_kl.cost.avg_bits}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_options")
     p.add_argument("--model", required=True)
@@ -83,15 +94,6 @@ def main(argv: list[str] | None = None) -> int:
         front = [pts[i] for i in pareto_front([(pt.cost.avg_bits, pt.metrics[metric]) for pt in pts], higher_is_better=hib)]
         sign = 1.0 if hib else -1.0
 
-        def best(limit: float, pool: list[Any] = pts) -> dict[str, Any] | None:
-            ok = [pt for pt in pool if pt.cost.avg_bits <= limit + 1e-9]
-            if not ok:
-                return None
-            b = max(ok, key=lambda pt: sign * pt.metrics[metric])
-            least_kl = min(ok, key=lambda pt: pt.metrics.get("kl", float("inf")))
-            return {"avg_bits": b.cost.avg_bits, metric: b.metrics[metric], "size_mb": b.cost.size_mb, "label": b.label,
-                    "least_kl": least_kl.metrics.get("kl"), "least_kl_avg_bits": least_kl.cost.avg_bits}  # fmt: skip
-
         run = {
             "label": label, "bits": list(bits), "tie": list(tie), "seconds": seconds, "metric": metric,
             "baseline": result.baseline_metrics.get(metric), "decisions": len(s.space.decisions),
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             "front": [{"avg_bits": pt.cost.avg_bits, **pt.metrics, "size_mb": pt.cost.size_mb,
                        "label": pt.label, "method": pt.method} for pt in front],
             "maps": [{"avg_bits": pt.cost.avg_bits, **pt.metrics, "label": pt.label} for pt in pts],
-            "best_at": {str(x): best(x) for x in limits},
+            "best_at": {str(x): _best(pts, x, metric, sign) for x in limits},
             "uniform": {pt.label: {"avg_bits": pt.cost.avg_bits, **pt.metrics}
                         for pt in pts if pt.method == "uniform"},
             "evaluated": len(pts),
