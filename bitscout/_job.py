@@ -302,9 +302,9 @@ class Job(_JobBase):
         job can be downloaded: one not stored in that format yet is exported by the service first,
         and this waits for it (asking again after each ``Retry-After``) up to ``timeout`` seconds
         (None: no limit), then raises ``TimeoutError`` (the export goes on; download again later).
-        A refined point is stored in the native format only (its learned step sizes): another
-        format raises :class:`InvalidRequest` (field ``format``), as does an unknown format. An
-        export that failed raises its error (e.g. :class:`InvalidRequest` for a map the format
+        A refined point's other formats are written from its stored native artifact (its learned
+        step sizes and refined weights). An unknown format raises :class:`InvalidRequest` (field
+        ``format``). An export that failed raises its error (e.g. :class:`InvalidRequest` for a map the format
         cannot express), every time. An archive is unpacked there (``extract=True``) and the
         directory returned; otherwise the file's path is returned.
 

@@ -34,6 +34,17 @@ def make_private_dir(path: Path) -> None:
         d.mkdir(mode=0o700, exist_ok=True)
 
 
+def unpack_dir(archive: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
+    """Unpack a directory stored by :meth:`BlobStore.put_dir` into ``dest`` (created if needed): its
+    regular files and folders only, never outside ``dest``. Returns ``dest``."""
+    out = Path(dest)
+    out.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "r:gz") as tar:
+        members = [m for m in tar.getmembers() if m.isfile() or m.isdir()]
+        tar.extractall(out, members=members, filter="data")
+    return out
+
+
 class BlobStore:
     """Files stored by SHA-256 under ``root``."""
 

@@ -12,8 +12,12 @@ can act on (:func:`workers.runner.error_of`; server paths named as the user know
 later download of that point in that format answers. An export that is no longer this worker's (its
 worker was taken for lost and it was claimed again) stores nothing.
 
-Refined points never come here: their native artifact holds the learned step sizes, and the store
-serves it, or refuses other formats, without asking for an export.
+A refined point's native artifact is served by the store and never comes here; its other formats do.
+Its learned step sizes and refined weights exist only in that artifact, so the exporter unpacks it
+from the file store and writes it in the format asked for with
+:func:`search.export.formats.export_stored` (loaded onto the job's model, its map written with the
+artifact's own scales and zero points, the codes checked against the stored ones), never from the
+unrefined weights.
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ from typing import Any
 
 from bitscout.errors import ErrorCode
 from search.errors import InvalidInputError, SearchError
-from search.export.formats import export_point
+from search.export.formats import export_point, export_stored
 from search.space import PrecisionMap, space_from_dict
+from service.blobs import unpack_dir
 from service.db import make_engine
 from service.store import ExportNotOwned, ExportTask, Store
 from workers import sources
@@ -107,11 +112,21 @@ class PointExporter:
             "job_id": task.job_id, "point": task.point_id, "method": point.method, "label": point.label,
             "metric": info.get("metric"), "higher_is_better": info.get("higher_is_better"),
             "metrics": dict(point.metrics), "cost": point.cost.model_dump(mode="json"), "task": search.task,
-            "refined": False, "format": task.format,
+            "refined": point.refined, "refined_from": point.refined_from, "format": task.format,
         }  # fmt: skip
         shutil.rmtree(self.out, ignore_errors=True)
-        report = export_point(task.format, search.model, space, pmap, self.out, clip=search.options.clip,
-                              metadata=metadata, model_dir=search.model_path)  # fmt: skip
+        if point.refined:
+            native = self.out.with_name(f"{self.out.name}-native")
+            try:
+                archive, _, _ = store.get_artifact(job_id=task.job_id, point_id=task.point_id)
+                unpack_dir(archive, native)
+                report = export_stored(task.format, native, search.model, self.out, metadata=metadata,
+                                       model_dir=search.model_path)  # fmt: skip
+            finally:
+                shutil.rmtree(native, ignore_errors=True)
+        else:
+            report = export_point(task.format, search.model, space, pmap, self.out, clip=search.options.clip,
+                                  metadata=metadata, model_dir=search.model_path)  # fmt: skip
         return {
             "format": report.format,
             "files": list(report.files),

@@ -27,8 +27,9 @@ module                                      what
 ==========================================  =========================================================================
 :mod:`search.export.artifact`               the native packed artifact (``bitscout.quant``): integer codes packed at
                                             their bit-width, float16 scales, bit-identical on reload
-                                            (:func:`export_artifact`, :func:`load_artifact`, :func:`artifact_info`);
-                                            a map quantized once for every format (:func:`quantize_point`)
+                                            (:func:`export_artifact`, :func:`load_artifact`, :func:`artifact_info`,
+                                            :func:`read_quantization`); a map quantized once for every format
+                                            (:func:`quantize_point`)
 :mod:`search.export.compressed_tensors`     a checkpoint in the compressed-tensors format (its own config
                                             classes and packer) that plain transformers loads to the search's outputs
 :mod:`search.export.dense`                  a plain ``model.safetensors`` of the dequantized weights any transformers
@@ -36,7 +37,8 @@ module                                      what
 :mod:`search.export.apply`                  a map or an artifact's map applied to a user's model in place, exactly as
                                             the search evaluated it (:func:`apply_precision_map`)
 :mod:`search.export.formats`                one entry point over every format (:func:`export_point`, names in
-                                            :mod:`bitscout.formats`) and what it wrote (:class:`ExportReport`)
+                                            :mod:`bitscout.formats`), a native artifact in another format
+                                            (:func:`export_stored`), and what it wrote (:class:`ExportReport`)
 :mod:`search.export.torchao`                the part of a map torchao's int4/int8 weight-only kernels can run, as
                                             per-module torchao configs (:func:`to_torchao_config`), and why the rest
                                             cannot (:func:`torchao_unsupported`)
@@ -57,12 +59,14 @@ from search.export.artifact import (
     PRECISION_MAP_FILE,
     ArtifactInfo,
     QuantizedPoint,
+    StoredQuantization,
     artifact_info,
     export_artifact,
     load_artifact,
     quantize_point,
+    read_quantization,
 )
-from search.export.formats import WRITERS, ExportReport, export_point
+from search.export.formats import WRITERS, ExportReport, export_point, export_stored
 from search.export.torchao import (
     TORCHAO_INT4_GROUP_SIZES,
     TorchaoConfig,
@@ -78,6 +82,7 @@ __all__ = [
     "FORMAT_VERSION",
     "PRECISION_MAP_FILE",
     "QuantizedPoint",
+    "StoredQuantization",
     "TORCHAO_INT4_GROUP_SIZES",
     "TorchaoConfig",
     "WRITERS",
@@ -85,8 +90,10 @@ __all__ = [
     "artifact_info",
     "export_artifact",
     "export_point",
+    "export_stored",
     "load_artifact",
     "quantize_point",
+    "read_quantization",
     "to_torchao_config",
     "torchao_unsupported",
 ]

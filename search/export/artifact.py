@@ -1,5 +1,7 @@
 """The native packed artifact (format ``bitscout.quant``): :func:`export_artifact` writes it,
-:func:`load_artifact` rebuilds it onto a model bit for bit, :func:`artifact_info` reads its metadata.
+:func:`load_artifact` rebuilds it onto a model bit for bit, :func:`artifact_info` reads its metadata,
+:func:`read_quantization` its codes and scales (what the other formats are written from for a point
+that exists only as an artifact: :func:`search.export.formats.export_stored`).
 
 Artifact layout
 ===============
@@ -145,10 +147,12 @@ __all__ = [
     "FORMAT_VERSION",
     "PRECISION_MAP_FILE",
     "QuantizedPoint",
+    "StoredQuantization",
     "artifact_info",
     "export_artifact",
     "load_artifact",
     "quantize_point",
+    "read_quantization",
 ]
 
 FORMAT = "bitscout.quant"
@@ -442,10 +446,12 @@ def _store_cores(
 
 def _load_cores(
     tensors: Mapping[str, torch.Tensor], group: str, shape: tuple[int, int], opt: Any, dtype: torch.dtype, used: set[str]
-) -> list[torch.Tensor]:
-    """The cores of a tensor-train group from the file, as the search's quantizer made them."""
+) -> tt.StoredCores:
+    """The cores of a tensor-train group from the file, as the search's quantizer made them (with the
+    per-row parameters of integer cores)."""
     lay = tt.layout(*shape)
     cores = []
+    qps = []
     for k, cshape in enumerate(lay.core_shapes(int(opt.tt_rank))):
         rows, cols = cshape[0] * cshape[1], cshape[2] * cshape[3]
         if opt.bits >= 16:
@@ -467,8 +473,46 @@ def _load_cores(
             raise _artifact_error(f"tensor {sk!r} holds scales that are not positive and finite")
         codes = quant.unpack(packed, opt.bits, rows * cols, signed=opt.symmetric).view(rows, cols)
         qp = quant.QParams(scale=scale, zero_point=zp, bits=opt.bits, symmetric=opt.symmetric)
+        qps.append(qp)
         cores.append(quant.dequantize(codes, qp, dtype=dtype).reshape(cshape))
-    return cores
+    symmetric = bool(opt.symmetric) if qps else True
+    return tt.StoredCores(int(opt.bits), symmetric, tuple(cores), tuple(qps) if qps else None)
+
+
+def _stored_integer(
+    tensors: Mapping[str, torch.Tensor], group: str, i: int, m: Member, opt: Any, used: set[str]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, quant.QParams]:
+    """Integer member ``i`` of ``group`` as the file holds it, checked (dtypes, shapes, positive finite
+    scales): the packed codes, the stored scales, the stored zero points (None when symmetric) and the
+    quantization parameters they make; the entries read go into ``used``."""
+    rows, cols = _rows_cols(m)
+    ck, sk, zk = (_qkey(group, i, x) for x in ("codes", "scale", "zero_point"))
+    packed = _expect(tensors, ck, (torch.uint8,), (math.ceil(rows * cols * opt.bits / 8),))
+    shape = (rows,) if opt.group_size is None else (rows, cols // opt.group_size)
+    stored_scale = _expect(tensors, sk, (torch.float16, torch.float32), shape)
+    scale = stored_scale.to(torch.float32)
+    used.update((ck, sk))
+    stored_zp = None
+    if opt.symmetric:
+        zp = torch.zeros(shape, dtype=torch.int32)
+    else:
+        stored_zp = _expect(tensors, zk, (torch.uint8,), shape)
+        zp = stored_zp.to(torch.int32)
+        used.add(zk)
+    if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
+        raise _artifact_error(f"tensor {sk!r} holds scales that are not positive and finite")
+    qp = quant.QParams(scale=scale, zero_point=zp, bits=opt.bits, symmetric=opt.symmetric, group_size=opt.group_size)
+    return packed, stored_scale, stored_zp, qp
+
+
+def _stored_member(
+    tensors: Mapping[str, torch.Tensor], group: str, i: int, m: Member, opt: Any, used: set[str]
+) -> tuple[torch.Tensor, quant.QParams]:
+    """The codes (``[rows, cols]``) and scales of integer member ``i`` of ``group`` from the file
+    (checked as :func:`_stored_integer` checks them)."""
+    packed, _, _, qp = _stored_integer(tensors, group, i, m, opt, used)
+    rows, cols = _rows_cols(m)
+    return quant.unpack(packed, opt.bits, rows * cols, signed=opt.symmetric).view(rows, cols), qp
 
 
 def _member_key(group: str, i: int) -> str:
@@ -650,6 +694,53 @@ def _rows_cols(m: Member) -> tuple[int, int]:
     return m.out_channels, m.in_features
 
 
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error type for malformed files
+        raise _artifact_error(f"{path.name} is not a valid safetensors file: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class StoredQuantization:
+    """What an artifact stores of its quantization (:func:`read_quantization`): ``codes`` of every
+    integer member (``[rows, cols]``, int8 when symmetric, uint8 when asymmetric) keyed ``(group,
+    member index)``; ``qparams``: their scales and zero points keyed ``"<group>::<i>"``, the
+    ``qparams`` of :func:`export_artifact` and :func:`quantize_point`; ``tt_cores``: every tensor-train
+    group's cores, their ``tt_cores``."""
+
+    info: ArtifactInfo
+    codes: dict[tuple[str, int], torch.Tensor]
+    qparams: dict[str, quant.QParams]
+    tt_cores: dict[str, tt.StoredCores]
+
+
+def read_quantization(path_or_dir: str | Path) -> StoredQuantization:
+    """The codes, scales, zero points and tensor-train cores an artifact stores, read and checked as
+    :func:`load_artifact` reads them (no model). Handing its ``qparams`` and ``tt_cores`` to
+    :func:`quantize_point` over a model the artifact was loaded onto gives back the stored codes: the
+    loaded weights are ``(codes - zero_point) * scale``, which the given scales round to the same codes.
+    Raises :class:`InvalidInputError` (``field="artifact"``) as :func:`load_artifact` does."""
+    info = artifact_info(path_or_dir)
+    tensors = _load_tensors(info.path)
+    out = StoredQuantization(info, {}, {}, {})
+    used: set[str] = set()
+    for g in info.space.groups:
+        opt = info.precision_map.get(g.name, FULL_PRECISION)
+        if opt.is_tt:
+            m = g.members[0]
+            dtype = getattr(torch, info.dtypes.get(m.module, "float32"), torch.float32)
+            out.tt_cores[g.name] = _load_cores(tensors, g.name, m.shape, opt, dtype, used)
+        elif opt.is_integer:
+            for i, m in enumerate(g.members):
+                codes, qp = _stored_member(tensors, g.name, i, m, opt, used)
+                out.codes[(g.name, i)] = codes
+                out.qparams[_member_key(g.name, i)] = qp
+    return out
+
+
 @torch.no_grad()
 def load_artifact(path_or_dir: str | Path, model: nn.Module, *, materialize: bool = True) -> nn.Module:
     """Rebuild the quantized weights of an artifact onto ``model`` (same architecture, e.g. loaded from
@@ -665,13 +756,7 @@ def load_artifact(path_or_dir: str | Path, model: nn.Module, *, materialize: boo
     edited metadata, missing or malformed tensors, and names or shapes that do not fit ``model``.
     """
     info = artifact_info(path_or_dir)
-    path = info.path
-    from safetensors.torch import load_file
-
-    try:
-        tensors = load_file(str(path))
-    except Exception as exc:
-        raise _artifact_error(f"{path.name} is not a valid safetensors file: {exc}") from exc
+    tensors = _load_tensors(info.path)
     space, pmap = info.space, info.precision_map
     refuse_packed(model)
     modules = _check_fits(model, space, field="artifact")
@@ -705,7 +790,7 @@ def load_artifact(path_or_dir: str | Path, model: nn.Module, *, materialize: boo
         opt = pmap.get(g.name, FULL_PRECISION)
         if opt.is_tt:
             m = g.members[0]
-            tt_groups[g.name] = _load_cores(tensors, g.name, m.shape, opt, rebuilt[m.module].dtype, used)
+            tt_groups[g.name] = list(_load_cores(tensors, g.name, m.shape, opt, rebuilt[m.module].dtype, used).cores)
             continue
         for i, m in enumerate(g.members):
             rows, cols = _rows_cols(m)
@@ -716,28 +801,11 @@ def load_artifact(path_or_dir: str | Path, model: nn.Module, *, materialize: boo
                     pack.add_zero(m)
                 continue
             if opt.is_integer:
-                n_bytes = math.ceil(rows * cols * opt.bits / 8)
-                ck, sk, zk = (_qkey(g.name, i, x) for x in ("codes", "scale", "zero_point"))
-                packed = _expect(tensors, ck, (torch.uint8,), (n_bytes,))
-                shape = (rows,) if opt.group_size is None else (rows, cols // opt.group_size)
-                stored_scale = _expect(tensors, sk, (torch.float16, torch.float32), shape)
-                scale = stored_scale.to(torch.float32)
-                used.update((ck, sk))
-                stored_zp = None
-                if opt.symmetric:
-                    zp = torch.zeros(shape, dtype=torch.int32)
-                else:
-                    stored_zp = _expect(tensors, zk, (torch.uint8,), shape)
-                    zp = stored_zp.to(torch.int32)
-                    used.add(zk)
-                if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
-                    raise _artifact_error(f"tensor {sk!r} holds scales that are not positive and finite")
                 if pack is not None:  # the file's codes as they are: no float copy
+                    packed, stored_scale, stored_zp, _ = _stored_integer(tensors, g.name, i, m, opt, used)
                     pack.add_integer(m, opt, packed, stored_scale, stored_zp)
                     continue
-                codes = quant.unpack(packed, opt.bits, rows * cols, signed=opt.symmetric).view(rows, cols)
-                qp = quant.QParams(scale=scale, zero_point=zp, bits=opt.bits, symmetric=opt.symmetric,
-                                   group_size=opt.group_size)
+                codes, qp = _stored_member(tensors, g.name, i, m, opt, used)
                 target.copy_(quant.dequantize(codes, qp, dtype=target.dtype))
             else:
                 wk = _qkey(g.name, i, "weight")

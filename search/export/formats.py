@@ -4,6 +4,8 @@ and which groups an inference engine can run as quantized.
 
 Each format is one writer registered in :data:`WRITERS`; the command line (``bitscout export --format``)
 and the workers' export of a job's point both call :func:`export_point`, never a writer directly.
+:func:`export_stored` writes a native artifact in another format (a refined point, whose learned step
+sizes and refined float parameters exist only in its artifact) through the same writers.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from bitscout.formats import COMPRESSED_TENSORS, DENSE, NATIVE, parse_export_format
@@ -128,3 +131,53 @@ def export_point(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return writer(model, space, pmap, out, clip=clip, metadata=metadata, model_dir=model_dir, **extra)
+
+
+def export_stored(
+    format: str,
+    artifact: str | Path,
+    model: nn.Module,
+    out_dir: str | Path,
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    model_dir: str | Path | None = None,
+) -> ExportReport:
+    """Write the native artifact ``artifact`` (a directory or its ``model.quant.safetensors``) in
+    ``format`` exactly: the artifact is loaded onto ``model`` (the architecture it was exported from; its
+    weights are replaced in place, float parameters included: a refined point's refined biases and norms
+    come along), and :func:`export_point` writes its map with the artifact's own scales and zero points
+    (and tensor-train cores), so every integer member carries the stored codes. Those codes are checked
+    against the stored ones before anything is written; the map, space and clip rule are the artifact's.
+    ``metadata`` goes to the writer (the artifact's own ``info`` under it, ``artifact_info``).
+
+    Raises :class:`InvalidInputError` (field ``artifact``) for an artifact that does not read or does not
+    fit ``model``, (field ``format``) as :func:`export_point` does, and :class:`SearchError` when the
+    codes come out otherwise than stored."""
+    from search.adapter import ModelAdapter
+    from search.errors import SearchError
+    from search.export.artifact import load_artifact, quantize_point, read_quantization
+
+    stored = read_quantization(artifact)
+    info = stored.info
+    # Tensor-train groups: the writers take their cores (``tt_cores``) and write them into the model's own
+    # module, so the module load_artifact puts in their place goes back out (it holds the loaded bias).
+    tt_names = [g.members[0].module for g in info.space.groups if g.name in stored.tt_cores]
+    kept = {name: model.get_submodule(name) for name in tt_names}
+    load_artifact(info.path, model)
+    adapter = ModelAdapter(model)
+    for name, module in kept.items():
+        loaded = model.get_submodule(name)
+        bias = getattr(loaded, "bias", None)
+        if isinstance(bias, torch.Tensor) and isinstance(getattr(module, "bias", None), torch.Tensor):
+            with torch.no_grad():
+                module.bias.copy_(bias)
+        adapter.swap_module(name, module)
+    point = quantize_point(model, info.space, info.precision_map, clip=info.clip, qparams=stored.qparams,
+                           tt_cores=stored.tt_cores or None)  # fmt: skip
+    for key, want in stored.codes.items():
+        got = point.codes.get(key)
+        if got is None or not bool(torch.equal(got.to(torch.int16), want.to(torch.int16))):
+            raise SearchError(f"member {key[1]} of {key[0]} does not come back to the artifact's codes")
+    meta = {**dict(metadata or {}), "artifact_info": info.info}
+    return export_point(format, model, info.space, info.precision_map, out_dir, clip=info.clip, metadata=meta,
+                        model_dir=model_dir, qparams=stored.qparams, tt_cores=stored.tt_cores or None)  # fmt: skip

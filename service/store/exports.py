@@ -4,8 +4,9 @@
 format asked for is served when it is stored: the native artifact a refined point carries on its row
 (its learned step sizes exist nowhere else), or an export stored before. Otherwise an export row
 (job, point, format) is written in ``pending`` and its :class:`~bitscout.schemas.ExportRead` returned:
-the API answers 202 and the workers' dispatcher runs it. A refined point is only ever served in the
-native format it was stored in: exporting it again would quantize the unrefined weights.
+the API answers 202 and the workers' dispatcher runs it. A refined point's other formats are written
+from its stored native artifact (its learned step sizes and refined weights, never the unrefined
+model's: :mod:`workers.exporter`); a refined point whose artifact was never stored has none.
 
 Export life cycle (one row per job, point and format)::
 
@@ -70,23 +71,16 @@ class ExportsMixin(ArtifactsMixin):
         Returns ``(path, file name, size)`` when the artifact is stored; otherwise records an export
         request (once: asking again returns the same row) and returns its :class:`ExportRead`
         (``pending`` or ``running``, with ``retry_after_s``). Raises ``InvalidRequest`` (field
-        ``format``) for an unknown format or a refined point asked for in another format than native,
-        ``NotFound`` for no such job or point (or another user's job) and for a refined point whose
-        artifact was never stored, and the stored error (its code, message and field) of a failed
-        export.
+        ``format``) for an unknown format, ``NotFound`` for no such job or point (or another user's
+        job) and for a refined point whose artifact was never stored (in any format), and the stored
+        error (its code, message and field) of a failed export.
         """
         fmt = _format(format)
         with self._read() as s:
             point = self._point_of(s, job_id, point_id, owner)
             if fmt == NATIVE and point.artifact_sha256 is not None:
                 return self._stored(point.artifact_sha256, point.artifact_name, point.artifact_size, point_id)
-            if point.refined:
-                if fmt != NATIVE:
-                    raise InvalidRequest(
-                        f"point {point_id} is a refined point: its learned weights and step sizes are stored in "
-                        f"the {NATIVE} format only; download it with format={NATIVE}",
-                        field="format",
-                    )
+            if point.refined and point.artifact_sha256 is None:
                 raise NotFound(
                     f"the refined weights of point {point_id} of job {job_id} were not stored (see the job's "
                     f"events); download point {point.refined_from} for its unrefined map",

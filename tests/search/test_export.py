@@ -16,7 +16,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from search import quant
 from search.adapter import ModelAdapter
 from search.cost import CostModel, weight_bytes
 from search.data import TextData, TextExample, tokenize

@@ -313,3 +313,15 @@ def test_tt_qat_starts_at_the_search_point_trains_cores_and_steps_and_exports_th
     with torch.no_grad():
         assert torch.equal(loaded(**b.model_inputs()).logits, res.model(**b.model_inputs()).logits)
     assert evaluate(loaded, s.evaluation, s.task, reference=s.reference()) == res.metrics
+    # the refined artifact as a dense checkpoint plain transformers loads: the cores' dense matrices
+    import transformers
+
+    from search.export import export_stored
+
+    export_stored("dense", path.parent, load_model(s.model_path, "sequence_classification", num_labels=2).model,
+                  tmp_path / "dense")  # fmt: skip
+    plain = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "dense",
+                                                                              attn_implementation="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**b.model_inputs()).logits, res.model(**b.model_inputs()).logits,
+                                   rtol=1e-4, atol=1e-5)  # fmt: skip

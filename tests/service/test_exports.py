@@ -1,7 +1,8 @@
 """Downloads in every format through the real app, on SQLite and PostgreSQL: a point not stored in the
 format asked for gets one export row (pending) and a 202 with ``Retry-After``; the workers' side of the
 store claims it once, and only the claim that holds it stores a result; a stored export is served, a
-failed one answers its error; refined points are served in their native format only."""
+failed one answers its error; a refined point serves its stored artifact and has its other formats
+exported on request, or has none when its artifact was never stored."""
 
 from __future__ import annotations
 
@@ -141,24 +142,27 @@ def _finished_with_refined(api: Api, tmp_path: Path, *, store_artifact: bool) ->
     return str(job["id"])
 
 
-def test_a_refined_point_is_served_in_its_native_format_only(api: Api, tmp_path: Path) -> None:  # noqa: F811
+def test_a_refined_point_serves_its_stored_artifact_and_exports_the_other_formats_on_request(
+    api: Api, tmp_path: Path  # noqa: F811
+) -> None:
     jid = _finished_with_refined(api, tmp_path, store_artifact=True)
     r = api.client.get(_url(jid, 3), headers=api.h())
     assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
     assert api.client.get(_url(jid, 3, NATIVE), headers=api.h()).content == r.content
-    for fmt in (DENSE, COMPRESSED_TENSORS):
-        body = assert_error(api.client.get(_url(jid, 3, fmt), headers=api.h()), 422, "invalid_request", "format")
-        assert "refined" in body["message"] and "format=native" in body["message"]
+    for fmt in (DENSE, COMPRESSED_TENSORS):  # written from that artifact by the workers
+        assert api.client.get(_url(jid, 3, fmt), headers=api.h()).status_code == 202
     assert api.client.get(f"{API}/jobs/{jid}/points/3", headers=api.h()).json()["artifact_formats"] == [NATIVE]
-    # its origin is an ordinary point: exported on request
+    # its origin is an ordinary point: exported on request too
     assert api.client.get(_url(jid, 1, DENSE), headers=api.h()).status_code == 202
-    assert _export_rows(api.store) == [(jid, 1, DENSE, "pending", 0)]
+    assert _export_rows(api.store) == [(jid, 1, DENSE, "pending", 0), (jid, 3, COMPRESSED_TENSORS, "pending", 0),
+                                       (jid, 3, DENSE, "pending", 0)]  # fmt: skip
 
 
 def test_a_refined_point_whose_weights_were_not_stored_is_never_exported_again(api: Api, tmp_path: Path) -> None:  # noqa: F811
     jid = _finished_with_refined(api, tmp_path, store_artifact=False)
-    body = assert_error(api.client.get(_url(jid, 3), headers=api.h()), 404, "not_found", "point_id")
-    assert "refined weights" in body["message"] and "point 1" in body["message"]
+    for fmt in (NATIVE, DENSE, COMPRESSED_TENSORS):
+        body = assert_error(api.client.get(_url(jid, 3, fmt), headers=api.h()), 404, "not_found", "point_id")
+        assert "refined weights" in body["message"] and "point 1" in body["message"]
     assert _export_rows(api.store) == []
 
 

@@ -1,11 +1,14 @@
 """Every point downloadable, through the real service and a real local Ray: the SDK downloads a point
 that was not refined, the service records its export and answers 202, the dispatcher runs the export on
-Ray, and the archive it stores reloads onto the model to the metrics the job stored; a second download
-is served from the store; a bad format and a failing export are typed errors; an exporter killed with
+Ray, and the archive it stores reloads onto the model to the metrics the job stored (the compressed-tensors
+and dense checkpoints in plain transformers); a second download is served from the store; a refined
+point's compressed-tensors and dense checkpoints, written from its stored artifact, reload to that
+artifact's weights and metrics; a bad format and a failing export are typed errors; an exporter killed with
 SIGKILL or left behind by a dead dispatcher is retried and stores its result once."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -14,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 import bitscout
-from bitscout.formats import NATIVE
-from search.export.formats import WRITERS
+from bitscout.formats import COMPRESSED_TENSORS, DENSE, NATIVE
+from tests.tiny import sentiment_rows, train_classifier
 from tests.workers.conftest import Env, wait_until
 from workers.runner import JobRunner
 
@@ -51,6 +55,23 @@ def _reloaded_metrics(env: Env, job_id: str, artifact: Path) -> dict[str, float]
     fresh = load_model(search.model_path, search.task).model
     applied = bitscout.apply(fresh, artifact)
     return dict(evaluate(applied, search.evaluation, search.task, reference=search.reference()))
+
+
+def _plain_metrics(env: Env, job_id: str, checkpoint: Path, **load: Any) -> tuple[dict[str, float], dict[str, Any]]:
+    """A compressed-tensors or dense checkpoint loaded by plain transformers (nothing of bitscout:
+    ``AutoModelForSequenceClassification.from_pretrained(DIR)``), evaluated on the job's evaluation
+    rows; with its state dict after that (compressed-tensors decompresses at the first forward)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from search.tasks import evaluate
+    from workers import sources
+    from workers.runner import job_inputs, prepare_job
+
+    spec = env.store.get_job_record(job_id=job_id).spec
+    search = prepare_job(spec, job_inputs(spec, env.store, env.config(), sources.ServerPaths(env.config())))
+    model = AutoModelForSequenceClassification.from_pretrained(str(checkpoint), **load)
+    metrics = dict(evaluate(model, search.evaluation, search.task, reference=search.reference()))
+    return metrics, model.state_dict()
 
 
 def _count(env: Env, job_id: str, kind: str, point: int | None = None) -> int:
@@ -90,12 +111,16 @@ def test_a_point_that_was_not_refined_downloads_and_reloads_to_its_stored_metric
     r = api._http.get(f"/api/v1/jobs/{job.id}/points/{rec.id}/artifact", params={"format": "gguf"})
     assert r.status_code == 422 and r.json()["code"] == "invalid_request" and r.json()["field"] == "format"
 
-    # Whatever other formats this installation writes go through the same path.
-    for fmt in sorted(set(WRITERS) - {NATIVE}):
+    # As compressed-tensors and dense: checkpoints plain transformers loads to the stored metrics.
+    for fmt in (COMPRESSED_TENSORS, DENSE):
         out = job.download(rec.id, tmp_path / fmt, format=fmt, timeout=300)
-        assert any(out.iterdir()), fmt
         report = [e for e in env.events(job.id) if e.kind == "exported" and e.data["format"] == fmt]
         assert len(report) == 1 and report[0].data["report"]["format"] == fmt
+        plain, _ = _plain_metrics(env, job.id, out)  # the default (fused) attention: equal to float rounding
+        assert plain[metric] == rec.metrics[metric], fmt
+        assert plain["kl"] == pytest.approx(rec.metrics["kl"], rel=1e-4, abs=1e-7), fmt
+        assert _plain_metrics(env, job.id, out, attn_implementation="eager")[0][metric] == rec.metrics[metric]
+    assert set(job.point(rec.id).artifact_formats) == {NATIVE, COMPRESSED_TENSORS, DENSE}
 
     # A failing export (the model was removed from the server) is a typed error, every time, never a 202.
     shutil.rmtree(assets / "models" / model)
@@ -107,6 +132,45 @@ def test_a_point_that_was_not_refined_downloads_and_reloads_to_its_stored_metric
         assert f"point {other.id} could not be exported as native" in failed.value.message
         assert model in failed.value.message and str(assets) not in failed.value.message  # the user's name for it
     assert _count(env, job.id, "export_failed", other.id) == 1
+
+
+def test_a_refined_point_downloads_as_compressed_tensors_and_dense_to_its_native_artifact(
+    ray_session: Any, env: Env, api: bitscout.Client, assets: Path, tmp_path: Path
+) -> None:
+    model = _own_model(env, assets)
+    train_classifier(assets / "models" / model, sentiment_rows(400, seed=7))  # quantization error for KD to cut
+    rec = env.submit(model={"path": model}, budget={"max_avg_bits": 3.0}, refine={"points": "recommended", "steps": 8})
+    claim = env.store.claim_next_job(worker_id="w/r")
+    assert claim is not None and claim.id == rec.id
+    out = JobRunner(rec.id, "w/r", env.config(eval_workers=0), store=env.store).run()
+    assert out.status == "succeeded", (out, [(e.kind, e.message) for e in env.events(rec.id)])
+    job = api.job(rec.id)
+    front = job.pareto()
+    refined = next(p for p in front if p.refined)
+    assert refined.artifact_formats == [NATIVE]
+    env.dispatcher(eval_workers=0).start()
+
+    native = job.download(refined.id, tmp_path / "native", timeout=0)  # stored with the job: no export
+    want = _reloaded_metrics(env, job.id, native)
+    assert want["kl"] == pytest.approx(refined.metrics["kl"], rel=1e-5, abs=1e-7)
+    origin, _ = _plain_metrics(env, job.id, job.download(refined.refined_from, tmp_path / "origin", format=DENSE,
+                                                             timeout=300))  # fmt: skip
+    _, unrefined = _plain_metrics(env, job.id, tmp_path / "origin")
+    states = {}
+    for fmt in (COMPRESSED_TENSORS, DENSE):
+        path = job.download(refined.id, tmp_path / fmt, format=fmt, timeout=300)
+        got, states[fmt] = _plain_metrics(env, job.id, path, attn_implementation="eager")
+        assert got[front.metric] == want[front.metric] and got["kl"] == pytest.approx(want["kl"], rel=1e-5, abs=1e-9)
+        exported = [e for e in env.events(job.id) if e.kind == "exported" and e.data["point"] == refined.id]
+        assert [e.data["format"] for e in exported][-1] == fmt
+    info = json.loads((tmp_path / DENSE / "export.json").read_text())["info"]
+    assert info["refined"] is True and info["artifact_info"]["refined"] is True  # written from the stored artifact
+    assert info["artifact_info"]["best_step"] > 0, info  # a point refinement moved
+    # the refined weights, not the unrefined point's: the two checkpoints agree with each other, not with it
+    assert all(torch.equal(states[COMPRESSED_TENSORS][k], v) for k, v in states[DENSE].items())
+    assert any(not torch.equal(v, unrefined[k]) for k, v in states[DENSE].items())
+    assert origin["kl"] != want["kl"]
+    assert set(job.point(refined.id).artifact_formats) == {NATIVE, COMPRESSED_TENSORS, DENSE}
 
 
 def test_an_exporter_killed_mid_export_is_retried_and_stores_its_result_once(

@@ -3,9 +3,8 @@ reporter, error codes, and the store's re-queue reason."""
 
 from __future__ import annotations
 
-import json
-
 import io
+import json
 import tarfile
 import threading
 import time
