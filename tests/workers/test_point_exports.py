@@ -139,7 +139,7 @@ def test_a_refined_point_downloads_as_compressed_tensors_and_dense_to_its_native
 ) -> None:
     model = _own_model(env, assets)
     train_classifier(assets / "models" / model, sentiment_rows(400, seed=7))  # quantization error for KD to cut
-    rec = env.submit(model={"path": model}, budget={"max_avg_bits": 3.0}, refine={"points": "recommended", "steps": 8})
+    rec = env.submit(model={"path": model}, budget={"max_avg_bits": 2.5}, refine={"points": "recommended", "steps": 8})
     claim = env.store.claim_next_job(worker_id="w/r")
     assert claim is not None and claim.id == rec.id
     out = JobRunner(rec.id, "w/r", env.config(eval_workers=0), store=env.store).run()
