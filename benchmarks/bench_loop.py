@@ -2,16 +2,20 @@
 
 ``python -m benchmarks.bench_loop [--quick] [--cache .cache] [--out FILE.json] [--model bbc]
 [--methods kl,kl-open,fisher,nsga2,hessian,dnas] [--peer | --no-peer] [--peer-methods gradient]
-[--no-proxy-cost]``
+[--no-proxy-cost] [--bits 2,3,4,8] [--granularity layer]``
 
-On one fine-tuned MiniLM classifier (layer granularity, bits 2/3/4/8) and one set of calibration and
+On one fine-tuned MiniLM classifier (``--granularity``, default layer; ``--bits``, default 2/3/4/8, the
+same syntax as the CLI: ``4g128`` keeps one scale per 128 input columns, the block ModelOpt's INT4
+uses) and one set of calibration and
 held-out rows, every search runs through the one orchestration (:func:`search.orchestration.run_search`)
 with the loop's defaults (``kl-open``: the loop off), one method at a time, each with an empty
 quantized-weight cache (it pays its own quantization). The held-out rows choose nothing: every
 choice is made on the calibration proxy; they are read only to report. Per method and budget
 (2.5, 3 and 4 average bits) the record holds the point the search recommends there (the lowest
 calibration discrepancy within the budget: what a user deploys), the best held-out point of the
-method within it (for reference), and the uniform map: held-out output KL and accuracy.
+method within it (for reference), and the best uniform map within it (the lowest held-out output KL
+over every uniform map of the space that fits, per row and group-wise alike: the strictest
+reference): held-out output KL and accuracy.
 
 Costs in the same run, in wall seconds, in units of one full-precision pass over the held-out rows
 and in fine-tuning epochs (:func:`benchmarks.bench_peer._finetune_epoch`): the method's table, the
@@ -65,7 +69,7 @@ def _row(p: Any) -> dict[str, Any]:
 def _summary(result: Any, method: str) -> dict[str, Any]:
     """Per budget: the recommended point (lowest calibration discrepancy within the budget, over the
     method's points and the uniform maps, as the search recommends), the method's best held-out point
-    within it, and the uniform map of the largest width within it."""
+    within it, and the uniform map within it with the lowest held-out output KL."""
     out: dict[str, Any] = {}
     mine = [p for p in result.points if p.method == method]
     uniform = [p for p in result.points if p.method == "uniform"]
@@ -76,7 +80,7 @@ def _summary(result: Any, method: str) -> dict[str, Any]:
         chosen = min(candidates, key=lambda p: (p.provenance["proxy"], p.cost.size_bytes)) if candidates else None
         best = min(inside, key=lambda p: p.metrics["kl"]) if inside else None
         within = [u for u in uniform if u.cost.avg_bits <= b + 1e-9]
-        uni = max(within, key=lambda u: u.cost.avg_bits) if within else None
+        uni = min(within, key=lambda u: (u.metrics["kl"], u.cost.size_bytes)) if within else None
         out[f"{b:g}"] = {"recommended": None if chosen is None else _row(chosen),
                          "best_heldout": None if best is None else _row(best),
                          "uniform": None if uni is None else _row(uni)}
@@ -196,7 +200,8 @@ def run(model: str, cache: Path, quick: bool, names: tuple[str, ...], peer_pytho
         peer_info: dict[str, Any] | None = None, peer_methods: tuple[str, ...] = ("gradient",),
         save: Any = None, classifier: tuple[Path, Path, Path] | None = None,
         rows: tuple[int, int, int] | None = None, epoch_steps: int | None = None,
-        measure_proxy_cost: bool = True) -> dict[str, Any]:
+        measure_proxy_cost: bool = True, bits: tuple[int | str, ...] = (2, 3, 4, 8),
+        granularity: str = "layer") -> dict[str, Any]:
     """One record (see the module docstring). ``classifier`` (model folder, held-out pool, training
     split) and ``rows`` (calibration, held-out, max length) replace the named classifier and the
     mode's rows (tests: a tiny model)."""
@@ -208,6 +213,7 @@ def run(model: str, cache: Path, quick: bool, names: tuple[str, ...], peer_pytho
     from search.local import DataOptions, prepare
     from search.orchestration import SearchHooks, run_search
     from search.pipeline import SearchOptions
+    from search.space import BitOption
 
     torch.manual_seed(0)
     if classifier is None:
@@ -219,15 +225,17 @@ def run(model: str, cache: Path, quick: bool, names: tuple[str, ...], peer_pytho
     steps = epoch_steps or (3 if quick else 8)
     data = DataOptions(source=str(pool), label_field="label", calibration=cal, evaluation=ev,
                        max_length=max_length, batch_size=32)
-    base = SearchOptions(methods=("kl",), granularity="layer", bits=(2, 3, 4, 8), front_points=8 if quick else 16,
-                         seq_len=max_length, uniform_baselines=(8, 4, 3, 2))
+    widths = tuple(sorted({BitOption.parse(b).bits for b in bits if BitOption.parse(b).bits < 16}, reverse=True))
+    base = SearchOptions(methods=("kl",), granularity=granularity, bits=bits, front_points=8 if quick else 16,
+                         seq_len=max_length, uniform_baselines=widths)
     search = prepare(model_dir, data, base, device="cpu")
     log(f"{model}: {len(search.space.groups)} groups, {cal} calibration / {ev} held-out rows")
     epochs = [bench_peer._finetune_epoch(search, str(train_file), model_dir, steps)[0]]
     t0 = time.perf_counter()
     baseline = search.baseline()
     eval_unit = time.perf_counter() - t0
-    record: dict[str, Any] = {"model": model, "groups": len(search.space.groups), "calibration_rows": cal,
+    record: dict[str, Any] = {"model": model, "granularity": granularity, "bits": [str(b) for b in bits],
+                              "groups": len(search.space.groups), "calibration_rows": cal,
                               "heldout_rows": ev, "front_points": base.front_points, "baseline": baseline,
                               "eval_unit_s": eval_unit, "finetune_epoch_s": epochs[0], "runs": {}}
     if measure_proxy_cost:
@@ -319,8 +327,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="ModelOpt side by side (default: where its venv is in the cache)")
     p.add_argument("--peer-methods", default="gradient", help="ModelOpt scores (gradient,kl_div)")
     p.add_argument("--no-proxy-cost", action="store_true", help="skip the proxy's cost with and without the cache")
+    p.add_argument("--bits", default="2,3,4,8", help="bit options, as the CLI's --bits (4g128: group-wise scales)")
+    p.add_argument("--granularity", default="layer", choices=("layer", "group"))
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
+    bits = tuple(int(b) if b.isdigit() else b for b in a.bits.split(",") if b)
     names = tuple(x for x in a.methods.split(",") if x)
     unknown = [n for n in names if n not in RUNS]
     if unknown:
@@ -340,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             a.out.write_text(json.dumps(rec, indent=2, default=float))
 
     rec = run(a.model, cache, a.quick, names, python, info, tuple(a.peer_methods.split(",")), save=write,
-              measure_proxy_cost=not a.no_proxy_cost)
+              measure_proxy_cost=not a.no_proxy_cost, bits=bits, granularity=a.granularity)
     rec.update({"part": "loop", "quick": a.quick, "machine": {"cpu": platform.processor() or platform.machine(),
                                                                "threads": torch.get_num_threads()}})
     write(rec)

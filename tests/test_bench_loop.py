@@ -25,8 +25,10 @@ def test_bench_loop_on_a_tiny_model_end_to_end(tmp_path: Path) -> None:
     saved = []
     rec = bench_loop.run("tiny", tmp_path, True, ("kl", "kl-open", "nsga2"),
                          peer_python=venv if bench_peer.peer_venv_ready(venv.parent.parent.parent) else None,
-                         save=saved.append, classifier=(model_dir, data, train), rows=(16, 48, 16), epoch_steps=1)
+                         save=saved.append, classifier=(model_dir, data, train), rows=(16, 48, 16), epoch_steps=1,
+                         bits=(2, 3, 4, 8, "4g64"))
     assert saved and set(rec["runs"]) == {"kl", "kl-open", "nsga2"}
+    assert rec["bits"] == ["2", "3", "4", "8", "4g64"]
     pc = rec["proxy_cost"]
     assert pc["uncached_s_per_map"] > 0 and pc["cached_s_per_map"] > 0 and pc["cache_bytes"] > 0
     assert math.isclose(pc["ratio"], pc["uncached_s_per_map"] / pc["cached_s_per_map"])
@@ -45,6 +47,12 @@ def test_bench_loop_on_a_tiny_model_end_to_end(tmp_path: Path) -> None:
             pool = [p for p in [*r["points"], *rec["uniform"]]
                     if p["avg_bits"] <= float(b) + 1e-9 and (p["found"] or {}).get("proxy") is not None]
             assert chosen["found"]["proxy"] == min(p["found"]["proxy"] for p in pool), (name, b)
+            # the reference: the uniform map within the budget with the lowest held-out KL (the runs
+            # evaluate different uniform maps; the record lists the last run's)
+            within = [u for u in rec["uniform"] if u["avg_bits"] <= float(b) + 1e-9]
+            assert row["uniform"]["avg_bits"] <= float(b) + 1e-9
+            if name == "nsga2" and within:
+                assert row["uniform"]["kl"] == min(u["kl"] for u in within), (name, b)
     targets = rec["targets"]
     for b in ("3", "4"):
         for name, t in targets[f"kl_0.8x_uniform_at_{b}_bits"].items():
