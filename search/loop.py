@@ -15,8 +15,9 @@ DNAS start's scores), given its first allocation (the sweep and the budget point
 1. **Measure** the first allocation's maps and the uniform maps.
 2. **Correct and re-allocate** (at most ``rounds`` times): the additive model predicts a map's
    discrepancy as the sum of its groups' scores; the correction multiplies every score by
-   ``exp(a_w + b_k)``, one factor per bit-width ``w`` (0: pruned) and one per block ``k``, fitted
-   by least squares on ``log measured - log predicted`` over every measured map (a small ridge
+   ``exp(a_w + b_k)``, one factor per weight grid ``w`` (its bit-width with its scale layout and
+   activation width: ``3`` and ``3g128`` compound differently and get a factor each; ``0``: pruned)
+   and one per block ``k``, fitted by least squares on ``log measured - log predicted`` over every measured map (a small ridge
    penalty keeps unidentified factors at 1). The exact allocator re-allocates the same budgets on
    the corrected scores; a round that improves no budget's best measured map, or repeats measured
    maps only, ends the rounds.
@@ -59,7 +60,7 @@ from search.cost import CostModel
 from search.errors import CanceledError, InfeasibleBudgetError
 from search.plan import Candidate, build_problem, sweep_metric
 from search.result import Budget, SensitivityTable
-from search.space import PrecisionMap, SearchSpace
+from search.space import BitOption, PrecisionMap, SearchSpace
 
 #: The default noise floor of each task's proxy discrepancy (``LoopOptions.noise_floor``): output
 #: KL (nats per row or per scored token) below 1e-4, or ``1 - cosine`` below 1e-5, is a change no
@@ -133,12 +134,15 @@ def provenance_of(c: Candidate, score: str | None) -> dict[str, Any]:
 
 
 class _Model:
-    """The additive score model of one table with per-width and per-block log-factors."""
+    """The additive score model of one table with per-grid and per-block log-factors (a grid: an
+    integer or pruned option's :meth:`BitOption.key`, so per-row and group-wise scales of one width,
+    and its activation widths, are corrected apart)."""
 
     def __init__(self, space: SearchSpace, table: SensitivityTable) -> None:
         self.space = space
         self.table = table
-        self.widths = sorted({o.bits for opts in space.options for o in opts if o.is_integer or o.pruned})
+        self.widths = sorted({o.key() for opts in space.options for o in opts if o.is_integer or o.pruned},
+                             key=lambda k: (BitOption.parse(k).bits, k))
         self.blocks = sorted({g.block for g in space.groups})
         self._w = {b: i for i, b in enumerate(self.widths)}
         self._k = {b: i for i, b in enumerate(self.blocks)}
@@ -149,8 +153,8 @@ class _Model:
         f = np.zeros((len(self.widths), len(self.blocks)))
         for g in self.space.groups:
             o = pmap[g.name]
-            if o.bits in self._w and (o.is_integer or o.pruned):
-                f[self._w[o.bits], self._k[g.block]] += max(0.0, float(self.table.scores.get(g.name, {}).get(o.key(), 0.0)))
+            if o.key() in self._w and (o.is_integer or o.pruned):
+                f[self._w[o.key()], self._k[g.block]] += max(0.0, float(self.table.scores.get(g.name, {}).get(o.key(), 0.0)))
         return f
 
     def _factors(self, theta: np.ndarray) -> np.ndarray:
@@ -194,8 +198,8 @@ class _Model:
             new = {}
             for o in opts:
                 v = max(0.0, float(row.get(o.key(), 0.0)))
-                if o.bits in self._w and (o.is_integer or o.pruned):
-                    v *= float(fac[self._w[o.bits], self._k[g.block]])
+                if o.key() in self._w and (o.is_integer or o.pruned):
+                    v *= float(fac[self._w[o.key()], self._k[g.block]])
                 new[o.key()] = v
             scores[g.name] = new
         return replace(self.table, scores=scores)

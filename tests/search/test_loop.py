@@ -301,3 +301,29 @@ def test_with_the_loop_off_the_search_measures_only_the_points_within_the_budget
     assert result.info["proxy"]["measured"] == len(inside)
     assert {p.provenance["round"] for p in result.points if p.method == "kl"} == {0}
     assert not any(p.provenance.get("local_search") for p in result.points)
+
+
+def test_per_row_and_group_wise_grids_of_one_width_are_corrected_apart():
+    """A group-wise grid whose errors compound 4x more than the table says gets its own factor:
+    with one factor per bit-width, ``3`` and ``3g16`` would share it and stay mis-ordered."""
+    from search.loop import _Model
+
+    opts = (BitOption(3), BitOption(3, group_size=16), BitOption(8))
+    groups = tuple(
+        Group(name=n, kind="layer", members=(Member(n, (32, 32)),), block=0, parent=n, macs_per_token=1024)
+        for n in "abcd"
+    )
+    space = SearchSpace(groups=groups, options=tuple(opts for _ in groups), n_blocks=1)
+    table = SensitivityTable("kl", {n: {"3": 1.0, "3g16": 0.5, "8": 0.01} for n in "abcd"})
+
+    def measure(m: PrecisionMap) -> float:
+        return sum({"3": 1.0, "3g16": 2.0, "8": 0.01}[m[n].key()] for n in "abcd")
+
+    maps = [space.from_choices(c) for c in itertools.product(range(3), repeat=4)]
+    model = _Model(space, table)
+    assert model.fit(maps, [measure(m) for m in maps])
+    fac = model.factors()["bits"]
+    assert set(fac) == {"3", "3g16", "8"}
+    corrected = model.corrected().scores["a"]
+    # measured, 3g16 is 2x worse than 3; the table said 2x better; the correction turns the order around
+    assert corrected["3g16"] > 1.5 * corrected["3"]
