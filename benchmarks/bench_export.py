@@ -127,7 +127,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3, help="exports and reloads per format (the median is reported)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    os.environ.setdefault("TQDM_DISABLE", "1")  # compressed-tensors' progress bars (read when tqdm is imported)
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
