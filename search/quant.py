@@ -46,7 +46,12 @@ asymmetric     ``[0, 2^b - 1]``         ``lo = r * min(min w, 0)``        ``[lo,
 * Scales are float32 tensors whose values are *float16 numbers*: every candidate scale is
   rounded to the nearest float16 (clamped to ``[SCALE_EPS, SCALE_MAX]``) before codes are
   chosen, so the search evaluates exactly what an artifact stores with float16 scales
-  (``search.export``; ``search.cost`` counts 2 bytes a scale). A row whose range is 0 (an
+  (``search.export``; ``search.cost`` counts 2 bytes a scale). The scales of a *bfloat16*
+  weight are rounded to the nearest bfloat16 first (clamped to ``[SCALE_EPS,
+  BF16_SCALE_MAX]``), then to float16: numbers of both types (:func:`round_scale`), because a
+  compressed-tensors checkpoint (and the engines that read it) holds a module's scales in the
+  model's dtype, and a float16 scale rounded to bfloat16 would give other weights than the ones
+  evaluated. A float16 or float32 weight keeps the float16 rounding alone. A row whose range is 0 (an
   all-zero row) gets the scale ``SCALE_EPS`` (the smallest positive float16, ``2^-24``), so
   nothing divides by zero and the row dequantizes to exact zeros; rows whose values all lie
   below ``2^-25`` in magnitude (beyond float16's range) quantize to zeros.
@@ -86,6 +91,7 @@ __all__ = [
     "QParams",
     "SCALE_EPS",
     "SCALE_MAX",
+    "BF16_SCALE_MAX",
     "choose_qparams",
     "code_range",
     "dequantize",
@@ -93,6 +99,7 @@ __all__ = [
     "pack",
     "quant_error",
     "quantize",
+    "round_scale",
     "unpack",
 ]
 
@@ -105,6 +112,8 @@ MSE_MIN_RATIO = 0.3
 SCALE_EPS = 2.0**-24
 #: Largest scale: the largest finite float16.
 SCALE_MAX = float(torch.finfo(torch.float16).max)
+#: Largest scale of a bfloat16 weight: the largest bfloat16 that is a finite float16 (65,280).
+BF16_SCALE_MAX = 65280.0
 #: Integer bit-widths the primitives accept (the search offers 2, 3, 4, 5, 6, 8).
 _INT_BITS = range(2, 9)
 #: Elements processed at once by the MSE search (bounds its temporaries).
@@ -191,26 +200,33 @@ def _check_matrix(w: torch.Tensor) -> None:
         raise InvalidInputError(f"expected a 2-d floating-point [out, in] weight, got {what}", field="weight")
 
 
-def _float16_scale(scale: torch.Tensor) -> torch.Tensor:
-    """``scale`` (float32) clamped to ``[SCALE_EPS, SCALE_MAX]`` and rounded to the nearest float16
-    (half to even), kept as float32: the value an artifact stores with a float16 scale."""
-    return scale.clamp(SCALE_EPS, SCALE_MAX).to(torch.float16).to(torch.float32)
+def round_scale(scale: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``scale`` as the value every format stores exactly, kept as float32: clamped to ``[SCALE_EPS,
+    SCALE_MAX]`` and rounded to the nearest float16 (half to even); for the scales of a weight of
+    ``dtype`` bfloat16, clamped to ``[SCALE_EPS, BF16_SCALE_MAX]`` and rounded to the nearest bfloat16,
+    then to float16, a number of both types (a bfloat16 number is a float16 one above ``2^-14``; below,
+    the float16 rounding keeps fewer than 8 significant bits). See the module docstring."""
+    s = scale.to(torch.float32)
+    if dtype == torch.bfloat16:
+        s = s.clamp(SCALE_EPS, BF16_SCALE_MAX).to(torch.bfloat16).to(torch.float32)
+    return s.clamp(SCALE_EPS, SCALE_MAX).to(torch.float16).to(torch.float32)
 
 
 def _params_at_ratio(
-    w_min: torch.Tensor, w_max: torch.Tensor, ratio: float, bits: int, symmetric: bool
+    w_min: torch.Tensor, w_max: torch.Tensor, ratio: float, bits: int, symmetric: bool, dtype: torch.dtype | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale (float32) and zero point (float32 holding integers) per row for one clip ratio.
 
-    ``w_min`` / ``w_max`` are the rows' minimum and maximum in float32.
+    ``w_min`` / ``w_max`` are the rows' minimum and maximum in float32; ``dtype`` is the weight's
+    (:func:`round_scale`).
     """
     qmin, qmax = code_range(bits, symmetric)
     if symmetric:
-        scale = _float16_scale(torch.maximum(w_max, -w_min) * ratio / qmax)
+        scale = round_scale(torch.maximum(w_max, -w_min) * ratio / qmax, dtype)
         return scale, torch.zeros_like(scale)
     lo = w_min.clamp_max(0.0) * ratio
     hi = w_max.clamp_min(0.0) * ratio
-    scale = _float16_scale((hi - lo) / (qmax - qmin))
+    scale = round_scale((hi - lo) / (qmax - qmin), dtype)
     zero_point = torch.round(-lo / scale).clamp(qmin, qmax)
     return scale, zero_point
 
@@ -261,7 +277,8 @@ def choose_qparams(
         raise InvalidInputError(f"grid must be a positive integer, got {grid!r}", field="grid")
     symmetric = bool(symmetric)
     rows = int(w.shape[0])
-    scale, zero_point = _choose_rows(_as_rows(w.detach().to(torch.float32), group_size), bits, symmetric, clip, grid)
+    w32 = _as_rows(w.detach().to(torch.float32), group_size)
+    scale, zero_point = _choose_rows(w32, bits, symmetric, clip, grid, w.dtype)
     if group_size is not None:
         scale, zero_point = scale.reshape(rows, -1), zero_point.reshape(rows, -1)
     return QParams(scale=scale, zero_point=zero_point.to(torch.int32), bits=bits, symmetric=symmetric,
@@ -269,15 +286,16 @@ def choose_qparams(
 
 
 def _choose_rows(
-    w32: torch.Tensor, bits: int, symmetric: bool, clip: Clip, grid: int
+    w32: torch.Tensor, bits: int, symmetric: bool, clip: Clip, grid: int, dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point (float32 holding integers) of every row of the float32 matrix ``w32``."""
+    """Scale and zero point (float32 holding integers) of every row of the float32 matrix ``w32``, the
+    rows of a weight of ``dtype`` (:func:`round_scale`)."""
     qmin, qmax = code_range(bits, symmetric)
     if w32.shape[1] == 0:
         w_min = w_max = torch.zeros(w32.shape[0], dtype=torch.float32, device=w32.device)
     else:
         w_min, w_max = w32.amin(dim=1), w32.amax(dim=1)
-    scale, zero_point = _params_at_ratio(w_min, w_max, 1.0, bits, symmetric)
+    scale, zero_point = _params_at_ratio(w_min, w_max, 1.0, bits, symmetric, dtype)
 
     if clip == "mse" and grid > 1 and w32.numel() > 0:
         ratios = torch.linspace(1.0, MSE_MIN_RATIO, grid, dtype=torch.float64).tolist()
@@ -289,7 +307,7 @@ def _choose_rows(
             best_s, best_z = scale[rows], zero_point[rows]
             best_err = _row_sq_error(wc, best_s, best_z, qmin, qmax)
             for r in ratios[1:]:
-                s, z = _params_at_ratio(lo_c, hi_c, r, bits, symmetric)
+                s, z = _params_at_ratio(lo_c, hi_c, r, bits, symmetric, dtype)
                 err = _row_sq_error(wc, s, z, qmin, qmax)
                 better = err < best_err
                 best_err = torch.where(better, err, best_err)

@@ -70,21 +70,24 @@ def lsq_fake_quantize(
     grad_scale: float,
     *,
     half_scales: bool = True,
+    scale_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Differentiable per-row (or per-group) fake quantization with a learned step size (LSQ).
 
     ``step`` and ``zero_point`` are ``[rows]`` per row or ``[rows, cols / N]`` per group of ``N``
     input columns (:func:`by_group`).
     Forward: ``(clamp(round(w / s) + z, qmin, qmax) - z) * s`` per row of ``w`` (``s = step`` clamped to
-    ``[SCALE_EPS, SCALE_MAX]`` and, with ``half_scales``, rounded to float16), the formula of
-    :func:`search.quant.quantize` / :func:`search.quant.dequantize` up to the last ulp.
+    ``[SCALE_EPS, SCALE_MAX]`` and, with ``half_scales``, rounded as :func:`search.quant.round_scale`
+    rounds the scales of a weight of ``scale_dtype``: to float16, and to bfloat16 first for a bfloat16
+    weight), the formula of :func:`search.quant.quantize` / :func:`search.quant.dequantize` up to the
+    last ulp.
     Backward (the LSQ estimator): ``dw_hat/dw`` is 1 where the code is not clamped and 0 where it is;
     ``dw_hat/ds`` is ``round(w/s) - w/s`` where not clamped and ``qmin - z`` / ``qmax - z`` where
-    clamped, multiplied by ``grad_scale``; float16 rounding of ``s`` is straight-through.
+    clamped, multiplied by ``grad_scale``; the rounding of ``s`` is straight-through.
     """
     s = step.clamp(quant.SCALE_EPS, quant.SCALE_MAX)
     if half_scales:
-        s = half_ste(s)
+        s = s + (quant.round_scale(s.detach(), scale_dtype).to(s.dtype) - s).detach()
     w3, s3 = by_group(w, scaled_grad(s, grad_scale))
     z3 = zero_point.to(s3.dtype).reshape(s3.shape)
     q = (round_ste(w3 / s3) + z3).clamp(qmin, qmax)

@@ -39,8 +39,10 @@ symmetric codes                 the same codes (``-(2^(b-1)-1) .. 2^(b-1)-1`` li
                                 no zero point
 asymmetric codes ``u`` and      ``u - 2^(b-1)`` and ``z - 2^(b-1)`` (the format's signed range): ``(q - z)`` is
 zero points ``z`` (unsigned)    unchanged, so ``(q - z) * scale`` is the same number
-float16-valued scales           stored in the model's dtype: exact for float32 and float16 models; a bfloat16
-                                model rounds them (a warning names the modules)
+float16-valued scales           stored in the model's dtype: exact for float32 and float16 models, and for
+                                bfloat16 ones, whose scales are numbers of both types
+                                (:func:`search.quant.round_scale`); scales that are not numbers of the model's
+                                dtype (an artifact of another dtype) are rounded, a warning names the modules
 pruned groups                   zero codes (and a zero zero point) with the smallest float16 scale inside an
                                 integer module; a module pruned whole is written as zeros in floating point
 16 / 32 bits                    floating point, the module in ``ignore``

@@ -30,7 +30,8 @@ not in the space         (norms, biases, embeddings and heads outside the space)
 =======================  ===========================================================================
 
 Step sizes are kept positive (clamped to ``[SCALE_EPS, SCALE_MAX]``) and rounded to float16 values in
-the forward pass (straight-through), so the student trains on the very grid an artifact stores.
+the forward pass (straight-through; the scales of a bfloat16 weight to values of both types,
+:func:`search.quant.round_scale`), so the student trains on the very grid an artifact stores.
 
 The loss
 ========

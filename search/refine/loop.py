@@ -231,7 +231,8 @@ def refine(
         with torch.no_grad():
             for n, p in trainable.items():
                 p.copy_(best_state[n])
-        qparams = {key: _qparams(q.steps[s.step_index], q.zero_point(s.step_index), s.bits, s.symmetric, s.group_size)
+        qparams = {key: _qparams(q.steps[s.step_index], q.zero_point(s.step_index), s.bits, s.symmetric, s.group_size,
+                                 dtype=q.dtype)
                    for key, (_, q, s) in student.int_slots.items()}
         qparams = {k: quant.QParams(v.scale.cpu(), v.zero_point.cpu(), v.bits, v.symmetric, v.group_size)
                    for k, v in qparams.items()}

@@ -27,15 +27,17 @@ __all__ = ["member_key"]
 def _exact_fake_quantize(
     w: torch.Tensor, step: torch.Tensor, zero_point: torch.Tensor, bits: int, symmetric: bool, group_size: int | None
 ) -> torch.Tensor:
-    qp = _qparams(step, zero_point, bits, symmetric, group_size)
+    qp = _qparams(step, zero_point, bits, symmetric, group_size, dtype=w.dtype)
     return quant.dequantize(quant.quantize(w, qp), qp, dtype=w.dtype)
 
 
 def _qparams(
-    step: torch.Tensor, zero_point: torch.Tensor, bits: int, symmetric: bool, group_size: int | None = None
+    step: torch.Tensor, zero_point: torch.Tensor, bits: int, symmetric: bool, group_size: int | None = None,
+    *, dtype: torch.dtype | None = None,
 ) -> quant.QParams:
-    """The exact quantizer of learned step sizes: ``[rows]`` per row, ``[rows, cols / group_size]`` per group."""
-    scale = step.detach().to(torch.float32).clamp(quant.SCALE_EPS, quant.SCALE_MAX).to(torch.float16).to(torch.float32)
+    """The exact quantizer of learned step sizes: ``[rows]`` per row, ``[rows, cols / group_size]`` per group,
+    the scales rounded as those of a weight of ``dtype`` (:func:`search.quant.round_scale`)."""
+    scale = quant.round_scale(step.detach().to(torch.float32), dtype)
     return quant.QParams(scale=scale, zero_point=zero_point.detach().to(torch.int32), bits=bits, symmetric=symmetric,
                          group_size=group_size)
 
@@ -73,10 +75,12 @@ class _QuantWeight(nn.Module):
     option says (LSQ, float16, zeros, frozen). With gradients off it computes the exact quantizer of
     :mod:`search.quant` (what an artifact stores)."""
 
-    def __init__(self, slots: list[_Slot], steps: list[torch.Tensor], zero_points: list[torch.Tensor], conv: bool) -> None:
+    def __init__(self, slots: list[_Slot], steps: list[torch.Tensor], zero_points: list[torch.Tensor], conv: bool,
+                 dtype: torch.dtype) -> None:
         super().__init__()
         self.slots = slots
         self.conv = conv
+        self.dtype = dtype  # the weight's: its scales are rounded as quant.round_scale rounds them
         self.steps = nn.ParameterList([nn.Parameter(s) for s in steps])
         for i, z in enumerate(zero_points):
             self.register_buffer(f"zp{i}", z, persistent=False)
@@ -104,7 +108,8 @@ class _QuantWeight(nn.Module):
                     out[idx] = _exact_fake_quantize(block, step, z, sl.bits, sl.symmetric, sl.group_size)
                 else:
                     qmin, qmax = quant.code_range(sl.bits, sl.symmetric)
-                    fq = lsq_fake_quantize(block.to(torch.float32), step, z, qmin, qmax, sl.grad_scale)
+                    fq = lsq_fake_quantize(block.to(torch.float32), step, z, qmin, qmax, sl.grad_scale,
+                                           scale_dtype=block.dtype)
                     out[idx] = fq.to(block.dtype)
         return out.t() if self.conv else out
 
@@ -116,9 +121,10 @@ class _TTQuant(nn.Module):
     exact quantizer of :mod:`search.quant` (what an artifact stores)."""
 
     def __init__(self, bits: int, symmetric: bool, steps: list[torch.Tensor], zero_points: list[torch.Tensor],
-                 grad_scales: list[float]) -> None:
+                 grad_scales: list[float], dtype: torch.dtype) -> None:
         super().__init__()
         self.bits, self.symmetric = bits, symmetric
+        self.dtype = dtype  # the cores': their scales are rounded as quant.round_scale rounds them
         self.steps = nn.ParameterList([nn.Parameter(s) for s in steps])
         self.grad_scales = grad_scales
         for i, z in enumerate(zero_points):
@@ -142,7 +148,8 @@ class _TTQuant(nn.Module):
                     fq = _exact_fake_quantize(mat, step, z, self.bits, self.symmetric, None)
                 else:
                     qmin, qmax = quant.code_range(self.bits, self.symmetric)
-                    fq = lsq_fake_quantize(mat.to(torch.float32), step, z, qmin, qmax, self.grad_scales[k]).to(c.dtype)
+                    fq = lsq_fake_quantize(mat.to(torch.float32), step, z, qmin, qmax, self.grad_scales[k],
+                                           scale_dtype=c.dtype).to(c.dtype)
                 out.append(fq.reshape(c.shape))
         return out
 
@@ -150,7 +157,7 @@ class _TTQuant(nn.Module):
         if self.bits >= 16:
             return None
         return tuple(
-            _qparams(s, self.zero_point(k), self.bits, self.symmetric) for k, s in enumerate(self.steps)
+            _qparams(s, self.zero_point(k), self.bits, self.symmetric, dtype=self.dtype) for k, s in enumerate(self.steps)
         )
 
 
@@ -297,7 +304,7 @@ def _build_student(
                 slots.append(_Slot(key, m, "half", 16))
             else:
                 slots.append(_Slot(key, m, "float", 32))
-        qw = _QuantWeight(slots, steps, zps, conv)
+        qw = _QuantWeight(slots, steps, zps, conv, wv.dtype)
         weight.requires_grad_(True)
         parametrize.register_parametrization(module, "weight", qw, unsafe=True)
         for s in slots:
@@ -371,7 +378,7 @@ def _tt_students(
         module = adapter.tt_module(g, opt, clip, cores=raw)
         for p in module.parameters():
             p.requires_grad_(True)
-        module.core_transform = _TTQuant(opt.bits, opt.symmetric, steps, zps, scales).to(w.device)
+        module.core_transform = _TTQuant(opt.bits, opt.symmetric, steps, zps, scales, raw[0].dtype).to(w.device)
         adapter.swap_module(name, module)
         out[g.name] = module  # type: ignore[assignment]
     return out

@@ -349,6 +349,37 @@ def test_dense_llama_is_a_plain_checkpoint_with_the_searched_logits(llama, tmp_p
     assert set(report.dense) == {n for n, o in pmap.items() if not o.pruned} and not report.quantized
 
 
+# ------------------------------------------------------------------------------ half-precision models
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_half_precision_llama_reloads_to_the_searched_weights_in_every_format(dtype, tmp_path):
+    """A checkpoint saved in bfloat16 (float16) is searched in its dtype; compressed-tensors holds the scales
+    in that dtype, and the search's scales are numbers of it (and of float16, the native artifact's), so
+    the plain reload of every format has the evaluated weights and logits bit for bit, with no warning."""
+    folder = build_model(tmp_path / "llama", "llama", task="causal_lm", layers=2, hidden=32, heads=4, intermediate=64)
+    transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).save_pretrained(str(folder))
+    model = aligned(load_model(folder, "causal_lm").model)
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    space = ModelAdapter(model).build_space(granularity="layer", bits=("4g32", 8, "4ag32", 16), tie=("qkv", "gate_up"))
+    pmap = per_decision(space, ["4g32", "8", "4ag32", "16", "32", "4"])
+    searched = {}
+    want = evaluated(model, space, pmap, state=searched, input_ids=IDS)
+    for fmt in ("compressed-tensors", "dense"):
+        report = export_point(fmt, model, space, pmap, tmp_path / fmt, model_dir=folder)
+        assert report.warnings == ()
+        loaded = {}
+        got = reloaded(transformers.AutoModelForCausalLM, tmp_path / fmt, state=loaded, input_ids=IDS)
+        assert got.dtype == dtype and same_weights(searched, loaded) == [] and torch.equal(got, want), fmt
+    with safe_open(tmp_path / "compressed-tensors" / "model.safetensors", "pt") as f:
+        scale = f.get_tensor("model.layers.0.self_attn.q_proj.weight_scale")
+    assert scale.dtype == dtype and torch.equal(scale.to(torch.float16).to(dtype), scale)
+    export_point("native", model, space, pmap, tmp_path / "native", model_dir=folder)
+    native = aligned(load_artifact(tmp_path / "native", load_model(folder, "causal_lm").model))
+    with torch.no_grad():
+        assert torch.equal(native(input_ids=IDS).logits, want)
+
+
 # ------------------------------------------------------------------------------------------ refusals
 
 

@@ -106,3 +106,31 @@ def test_the_stored_codes_come_back_and_an_artifact_that_does_not_fit_is_refused
         export_stored(DENSE, art, load_model(other, TASK, num_labels=2).model, tmp_path / "out")
     assert err.value.field == "artifact"
     assert not (tmp_path / "out").exists()
+
+
+def test_a_refined_bfloat16_point_reloads_as_compressed_tensors_to_its_native_artifact(tmp_path):
+    """The learned step sizes of a bfloat16 model are rounded to numbers of bfloat16 and float16 (those of
+    its weights' dtype), so compressed-tensors, which holds the scales in the model's dtype, keeps them."""
+    from tests.tiny import sentiment_rows, write_jsonl
+
+    transformers.utils.logging.set_verbosity_error()
+    folder = build_model(tmp_path / "llama", "llama", task="causal_lm", layers=2)
+    transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16).save_pretrained(str(folder))
+    data = write_jsonl(tmp_path / "text.jsonl", sentiment_rows(120))
+    s = prepare(folder, DataOptions(str(data), calibration=4, evaluation=4, max_length=16, batch_size=4, windows=True),
+                SearchOptions(bits=("4g16", "3a", 8), methods=("kl",)), task="causal_lm", device="cpu")  # fmt: skip
+    cycle = ["4g16", "3a", "8", "32"]
+    pmap = PrecisionMap({g.name: BitOption.parse(cycle[i % len(cycle)]) for i, g in enumerate(s.space.groups)})
+    res = refine(s, pmap, config=RefineConfig(steps=6, eval_every=2, lr_weights=1e-3, lr_scales=1e-2, patience=None),
+                 train_batches=s.calibration, validation_batches=s.calibration[:1])  # fmt: skip
+    assert all(torch.equal(qp.scale.to(torch.bfloat16).float(), qp.scale) for qp in res.qparams.values())
+    art = tmp_path / "native"
+    export_artifact(res.model, s.space, pmap, art, qparams=res.qparams, model_dir=s.model_path)
+    native = aligned(load_artifact(art, load_model(folder, "causal_lm").model))
+    report = export_stored(COMPRESSED_TENSORS, art, load_model(folder, "causal_lm").model, tmp_path / "ct",
+                           model_dir=folder)  # fmt: skip
+    assert not [w for w in report.warnings if "different schemes" not in w]  # untied map
+    plain = aligned(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ct", attn_implementation="eager"))
+    ids = s.evaluation[0].input_ids
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=ids).logits, native(input_ids=ids).logits)

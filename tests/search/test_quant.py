@@ -113,6 +113,44 @@ def test_scales_are_float16_values_so_storing_them_in_half_is_exact(bits: int, s
     assert torch.equal(dequantize(quantize(w, qp), stored), fake_quantize(w, bits, symmetric=symmetric, clip=clip))
 
 
+def test_round_scale_of_every_bfloat16_number_is_a_number_of_both_types() -> None:
+    # Every positive finite bfloat16 (brute force): the bfloat16 rounding keeps it, the float16 one keeps
+    # it from 2^-14 (float16's normal range) to BF16_SCALE_MAX and leaves a bfloat16 number below.
+    v = torch.arange(1, 0x7F80, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    r = quant.round_scale(v, torch.bfloat16)
+    assert torch.equal(r.to(torch.bfloat16).float(), r) and torch.equal(r.half().float(), r)
+    normal = (v >= 2.0**-14) & (v <= quant.BF16_SCALE_MAX)
+    assert torch.equal(r[normal], v[normal])
+    assert float(r.min()) == SCALE_EPS and float(r.max()) == quant.BF16_SCALE_MAX
+    assert torch.equal(quant.round_scale(v), v.clamp(SCALE_EPS, quant.SCALE_MAX).half().float())  # float16 alone
+
+
+@pytest.mark.parametrize("bits", INT_BITS)
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("clip", ["mse", "minmax"])
+def test_bfloat16_weights_take_scales_of_both_types(bits: int, symmetric: bool, clip: str) -> None:
+    # A bfloat16 checkpoint's scales are stored in bfloat16 by compressed-tensors and in float16 by the
+    # native artifact: both hold them exactly, from subnormal float16 scales to clamped huge ones.
+    w = (student_t(12, 64) * torch.logspace(-7, 7, 12)[:, None]).to(torch.bfloat16)
+    qp = choose_qparams(w, bits, symmetric=symmetric, clip=clip)
+    assert torch.equal(qp.scale.half().float(), qp.scale)
+    assert torch.equal(qp.scale.to(torch.bfloat16).float(), qp.scale)
+    assert torch.all(qp.scale >= SCALE_EPS) and torch.all(qp.scale <= quant.BF16_SCALE_MAX)
+    # (q - z) * s in bfloat16 (what compressed-tensors' decompression computes) is the evaluated weight.
+    q = quantize(w, qp)
+    s16 = qp.scale.to(torch.bfloat16)[:, None]
+    z16 = qp.zero_point.to(torch.bfloat16)[:, None]
+    assert torch.equal((q.to(torch.bfloat16) - z16) * s16, fake_quantize(w, bits, symmetric=symmetric, clip=clip))
+
+
+def test_bfloat16_minmax_scales_follow_the_formulas() -> None:
+    w = torch.tensor([[-2.0, 0.5, 1.0], [0.5, 1.0, 3.0], [-4.0, -1.0, -0.5]], dtype=torch.bfloat16)
+    qp = choose_qparams(w, 4, symmetric=True, clip="minmax")
+    # 2/7, 3/7, 4/7 rounded to bfloat16 (then float16, which keeps them): not their float16 roundings.
+    want = (torch.tensor([2.0, 3.0, 4.0]) / 7).to(torch.bfloat16).float()
+    assert torch.equal(qp.scale, want) and not torch.equal(want, (torch.tensor([2.0, 3.0, 4.0]) / 7).half().float())
+
+
 # --------------------------------------------------------------------------- clipping
 
 
@@ -242,7 +280,10 @@ def test_half_inputs_are_computed_in_float32(dtype: torch.dtype) -> None:
     for bits in (3, 8):
         fq = fake_quantize(w, bits, symmetric=False)
         assert fq.dtype == dtype
-        assert torch.equal(fq, fake_quantize(w.float(), bits, symmetric=False).to(dtype))
+        qp = choose_qparams(w, bits, symmetric=False)
+        assert torch.equal(fq, dequantize(quantize(w.float(), qp), qp).to(dtype))
+        if dtype == torch.float16:  # float16 weights take the float32 weights' scales
+            assert torch.equal(fq, fake_quantize(w.float(), bits, symmetric=False).to(dtype))
     qp = choose_qparams(w, 4)
     assert qp.scale.dtype == torch.float32
     assert fake_quantize(w, 16).dtype == dtype

@@ -215,6 +215,18 @@ def test_lsq_forward_matches_the_post_training_quantizer():
         torch.testing.assert_close(out, quant.fake_quantize(w, bits, symmetric=sym), rtol=0, atol=1e-6)
 
 
+def test_lsq_forward_rounds_the_steps_as_the_quantizer_rounds_those_of_the_weights_dtype():
+    # A bfloat16 weight's steps are rounded to bfloat16 and float16 numbers (quant.round_scale), others to float16.
+    w = torch.randn(16, 24, generator=torch.Generator().manual_seed(3))
+    step = 0.3 / 7 + torch.linspace(0.0, 1e-3, 16)  # off both grids
+    zero = torch.zeros(16, dtype=torch.int32)
+    assert not torch.equal(quant.round_scale(step, torch.bfloat16), quant.round_scale(step))
+    for dtype in (None, torch.float16, torch.bfloat16):
+        qp = quant.QParams(quant.round_scale(step, dtype), zero, 4, True)
+        out = lsq_fake_quantize(w, step, zero, qp.qmin, qp.qmax, 0.5, scale_dtype=dtype)
+        torch.testing.assert_close(out, quant.dequantize(quant.quantize(w, qp), qp), rtol=0, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------- checkpoints
 def test_resuming_from_a_checkpoint_is_bit_identical_to_an_uninterrupted_run(search, tmp_path):
     pmap = _hurting_map(search)
